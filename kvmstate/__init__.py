@@ -1,0 +1,1 @@
+"""kvmstate: KVM vCPU and nested virtualization state from Python."""
