@@ -1,0 +1,120 @@
+"""What the three fd wrappers share: ownership, closing, and the ioctl call.
+
+Every call into the kernel goes through :func:`ioctl`, which hands
+``fcntl.ioctl`` either an int or a writable ctypes object. With an object,
+``fcntl.ioctl`` copies up to 1024 bytes into a 1024-byte stack buffer and
+passes larger objects by address; either way the kernel may write only as
+many bytes as the object has, and each caller says why that holds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import warnings
+from typing import Any
+
+from kvmstate.errors import KvmError
+from kvmstate.ioctls import IOCTL_NAMES
+
+__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl"]
+
+#: Where the KVM system device lives.
+DEFAULT_PATH = "/dev/kvm"
+
+
+def int_arg(value: object) -> int:
+    """Check an int ioctl argument (``fcntl.ioctl`` passes it as a C int)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an int, not {type(value).__name__}")
+    if not 0 <= value <= 0x7FFF_FFFF:
+        raise ValueError(f"{value} is out of range for this ioctl argument")
+    return value
+
+
+def ioctl(fd: int, request: int, arg: Any = 0) -> int:
+    """Issue one KVM ioctl; any failure becomes a :class:`KvmError` with errno and name."""
+    try:
+        return int(fcntl.ioctl(fd, request, arg))
+    except OSError as exc:
+        raise KvmError(exc.errno, exc.strerror, ioctl=IOCTL_NAMES.get(request)) from None
+
+
+class FdWrapper:
+    """A file descriptor the wrapper may own: ``fileno()``, ``close()``, ``with``.
+
+    An owned descriptor is closed by :meth:`close` (and, with a
+    ``ResourceWarning``, when the object is collected unclosed). A borrowed
+    one (``owned=False``: a descriptor that another VMM owns) is never
+    closed by the library; :meth:`close` only detaches from it.
+    """
+
+    _fd: int = -1
+    _owned: bool = False
+
+    def __init__(self, fd: int, *, owned: bool = True) -> None:
+        if not isinstance(fd, int) or isinstance(fd, bool):
+            raise TypeError(f"a file descriptor must be an int, not {type(fd).__name__}")
+        if fd < 0:
+            raise ValueError(f"invalid file descriptor {fd}")
+        self._fd = fd
+        self._owned = owned
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._fd < 0
+
+    @property
+    def owned(self) -> bool:
+        """Whether :meth:`close` closes the descriptor (False for borrowed ones)."""
+        return self._owned
+
+    def fileno(self) -> int:
+        """The descriptor; ValueError once closed."""
+        if self._fd < 0:
+            raise ValueError(f"I/O operation on closed {type(self).__name__}")
+        return self._fd
+
+    def _release(self) -> None:
+        """Hook for subclasses: drop what depends on the descriptor (mappings)."""
+
+    def close(self) -> None:
+        """Close the descriptor if owned; idempotent."""
+        if self._fd < 0:
+            return
+        self._release()
+        fd, self._fd = self._fd, -1
+        if self._owned:
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up the descriptor without closing it and return it."""
+        fd = self.fileno()
+        self._release()
+        self._fd = -1
+        return fd
+
+    def __enter__(self) -> Any:
+        self.fileno()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._fd >= 0 and self._owned:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+            self.close()
+
+    def _ioctl(self, request: int, arg: Any = 0) -> int:
+        return ioctl(self.fileno(), request, arg)
+
+    def __repr__(self) -> str:
+        if self._fd < 0:
+            return f"<{type(self).__name__} closed>"
+        own = "" if self._owned else " borrowed"
+        return f"<{type(self).__name__} fd={self._fd}{own}{self._describe()}>"
+
+    def _describe(self) -> str:
+        return ""

@@ -1,0 +1,181 @@
+"""Base classes for the kernel mirrors: ctypes layouts that read well.
+
+Every mirror in :mod:`kvmstate.uapi` (and the VMCB / vmcs12 mirrors) derives
+from :class:`Struct` or :class:`Union`. They add, on top of plain ctypes:
+
+* a ``repr`` that names every field, shows addresses in hex, decodes flag
+  fields and summarises large byte arrays;
+* an IPython pretty printer (``_repr_pretty_``) with one field per line;
+* byte-wise equality, :meth:`~Struct.to_bytes`, :meth:`~Struct.from_bytes`
+  (exact length, no silent truncation) and :meth:`~Struct.to_dict`.
+
+Per class, ``_decimal_`` names fields shown in decimal (counts and sizes)
+and ``_flags_`` maps a field to the ``enum.IntFlag``/``IntEnum`` that
+decodes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+_T = TypeVar("_T", bound="_Mixin")
+
+# Byte arrays longer than this are summarised in a repr.
+_BYTES_SHOWN = 16
+# Arrays of scalars or structures longer than this are cut in a repr.
+_ITEMS_SHOWN = 8
+
+
+def format_int(value: int, name: str = "", decimal: frozenset[str] = frozenset()) -> str:
+    """Format an integer field: small values and counts in decimal, the rest in hex."""
+    if name in decimal or 0 <= value < 10:
+        return str(value)
+    return hex(value)
+
+
+def _format_flag(value: int, kind: type[enum.IntEnum] | type[enum.IntFlag]) -> str:
+    try:
+        member = kind(value)
+    except ValueError:
+        return hex(value)
+    if isinstance(member, enum.IntFlag):
+        if value == 0:
+            return "0"
+        names = [m.name for m in kind if m.value and (value & m.value) == m.value and m.name]
+        known = 0
+        for m in kind:
+            if m.name in names:
+                known |= m.value
+        if value & ~known:
+            names.append(hex(value & ~known))
+        return "|".join(names)
+    return member.name or hex(value)
+
+
+def _format_bytes(raw: bytes) -> str:
+    if not any(raw):
+        return f"<{len(raw)} zero bytes>"
+    if len(raw) <= _BYTES_SHOWN:
+        return f"bytes.fromhex('{raw.hex()}')"
+    nonzero = sum(1 for b in raw if b)
+    return f"<{len(raw)} bytes, {nonzero} non-zero: {raw[:_BYTES_SHOWN].hex()}...>"
+
+
+def format_value(value: Any, name: str = "", owner: Any = None) -> str:
+    """Format one field value of a mirror for a repr."""
+    decimal: frozenset[str] = getattr(owner, "_decimal_", frozenset())
+    flags: Mapping[str, Any] = getattr(owner, "_flags_", {})
+    if isinstance(value, int):
+        kind = flags.get(name)
+        if kind is not None:
+            return _format_flag(value, kind)
+        return format_int(value, name, decimal)
+    if isinstance(value, (_Mixin)):
+        return repr(value)
+    if isinstance(value, ctypes.Array):
+        item = value._type_
+        if item in (ctypes.c_uint8, ctypes.c_char, ctypes.c_byte):
+            return _format_bytes(bytes(value))
+        items = [format_value(v, name, owner) for v in value[:_ITEMS_SHOWN]]
+        if len(value) > _ITEMS_SHOWN:
+            items.append(f"... {len(value) - _ITEMS_SHOWN} more")
+        return "[" + ", ".join(items) + "]"
+    if isinstance(value, bytes):
+        return _format_bytes(value)
+    return repr(value)
+
+
+class _Mixin:
+    """Behaviour shared by :class:`Struct` and :class:`Union`."""
+
+    _fields_: ClassVar[Any]
+    _decimal_: ClassVar[frozenset[str]] = frozenset()
+    _flags_: ClassVar[Mapping[str, Any]] = {}
+    # Fields hidden from repr (reserved/padding), still in to_dict.
+    _hidden_: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the fields in layout order, the base classes' first."""
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            names.extend(f[0] for f in klass.__dict__.get("_fields_", ()))
+        return names
+
+    def _shown_fields(self) -> list[str]:
+        hidden = self._hidden_
+        return [n for n in self.field_names() if n not in hidden]
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={format_value(getattr(self, n), n, self)}" for n in self._shown_fields()]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython pretty printer: one field per line, nested structures indented."""
+        name = type(self).__name__
+        if cycle:
+            p.text(f"{name}(...)")
+            return
+        with p.group(4, f"{name}(", ")"):
+            for i, field in enumerate(self._shown_fields()):
+                if i:
+                    p.text(",")
+                p.breakable()
+                p.text(f"{field}=")
+                value = getattr(self, field)
+                if isinstance(value, _Mixin):
+                    p.pretty(value)
+                else:
+                    p.text(format_value(value, field, self))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a bytearray
+
+    def to_bytes(self) -> bytes:
+        """The kernel's own bytes for this structure (``sizeof`` bytes)."""
+        return ctypes.string_at(ctypes.addressof(self), ctypes.sizeof(self))  # type: ignore[arg-type]
+
+    @classmethod
+    def from_bytes(cls: type[_T], data: bytes | bytearray | memoryview) -> _T:
+        """Build a copy from exactly ``sizeof(cls)`` bytes.
+
+        Raises ValueError when the length differs: a short or long input is
+        never padded or cut silently.
+        """
+        size = ctypes.sizeof(cls)  # type: ignore[arg-type]
+        view = memoryview(data).cast("B")
+        if view.nbytes != size:
+            raise ValueError(f"{cls.__name__} is {size} bytes, got {view.nbytes}")
+        return cls.from_buffer_copy(view)  # type: ignore[attr-defined,no-any-return]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields as plain Python values: ints, nested dicts, lists, and bytes for byte arrays."""
+        return {n: _plain(getattr(self, n)) for n in self.field_names()}
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.field_names()))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Mixin):
+        return value.to_dict()
+    if isinstance(value, ctypes.Array):
+        if value._type_ in (ctypes.c_uint8, ctypes.c_char, ctypes.c_byte):
+            return bytes(value)
+        return [_plain(v) for v in value]
+    return value
+
+
+class Struct(_Mixin, ctypes.Structure):
+    """A kernel ``struct`` mirror (native alignment, like the C compiler)."""
+
+
+class Union(_Mixin, ctypes.Union):
+    """A kernel ``union`` mirror."""

@@ -1,0 +1,135 @@
+"""ioctl request numbers, computed from the mirrors' sizes.
+
+The encoding is asm-generic ``_IOC`` (what x86 uses)::
+
+    bits 31-30  direction (_IOC_WRITE = 1: user -> kernel, _IOC_READ = 2)
+    bits 29-16  size of the argument structure
+    bits 15-8   type ('KVMIO' = 0xAE)
+    bits 7-0    number
+
+:data:`IOCTLS` is the one table of every ioctl the library issues; its
+values are checked against the C preprocessor's in ``tests/test_layout.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from kvmstate import uapi
+
+__all__ = ["IOCTLS", "IOCTL_NAMES", "_IO", "_IOC", "_IOR", "_IOW", "_IOWR"]
+
+_IOC_NRBITS = 8
+_IOC_TYPEBITS = 8
+_IOC_SIZEBITS = 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+
+_IOC_NONE = 0
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
+    """Encode an ioctl request number as the kernel's ``_IOC`` macro does."""
+    if not 0 <= size < (1 << _IOC_SIZEBITS):
+        raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (type_ << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+def _size(arg: type[ctypes._CData] | int) -> int:
+    return arg if isinstance(arg, int) else ctypes.sizeof(arg)
+
+
+def _IO(type_: int, nr: int) -> int:
+    """``_IO``: no argument structure."""
+    return _IOC(_IOC_NONE, type_, nr, 0)
+
+
+def _IOR(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
+    """``_IOR``: the kernel writes the argument."""
+    return _IOC(_IOC_READ, type_, nr, _size(arg))
+
+
+def _IOW(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
+    """``_IOW``: the kernel reads the argument."""
+    return _IOC(_IOC_WRITE, type_, nr, _size(arg))
+
+
+def _IOWR(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
+    """``_IOWR``: the kernel reads and writes the argument."""
+    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, _size(arg))
+
+
+_K = uapi.KVMIO
+
+#: Every ioctl the library issues, by kernel name.
+IOCTLS: dict[str, int] = {
+    # /dev/kvm
+    "KVM_GET_API_VERSION": _IO(_K, 0x00),
+    "KVM_CREATE_VM": _IO(_K, 0x01),
+    "KVM_GET_MSR_INDEX_LIST": _IOWR(_K, 0x02, uapi.kvm_msr_list),
+    "KVM_CHECK_EXTENSION": _IO(_K, 0x03),
+    "KVM_GET_VCPU_MMAP_SIZE": _IO(_K, 0x04),
+    "KVM_GET_SUPPORTED_CPUID": _IOWR(_K, 0x05, uapi.kvm_cpuid2),
+    # VM
+    "KVM_CREATE_VCPU": _IO(_K, 0x41),
+    "KVM_SET_USER_MEMORY_REGION": _IOW(_K, 0x46, uapi.kvm_userspace_memory_region),
+    "KVM_SET_TSS_ADDR": _IO(_K, 0x47),
+    "KVM_SET_IDENTITY_MAP_ADDR": _IOW(_K, 0x48, ctypes.c_uint64),
+    "KVM_CREATE_IRQCHIP": _IO(_K, 0x60),
+    # vCPU
+    "KVM_RUN": _IO(_K, 0x80),
+    "KVM_GET_REGS": _IOR(_K, 0x81, uapi.kvm_regs),
+    "KVM_SET_REGS": _IOW(_K, 0x82, uapi.kvm_regs),
+    "KVM_GET_SREGS": _IOR(_K, 0x83, uapi.kvm_sregs),
+    "KVM_SET_SREGS": _IOW(_K, 0x84, uapi.kvm_sregs),
+    "KVM_GET_MSRS": _IOWR(_K, 0x88, uapi.kvm_msrs),
+    "KVM_SET_MSRS": _IOW(_K, 0x89, uapi.kvm_msrs),
+    "KVM_SET_CPUID2": _IOW(_K, 0x90, uapi.kvm_cpuid2),
+    "KVM_GET_CPUID2": _IOWR(_K, 0x91, uapi.kvm_cpuid2),
+    "KVM_GET_VCPU_EVENTS": _IOR(_K, 0x9F, uapi.kvm_vcpu_events),
+    "KVM_SET_VCPU_EVENTS": _IOW(_K, 0xA0, uapi.kvm_vcpu_events),
+    # The nested ioctls are numbered with the 128-byte header, the C sizeof.
+    "KVM_GET_NESTED_STATE": _IOWR(_K, 0xBE, uapi.KVM_NESTED_STATE_HEADER_SIZE),
+    "KVM_SET_NESTED_STATE": _IOW(_K, 0xBF, uapi.KVM_NESTED_STATE_HEADER_SIZE),
+}
+
+#: Request number -> kernel name, for error messages.
+IOCTL_NAMES: dict[int, str] = {v: k for k, v in IOCTLS.items()}
+
+globals().update(IOCTLS)
+
+KVM_GET_API_VERSION: int
+KVM_CREATE_VM: int
+KVM_GET_MSR_INDEX_LIST: int
+KVM_CHECK_EXTENSION: int
+KVM_GET_VCPU_MMAP_SIZE: int
+KVM_GET_SUPPORTED_CPUID: int
+KVM_CREATE_VCPU: int
+KVM_SET_USER_MEMORY_REGION: int
+KVM_SET_TSS_ADDR: int
+KVM_SET_IDENTITY_MAP_ADDR: int
+KVM_CREATE_IRQCHIP: int
+KVM_RUN: int
+KVM_GET_REGS: int
+KVM_SET_REGS: int
+KVM_GET_SREGS: int
+KVM_SET_SREGS: int
+KVM_GET_MSRS: int
+KVM_SET_MSRS: int
+KVM_SET_CPUID2: int
+KVM_GET_CPUID2: int
+KVM_GET_VCPU_EVENTS: int
+KVM_SET_VCPU_EVENTS: int
+KVM_GET_NESTED_STATE: int
+KVM_SET_NESTED_STATE: int
+
+__all__ += list(IOCTLS)

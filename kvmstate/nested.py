@@ -1,0 +1,397 @@
+"""Nested virtualization state: :class:`NestedState`, an aligned buffer with typed views.
+
+A :class:`NestedState` is the Python counterpart of rust-vmm's
+``KvmNestedStateBuffer``: ctypes-backed storage, 8-byte aligned, with
+typed views of the 128-byte header (``flags``, ``format``, ``size``,
+``hdr.vmx`` / ``hdr.svm``) and of the data area (``vmcs12``,
+``shadow_vmcs12``, ``vmcb12``). Unlike that type it is sized to what the
+kernel reports (4224 bytes on AMD, 8320 on Intel) or to any explicit size
+of at least 128 bytes, and a 128-byte, header-only state is a state like
+any other (VMXON without a current VMCS, SVM's GIF).
+
+The storage is either the object's own or a caller's writable buffer
+(:meth:`NestedState.from_buffer`), so state can live in the caller's
+``bytearray``, ``mmap`` or ctypes array with no copy.
+
+This module only knows bytes and layouts; :class:`kvmstate.vcpu.Vcpu`
+moves them to and from the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from typing import Any
+
+from kvmstate import uapi
+from kvmstate._struct import format_value
+from kvmstate.uapi import NestedFlag, NestedFormat
+
+__all__ = [
+    "HEADER_SIZE",
+    "KNOWN_FLAGS",
+    "SVM_MAX_SIZE",
+    "VMX_MAX_SIZE",
+    "NestedState",
+]
+
+HEADER_SIZE = uapi.KVM_NESTED_STATE_HEADER_SIZE  # 128
+#: Largest VMX state: header, vmcs12, shadow vmcs12 (KVM_CAP_NESTED_STATE on Intel).
+VMX_MAX_SIZE = HEADER_SIZE + 2 * uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # 8320
+#: Largest SVM state: header and vmcb12 (KVM_CAP_NESTED_STATE on AMD).
+SVM_MAX_SIZE = HEADER_SIZE + uapi.KVM_STATE_NESTED_SVM_VMCB_SIZE  # 4224
+#: Every flag KVM_SET_NESTED_STATE accepts (x86.c refuses the others).
+KNOWN_FLAGS = int(
+    NestedFlag.GUEST_MODE
+    | NestedFlag.RUN_PENDING
+    | NestedFlag.EVMCS
+    | NestedFlag.MTF_PENDING
+    | NestedFlag.GIF_SET
+)
+_KNOWN_FORMATS = frozenset(int(f) for f in NestedFormat)
+# Largest capacity accepted, to turn a nonsense size into an error, not an allocation.
+_MAX_CAPACITY = 1 << 24
+
+_DATA_SIZE = uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # == KVM_STATE_NESTED_SVM_VMCB_SIZE
+_Page = ctypes.c_uint8 * _DATA_SIZE
+
+
+def _check_capacity(capacity: object) -> int:
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+    if capacity < HEADER_SIZE:
+        raise ValueError(f"capacity {capacity} is below the {HEADER_SIZE}-byte header")
+    if capacity > _MAX_CAPACITY:
+        raise ValueError(f"capacity {capacity} is above the {_MAX_CAPACITY}-byte limit")
+    return capacity
+
+
+class NestedState:
+    """KVM nested state (``struct kvm_nested_state`` and its data) in an aligned buffer.
+
+    ``NestedState()`` makes an empty 8320-byte buffer (enough for any VMX
+    or SVM state), ``NestedState(4224)`` a smaller one; ``Vcpu.get_nested_state``
+    fills one sized from ``KVM_CAP_NESTED_STATE``.
+
+    Header fields are read and written by name (``state.flags``,
+    ``state.format``, ``state.size``, ``state.hdr.vmx.vmcs12_pa``,
+    ``state.hdr.svm.vmcb_pa``). ``vmcs12``, ``shadow_vmcs12`` and ``vmcb12``
+    are writable views into the buffer, or ``None`` when the format does
+    not have them or ``size``/the buffer does not cover them.
+    """
+
+    __slots__ = ("_header", "_storage")
+
+    _storage: ctypes.Array[Any]
+    _header: uapi.kvm_nested_state_header
+
+    def __init__(self, capacity: int = VMX_MAX_SIZE) -> None:
+        capacity = _check_capacity(capacity)
+        # Whole 64-bit words: ctypes allocates them 8-byte (in practice 16-byte) aligned.
+        storage = (ctypes.c_uint64 * ((capacity + 7) // 8))()
+        self._bind(storage)
+
+    def _bind(self, storage: ctypes.Array[Any]) -> None:
+        self._storage = storage
+        self._header = uapi.kvm_nested_state_header.from_buffer(storage)
+
+    # --- construction --------------------------------------------------------
+
+    @classmethod
+    def from_buffer(cls, buffer: Any) -> NestedState:
+        """A view of a caller's writable buffer (no copy): ``bytearray``, ``mmap``, ctypes...
+
+        The buffer must be C-contiguous, writable, at least 128 bytes and
+        8-byte aligned; it stays exported (a ``bytearray`` cannot be resized)
+        while the view lives. Its current bytes are kept as they are.
+        """
+        if isinstance(buffer, NestedState):
+            return buffer
+        try:
+            view = memoryview(buffer)
+        except TypeError:
+            raise TypeError(
+                f"a nested-state buffer must support the buffer protocol, "
+                f"not {type(buffer).__name__}"
+            ) from None
+        if view.readonly:
+            raise TypeError(
+                f"the {type(buffer).__name__} buffer is read-only; the kernel writes it"
+            )
+        if not view.c_contiguous:
+            raise ValueError("the buffer is not C-contiguous")
+        view = view.cast("B")
+        _check_capacity(view.nbytes)
+        storage = (ctypes.c_char * view.nbytes).from_buffer(view)
+        if ctypes.addressof(storage) % 8:
+            raise ValueError(
+                f"the buffer at {ctypes.addressof(storage):#x} is not 8-byte aligned "
+                "(struct kvm_nested_state holds 64-bit fields)"
+            )
+        self = cls.__new__(cls)
+        self._bind(storage)
+        return self
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> NestedState:
+        """Parse a saved state (the kernel's format: exactly ``size`` bytes), copying it.
+
+        Raises ValueError, naming the field, for a blob shorter than the
+        header, a ``size`` field that disagrees with the blob's length, or an
+        unknown ``format``.
+        """
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(
+                f"from_bytes() needs a bytes-like object, not {type(data).__name__}"
+            ) from None
+        if view.nbytes < HEADER_SIZE:
+            raise ValueError(
+                f"truncated nested state: {view.nbytes} bytes, the header alone is {HEADER_SIZE}"
+            )
+        header = uapi.kvm_nested_state_header.from_buffer_copy(view[:HEADER_SIZE])
+        if header.format not in _KNOWN_FORMATS:
+            raise ValueError(
+                f"unknown nested state format {header.format} (known: 0 = VMX, 1 = SVM)"
+            )
+        if header.size != view.nbytes:
+            raise ValueError(
+                f"the size field says {header.size} bytes but the blob has {view.nbytes}"
+            )
+        self = cls(view.nbytes)
+        ctypes.memmove(self._storage, bytes(view), view.nbytes)
+        return self
+
+    def copy(self) -> NestedState:
+        """A copy with its own storage of the same capacity."""
+        other = NestedState(self.capacity)
+        ctypes.memmove(other._storage, self._storage, self.capacity)
+        return other
+
+    # --- raw access ------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """How many bytes the buffer holds (own buffers round up to 8-byte words)."""
+        return ctypes.sizeof(self._storage)
+
+    @property
+    def buffer(self) -> memoryview:
+        """A writable byte view of the whole buffer (``capacity`` bytes)."""
+        return memoryview(self._storage).cast("B")
+
+    @property
+    def header(self) -> uapi.kvm_nested_state_header:
+        """The 128-byte header as a ctypes view (flags, format, size, hdr)."""
+        return self._header
+
+    def to_bytes(self) -> bytes:
+        """The state in the kernel's own format: exactly ``size`` bytes."""
+        size = self._header.size
+        if not HEADER_SIZE <= size <= self.capacity:
+            raise ValueError(
+                f"the size field ({size}) must be between {HEADER_SIZE} and the "
+                f"buffer's {self.capacity} bytes"
+            )
+        return ctypes.string_at(ctypes.addressof(self._storage), size)
+
+    # --- header fields ------------------------------------------------------------
+
+    @property
+    def flags(self) -> NestedFlag:
+        """``KVM_STATE_NESTED_*`` flags, decoded."""
+        return NestedFlag(self._header.flags)
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self._header.flags = _u(value, 16, "flags")
+
+    @property
+    def format(self) -> NestedFormat | int:
+        """``VMX`` or ``SVM`` (a plain int for an unknown format)."""
+        fmt = self._header.format
+        return NestedFormat(fmt) if fmt in _KNOWN_FORMATS else fmt
+
+    @format.setter
+    def format(self, value: int) -> None:
+        self._header.format = _u(value, 16, "format")
+
+    @property
+    def size(self) -> int:
+        """The ``size`` field: how many bytes of this buffer the state uses."""
+        return int(self._header.size)
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._header.size = _u(value, 32, "size")
+
+    @property
+    def hdr(self) -> uapi.kvm_nested_state_hdr:
+        """The vendor header union: ``hdr.vmx`` or ``hdr.svm``."""
+        return self._header.hdr  # type: ignore[no-any-return]
+
+    @property
+    def vmx(self) -> uapi.kvm_vmx_nested_state_hdr:
+        """Shortcut for ``hdr.vmx`` (meaningful when ``format`` is VMX)."""
+        return self._header.hdr.vmx  # type: ignore[no-any-return]
+
+    @property
+    def svm(self) -> uapi.kvm_svm_nested_state_hdr:
+        """Shortcut for ``hdr.svm`` (meaningful when ``format`` is SVM)."""
+        return self._header.hdr.svm  # type: ignore[no-any-return]
+
+    # --- data views -------------------------------------------------------------------
+
+    def _page(self, fmt: int, index: int) -> Any:
+        end = HEADER_SIZE + (index + 1) * _DATA_SIZE
+        if self._header.format != fmt or self._header.size < end or self.capacity < end:
+            return None
+        return _page_types[(fmt, index)].from_buffer(self._storage, end - _DATA_SIZE)
+
+    @property
+    def vmcs12(self) -> Any:
+        """The cached vmcs12 (VMX, ``size`` >= 4224), a writable 4096-byte view, else None."""
+        return self._page(NestedFormat.VMX, 0)
+
+    @property
+    def shadow_vmcs12(self) -> Any:
+        """The shadow vmcs12 (VMX, ``size`` >= 8320), a writable view, else None."""
+        return self._page(NestedFormat.VMX, 1)
+
+    @property
+    def vmcb12(self) -> Any:
+        """The vmcb12 (SVM, ``size`` >= 4224), a writable 4096-byte view, else None."""
+        return self._page(NestedFormat.SVM, 0)
+
+    # --- Python protocol ------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NestedState):
+            return NotImplemented
+        try:
+            return self.to_bytes() == other.to_bytes()
+        except ValueError:
+            return False
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NestedState.from_bytes, (self.to_bytes(),))
+
+    def summary(self) -> dict[str, Any]:
+        """The header as readable fields: what ``repr`` shows, as a dict."""
+        h = self._header
+        out: dict[str, Any] = {
+            "format": self.format,
+            "flags": self.flags,
+            "size": self.size,
+        }
+        if h.format == NestedFormat.VMX:
+            vmx = h.hdr.vmx
+            out["vmxon_pa"] = vmx.vmxon_pa
+            out["vmcs12_pa"] = vmx.vmcs12_pa
+            if vmx.smm.flags:
+                out["smm.flags"] = uapi.NestedSmmFlag(vmx.smm.flags)
+            if vmx.flags:
+                out["vmx.flags"] = uapi.VmxHeaderFlag(vmx.flags)
+            if vmx.flags & uapi.KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE:
+                out["preemption_timer_deadline"] = vmx.preemption_timer_deadline
+        elif h.format == NestedFormat.SVM:
+            svm = h.hdr.svm
+            out["vmcb_pa"] = svm.vmcb_pa
+            if svm.flags:
+                out["svm.flags"] = uapi.SvmHeaderFlag(svm.flags)
+            if svm.flags & uapi.KVM_STATE_SVM_VALID_GPAT:
+                out["gpat"] = svm.gpat
+        return out
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, value in self.summary().items():
+            if isinstance(value, NestedFormat):
+                text = value.name
+            elif name.endswith("flags"):
+                text = format_value(int(value), "flags", _FLAG_OWNER.get(name))
+            else:
+                text = format_value(value, name, _DECIMAL)
+            parts.append(f"{name}={text}")
+        if self.capacity != self.size:
+            parts.append(f"capacity={self.capacity}")
+        return f"NestedState({', '.join(parts)})"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython: the summary, then the vendor header and data views."""
+        p.text(repr(self))
+        if cycle:
+            return
+        fmt = self._header.format
+        with p.indent(2):
+            p.break_()
+            p.text("hdr.vmx=" if fmt == NestedFormat.VMX else "hdr.svm=")
+            p.pretty(self.vmx if fmt == NestedFormat.VMX else self.svm)
+            for name in ("vmcs12", "shadow_vmcs12", "vmcb12"):
+                view = getattr(self, name)
+                if view is not None:
+                    p.break_()
+                    p.text(f"{name}=")
+                    p.pretty(view)
+
+
+class _Owner:
+    def __init__(self, flags: Any = None, decimal: frozenset[str] = frozenset()) -> None:
+        self._flags_: Mapping[str, Any] = {"flags": flags} if flags else {}
+        self._decimal_ = decimal
+
+
+_DECIMAL = _Owner(decimal=frozenset({"size"}))
+_FLAG_OWNER = {
+    "flags": _Owner(NestedFlag),
+    "smm.flags": _Owner(uapi.NestedSmmFlag),
+    "vmx.flags": _Owner(uapi.VmxHeaderFlag),
+    "svm.flags": _Owner(uapi.SvmHeaderFlag),
+}
+
+# The typed view classes of the data pages; raw byte pages until a richer mirror exists.
+_page_types: dict[tuple[int, int], Any] = {
+    (NestedFormat.VMX, 0): _Page,
+    (NestedFormat.VMX, 1): _Page,
+    (NestedFormat.SVM, 0): _Page,
+}
+
+
+def _u(value: int, bits: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value < (1 << bits):
+        raise ValueError(f"{name} {value} does not fit in {bits} bits")
+    return value
+
+
+def check_for_set(state: NestedState) -> None:
+    """Refuse, naming the field, what KVM_SET_NESTED_STATE refuses for sure (x86.c).
+
+    Checked: ``size`` at least the header and within the buffer (the kernel
+    reads up to ``size`` bytes), only known flags, RUN_PENDING only with
+    GUEST_MODE, a known format. Everything else is the kernel's to judge.
+    """
+    h = state.header
+    if h.size < HEADER_SIZE:
+        raise ValueError(f"size {h.size} is below the {HEADER_SIZE}-byte header")
+    if h.size > state.capacity:
+        raise ValueError(f"size {h.size} is larger than the {state.capacity}-byte buffer")
+    if h.flags & ~KNOWN_FLAGS:
+        raise ValueError(
+            f"flags {h.flags:#x} has unknown bits {h.flags & ~KNOWN_FLAGS:#x} "
+            f"(known: {NestedFlag(KNOWN_FLAGS)!r})"
+        )
+    if h.flags & NestedFlag.RUN_PENDING and not h.flags & NestedFlag.GUEST_MODE:
+        raise ValueError("flags has RUN_PENDING without GUEST_MODE (a pending VM-entry needs L2)")
+    if h.format not in _KNOWN_FORMATS:
+        raise ValueError(f"unknown format {h.format} (known: 0 = VMX, 1 = SVM)")

@@ -1,0 +1,688 @@
+"""Byte-exact mirrors of the x86 KVM UAPI (``<linux/kvm.h>``, ``<asm/kvm.h>``).
+
+Names are the kernel's, so that what you read here is what you grep for in
+the kernel. Layouts are checked field by field against the installed
+headers compiled by gcc and read back by gdb (``tests/test_layout.py``).
+
+Deviations from the C header, all deliberate:
+
+* ``kvm_nested_state.data`` is declared in C as zero-length arrays (so that
+  the ioctl numbers keep the 128-byte size). Here it is an explicit union
+  of :class:`kvm_vmx_nested_state_data` (``vmcs12``, ``shadow_vmcs12``) and
+  :class:`kvm_svm_nested_state_data` (``vmcb12``), so
+  ``sizeof(kvm_nested_state)`` is 8320; :data:`KVM_NESTED_STATE_HEADER_SIZE`
+  is the C size (128). :class:`kvm_nested_state_header` is the 128-byte
+  fixed part alone, for buffers smaller than 8320 bytes (AMD's 4224).
+* Anonymous C sub-structures get names (``kvm_vcpu_events_exception``,
+  ``kvm_nested_state_hdr`` ...); the field names are the kernel's.
+* Flexible arrays (``kvm_msrs.entries``, ``kvm_cpuid2.entries``,
+  ``kvm_msr_list.indices``) are sized at construction: use
+  ``kvm_cpuid2.new(n)``, ``kvm_msrs.new(n)``, ``kvm_msr_list.new(n)``.
+* ``kvm_run`` mirrors the fixed head and the exit union only (the page
+  behind it is mapped with the size ``KVM_GET_VCPU_MMAP_SIZE`` gives).
+* Fields newer than the installed header (linux-libc-dev 6.1) are listed
+  in :data:`NEWER_FIELDS` with the kernel that brought them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from kvmstate._struct import Struct, Union
+
+__all__ = [
+    "KVMIO",
+    "KVM_API_VERSION",
+    "KVM_CAP_NESTED_STATE",
+    "KVM_NESTED_STATE_HEADER_SIZE",
+    "KVM_STATE_NESTED_EVMCS",
+    "KVM_STATE_NESTED_FORMAT_SVM",
+    "KVM_STATE_NESTED_FORMAT_VMX",
+    "KVM_STATE_NESTED_GIF_SET",
+    "KVM_STATE_NESTED_GUEST_MODE",
+    "KVM_STATE_NESTED_MTF_PENDING",
+    "KVM_STATE_NESTED_RUN_PENDING",
+    "KVM_STATE_NESTED_SMM_GUEST_MODE",
+    "KVM_STATE_NESTED_SMM_VMXON",
+    "KVM_STATE_NESTED_SVM_VMCB_SIZE",
+    "KVM_STATE_NESTED_VMX_VMCS_SIZE",
+    "KVM_STATE_SVM_VALID_GPAT",
+    "KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE",
+    "NEWER_FIELDS",
+    "CpuidFlag",
+    "ExitReason",
+    "NestedFlag",
+    "NestedFormat",
+    "NestedSmmFlag",
+    "SvmHeaderFlag",
+    "VcpuEventsFlag",
+    "VmxHeaderFlag",
+    "kvm_cpuid2",
+    "kvm_cpuid_entry2",
+    "kvm_dtable",
+    "kvm_msr_entry",
+    "kvm_msr_list",
+    "kvm_msrs",
+    "kvm_nested_state",
+    "kvm_nested_state_data",
+    "kvm_nested_state_hdr",
+    "kvm_nested_state_header",
+    "kvm_regs",
+    "kvm_run",
+    "kvm_segment",
+    "kvm_sregs",
+    "kvm_svm_nested_state_data",
+    "kvm_svm_nested_state_hdr",
+    "kvm_userspace_memory_region",
+    "kvm_vcpu_events",
+    "kvm_vmx_nested_state_data",
+    "kvm_vmx_nested_state_hdr",
+]
+
+_u8 = ctypes.c_uint8
+_u16 = ctypes.c_uint16
+_u32 = ctypes.c_uint32
+_u64 = ctypes.c_uint64
+
+# --- constants (kernel names) -------------------------------------------------
+
+KVMIO = 0xAE
+KVM_API_VERSION = 12
+
+# Capabilities used by the library.
+KVM_CAP_IRQCHIP = 0
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_EXT_CPUID = 7
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_NESTED_STATE = 157
+
+KVM_STATE_NESTED_FORMAT_VMX = 0
+KVM_STATE_NESTED_FORMAT_SVM = 1
+
+KVM_STATE_NESTED_GUEST_MODE = 0x00000001
+KVM_STATE_NESTED_RUN_PENDING = 0x00000002
+KVM_STATE_NESTED_EVMCS = 0x00000004
+KVM_STATE_NESTED_MTF_PENDING = 0x00000008
+KVM_STATE_NESTED_GIF_SET = 0x00000100
+
+KVM_STATE_NESTED_SMM_GUEST_MODE = 0x00000001
+KVM_STATE_NESTED_SMM_VMXON = 0x00000002
+
+KVM_STATE_NESTED_VMX_VMCS_SIZE = 0x1000
+KVM_STATE_NESTED_SVM_VMCB_SIZE = 0x1000
+
+KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE = 0x00000001
+# Proposed with the nSVM gPAT series (v5, 2026-02): not in 6.1 nor 6.12.
+KVM_STATE_SVM_VALID_GPAT = 0x00000001
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
+KVM_CPUID_FLAG_STATEFUL_FUNC = 1 << 1
+KVM_CPUID_FLAG_STATE_READ_NEXT = 1 << 2
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x00000010
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
+
+KVM_NR_INTERRUPTS = 256
+
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_DEBUG = 4
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_IRQ_WINDOW_OPEN = 7
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_NMI = 16
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+
+# --- enum views, for reading values in a REPL --------------------------------
+
+
+class NestedFormat(enum.IntEnum):
+    """``kvm_nested_state.format`` (``KVM_STATE_NESTED_FORMAT_*``)."""
+
+    VMX = KVM_STATE_NESTED_FORMAT_VMX
+    SVM = KVM_STATE_NESTED_FORMAT_SVM
+
+
+class NestedFlag(enum.IntFlag):
+    """``kvm_nested_state.flags`` (``KVM_STATE_NESTED_*``)."""
+
+    GUEST_MODE = KVM_STATE_NESTED_GUEST_MODE
+    RUN_PENDING = KVM_STATE_NESTED_RUN_PENDING
+    EVMCS = KVM_STATE_NESTED_EVMCS
+    MTF_PENDING = KVM_STATE_NESTED_MTF_PENDING
+    GIF_SET = KVM_STATE_NESTED_GIF_SET
+
+
+class NestedSmmFlag(enum.IntFlag):
+    """``kvm_vmx_nested_state_hdr.smm.flags`` (``KVM_STATE_NESTED_SMM_*``)."""
+
+    GUEST_MODE = KVM_STATE_NESTED_SMM_GUEST_MODE
+    VMXON = KVM_STATE_NESTED_SMM_VMXON
+
+
+class VmxHeaderFlag(enum.IntFlag):
+    """``kvm_vmx_nested_state_hdr.flags``."""
+
+    PREEMPTION_TIMER_DEADLINE = KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE
+
+
+class SvmHeaderFlag(enum.IntFlag):
+    """``kvm_svm_nested_state_hdr.flags`` (proposed, see :data:`NEWER_FIELDS`)."""
+
+    VALID_GPAT = KVM_STATE_SVM_VALID_GPAT
+
+
+class CpuidFlag(enum.IntFlag):
+    """``kvm_cpuid_entry2.flags`` (``KVM_CPUID_FLAG_*``)."""
+
+    SIGNIFCANT_INDEX = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    STATEFUL_FUNC = KVM_CPUID_FLAG_STATEFUL_FUNC
+    STATE_READ_NEXT = KVM_CPUID_FLAG_STATE_READ_NEXT
+
+
+class VcpuEventsFlag(enum.IntFlag):
+    """``kvm_vcpu_events.flags`` (``KVM_VCPUEVENT_VALID_*``)."""
+
+    NMI_PENDING = KVM_VCPUEVENT_VALID_NMI_PENDING
+    SIPI_VECTOR = KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    SHADOW = KVM_VCPUEVENT_VALID_SHADOW
+    SMM = KVM_VCPUEVENT_VALID_SMM
+    PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
+    TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+
+
+class ExitReason(enum.IntEnum):
+    """``kvm_run.exit_reason`` values the library names (``KVM_EXIT_*``)."""
+
+    UNKNOWN = KVM_EXIT_UNKNOWN
+    EXCEPTION = KVM_EXIT_EXCEPTION
+    IO = KVM_EXIT_IO
+    HYPERCALL = KVM_EXIT_HYPERCALL
+    DEBUG = KVM_EXIT_DEBUG
+    HLT = KVM_EXIT_HLT
+    MMIO = KVM_EXIT_MMIO
+    IRQ_WINDOW_OPEN = KVM_EXIT_IRQ_WINDOW_OPEN
+    SHUTDOWN = KVM_EXIT_SHUTDOWN
+    FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
+    INTR = KVM_EXIT_INTR
+    NMI = KVM_EXIT_NMI
+    INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
+    SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
+
+
+# --- nested state -------------------------------------------------------------
+
+
+class kvm_vmx_nested_state_data(Struct):
+    """VMX data area: the cached vmcs12 and, with VMCS shadowing, its shadow."""
+
+    _fields_ = [
+        ("vmcs12", _u8 * KVM_STATE_NESTED_VMX_VMCS_SIZE),
+        ("shadow_vmcs12", _u8 * KVM_STATE_NESTED_VMX_VMCS_SIZE),
+    ]
+
+
+class kvm_vmx_nested_state_hdr_smm(Struct):
+    """``kvm_vmx_nested_state_hdr.smm`` (anonymous in C)."""
+
+    _fields_ = [("flags", _u16)]
+    _flags_ = {"flags": NestedSmmFlag}
+
+
+class kvm_vmx_nested_state_hdr(Struct):
+    """VMX header: VMXON region and current VMCS addresses (-1 when none)."""
+
+    _fields_ = [
+        ("vmxon_pa", _u64),
+        ("vmcs12_pa", _u64),
+        ("smm", kvm_vmx_nested_state_hdr_smm),
+        ("pad", _u16),
+        ("flags", _u32),
+        ("preemption_timer_deadline", _u64),
+    ]
+    _flags_ = {"flags": VmxHeaderFlag}
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_svm_nested_state_data(Struct):
+    """SVM data area: the vmcb12 (control area, then save area at 0x400)."""
+
+    _fields_ = [("vmcb12", _u8 * KVM_STATE_NESTED_SVM_VMCB_SIZE)]
+
+
+class kvm_svm_nested_state_hdr(Struct):
+    """SVM header: the guest-physical address of vmcb12.
+
+    ``flags``, ``reserved`` and ``gpat`` are newer than the installed header
+    (see :data:`NEWER_FIELDS`); older kernels leave them zero and ignore them.
+    """
+
+    _fields_ = [
+        ("vmcb_pa", _u64),
+        ("flags", _u32),
+        ("reserved", _u32),
+        ("gpat", _u64),
+    ]
+    _flags_ = {"flags": SvmHeaderFlag}
+    _hidden_ = frozenset({"reserved"})
+
+
+class kvm_nested_state_hdr(Union):
+    """``kvm_nested_state.hdr`` (anonymous union in C), padded to 120 bytes."""
+
+    _fields_ = [
+        ("vmx", kvm_vmx_nested_state_hdr),
+        ("svm", kvm_svm_nested_state_hdr),
+        ("pad", _u8 * 120),
+    ]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_nested_state_data(Union):
+    """``kvm_nested_state.data``: zero-length in C, explicit here."""
+
+    _fields_ = [
+        ("vmx", kvm_vmx_nested_state_data),
+        ("svm", kvm_svm_nested_state_data),
+    ]
+
+
+class kvm_nested_state_header(Struct):
+    """The fixed 128-byte part of :class:`kvm_nested_state` (C's ``sizeof``)."""
+
+    _fields_ = [
+        ("flags", _u16),
+        ("format", _u16),
+        ("size", _u32),
+        ("hdr", kvm_nested_state_hdr),
+    ]
+    _flags_ = {"flags": NestedFlag, "format": NestedFormat}
+    _decimal_ = frozenset({"size"})
+
+
+class kvm_nested_state(kvm_nested_state_header):
+    """``struct kvm_nested_state`` with its data area made explicit (8320 bytes)."""
+
+    _fields_ = [("data", kvm_nested_state_data)]
+
+
+KVM_NESTED_STATE_HEADER_SIZE = ctypes.sizeof(kvm_nested_state_header)
+assert KVM_NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
+
+#: Fields this module mirrors that the installed header (6.1) lacks, with
+#: where they come from. The layout oracle skips exactly these.
+NEWER_FIELDS: dict[tuple[str, str], str] = {
+    ("kvm_svm_nested_state_hdr", "flags"): (
+        "nSVM gPAT series (KVM: x86: nSVM: Save/restore gPAT with "
+        "KVM_{GET,SET}_NESTED_STATE, v5 2026-02): not in 6.1 or 6.12"
+    ),
+    ("kvm_svm_nested_state_hdr", "reserved"): "same series as flags",
+    ("kvm_svm_nested_state_hdr", "gpat"): (
+        "same series: L2's guest PAT when flags has VALID_GPAT (guest mode with nested NPT)"
+    ),
+}
+
+
+# --- registers and events -------------------------------------------------------
+
+
+class kvm_regs(Struct):
+    """General-purpose registers (``KVM_GET_REGS`` / ``KVM_SET_REGS``)."""
+
+    _fields_ = [
+        (name, _u64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+        )
+    ]
+
+
+class kvm_segment(Struct):
+    """A segment register as KVM sees it (base, limit, selector, attributes)."""
+
+    _fields_ = [
+        ("base", _u64),
+        ("limit", _u32),
+        ("selector", _u16),
+        ("type", _u8),
+        ("present", _u8),
+        ("dpl", _u8),
+        ("db", _u8),
+        ("s", _u8),
+        ("l", _u8),
+        ("g", _u8),
+        ("avl", _u8),
+        ("unusable", _u8),
+        ("padding", _u8),
+    ]
+    _hidden_ = frozenset({"padding"})
+
+
+class kvm_dtable(Struct):
+    """A descriptor-table register (GDTR / IDTR)."""
+
+    _fields_ = [("base", _u64), ("limit", _u16), ("padding", _u16 * 3)]
+    _hidden_ = frozenset({"padding"})
+
+
+class kvm_sregs(Struct):
+    """Segment and control registers (``KVM_GET_SREGS`` / ``KVM_SET_SREGS``)."""
+
+    _fields_ = [
+        *[(s, kvm_segment) for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        *[(r, _u64) for r in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
+        ("interrupt_bitmap", _u64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_vcpu_events_exception(Struct):
+    """``kvm_vcpu_events.exception`` (anonymous in C)."""
+
+    _fields_ = [
+        ("injected", _u8),
+        ("nr", _u8),
+        ("has_error_code", _u8),
+        ("pending", _u8),
+        ("error_code", _u32),
+    ]
+
+
+class kvm_vcpu_events_interrupt(Struct):
+    """``kvm_vcpu_events.interrupt`` (anonymous in C)."""
+
+    _fields_ = [("injected", _u8), ("nr", _u8), ("soft", _u8), ("shadow", _u8)]
+
+
+class kvm_vcpu_events_nmi(Struct):
+    """``kvm_vcpu_events.nmi`` (anonymous in C)."""
+
+    _fields_ = [("injected", _u8), ("pending", _u8), ("masked", _u8), ("pad", _u8)]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_vcpu_events_smi(Struct):
+    """``kvm_vcpu_events.smi`` (anonymous in C)."""
+
+    _fields_ = [
+        ("smm", _u8),
+        ("pending", _u8),
+        ("smm_inside_nmi", _u8),
+        ("latched_init", _u8),
+    ]
+
+
+class kvm_vcpu_events_triple_fault(Struct):
+    """``kvm_vcpu_events.triple_fault`` (anonymous in C)."""
+
+    _fields_ = [("pending", _u8)]
+
+
+class kvm_vcpu_events(Struct):
+    """Pending exceptions, interrupts, NMI, SMM (``KVM_GET/SET_VCPU_EVENTS``)."""
+
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception),
+        ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi),
+        ("sipi_vector", _u32),
+        ("flags", _u32),
+        ("smi", kvm_vcpu_events_smi),
+        ("triple_fault", kvm_vcpu_events_triple_fault),
+        ("reserved", _u8 * 26),
+        ("exception_has_payload", _u8),
+        ("exception_payload", _u64),
+    ]
+    _flags_ = {"flags": VcpuEventsFlag}
+    _hidden_ = frozenset({"reserved"})
+
+
+# --- variable-length structures ---------------------------------------------------
+
+
+class kvm_msr_entry(Struct):
+    """One MSR: index and 64-bit value."""
+
+    _fields_ = [("index", _u32), ("reserved", _u32), ("data", _u64)]
+    _hidden_ = frozenset({"reserved"})
+
+
+class kvm_cpuid_entry2(Struct):
+    """One CPUID leaf/subleaf as KVM stores it."""
+
+    _fields_ = [
+        ("function", _u32),
+        ("index", _u32),
+        ("flags", _u32),
+        ("eax", _u32),
+        ("ebx", _u32),
+        ("ecx", _u32),
+        ("edx", _u32),
+        ("padding", _u32 * 3),
+    ]
+    _flags_ = {"flags": CpuidFlag}
+    _hidden_ = frozenset({"padding"})
+
+
+class _FlexStruct(Struct):
+    """A structure whose last member is a C flexible array.
+
+    The base class is the fixed head only (its ``sizeof`` is the C one);
+    :meth:`new` returns an instance of a subclass whose array has exactly
+    ``n`` elements, with the count field set to ``n``. Wrappers never let
+    the count field exceed :meth:`capacity` before a call into the kernel.
+    """
+
+    _count_: ClassVar[str]
+    _array_: ClassVar[tuple[str, Any]]
+    _decimal_ = frozenset({"nent", "nmsrs"})
+
+    @classmethod
+    def new(cls: type[_F], n: int) -> _F:
+        """An instance with room for ``n`` array elements and its count set to ``n``."""
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"{cls.__name__}.new() needs an int, not {type(n).__name__}")
+        if not 0 <= n <= 0xFFFF_FFFF:
+            raise ValueError(f"{cls.__name__}.new(): {n} elements is out of range")
+        obj: _F = _sized(cls._head(), n)()
+        setattr(obj, cls._count_, n)
+        return obj
+
+    def trimmed(self: _F) -> _F:
+        """A copy holding exactly as many elements as the count field says.
+
+        After a GET the kernel lowers the count; this drops the unused tail.
+        """
+        out = type(self).new(len(self))
+        ctypes.memmove(ctypes.addressof(out), ctypes.addressof(self), ctypes.sizeof(out))
+        return out
+
+    @classmethod
+    def _head(cls: type[_F]) -> type[_F]:
+        """The fixed-head class (``kvm_cpuid2``) behind a sized one (``kvm_cpuid2[61]``)."""
+        while "_flex_base_" in cls.__dict__:
+            cls = cls.__bases__[0]
+        return cls
+
+    def capacity(self) -> int:
+        """How many array elements this object's memory really holds."""
+        head = self._head()
+        item = head._array_[1]
+        return (ctypes.sizeof(self) - ctypes.sizeof(head)) // ctypes.sizeof(item)
+
+    def items(self) -> ctypes.Array[Any]:
+        """The array part (``capacity()`` elements), empty for the bare head."""
+        name, item = self._array_
+        if self.capacity() == 0:
+            return (item * 0)()  # type: ignore[no-any-return]
+        return getattr(self, name)  # type: ignore[no-any-return]
+
+    def __len__(self) -> int:
+        """The count field, clamped to what the memory holds."""
+        return min(int(getattr(self, self._count_)), self.capacity())
+
+    def __repr__(self) -> str:
+        count = getattr(self, self._count_)
+        body = ", ".join(repr(e) if not isinstance(e, int) else hex(e)
+                         for e in list(self.items())[:len(self)][:8])
+        more = f", ... {len(self) - 8} more" if len(self) > 8 else ""
+        return f"{self._head().__name__}({self._count_}={count}, {self._array_[0]}=[{body}{more}])"
+
+
+_F = TypeVar("_F", bound=_FlexStruct)
+
+
+@functools.lru_cache(maxsize=64)
+def _sized(cls: type[_F], n: int) -> type[_F]:
+    name, item = cls._array_
+    return type(
+        f"{cls.__name__}[{n}]",
+        (cls,),
+        {"_fields_": [(name, item * n)], "_flex_base_": True, "__module__": cls.__module__},
+    )
+
+
+class kvm_msrs(_FlexStruct):
+    """``KVM_GET_MSRS`` / ``KVM_SET_MSRS`` argument: ``nmsrs`` entries follow."""
+
+    _fields_ = [("nmsrs", _u32), ("pad", _u32)]
+    _count_ = "nmsrs"
+    _array_ = ("entries", kvm_msr_entry)
+    _hidden_ = frozenset({"pad"})
+    if TYPE_CHECKING:
+        entries: ctypes.Array[kvm_msr_entry]
+
+
+class kvm_msr_list(_FlexStruct):
+    """``KVM_GET_MSR_INDEX_LIST`` argument: ``nmsrs`` indices follow."""
+
+    _fields_ = [("nmsrs", _u32)]
+    _count_ = "nmsrs"
+    _array_ = ("indices", _u32)
+    if TYPE_CHECKING:
+        indices: ctypes.Array[ctypes.c_uint32]
+
+
+class kvm_cpuid2(_FlexStruct):
+    """``KVM_SET_CPUID2`` / ``KVM_GET_SUPPORTED_CPUID`` argument: ``nent`` entries follow."""
+
+    _fields_ = [("nent", _u32), ("padding", _u32)]
+    _count_ = "nent"
+    _array_ = ("entries", kvm_cpuid_entry2)
+    _hidden_ = frozenset({"padding"})
+    if TYPE_CHECKING:
+        entries: ctypes.Array[kvm_cpuid_entry2]
+
+
+# --- memory and running -------------------------------------------------------------
+
+
+class kvm_userspace_memory_region(Struct):
+    """A guest-physical memory slot backed by host memory."""
+
+    _fields_ = [
+        ("slot", _u32),
+        ("flags", _u32),
+        ("guest_phys_addr", _u64),
+        ("memory_size", _u64),
+        ("userspace_addr", _u64),
+    ]
+    _decimal_ = frozenset({"slot"})
+
+
+class kvm_run_hw(Struct):
+    """``kvm_run.hw`` (KVM_EXIT_UNKNOWN)."""
+
+    _fields_ = [("hardware_exit_reason", _u64)]
+
+
+class kvm_run_fail_entry(Struct):
+    """``kvm_run.fail_entry`` (KVM_EXIT_FAIL_ENTRY)."""
+
+    _fields_ = [("hardware_entry_failure_reason", _u64), ("cpu", _u32)]
+
+
+class kvm_run_ex(Struct):
+    """``kvm_run.ex`` (KVM_EXIT_EXCEPTION)."""
+
+    _fields_ = [("exception", _u32), ("error_code", _u32)]
+
+
+class kvm_run_io(Struct):
+    """``kvm_run.io`` (KVM_EXIT_IO); data lives at ``data_offset`` in the run page."""
+
+    _fields_ = [
+        ("direction", _u8),
+        ("size", _u8),
+        ("port", _u16),
+        ("count", _u32),
+        ("data_offset", _u64),
+    ]
+    _decimal_ = frozenset({"size", "count"})
+
+
+class kvm_run_mmio(Struct):
+    """``kvm_run.mmio`` (KVM_EXIT_MMIO)."""
+
+    _fields_ = [("phys_addr", _u64), ("data", _u8 * 8), ("len", _u32), ("is_write", _u8)]
+
+
+class kvm_run_internal(Struct):
+    """``kvm_run.internal`` (KVM_EXIT_INTERNAL_ERROR)."""
+
+    _fields_ = [("suberror", _u32), ("ndata", _u32), ("data", _u64 * 16)]
+
+
+class kvm_run_exit(Union):
+    """The exit-information union of ``kvm_run`` (anonymous in C), 256 bytes."""
+
+    _fields_ = [
+        ("hw", kvm_run_hw),
+        ("fail_entry", kvm_run_fail_entry),
+        ("ex", kvm_run_ex),
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("internal", kvm_run_internal),
+        ("padding", ctypes.c_char * 256),
+    ]
+    _hidden_ = frozenset({"padding"})
+
+
+class kvm_run(Struct):
+    """The head of the ``kvm_run`` page shared with a vCPU (mapped from its fd)."""
+
+    _anonymous_ = ("u",)
+    _fields_ = [
+        ("request_interrupt_window", _u8),
+        ("immediate_exit", _u8),
+        ("padding1", _u8 * 6),
+        ("exit_reason", _u32),
+        ("ready_for_interrupt_injection", _u8),
+        ("if_flag", _u8),
+        ("flags", _u16),
+        ("cr8", _u64),
+        ("apic_base", _u64),
+        ("u", kvm_run_exit),
+    ]
+    _flags_ = {"exit_reason": ExitReason}
+    _hidden_ = frozenset({"padding1", "u"})

@@ -1,0 +1,358 @@
+"""A vCPU file descriptor (:class:`Vcpu`): registers, MSRs, CPUID, events, nested state.
+
+Every structure handed to the kernel here is a ctypes object of exactly
+the size the request encodes, or a variable-length one whose count field
+was set, right before the call, to no more than the elements it holds;
+each call site says why its buffer is big enough.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kvmstate import ioctls as io
+from kvmstate import uapi
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, ioctl
+from kvmstate.errors import (
+    KvmError,
+    NestedStateTooLargeError,
+    NestedStateUnavailableError,
+)
+from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
+
+__all__ = ["Vcpu"]
+
+_GET_NESTED = io.KVM_GET_NESTED_STATE
+_SET_NESTED = io.KVM_SET_NESTED_STATE
+
+
+class Vcpu(FdWrapper):
+    """A KVM vCPU.
+
+    Made by :meth:`Vm.create_vcpu <kvmstate.vm.Vm.create_vcpu>` (owned), or
+    around a descriptor another VMM owns with :meth:`borrow`.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        vm: Any = None,
+        owned: bool = True,
+        nested_state_size: int | None = None,
+    ) -> None:
+        super().__init__(fd, owned=owned)
+        self.vm = vm
+        self._nested_state_size = nested_state_size
+        self._run_map: mmap.mmap | None = None
+        self._run: uapi.kvm_run | None = None
+
+    @classmethod
+    def borrow(cls, fd: int, *, nested_state_size: int | None = None) -> Vcpu:
+        """Wrap a vCPU descriptor without taking ownership (``close()`` leaves it open).
+
+        ``nested_state_size`` is ``KVM_CAP_NESTED_STATE``; a vCPU fd cannot
+        answer it (EINVAL), so when not given it is asked of ``/dev/kvm``,
+        or taken as 8320 (the largest known state) when that cannot be opened.
+        """
+        return cls(fd, owned=False, nested_state_size=nested_state_size)
+
+    # --- capabilities ----------------------------------------------------------
+
+    @property
+    def nested_state_size(self) -> int:
+        """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting)."""
+        if self._nested_state_size is None:
+            kvm = getattr(self.vm, "kvm", None)
+            if kvm is not None and not kvm.closed:
+                self._nested_state_size = kvm.nested_state_size
+            else:
+                self._nested_state_size = _ask_dev_kvm()
+        return self._nested_state_size
+
+    # --- registers ----------------------------------------------------------------
+
+    def get_regs(self) -> uapi.kvm_regs:
+        """``KVM_GET_REGS``."""
+        regs = uapi.kvm_regs()
+        # kvm_regs is the size KVM_GET_REGS encodes.
+        self._ioctl(io.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """``KVM_SET_REGS``."""
+        self._ioctl(io.KVM_SET_REGS, _exact(regs, uapi.kvm_regs))
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        """``KVM_GET_SREGS``."""
+        sregs = uapi.kvm_sregs()
+        # kvm_sregs is the size KVM_GET_SREGS encodes.
+        self._ioctl(io.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """``KVM_SET_SREGS`` (before nested state: EFER.SVME / CR4.VMXE must be in place)."""
+        self._ioctl(io.KVM_SET_SREGS, _exact(sregs, uapi.kvm_sregs))
+
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        """``KVM_GET_VCPU_EVENTS``."""
+        events = uapi.kvm_vcpu_events()
+        # kvm_vcpu_events is the size KVM_GET_VCPU_EVENTS encodes.
+        self._ioctl(io.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        """``KVM_SET_VCPU_EVENTS``."""
+        self._ioctl(io.KVM_SET_VCPU_EVENTS, _exact(events, uapi.kvm_vcpu_events))
+
+    # --- MSRs ------------------------------------------------------------------------
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """``KVM_GET_MSRS``: ``{index: value}`` for the given MSR indices.
+
+        Raises :class:`KvmError` naming the first MSR the kernel could not read.
+        """
+        wanted = [_msr_index(i) for i in indices]
+        msrs = uapi.kvm_msrs.new(len(wanted))
+        for entry, index in zip(msrs.items(), wanted, strict=True):
+            entry.index = index
+        # nmsrs == len(entries): the kernel reads and writes only those entries.
+        done = self._ioctl(io.KVM_GET_MSRS, msrs)
+        if done != len(wanted):
+            raise _msr_error("KVM_GET_MSRS", wanted, done)
+        return {e.index: e.data for e in list(msrs.items())}
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """``KVM_SET_MSRS`` from ``{index: value}``.
+
+        Raises :class:`KvmError` naming the first MSR the kernel refused.
+        """
+        items = [(_msr_index(i), _u64(v, f"MSR {i:#x}")) for i, v in values.items()]
+        msrs = uapi.kvm_msrs.new(len(items))
+        for entry, (index, value) in zip(msrs.items(), items, strict=True):
+            entry.index = index
+            entry.data = value
+        # nmsrs == len(entries): the kernel reads only those entries.
+        done = self._ioctl(io.KVM_SET_MSRS, msrs)
+        if done != len(items):
+            raise _msr_error("KVM_SET_MSRS", [i for i, _ in items], done)
+
+    # --- CPUID -------------------------------------------------------------------------
+
+    def set_cpuid2(self, cpuid: uapi.kvm_cpuid2) -> None:
+        """``KVM_SET_CPUID2`` (before nested state: the guest must see VMX or SVM)."""
+        if not isinstance(cpuid, uapi.kvm_cpuid2):
+            raise TypeError(
+                f"expected a kvm_cpuid2 (kvm_cpuid2.new(n)), not {type(cpuid).__name__}"
+            )
+        if cpuid.nent > cpuid.capacity():
+            raise ValueError(
+                f"kvm_cpuid2.nent is {cpuid.nent} but the object holds {cpuid.capacity()} entries"
+            )
+        # nent <= capacity (checked above): the kernel reads only entries that exist.
+        self._ioctl(io.KVM_SET_CPUID2, cpuid)
+
+    def get_cpuid2(self, max_entries: int = 256) -> uapi.kvm_cpuid2:
+        """``KVM_GET_CPUID2``: the CPUID set on this vCPU."""
+        cpuid = uapi.kvm_cpuid2.new(max_entries)
+        # nent == the array length: the kernel writes at most that many entries.
+        self._ioctl(io.KVM_GET_CPUID2, cpuid)
+        return cpuid.trimmed()
+
+    # --- running ------------------------------------------------------------------------
+
+    @property
+    def kvm_run(self) -> uapi.kvm_run:
+        """The shared ``kvm_run`` page (mapped on first use)."""
+        if self._run is None:
+            size = mmap.PAGESIZE
+            kvm = getattr(self.vm, "kvm", None)
+            if kvm is not None and not kvm.closed:
+                size = kvm.vcpu_mmap_size
+            self._run_map = mmap.mmap(self.fileno(), size, mmap.MAP_SHARED)
+            self._run = uapi.kvm_run.from_buffer(self._run_map)
+        return self._run
+
+    def run(self) -> uapi.ExitReason | int:
+        """``KVM_RUN`` until the next exit; returns ``kvm_run.exit_reason``."""
+        run = self.kvm_run
+        self._ioctl(io.KVM_RUN)
+        reason = run.exit_reason
+        try:
+            return uapi.ExitReason(reason)
+        except ValueError:
+            return int(reason)
+
+    def complete_io(self) -> None:
+        """Finish a pending I/O or MMIO exit without running the guest further.
+
+        KVM_RUN with ``immediate_exit`` set: KVM completes the instruction
+        and returns EINTR. Needed before saving state at such an exit
+        (the KVM API documentation says so).
+        """
+        run = self.kvm_run
+        run.immediate_exit = 1
+        try:
+            self._ioctl(io.KVM_RUN)
+        except KvmError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+        finally:
+            run.immediate_exit = 0
+
+    # --- nested state -----------------------------------------------------------------
+
+    def get_nested_state(self, out: Any = None) -> NestedState:
+        """``KVM_GET_NESTED_STATE`` into a new or a caller's buffer.
+
+        ``out`` may be a :class:`NestedState` to reuse, or any writable,
+        8-byte aligned buffer (``bytearray``, ``mmap``, ctypes array), which
+        then holds the state (the returned object is a view of it). It must
+        hold at least :attr:`nested_state_size` bytes.
+
+        The ``size`` field handed to the kernel is always the buffer's real
+        length, and the buffer is never smaller than ``KVM_CAP_NESTED_STATE``:
+        the kernel may write that much before it checks ``size`` (SVM writes
+        the 4096-byte vmcb12 in guest mode, then answers E2BIG). On E2BIG a
+        buffer made here is replaced once by one of the size the kernel
+        asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
+        """
+        need = max(self.nested_state_size, HEADER_SIZE)
+        if out is None:
+            state = NestedState(need)
+        else:
+            state = NestedState.from_buffer(out)
+            if state.capacity < need:
+                raise ValueError(
+                    f"the buffer holds {state.capacity} bytes but KVM_CAP_NESTED_STATE "
+                    f"says the kernel may write {need}"
+                )
+        try:
+            self._get_nested(state)
+        except KvmError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            wanted = state.header.size
+            if out is not None or wanted <= state.capacity:
+                raise NestedStateTooLargeError(
+                    wanted, state.capacity, ioctl="KVM_GET_NESTED_STATE"
+                ) from None
+            state = NestedState(wanted)
+            self._get_nested(state)
+        return state
+
+    def _get_nested(self, state: NestedState) -> None:
+        storage = state._storage
+        # The kernel may write up to size bytes, and size is the buffer's own
+        # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
+        state.header.size = ctypes.sizeof(storage)
+        try:
+            ioctl(self.fileno(), _GET_NESTED, storage)
+        except KvmError as exc:
+            raise self._nested_error(exc) from None
+
+    def set_nested_state(self, state: Any) -> None:
+        """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
+
+        Refused before the call, with the field named: ``size`` below 128 or
+        beyond the buffer, unknown flags, RUN_PENDING without GUEST_MODE,
+        an unknown format. The rest is the kernel's to judge; any non-zero
+        return is raised as :class:`KvmError`.
+        """
+        if not isinstance(state, NestedState):
+            state = _writable_copy(state)
+        check_for_set(state)
+        try:
+            # check_for_set: size <= capacity, and the kernel reads at most size bytes.
+            result = ioctl(self.fileno(), _SET_NESTED, state._storage)
+        except KvmError as exc:
+            raise self._nested_error(exc) from None
+        if result != 0:
+            raise KvmError(
+                None,
+                f"returned {result} instead of 0 (a failure without errno)",
+                ioctl="KVM_SET_NESTED_STATE",
+                result=result,
+            )
+
+    def _nested_error(self, exc: KvmError) -> KvmError:
+        if exc.errno == errno.EINVAL and self.nested_state_size == 0:
+            return NestedStateUnavailableError(
+                errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=exc.ioctl
+            )
+        return exc
+
+    # --- lifetime ------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        self._run = None
+        if self._run_map is not None:
+            # A caller may still hold a kvm_run view; then the GC unmaps it later.
+            with contextlib.suppress(BufferError):
+                self._run_map.close()
+            self._run_map = None
+
+
+def _exact(obj: object, kind: type[Any]) -> Any:
+    if type(obj) is not kind:
+        raise TypeError(f"expected {kind.__name__}, not {type(obj).__name__}")
+    return obj
+
+
+def _msr_index(index: object) -> int:
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"an MSR index must be an int, not {type(index).__name__}")
+    if not 0 <= index <= 0xFFFF_FFFF:
+        raise ValueError(f"MSR index {index:#x} does not fit in 32 bits")
+    return index
+
+
+def _u64(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
+        raise ValueError(f"{name} value {value:#x} does not fit in 64 bits")
+    return value
+
+
+def _msr_error(name: str, indices: list[int], done: int) -> KvmError:
+    return KvmError(
+        None,
+        f"processed {done} of {len(indices)} MSRs; MSR {indices[done]:#x} was refused",
+        ioctl=name,
+        result=done,
+    )
+
+
+def _writable_copy(data: Any) -> NestedState:
+    """Copy a bytes-like state into an aligned buffer of its own (reads need no more)."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(
+            f"a nested state must be a NestedState or bytes-like, not {type(data).__name__}"
+        ) from None
+    if view.nbytes < HEADER_SIZE:
+        raise ValueError(f"{view.nbytes} bytes is shorter than the {HEADER_SIZE}-byte header")
+    state = NestedState(view.nbytes)
+    ctypes.memmove(state._storage, bytes(view), view.nbytes)
+    return state
+
+
+def _ask_dev_kvm() -> int:
+    try:
+        fd = os.open(DEFAULT_PATH, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return VMX_MAX_SIZE
+    try:
+        return ioctl(fd, io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE)
+    except KvmError:
+        return VMX_MAX_SIZE
+    finally:
+        os.close(fd)
