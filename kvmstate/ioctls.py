@@ -98,8 +98,8 @@ IOCTLS: dict[str, int] = {
     "KVM_GET_VCPU_EVENTS": _IOR(_K, 0x9F, uapi.kvm_vcpu_events),
     "KVM_SET_VCPU_EVENTS": _IOW(_K, 0xA0, uapi.kvm_vcpu_events),
     # The nested ioctls are numbered with the 128-byte header, the C sizeof.
-    "KVM_GET_NESTED_STATE": _IOWR(_K, 0xBE, uapi.KVM_NESTED_STATE_HEADER_SIZE),
-    "KVM_SET_NESTED_STATE": _IOW(_K, 0xBF, uapi.KVM_NESTED_STATE_HEADER_SIZE),
+    "KVM_GET_NESTED_STATE": _IOWR(_K, 0xBE, uapi.NESTED_STATE_HEADER_SIZE),
+    "KVM_SET_NESTED_STATE": _IOW(_K, 0xBF, uapi.NESTED_STATE_HEADER_SIZE),
 }
 
 #: Request number -> kernel name, for error messages.

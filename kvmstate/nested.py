@@ -35,7 +35,7 @@ __all__ = [
     "NestedState",
 ]
 
-HEADER_SIZE = uapi.KVM_NESTED_STATE_HEADER_SIZE  # 128
+HEADER_SIZE = uapi.NESTED_STATE_HEADER_SIZE  # 128
 #: Largest VMX state: header, vmcs12, shadow vmcs12 (KVM_CAP_NESTED_STATE on Intel).
 VMX_MAX_SIZE = HEADER_SIZE + 2 * uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # 8320
 #: Largest SVM state: header and vmcb12 (KVM_CAP_NESTED_STATE on AMD).

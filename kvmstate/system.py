@@ -38,8 +38,7 @@ class Kvm(FdWrapper):
         if version != uapi.KVM_API_VERSION:
             self.close()
             raise UnsupportedKvmError(
-                f"{path} speaks KVM API version {version}; kvmstate needs "
-                f"{uapi.KVM_API_VERSION}",
+                f"{path} speaks KVM API version {version}; kvmstate needs {uapi.KVM_API_VERSION}",
                 ioctl="KVM_GET_API_VERSION",
             )
         self.api_version = version
@@ -96,4 +95,3 @@ class Kvm(FdWrapper):
 
     def _describe(self) -> str:
         return f" {self.path} api={self.api_version}"
-

@@ -10,7 +10,7 @@ Deviations from the C header, all deliberate:
   the ioctl numbers keep the 128-byte size). Here it is an explicit union
   of :class:`kvm_vmx_nested_state_data` (``vmcs12``, ``shadow_vmcs12``) and
   :class:`kvm_svm_nested_state_data` (``vmcb12``), so
-  ``sizeof(kvm_nested_state)`` is 8320; :data:`KVM_NESTED_STATE_HEADER_SIZE`
+  ``sizeof(kvm_nested_state)`` is 8320; :data:`NESTED_STATE_HEADER_SIZE`
   is the C size (128). :class:`kvm_nested_state_header` is the 128-byte
   fixed part alone, for buffers smaller than 8320 bytes (AMD's 4224).
 * Anonymous C sub-structures get names (``kvm_vcpu_events_exception``,
@@ -37,7 +37,6 @@ __all__ = [
     "KVMIO",
     "KVM_API_VERSION",
     "KVM_CAP_NESTED_STATE",
-    "KVM_NESTED_STATE_HEADER_SIZE",
     "KVM_STATE_NESTED_EVMCS",
     "KVM_STATE_NESTED_FORMAT_SVM",
     "KVM_STATE_NESTED_FORMAT_VMX",
@@ -51,6 +50,8 @@ __all__ = [
     "KVM_STATE_NESTED_VMX_VMCS_SIZE",
     "KVM_STATE_SVM_VALID_GPAT",
     "KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE",
+    "NESTED_STATE_HEADER_SIZE",
+    "NEWER_CONSTANTS",
     "NEWER_FIELDS",
     "CpuidFlag",
     "ExitReason",
@@ -324,8 +325,13 @@ class kvm_nested_state(kvm_nested_state_header):
     _fields_ = [("data", kvm_nested_state_data)]
 
 
-KVM_NESTED_STATE_HEADER_SIZE = ctypes.sizeof(kvm_nested_state_header)
-assert KVM_NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
+NESTED_STATE_HEADER_SIZE = ctypes.sizeof(kvm_nested_state_header)
+assert NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
+
+#: Constants this module names that the installed header (6.1) lacks.
+NEWER_CONSTANTS: dict[str, str] = {
+    "KVM_STATE_SVM_VALID_GPAT": "nSVM gPAT series (v5, 2026-02): not in 6.1 or 6.12",
+}
 
 #: Fields this module mirrors that the installed header (6.1) lacks, with
 #: where they come from. The layout oracle skips exactly these.
@@ -350,8 +356,24 @@ class kvm_regs(Struct):
     _fields_ = [
         (name, _u64)
         for name in (
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
         )
     ]
 
@@ -543,8 +565,10 @@ class _FlexStruct(Struct):
 
     def __repr__(self) -> str:
         count = getattr(self, self._count_)
-        body = ", ".join(repr(e) if not isinstance(e, int) else hex(e)
-                         for e in list(self.items())[:len(self)][:8])
+        body = ", ".join(
+            repr(e) if not isinstance(e, int) else hex(e)
+            for e in list(self.items())[: len(self)][:8]
+        )
         more = f", ... {len(self) - 8} more" if len(self) > 8 else ""
         return f"{self._head().__name__}({self._count_}={count}, {self._array_[0]}=[{body}{more}])"
 

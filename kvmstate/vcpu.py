@@ -189,6 +189,18 @@ class Vcpu(FdWrapper):
         except ValueError:
             return int(reason)
 
+    def io_data(self) -> bytes:
+        """The bytes of the current ``KVM_EXIT_IO`` (``size * count`` at ``data_offset``)."""
+        run = self.kvm_run
+        if run.exit_reason != uapi.KVM_EXIT_IO:
+            raise ValueError(f"the last exit was reason {run.exit_reason}, not KVM_EXIT_IO")
+        io_ = run.io
+        length = io_.size * io_.count
+        assert self._run_map is not None  # mapped by kvm_run above
+        if io_.data_offset + length > len(self._run_map):
+            raise ValueError("the I/O data lies outside the kvm_run mapping")
+        return self._run_map[io_.data_offset : io_.data_offset + length]
+
     def complete_io(self) -> None:
         """Finish a pending I/O or MMIO exit without running the guest further.
 

@@ -1,0 +1,53 @@
+"""Fixtures for tests against a real /dev/kvm; they skip, saying why, where there is none."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import kvmstate
+
+
+def _why_no_kvm() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this machine"
+    try:
+        kvm = kvmstate.Kvm()
+    except OSError as exc:
+        return f"/dev/kvm cannot be opened: {exc}"
+    kvm.close()
+    return None
+
+
+NO_KVM = _why_no_kvm()
+needs_kvm = pytest.mark.skipif(NO_KVM is not None, reason=str(NO_KVM))
+
+
+@pytest.fixture
+def kvm() -> Iterator[kvmstate.Kvm]:
+    if NO_KVM:
+        pytest.skip(NO_KVM)
+    with kvmstate.Kvm() as k:
+        yield k
+
+
+@pytest.fixture
+def vm(kvm: kvmstate.Kvm) -> Iterator[kvmstate.Vm]:
+    with kvm.create_vm() as v:
+        yield v
+
+
+@pytest.fixture
+def vcpu(vm: kvmstate.Vm) -> Iterator[kvmstate.Vcpu]:
+    with vm.create_vcpu(0) as c:
+        yield c
+
+
+@pytest.fixture
+def no_nested_kvm(kvm: kvmstate.Kvm) -> kvmstate.Kvm:
+    """A KVM without nested support (as on the development machines)."""
+    if kvm.nested_state_size:
+        pytest.skip(f"this KVM has nested support (KVM_CAP_NESTED_STATE={kvm.nested_state_size})")
+    return kvm

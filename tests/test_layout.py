@@ -1,0 +1,114 @@
+"""Every mirror, constant and ioctl number against the installed kernel headers.
+
+The expectations come from gcc compiling <linux/kvm.h> and gdb reading the
+result back (tests/ctypes_oracle.py), never from numbers typed in here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmstate import ioctls, uapi
+from tests import ctypes_oracle as oracle
+
+pytestmark = pytest.mark.skipif(
+    oracle.tools_missing() is not None, reason=str(oracle.tools_missing())
+)
+
+HEADER = "#include <linux/kvm.h>\n"
+if not Path("/usr/include/linux/kvm.h").exists():
+    pytestmark = pytest.mark.skip(reason="<linux/kvm.h> missing (apt-get install linux-libc-dev)")
+
+# Mirror -> C type. Anonymous C sub-structures are reached through their parents.
+MIRRORS: dict[str, Any] = {
+    "struct kvm_nested_state": uapi.kvm_nested_state,
+    "struct kvm_vmx_nested_state_hdr": uapi.kvm_vmx_nested_state_hdr,
+    "struct kvm_svm_nested_state_hdr": uapi.kvm_svm_nested_state_hdr,
+    "struct kvm_vmx_nested_state_data": uapi.kvm_vmx_nested_state_data,
+    "struct kvm_svm_nested_state_data": uapi.kvm_svm_nested_state_data,
+    "struct kvm_regs": uapi.kvm_regs,
+    "struct kvm_segment": uapi.kvm_segment,
+    "struct kvm_dtable": uapi.kvm_dtable,
+    "struct kvm_sregs": uapi.kvm_sregs,
+    "struct kvm_vcpu_events": uapi.kvm_vcpu_events,
+    "struct kvm_msr_entry": uapi.kvm_msr_entry,
+    "struct kvm_msrs": uapi.kvm_msrs.new(3).__class__,
+    "struct kvm_msr_list": uapi.kvm_msr_list.new(5).__class__,
+    "struct kvm_cpuid_entry2": uapi.kvm_cpuid_entry2,
+    "struct kvm_cpuid2": uapi.kvm_cpuid2.new(2).__class__,
+    "struct kvm_userspace_memory_region": uapi.kvm_userspace_memory_region,
+    "struct kvm_run": uapi.kvm_run,
+}
+# kvm_run is mirrored up to its exit union; kvm_run_exit names a subset of the union.
+PARTIAL = frozenset({"kvm_run", "kvm_run_exit"})
+EXTRA = frozenset(f"{s}.{f}" for s, f in uapi.NEWER_FIELDS)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return oracle.c_layouts(HEADER, list(MIRRORS), tmp_path_factory.mktemp("oracle"))
+
+
+@pytest.mark.parametrize("c_name", list(MIRRORS))
+def test_mirror_matches_c(c_name: str, layouts: dict[str, Any]) -> None:
+    problems = oracle.compare(MIRRORS[c_name], layouts[c_name], partial=PARTIAL, extra=EXTRA)
+    assert problems == []
+
+
+def test_header_is_the_c_sizeof(layouts: dict[str, Any]) -> None:
+    # The fixed part alone is what C calls sizeof(struct kvm_nested_state).
+    assert ctypes.sizeof(uapi.kvm_nested_state_header) == layouts["struct kvm_nested_state"]["size"]
+    assert layouts["struct kvm_nested_state"]["size"] == uapi.NESTED_STATE_HEADER_SIZE
+
+
+def test_newer_fields_fit_in_the_c_padding(layouts: dict[str, Any]) -> None:
+    # Fields newer than the header must not move anything: they live inside hdr's 120 bytes.
+    hdr = next(f for f in layouts["struct kvm_nested_state"]["fields"] if f["name"] == "hdr")
+    for struct_name, field in uapi.NEWER_FIELDS:
+        cls = getattr(uapi, struct_name)
+        desc = getattr(cls, field)
+        assert desc.offset + desc.size <= hdr["type"]["size"], (struct_name, field)
+
+
+def _public_constants() -> list[str]:
+    return sorted(n for n, v in vars(uapi).items() if n.startswith("KVM_") and isinstance(v, int))
+
+
+@pytest.fixture(scope="module")
+def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int | None]:
+    names = _public_constants() + list(ioctls.IOCTLS)
+    return oracle.c_constants(HEADER, names, tmp_path_factory.mktemp("consts"))
+
+
+@pytest.mark.parametrize("name", _public_constants())
+def test_constant_matches_c(name: str, c_values: dict[str, int | None]) -> None:
+    if c_values[name] is None:
+        assert name in uapi.NEWER_CONSTANTS, f"{name} is neither in the header nor documented"
+        return
+    assert name not in uapi.NEWER_CONSTANTS, f"{name} is in the header now: drop it from NEWER"
+    assert getattr(uapi, name) == c_values[name]
+
+
+@pytest.mark.parametrize("name", list(ioctls.IOCTLS))
+def test_ioctl_number_matches_c(name: str, c_values: dict[str, int | None]) -> None:
+    assert ioctls.IOCTLS[name] == c_values[name]
+    assert getattr(ioctls, name) == c_values[name]
+
+
+def test_ioc_encoding_rejects_oversized_arguments() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        ioctls._IOW(uapi.KVMIO, 1, 1 << 14)
+
+
+def test_enum_views_match_constants() -> None:
+    assert uapi.NestedFlag.GIF_SET == uapi.KVM_STATE_NESTED_GIF_SET
+    for flag in uapi.NestedFlag:
+        assert getattr(uapi, f"KVM_STATE_NESTED_{flag.name}") == flag
+    for fmt in uapi.NestedFormat:
+        assert getattr(uapi, f"KVM_STATE_NESTED_FORMAT_{fmt.name}") == fmt
+    for reason in uapi.ExitReason:
+        assert getattr(uapi, f"KVM_EXIT_{reason.name}") == reason
