@@ -1,0 +1,5 @@
+import sys
+
+from kvmstate.cli import main
+
+sys.exit(main())

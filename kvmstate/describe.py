@@ -1,0 +1,88 @@
+"""Turning states into words: flat ``path = value`` listings and JSON-ready dicts.
+
+Used by the command line (``kvmstate decode``) and by :func:`kvmstate.diff`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from collections.abc import Iterator
+from typing import Any
+
+from kvmstate import uapi
+from kvmstate._struct import _Mixin, format_value
+from kvmstate.nested import NestedState
+
+__all__ = ["fields", "nested_state_dict", "nested_state_fields"]
+
+
+def fields(obj: Any, prefix: str = "", *, hidden: bool = False) -> Iterator[tuple[str, Any, str]]:
+    """Walk a mirror: ``(dotted path, raw value, formatted value)`` for every leaf field.
+
+    Byte arrays are one leaf; arrays of scalars or structures are indexed
+    (``interrupt_bitmap[0]``). Reserved/padding fields are skipped unless
+    ``hidden``.
+    """
+    names = obj.field_names() if hidden else obj._shown_fields()
+    for name in names:
+        value = getattr(obj, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, _Mixin):
+            yield from fields(value, f"{path}.", hidden=hidden)
+        elif isinstance(value, ctypes.Array) and value._type_ not in (
+            ctypes.c_uint8,
+            ctypes.c_char,
+            ctypes.c_byte,
+        ):
+            for i, item in enumerate(value):
+                if isinstance(item, _Mixin):
+                    yield from fields(item, f"{path}[{i}].", hidden=hidden)
+                else:
+                    yield f"{path}[{i}]", item, format_value(item, name, obj)
+        else:
+            raw = bytes(value) if isinstance(value, ctypes.Array) else value
+            yield path, raw, format_value(value, name, obj)
+
+
+def nested_state_fields(
+    state: NestedState, *, hidden: bool = False
+) -> Iterator[tuple[str, Any, str]]:
+    """Every field of a nested state by name: header, vendor header, then data pages."""
+    h = state.header
+    yield "flags", h.flags, format_value(h.flags, "flags", h)
+    yield "format", h.format, format_value(h.format, "format", h)
+    yield "size", h.size, str(h.size)
+    vendor = "vmx" if h.format == uapi.KVM_STATE_NESTED_FORMAT_VMX else "svm"
+    yield from fields(getattr(h.hdr, vendor), f"hdr.{vendor}.", hidden=hidden)
+    for page in ("vmcs12", "shadow_vmcs12", "vmcb12"):
+        view = getattr(state, page)
+        if view is None:
+            continue
+        if isinstance(view, _Mixin):
+            yield from fields(view, f"{page}.", hidden=hidden)
+        else:
+            raw = bytes(view)
+            yield page, raw, format_value(view, page, None)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, enum.Enum):
+        return int(value.value)
+    return value
+
+
+def nested_state_dict(state: NestedState) -> dict[str, Any]:
+    """The state for JSON: ``{"fields": {path: int or hex string}, "decoded": {path: names}}``.
+
+    ``decoded`` holds the fields whose values have names (flags, formats).
+    """
+    values: dict[str, Any] = {}
+    decoded: dict[str, str] = {}
+    for path, raw, text in nested_state_fields(state):
+        values[path] = _jsonable(raw)
+        if isinstance(raw, int) and text not in (str(raw), hex(raw)):
+            decoded[path] = text
+    return {"fields": values, "decoded": decoded}
