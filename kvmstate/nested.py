@@ -80,10 +80,11 @@ class NestedState:
     not have them or ``size``/the buffer does not cover them.
     """
 
-    __slots__ = ("_header", "_storage")
+    __slots__ = ("_capacity", "_header", "_storage")
 
     _storage: ctypes.Array[Any]
     _header: uapi.kvm_nested_state_header
+    _capacity: int
 
     def __init__(self, capacity: int = VMX_MAX_SIZE) -> None:
         capacity = _check_capacity(capacity)
@@ -93,6 +94,7 @@ class NestedState:
 
     def _bind(self, storage: ctypes.Array[Any]) -> None:
         self._storage = storage
+        self._capacity = ctypes.sizeof(storage)
         self._header = uapi.kvm_nested_state_header.from_buffer(storage)
 
     # --- construction --------------------------------------------------------
@@ -174,7 +176,7 @@ class NestedState:
     @property
     def capacity(self) -> int:
         """How many bytes the buffer holds (own buffers round up to 8-byte words)."""
-        return ctypes.sizeof(self._storage)
+        return self._capacity
 
     @property
     def buffer(self) -> memoryview:

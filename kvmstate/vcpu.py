@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Iterable, Mapping
@@ -50,6 +51,7 @@ class Vcpu(FdWrapper):
         super().__init__(fd, owned=owned)
         self.vm = vm
         self._nested_state_size = nested_state_size
+        self._nested_need: int | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
 
@@ -235,39 +237,44 @@ class Vcpu(FdWrapper):
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
         """
-        need = max(self.nested_state_size, HEADER_SIZE)
+        need = self._nested_need
+        if need is None:
+            need = self._nested_need = max(self.nested_state_size, HEADER_SIZE)
         if out is None:
             state = NestedState(need)
         else:
-            state = NestedState.from_buffer(out)
-            if state.capacity < need:
+            state = out if type(out) is NestedState else NestedState.from_buffer(out)
+            if state._capacity < need:
                 raise ValueError(
-                    f"the buffer holds {state.capacity} bytes but KVM_CAP_NESTED_STATE "
+                    f"the buffer holds {state._capacity} bytes but KVM_CAP_NESTED_STATE "
                     f"says the kernel may write {need}"
                 )
         try:
             self._get_nested(state)
-        except KvmError as exc:
-            if exc.errno != errno.E2BIG:
+        except NestedStateTooLargeError:
+            if out is not None:
                 raise
-            wanted = state.header.size
-            if out is not None or wanted <= state.capacity:
-                raise NestedStateTooLargeError(
-                    wanted, state.capacity, ioctl="KVM_GET_NESTED_STATE"
-                ) from None
-            state = NestedState(wanted)
+            # A buffer made here: regrow it once to what the kernel asked for.
+            state = NestedState(state._header.size)
             self._get_nested(state)
         return state
 
     def _get_nested(self, state: NestedState) -> None:
-        storage = state._storage
+        fd = self._fd
+        if fd < 0:
+            self.fileno()  # raises: closed
+        capacity = state._capacity
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
-        state.header.size = ctypes.sizeof(storage)
+        state._header.size = capacity
         try:
-            ioctl(self.fileno(), _GET_NESTED, storage)
-        except KvmError as exc:
-            raise self._nested_error(exc) from None
+            fcntl.ioctl(fd, _GET_NESTED, state._storage)
+        except OSError as exc:
+            if exc.errno == errno.E2BIG and state._header.size > capacity:
+                raise NestedStateTooLargeError(
+                    state._header.size, capacity, ioctl="KVM_GET_NESTED_STATE"
+                ) from None
+            raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
 
     def set_nested_state(self, state: Any) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
@@ -282,9 +289,9 @@ class Vcpu(FdWrapper):
         check_for_set(state)
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = ioctl(self.fileno(), _SET_NESTED, state._storage)
-        except KvmError as exc:
-            raise self._nested_error(exc) from None
+            result = fcntl.ioctl(self.fileno(), _SET_NESTED, state._storage)
+        except OSError as exc:
+            raise self._nested_error(exc, "KVM_SET_NESTED_STATE") from None
         if result != 0:
             raise KvmError(
                 None,
@@ -293,12 +300,12 @@ class Vcpu(FdWrapper):
                 result=result,
             )
 
-    def _nested_error(self, exc: KvmError) -> KvmError:
+    def _nested_error(self, exc: OSError, name: str) -> KvmError:
         if exc.errno == errno.EINVAL and self.nested_state_size == 0:
             return NestedStateUnavailableError(
-                errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=exc.ioctl
+                errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=name
             )
-        return exc
+        return KvmError(exc.errno, exc.strerror, ioctl=name)
 
     # --- lifetime ------------------------------------------------------------------------
 
