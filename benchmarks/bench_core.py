@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kvmstate  # noqa: E402
-from kvmstate import ioctls  # noqa: E402
+import kvmstate
+from kvmstate import ioctls
 
 C_SOURCE = r"""
 #include <errno.h>
