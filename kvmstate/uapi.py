@@ -55,6 +55,7 @@ __all__ = [
     "NEWER_FIELDS",
     "CpuidFlag",
     "ExitReason",
+    "MpState",
     "NestedFlag",
     "NestedFormat",
     "NestedSmmFlag",
@@ -63,7 +64,11 @@ __all__ = [
     "VmxHeaderFlag",
     "kvm_cpuid2",
     "kvm_cpuid_entry2",
+    "kvm_debugregs",
     "kvm_dtable",
+    "kvm_fpu",
+    "kvm_lapic_state",
+    "kvm_mp_state",
     "kvm_msr_entry",
     "kvm_msr_list",
     "kvm_msrs",
@@ -75,12 +80,16 @@ __all__ = [
     "kvm_run",
     "kvm_segment",
     "kvm_sregs",
+    "kvm_sregs2",
     "kvm_svm_nested_state_data",
     "kvm_svm_nested_state_hdr",
     "kvm_userspace_memory_region",
     "kvm_vcpu_events",
     "kvm_vmx_nested_state_data",
     "kvm_vmx_nested_state_hdr",
+    "kvm_xcr",
+    "kvm_xcrs",
+    "kvm_xsave",
 ]
 
 _u8 = ctypes.c_uint8
@@ -98,8 +107,33 @@ KVM_CAP_IRQCHIP = 0
 KVM_CAP_USER_MEMORY = 3
 KVM_CAP_EXT_CPUID = 7
 KVM_CAP_NR_VCPUS = 9
+KVM_CAP_MP_STATE = 14
 KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_GET_MSR_FEATURES = 153
 KVM_CAP_NESTED_STATE = 157
+KVM_CAP_SREGS2 = 200
+KVM_CAP_XSAVE2 = 208
+
+KVM_APIC_REG_SIZE = 0x400
+KVM_MAX_XCRS = 16
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
+
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+KVM_MP_STATE_STOPPED = 5
+KVM_MP_STATE_CHECK_STOP = 6
+KVM_MP_STATE_OPERATING = 7
+KVM_MP_STATE_LOAD = 8
+KVM_MP_STATE_AP_RESET_HOLD = 9
+KVM_MP_STATE_SUSPENDED = 10
 
 KVM_STATE_NESTED_FORMAT_VMX = 0
 KVM_STATE_NESTED_FORMAT_SVM = 1
@@ -208,6 +242,22 @@ class VcpuEventsFlag(enum.IntFlag):
     SMM = KVM_VCPUEVENT_VALID_SMM
     PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
     TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+
+
+class MpState(enum.IntEnum):
+    """``kvm_mp_state.mp_state`` (``KVM_MP_STATE_*``)."""
+
+    RUNNABLE = KVM_MP_STATE_RUNNABLE
+    UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED
+    INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED
+    HALTED = KVM_MP_STATE_HALTED
+    SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED
+    STOPPED = KVM_MP_STATE_STOPPED
+    CHECK_STOP = KVM_MP_STATE_CHECK_STOP
+    OPERATING = KVM_MP_STATE_OPERATING
+    LOAD = KVM_MP_STATE_LOAD
+    AP_RESET_HOLD = KVM_MP_STATE_AP_RESET_HOLD
+    SUSPENDED = KVM_MP_STATE_SUSPENDED
 
 
 class ExitReason(enum.IntEnum):
@@ -477,6 +527,113 @@ class kvm_vcpu_events(Struct):
     ]
     _flags_ = {"flags": VcpuEventsFlag}
     _hidden_ = frozenset({"reserved"})
+
+
+class kvm_sregs2(Struct):
+    """``KVM_GET_SREGS2`` / ``KVM_SET_SREGS2``: sregs with the PAE PDPTRs, no interrupt bitmap."""
+
+    _fields_ = [
+        *[(s, kvm_segment) for s in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        *[(r, _u64) for r in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base", "flags")],
+        ("pdptrs", _u64 * 4),
+    ]
+
+
+class kvm_fpu(Struct):
+    """Legacy x87/SSE state (``KVM_GET_FPU``); XSAVE supersedes it where present."""
+
+    _fields_ = [
+        ("fpr", (_u8 * 16) * 8),
+        ("fcw", _u16),
+        ("fsw", _u16),
+        ("ftwx", _u8),
+        ("pad1", _u8),
+        ("last_opcode", _u16),
+        ("last_ip", _u64),
+        ("last_dp", _u64),
+        ("xmm", (_u8 * 16) * 16),
+        ("mxcsr", _u32),
+        ("pad2", _u32),
+    ]
+    _hidden_ = frozenset({"pad1", "pad2"})
+
+
+class kvm_xsave(Struct):
+    """The XSAVE area (``KVM_GET_XSAVE``): 4096 bytes, more with ``KVM_GET_XSAVE2``.
+
+    ``kvm_xsave.sized(n)`` gives a structure of ``n`` bytes whose ``extra``
+    words follow ``region`` (the C flexible array), for ``KVM_CAP_XSAVE2``
+    sizes above 4096.
+    """
+
+    _fields_ = [("region", _u32 * 1024)]
+
+    @classmethod
+    def sized(cls, nbytes: int) -> kvm_xsave:
+        """An XSAVE buffer of ``nbytes`` (a multiple of 4, at least 4096)."""
+        if not isinstance(nbytes, int) or nbytes < 4096 or nbytes % 4 or nbytes > 1 << 20:
+            raise ValueError(f"an XSAVE area of {nbytes!r} bytes is not valid (>= 4096, 4-aligned)")
+        if nbytes == 4096:
+            return cls()
+        return _xsave_type(nbytes)()
+
+
+@functools.lru_cache(maxsize=8)
+def _xsave_type(nbytes: int) -> type[kvm_xsave]:
+    extra = (nbytes - 4096) // 4
+    return type(
+        f"kvm_xsave[{nbytes}]",
+        (kvm_xsave,),
+        {"_fields_": [("extra", _u32 * extra)], "__module__": __name__},
+    )
+
+
+class kvm_xcr(Struct):
+    """One extended control register (XCR0 is index 0)."""
+
+    _fields_ = [("xcr", _u32), ("reserved", _u32), ("value", _u64)]
+    _hidden_ = frozenset({"reserved"})
+
+
+class kvm_xcrs(Struct):
+    """``KVM_GET_XCRS`` / ``KVM_SET_XCRS``: ``nr_xcrs`` of the 16 slots are used."""
+
+    _fields_ = [
+        ("nr_xcrs", _u32),
+        ("flags", _u32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", _u64 * 16),
+    ]
+    _decimal_ = frozenset({"nr_xcrs"})
+    _hidden_ = frozenset({"padding"})
+
+
+class kvm_debugregs(Struct):
+    """``KVM_GET_DEBUGREGS``: DR0-3, DR6, DR7."""
+
+    _fields_ = [
+        ("db", _u64 * 4),
+        ("dr6", _u64),
+        ("dr7", _u64),
+        ("flags", _u64),
+        ("reserved", _u64 * 9),
+    ]
+    _hidden_ = frozenset({"reserved"})
+
+
+class kvm_mp_state(Struct):
+    """``KVM_GET_MP_STATE``: runnable, halted, waiting for INIT/SIPI..."""
+
+    _fields_ = [("mp_state", _u32)]
+    _flags_ = {"mp_state": MpState}
+
+
+class kvm_lapic_state(Struct):
+    """``KVM_GET_LAPIC``: the local APIC's 1 KiB register page."""
+
+    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
 
 
 # --- variable-length structures ---------------------------------------------------

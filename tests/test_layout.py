@@ -42,6 +42,14 @@ MIRRORS: dict[str, Any] = {
     "struct kvm_cpuid2": uapi.kvm_cpuid2.new(2).__class__,
     "struct kvm_userspace_memory_region": uapi.kvm_userspace_memory_region,
     "struct kvm_run": uapi.kvm_run,
+    "struct kvm_sregs2": uapi.kvm_sregs2,
+    "struct kvm_fpu": uapi.kvm_fpu,
+    "struct kvm_xsave": uapi.kvm_xsave.sized(4096 + 64).__class__,
+    "struct kvm_xcr": uapi.kvm_xcr,
+    "struct kvm_xcrs": uapi.kvm_xcrs,
+    "struct kvm_debugregs": uapi.kvm_debugregs,
+    "struct kvm_mp_state": uapi.kvm_mp_state,
+    "struct kvm_lapic_state": uapi.kvm_lapic_state,
 }
 # kvm_run is mirrored up to its exit union; kvm_run_exit names a subset of the union.
 PARTIAL = frozenset({"kvm_run", "kvm_run_exit"})
