@@ -26,6 +26,7 @@ from typing import Any
 from kvmstate import uapi
 from kvmstate._struct import format_value
 from kvmstate.uapi import NestedFlag, NestedFormat
+from kvmstate.vmcs12 import vmcs12
 
 __all__ = [
     "HEADER_SIZE",
@@ -252,14 +253,15 @@ class NestedState:
         return _page_types[(fmt, index)].from_buffer(self._storage, end - _DATA_SIZE)
 
     @property
-    def vmcs12(self) -> Any:
-        """The cached vmcs12 (VMX, ``size`` >= 4224), a writable 4096-byte view, else None."""
-        return self._page(NestedFormat.VMX, 0)
+    def vmcs12(self) -> vmcs12 | None:
+        """The cached vmcs12 (VMX, ``size`` >= 4224): a writable :class:`~kvmstate.vmcs12.vmcs12`
+        view into the buffer, else None."""
+        return self._page(NestedFormat.VMX, 0)  # type: ignore[no-any-return]
 
     @property
-    def shadow_vmcs12(self) -> Any:
-        """The shadow vmcs12 (VMX, ``size`` >= 8320), a writable view, else None."""
-        return self._page(NestedFormat.VMX, 1)
+    def shadow_vmcs12(self) -> vmcs12 | None:
+        """The shadow vmcs12 (VMX, ``size`` >= 8320): a writable view, else None."""
+        return self._page(NestedFormat.VMX, 1)  # type: ignore[no-any-return]
 
     @property
     def vmcb12(self) -> Any:
@@ -360,10 +362,10 @@ _FLAG_OWNER = {
     "svm.flags": _Owner(uapi.SvmHeaderFlag),
 }
 
-# The typed view classes of the data pages; raw byte pages until a richer mirror exists.
+# The typed view class of each data page (format, page index).
 _page_types: dict[tuple[int, int], Any] = {
-    (NestedFormat.VMX, 0): _Page,
-    (NestedFormat.VMX, 1): _Page,
+    (NestedFormat.VMX, 0): vmcs12,
+    (NestedFormat.VMX, 1): vmcs12,
     (NestedFormat.SVM, 0): _Page,
 }
 

@@ -84,10 +84,15 @@ def test_data_views_only_where_size_and_format_cover_them() -> None:
 
 def test_data_views_write_into_the_buffer() -> None:
     state = vmx_state()
-    state.vmcs12[0:4] = (0xD0, 0x7E, 0xE5, 0x11)
-    state.shadow_vmcs12[4095] = 0xAA
+    state.vmcs12.hdr.revision_id = 0x11E57ED0
+    state.vmcs12.guest_rip = 0xFFF0
+    state.shadow_vmcs12.hdr.shadow_vmcs = 1
+    memoryview(state.shadow_vmcs12).cast("B")[4095] = 0xAA  # also a writable byte view
     raw = state.to_bytes()
-    assert raw[128:132] == bytes((0xD0, 0x7E, 0xE5, 0x11))
+    assert raw[128:132] == (0x11E57ED0).to_bytes(4, "little")
+    guest_rip = 128 + type(state.vmcs12).guest_rip.offset
+    assert raw[guest_rip : guest_rip + 8] == (0xFFF0).to_bytes(8, "little")
+    assert raw[128 + 4096 + 3] & 0x80  # shadow_vmcs is bit 31 of the header word
     assert raw[-1] == 0xAA
 
 
