@@ -26,7 +26,7 @@ from typing import Any
 from kvmstate import uapi
 from kvmstate._struct import format_value
 from kvmstate.uapi import NestedFlag, NestedFormat
-from kvmstate.vmcs12 import vmcs12
+from kvmstate.vmcs12 import vmcs12 as Vmcs12
 
 __all__ = [
     "HEADER_SIZE",
@@ -253,13 +253,13 @@ class NestedState:
         return _page_types[(fmt, index)].from_buffer(self._storage, end - _DATA_SIZE)
 
     @property
-    def vmcs12(self) -> vmcs12 | None:
+    def vmcs12(self) -> Vmcs12 | None:
         """The cached vmcs12 (VMX, ``size`` >= 4224): a writable :class:`~kvmstate.vmcs12.vmcs12`
         view into the buffer, else None."""
         return self._page(NestedFormat.VMX, 0)  # type: ignore[no-any-return]
 
     @property
-    def shadow_vmcs12(self) -> vmcs12 | None:
+    def shadow_vmcs12(self) -> Vmcs12 | None:
         """The shadow vmcs12 (VMX, ``size`` >= 8320): a writable view, else None."""
         return self._page(NestedFormat.VMX, 1)  # type: ignore[no-any-return]
 
@@ -364,8 +364,8 @@ _FLAG_OWNER = {
 
 # The typed view class of each data page (format, page index).
 _page_types: dict[tuple[int, int], Any] = {
-    (NestedFormat.VMX, 0): vmcs12,
-    (NestedFormat.VMX, 1): vmcs12,
+    (NestedFormat.VMX, 0): Vmcs12,
+    (NestedFormat.VMX, 1): Vmcs12,
     (NestedFormat.SVM, 0): _Page,
 }
 
