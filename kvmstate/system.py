@@ -81,16 +81,23 @@ class Kvm(FdWrapper):
 
     def get_msr_index_list(self) -> list[int]:
         """``KVM_GET_MSR_INDEX_LIST``: the MSRs a vCPU save should include."""
+        return self._msr_list(io.KVM_GET_MSR_INDEX_LIST)
+
+    def get_msr_feature_index_list(self) -> list[int]:
+        """``KVM_GET_MSR_FEATURE_INDEX_LIST``: feature MSRs (read-only capabilities)."""
+        return self._msr_list(io.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
+    def _msr_list(self, request: int) -> list[int]:
         probe = uapi.kvm_msr_list.new(0)
         try:
             # nmsrs == 0: the kernel writes only the needed count back (E2BIG).
-            self._ioctl(io.KVM_GET_MSR_INDEX_LIST, probe)
+            self._ioctl(request, probe)
         except KvmError as exc:
             if exc.errno != errno.E2BIG:
                 raise
         msrs = uapi.kvm_msr_list.new(probe.nmsrs)
         # nmsrs equals the array length, so the kernel stays inside it.
-        self._ioctl(io.KVM_GET_MSR_INDEX_LIST, msrs)
+        self._ioctl(request, msrs)
         return [int(i) for i in msrs.items()[: len(msrs)]]
 
     def _describe(self) -> str:

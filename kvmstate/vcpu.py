@@ -19,7 +19,7 @@ from typing import Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import DEFAULT_PATH, FdWrapper, ioctl
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl
 from kvmstate.errors import (
     KvmError,
     NestedStateTooLargeError,
@@ -52,6 +52,7 @@ class Vcpu(FdWrapper):
         self.vm = vm
         self._nested_state_size = nested_state_size
         self._nested_need: int | None = None
+        self._xsave_size: int | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
 
@@ -144,6 +145,114 @@ class Vcpu(FdWrapper):
         done = self._ioctl(io.KVM_SET_MSRS, msrs)
         if done != len(items):
             raise _msr_error("KVM_SET_MSRS", [i for i, _ in items], done)
+
+    def get_sregs2(self) -> uapi.kvm_sregs2:
+        """``KVM_GET_SREGS2`` (needs ``KVM_CAP_SREGS2``): sregs plus the PAE PDPTRs."""
+        sregs2 = uapi.kvm_sregs2()
+        # kvm_sregs2 is the size KVM_GET_SREGS2 encodes.
+        self._ioctl(io.KVM_GET_SREGS2, sregs2)
+        return sregs2
+
+    def set_sregs2(self, sregs2: uapi.kvm_sregs2) -> None:
+        """``KVM_SET_SREGS2``."""
+        self._ioctl(io.KVM_SET_SREGS2, _exact(sregs2, uapi.kvm_sregs2))
+
+    def get_fpu(self) -> uapi.kvm_fpu:
+        """``KVM_GET_FPU``: legacy x87/SSE state."""
+        fpu = uapi.kvm_fpu()
+        # kvm_fpu is the size KVM_GET_FPU encodes.
+        self._ioctl(io.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        """``KVM_SET_FPU``."""
+        self._ioctl(io.KVM_SET_FPU, _exact(fpu, uapi.kvm_fpu))
+
+    @property
+    def xsave_size(self) -> int:
+        """Bytes of the XSAVE area: ``KVM_CAP_XSAVE2`` on the VM, else 4096."""
+        if self._xsave_size is None:
+            size = 0
+            vm = self.vm
+            if vm is not None and not vm.closed:
+                size = vm.check_extension(uapi.KVM_CAP_XSAVE2)
+            self._xsave_size = max(size, 4096)
+        return self._xsave_size
+
+    def get_xsave(self) -> uapi.kvm_xsave:
+        """``KVM_GET_XSAVE2`` (or ``KVM_GET_XSAVE``): the XSAVE area, :attr:`xsave_size` bytes."""
+        size = self.xsave_size
+        xsave = uapi.kvm_xsave.sized(size)
+        # XSAVE2 writes KVM_CAP_XSAVE2 bytes and the buffer has exactly that many;
+        # plain XSAVE writes 4096, the buffer's minimum.
+        self._ioctl(io.KVM_GET_XSAVE2 if size > 4096 else io.KVM_GET_XSAVE, xsave)
+        return xsave
+
+    def set_xsave(self, xsave: uapi.kvm_xsave) -> None:
+        """``KVM_SET_XSAVE`` from an area of at least :attr:`xsave_size` bytes."""
+        if not isinstance(xsave, uapi.kvm_xsave):
+            raise TypeError(f"expected kvm_xsave, not {type(xsave).__name__}")
+        if ctypes.sizeof(xsave) < self.xsave_size:
+            raise ValueError(
+                f"the XSAVE area is {ctypes.sizeof(xsave)} bytes; this VM's is {self.xsave_size}"
+            )
+        # The kernel reads KVM_CAP_XSAVE2 bytes (4096 without it): checked above.
+        self._ioctl(io.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        """``KVM_GET_XCRS``: XCR0 and friends."""
+        xcrs = uapi.kvm_xcrs()
+        # kvm_xcrs is the size KVM_GET_XCRS encodes.
+        self._ioctl(io.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
+        """``KVM_SET_XCRS``."""
+        xcrs = _exact(xcrs, uapi.kvm_xcrs)
+        if xcrs.nr_xcrs > uapi.KVM_MAX_XCRS:
+            raise ValueError(f"nr_xcrs {xcrs.nr_xcrs} is above KVM_MAX_XCRS ({uapi.KVM_MAX_XCRS})")
+        self._ioctl(io.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        """``KVM_GET_DEBUGREGS``."""
+        regs = uapi.kvm_debugregs()
+        # kvm_debugregs is the size KVM_GET_DEBUGREGS encodes.
+        self._ioctl(io.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: uapi.kvm_debugregs) -> None:
+        """``KVM_SET_DEBUGREGS``."""
+        self._ioctl(io.KVM_SET_DEBUGREGS, _exact(regs, uapi.kvm_debugregs))
+
+    def get_mp_state(self) -> uapi.kvm_mp_state:
+        """``KVM_GET_MP_STATE``."""
+        state = uapi.kvm_mp_state()
+        # kvm_mp_state is the size KVM_GET_MP_STATE encodes.
+        self._ioctl(io.KVM_GET_MP_STATE, state)
+        return state
+
+    def set_mp_state(self, state: uapi.kvm_mp_state) -> None:
+        """``KVM_SET_MP_STATE``."""
+        self._ioctl(io.KVM_SET_MP_STATE, _exact(state, uapi.kvm_mp_state))
+
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        """``KVM_GET_LAPIC`` (needs an in-kernel irqchip: ``Vm.create_irqchip``)."""
+        lapic = uapi.kvm_lapic_state()
+        # kvm_lapic_state is the size KVM_GET_LAPIC encodes.
+        self._ioctl(io.KVM_GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
+        """``KVM_SET_LAPIC``."""
+        self._ioctl(io.KVM_SET_LAPIC, _exact(lapic, uapi.kvm_lapic_state))
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency in kHz."""
+        return self._ioctl(io.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """``KVM_SET_TSC_KHZ`` (needs ``KVM_CAP_TSC_CONTROL``)."""
+        self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
 
     # --- CPUID -------------------------------------------------------------------------
 
