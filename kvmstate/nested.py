@@ -26,6 +26,7 @@ from typing import Any
 from kvmstate import uapi
 from kvmstate._struct import format_value
 from kvmstate.uapi import NestedFlag, NestedFormat
+from kvmstate.vmcb import vmcb as Vmcb
 from kvmstate.vmcs12 import vmcs12 as Vmcs12
 
 __all__ = [
@@ -54,7 +55,6 @@ _KNOWN_FORMATS = frozenset(int(f) for f in NestedFormat)
 _MAX_CAPACITY = 1 << 24
 
 _DATA_SIZE = uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # == KVM_STATE_NESTED_SVM_VMCB_SIZE
-_Page = ctypes.c_uint8 * _DATA_SIZE
 
 
 def _check_capacity(capacity: object) -> int:
@@ -264,9 +264,10 @@ class NestedState:
         return self._page(NestedFormat.VMX, 1)  # type: ignore[no-any-return]
 
     @property
-    def vmcb12(self) -> Any:
-        """The vmcb12 (SVM, ``size`` >= 4224), a writable 4096-byte view, else None."""
-        return self._page(NestedFormat.SVM, 0)
+    def vmcb12(self) -> Vmcb | None:
+        """The vmcb12 (SVM, ``size`` >= 4224): a writable :class:`~kvmstate.vmcb.vmcb` view
+        (``vmcb12.control.asid``, ``vmcb12.save.rip``), else None."""
+        return self._page(NestedFormat.SVM, 0)  # type: ignore[no-any-return]
 
     # --- Python protocol ------------------------------------------------------------------
 
@@ -366,7 +367,7 @@ _FLAG_OWNER = {
 _page_types: dict[tuple[int, int], Any] = {
     (NestedFormat.VMX, 0): Vmcs12,
     (NestedFormat.VMX, 1): Vmcs12,
-    (NestedFormat.SVM, 0): _Page,
+    (NestedFormat.SVM, 0): Vmcb,
 }
 
 

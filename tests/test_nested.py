@@ -82,6 +82,19 @@ def test_data_views_only_where_size_and_format_cover_them() -> None:
     assert small.shadow_vmcs12 is None
 
 
+def test_vmcb12_fields_by_name_land_at_the_architectural_offsets() -> None:
+    state = svm_guest_state()
+    vmcb = state.vmcb12
+    vmcb.control.asid = 7
+    vmcb.save.rip = 0x1234
+    raw = state.to_bytes()
+    asid = 128 + type(vmcb.control).asid.offset
+    rip = 128 + type(vmcb).save.offset + type(vmcb.save).rip.offset
+    assert raw[asid : asid + 4] == (7).to_bytes(4, "little")
+    assert raw[rip : rip + 8] == (0x1234).to_bytes(8, "little")
+    assert type(vmcb).save.offset == 0x400  # the save area follows the 1 KiB control area
+
+
 def test_data_views_write_into_the_buffer() -> None:
     state = vmx_state()
     state.vmcs12.hdr.revision_id = 0x11E57ED0
@@ -108,10 +121,11 @@ def test_to_bytes_is_exactly_size_bytes() -> None:
 
 def test_from_bytes_round_trip_and_equality() -> None:
     state = svm_guest_state()
-    state.vmcb12[0x58] = 1  # asid
+    state.vmcb12.control.asid = 1
     back = NestedState.from_bytes(state.to_bytes())
     assert back == state and back.capacity == SVM_MAX_SIZE
-    back.vmcb12[0x58] = 2
+    assert back.vmcb12.control.asid == 1
+    back.vmcb12.control.asid = 2
     assert back != state
     assert NestedState.from_bytes(bytearray(state.to_bytes())) == state
     assert NestedState.from_bytes(memoryview(state.to_bytes())) == state
