@@ -159,6 +159,17 @@ class _Mixin:
         """Fields as plain Python values: ints, nested dicts, lists, and bytes for byte arrays."""
         return {n: _plain(getattr(self, n)) for n in self.field_names()}
 
+    @classmethod
+    def from_dict(cls: type[_T], data: Mapping[str, Any]) -> _T:
+        """Rebuild from :meth:`to_dict` output (bytes may be given as hex strings).
+
+        Every field must be present and no other; integers must fit their
+        field. ValueError/TypeError name the offending path.
+        """
+        obj = cls()
+        _fill(obj, data, cls.__name__)
+        return obj
+
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self.field_names()))
 
@@ -171,6 +182,78 @@ def _plain(value: Any) -> Any:
             return bytes(value)
         return [_plain(v) for v in value]
     return value
+
+
+_BYTE_TYPES = (ctypes.c_uint8, ctypes.c_char, ctypes.c_byte)
+
+
+def _as_bytes(value: Any, size: int, path: str) -> bytes:
+    if isinstance(value, str):
+        try:
+            value = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError(f"{path}: not a hex string") from None
+    if not isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{path}: expected bytes or a hex string, not {type(value).__name__}")
+    if len(value) != size:
+        raise ValueError(f"{path}: {len(value)} bytes, the field holds {size}")
+    return bytes(value)
+
+
+def _check_int(value: Any, bits: int, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{path}: expected an int, not {type(value).__name__}")
+    if not 0 <= value < (1 << bits):
+        raise ValueError(f"{path}: {value} does not fit in {bits} bits")
+    return value
+
+
+def _fill_array(array: Any, value: Any, path: str) -> None:
+    item = array._type_
+    if item in _BYTE_TYPES:
+        raw = _as_bytes(value, ctypes.sizeof(array), path)
+        ctypes.memmove(ctypes.addressof(array), raw, len(raw))
+        return
+    if not isinstance(value, (list, tuple)) or len(value) != len(array):
+        raise ValueError(f"{path}: expected a list of {len(array)} items")
+    for i, v in enumerate(value):
+        where = f"{path}[{i}]"
+        element = array[i]
+        if isinstance(element, _Mixin):
+            _fill(element, v, where)
+        elif isinstance(element, ctypes.Array):
+            _fill_array(element, v, where)
+        else:
+            array[i] = _check_int(v, ctypes.sizeof(item) * 8, where)
+
+
+def _fill(obj: Any, data: Any, path: str) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{path}: expected a mapping, not {type(data).__name__}")
+    names = obj.field_names()
+    unknown = set(data) - set(names)
+    missing = set(names) - set(data)
+    if unknown or missing:
+        raise ValueError(f"{path}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+    if isinstance(obj, ctypes.Union):
+        # Raw byte members first, so that an edited structured member wins.
+        names = sorted(names, key=lambda n: not _is_bytes(getattr(obj, n)))
+    for name in names:
+        where = f"{path}.{name}"
+        value = data[name]
+        current = getattr(obj, name)
+        if isinstance(current, _Mixin):
+            _fill(current, value, where)
+        elif isinstance(current, ctypes.Array):
+            _fill_array(current, value, where)
+        else:
+            desc = getattr(type(obj), name)
+            bits = desc.size >> 16 if desc.size > 0xFFFF else desc.size * 8
+            setattr(obj, name, _check_int(value, bits, where))
+
+
+def _is_bytes(value: Any) -> bool:
+    return isinstance(value, ctypes.Array) and value._type_ in _BYTE_TYPES
 
 
 class Struct(_Mixin, ctypes.Structure):

@@ -18,6 +18,8 @@ Deviations from the C header, all deliberate:
 * Flexible arrays (``kvm_msrs.entries``, ``kvm_cpuid2.entries``,
   ``kvm_msr_list.indices``) are sized at construction: use
   ``kvm_cpuid2.new(n)``, ``kvm_msrs.new(n)``, ``kvm_msr_list.new(n)``.
+* C ``char`` arrays (``kvm_lapic_state.regs``) are ``__u8`` arrays here: ctypes
+  would otherwise cut their bytes at the first NUL when read.
 * ``kvm_run`` mirrors the fixed head and the exit union only (the page
   behind it is mapped with the size ``KVM_GET_VCPU_MMAP_SIZE`` gives).
 * Fields newer than the installed header (linux-libc-dev 6.1) are listed
@@ -633,7 +635,7 @@ class kvm_mp_state(Struct):
 class kvm_lapic_state(Struct):
     """``KVM_GET_LAPIC``: the local APIC's 1 KiB register page."""
 
-    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+    _fields_ = [("regs", _u8 * KVM_APIC_REG_SIZE)]
 
 
 # --- variable-length structures ---------------------------------------------------
@@ -844,7 +846,7 @@ class kvm_run_exit(Union):
         ("io", kvm_run_io),
         ("mmio", kvm_run_mmio),
         ("internal", kvm_run_internal),
-        ("padding", ctypes.c_char * 256),
+        ("padding", _u8 * 256),
     ]
     _hidden_ = frozenset({"padding"})
 

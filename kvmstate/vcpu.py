@@ -15,7 +15,7 @@ import fcntl
 import mmap
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
@@ -26,6 +26,9 @@ from kvmstate.errors import (
     NestedStateUnavailableError,
 )
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
+
+if TYPE_CHECKING:
+    from kvmstate.state import VcpuState
 
 __all__ = ["Vcpu"]
 
@@ -53,6 +56,9 @@ class Vcpu(FdWrapper):
         self._nested_state_size = nested_state_size
         self._nested_need: int | None = None
         self._xsave_size: int | None = None
+        # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
+        self._msr_indices: list[int] | None = None
+        self._state_caps: dict[str, bool] | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
 
@@ -415,6 +421,20 @@ class Vcpu(FdWrapper):
                 errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=name
             )
         return KvmError(exc.errno, exc.strerror, ioctl=name)
+
+    # --- whole-vCPU state ----------------------------------------------------------------
+
+    def save_state(self) -> VcpuState:
+        """Every part of this vCPU's state (see :mod:`kvmstate.state`, which does the work)."""
+        from kvmstate import state
+
+        return state.save(self)
+
+    def restore_state(self, saved: VcpuState) -> None:
+        """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs."""
+        from kvmstate import state
+
+        state.restore(self, saved)
 
     # --- lifetime ------------------------------------------------------------------------
 

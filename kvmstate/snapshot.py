@@ -1,0 +1,379 @@
+"""Lasting formats for vCPU state: a versioned binary file, and a named dict/JSON form.
+
+Binary format, version 1.0 (all integers little-endian)::
+
+    file    = magic major minor record*
+    magic   = "KVMSTATE"                          8 bytes
+    major   = u16    1: readers refuse a larger major version
+    minor   = u16    0: additions a 1.x reader may skip (and keeps)
+    record  = taglen:u16 tag:taglen bytes length:u64 payload:length bytes
+
+A file holds one ``vcpu`` record per vCPU (one for :func:`dumps_vcpu`,
+any number for :func:`dumps_vm`) and an optional ``meta`` record (UTF-8
+JSON: writer, kernel release). A ``vcpu`` payload is itself a sequence of
+records, one per part, each payload the kernel's own bytes:
+
+=========== =====================================================
+tag         payload
+=========== =====================================================
+regs        ``struct kvm_regs``  (likewise sregs, sregs2, fpu,
+            xcrs, events, debugregs, mp_state, lapic)
+xsave       ``struct kvm_xsave`` (4096 bytes or KVM_CAP_XSAVE2's)
+cpuid       ``struct kvm_cpuid2`` with its ``nent`` entries
+msrs        ``struct kvm_msrs`` with its ``nmsrs`` entries
+tsc_khz     u32
+nested      ``struct kvm_nested_state``, exactly ``size`` bytes
+absent      UTF-8 JSON object: part -> why the kernel had none
+=========== =====================================================
+
+Tags are 1-64 characters of ``[a-z0-9_.]``. A reader keeps records it
+does not know, and bytes after a fixed-size structure that a newer kernel
+made longer, in :attr:`VcpuState.extra` and writes them back unchanged.
+Every length is checked against what is left before anything is parsed;
+malformed input raises ValueError naming the record.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from kvmstate import uapi
+from kvmstate._struct import Struct
+from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.state import PARTS, VcpuState
+
+__all__ = [
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "MAGIC",
+    "dumps_vcpu",
+    "dumps_vm",
+    "from_dict",
+    "loads_vcpu",
+    "loads_vm",
+    "to_dict",
+]
+
+MAGIC = b"KVMSTATE"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+_HEAD = struct.Struct("<8sHH")
+_TAG_RE = re.compile(rb"[a-z0-9_.]{1,64}\Z")
+# A separator that cannot be a tag: extra bytes after a known part are kept as "part/trailing".
+_TRAILING = "/trailing"
+
+_FIXED: dict[str, type[Struct]] = {
+    "regs": uapi.kvm_regs,
+    "sregs": uapi.kvm_sregs,
+    "sregs2": uapi.kvm_sregs2,
+    "fpu": uapi.kvm_fpu,
+    "xcrs": uapi.kvm_xcrs,
+    "events": uapi.kvm_vcpu_events,
+    "debugregs": uapi.kvm_debugregs,
+    "mp_state": uapi.kvm_mp_state,
+    "lapic": uapi.kvm_lapic_state,
+}
+
+
+# --- records -------------------------------------------------------------------
+
+
+def _record(tag: str, payload: bytes) -> bytes:
+    raw = tag.encode()
+    return struct.pack("<H", len(raw)) + raw + struct.pack("<Q", len(payload)) + payload
+
+
+def _records(data: memoryview, where: str) -> Iterator[tuple[str, memoryview]]:
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 2:
+            raise ValueError(f"{where}: truncated record header at byte {pos}")
+        (taglen,) = struct.unpack_from("<H", data, pos)
+        pos += 2
+        if end - pos < taglen + 8:
+            raise ValueError(f"{where}: truncated record header at byte {pos - 2}")
+        tag = bytes(data[pos : pos + taglen])
+        if not _TAG_RE.match(tag):
+            raise ValueError(f"{where}: invalid record tag {tag[:64]!r}")
+        pos += taglen
+        (length,) = struct.unpack_from("<Q", data, pos)
+        pos += 8
+        if length > end - pos:
+            raise ValueError(
+                f"{where}: record {tag.decode()!r} says {length} bytes, only {end - pos} remain"
+            )
+        yield tag.decode(), data[pos : pos + length]
+        pos += length
+
+
+# --- one vCPU ----------------------------------------------------------------------
+
+
+def _encode_vcpu(state: VcpuState) -> bytes:
+    out = []
+    for part in PARTS:
+        if getattr(state, part) is not None:
+            payload = state.part_bytes(part) + state.extra.get(part + _TRAILING, b"")
+            out.append(_record(part, payload))
+    if state.absent:
+        out.append(_record("absent", json.dumps(state.absent, sort_keys=True).encode()))
+    for tag, payload in state.extra.items():
+        if not tag.endswith(_TRAILING):
+            out.append(_record(tag, payload))
+    return b"".join(out)
+
+
+def _flex(cls: Any, payload: memoryview, part: str) -> Any:
+    head = ctypes.sizeof(cls)
+    if len(payload) < head:
+        raise ValueError(f"{part}: {len(payload)} bytes, shorter than its {head}-byte head")
+    count = int.from_bytes(payload[:4], "little")
+    item = ctypes.sizeof(cls._array_[1])
+    if len(payload) != head + count * item:
+        raise ValueError(
+            f"{part}: its count says {count} entries ({head + count * item} bytes), "
+            f"the record has {len(payload)}"
+        )
+    obj = cls.new(count)
+    ctypes.memmove(ctypes.addressof(obj), bytes(payload), len(payload))
+    return obj
+
+
+def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
+    if part in _FIXED:
+        cls = _FIXED[part]
+        size = ctypes.sizeof(cls)
+        if len(payload) < size:
+            raise ValueError(f"{part}: {len(payload)} bytes, {cls.__name__} is {size}")
+        setattr(state, part, cls.from_bytes(payload[:size]))
+        if len(payload) > size:
+            state.extra[part + _TRAILING] = bytes(payload[size:])
+    elif part == "xsave":
+        n = len(payload)
+        if n < 4096 or n % 4 or n > 1 << 20:
+            raise ValueError(f"xsave: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
+        xsave = uapi.kvm_xsave.sized(n)
+        ctypes.memmove(ctypes.addressof(xsave), bytes(payload), n)
+        state.xsave = xsave
+    elif part == "cpuid":
+        state.cpuid = _flex(uapi.kvm_cpuid2, payload, part)
+    elif part == "msrs":
+        msrs = _flex(uapi.kvm_msrs, payload, part)
+        values = {int(e.index): int(e.data) for e in msrs.items()}
+        if len(values) != len(msrs):
+            raise ValueError("msrs: an MSR index appears twice")
+        state.msrs = values
+    elif part == "tsc_khz":
+        if len(payload) != 4:
+            raise ValueError(f"tsc_khz: {len(payload)} bytes, expected 4")
+        state.tsc_khz = int.from_bytes(payload, "little")
+    elif part == "nested":
+        try:
+            state.nested = NestedState.from_bytes(payload)
+        except ValueError as exc:
+            raise ValueError(f"nested: {exc}") from None
+    elif part == "absent":
+        try:
+            absent = json.loads(bytes(payload).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise ValueError("absent: not a JSON object") from None
+        if not isinstance(absent, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+        ):
+            raise ValueError("absent: not a JSON object of strings")
+        state.absent = absent
+    else:
+        state.extra[part] = bytes(payload)
+
+
+def _decode_vcpu(payload: memoryview, where: str) -> VcpuState:
+    state = VcpuState()
+    seen: set[str] = set()
+    for tag, body in _records(payload, where):
+        if tag in seen:
+            raise ValueError(f"{where}: record {tag!r} appears twice")
+        seen.add(tag)
+        try:
+            _decode_part(state, tag, body)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return state
+
+
+def _header() -> bytes:
+    return _HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+
+
+def _meta() -> bytes:
+    meta = {
+        "writer": "kvmstate",
+        "format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",
+        "kernel": os.uname().release,
+    }
+    return _record("meta", json.dumps(meta, sort_keys=True).encode())
+
+
+def dumps_vm(states: list[VcpuState]) -> bytes:
+    """Encode several vCPUs (a VM) as one file."""
+    return _header() + _meta() + b"".join(_record("vcpu", _encode_vcpu(s)) for s in states)
+
+
+def dumps_vcpu(state: VcpuState) -> bytes:
+    """Encode one vCPU as a file."""
+    return dumps_vm([state])
+
+
+def loads_vm(data: bytes | bytearray | memoryview) -> list[VcpuState]:
+    """Decode a file written by :func:`dumps_vm` or :func:`dumps_vcpu`."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(f"expected bytes-like data, not {type(data).__name__}") from None
+    if len(view) < _HEAD.size:
+        raise ValueError(f"not a kvmstate file: {len(view)} bytes, the header alone is 12")
+    magic, major, minor = _HEAD.unpack_from(view)
+    if magic != MAGIC:
+        raise ValueError(f"not a kvmstate file (magic {bytes(magic)!r})")
+    if major != FORMAT_MAJOR:
+        raise ValueError(
+            f"kvmstate file format {major}.{minor} is not readable by this kvmstate "
+            f"(it reads {FORMAT_MAJOR}.x)"
+        )
+    states: list[VcpuState] = []
+    for tag, payload in _records(view[_HEAD.size :], "file"):
+        if tag == "vcpu":
+            states.append(_decode_vcpu(payload, f"vcpu {len(states)}"))
+    return states
+
+
+def loads_vcpu(data: bytes | bytearray | memoryview) -> VcpuState:
+    """Decode a file holding exactly one vCPU."""
+    states = loads_vm(data)
+    if len(states) != 1:
+        raise ValueError(f"the file holds {len(states)} vCPUs, not one (use loads_vm)")
+    return states[0]
+
+
+# --- named dict / JSON form ----------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _nested_dict(state: NestedState) -> dict[str, Any]:
+    h = state.header
+    out: dict[str, Any] = {
+        "flags": h.flags,
+        "format": h.format,
+        "size": h.size,
+        # The whole 120-byte union first, then the format's own header on top of it.
+        "hdr_raw": bytes(h.hdr.pad).hex(),
+    }
+    if h.format == uapi.KVM_STATE_NESTED_FORMAT_VMX:
+        out["vmx"] = _jsonable(h.hdr.vmx.to_dict())
+    elif h.format == uapi.KVM_STATE_NESTED_FORMAT_SVM:
+        out["svm"] = _jsonable(h.hdr.svm.to_dict())
+    pages = (state.size - HEADER_SIZE) // 4096
+    named = {"vmcs12": state.vmcs12, "shadow_vmcs12": state.shadow_vmcs12, "vmcb12": state.vmcb12}
+    covered = 0
+    for name, view in named.items():
+        if view is not None:
+            out[name] = _jsonable(view.to_dict())
+            covered += 1
+    rest = state.to_bytes()[HEADER_SIZE + covered * 4096 :]
+    if rest or covered != pages:
+        out["data_raw"] = rest.hex()
+    return out
+
+
+def _nested_from_dict(d: dict[str, Any]) -> NestedState:
+    header = uapi.kvm_nested_state_header()
+    header.flags, header.format, header.size = d["flags"], d["format"], d["size"]
+    ctypes.memmove(ctypes.addressof(header.hdr), bytes.fromhex(d["hdr_raw"]), 120)
+    for vendor in ("vmx", "svm"):
+        if vendor in d:
+            cls = type(getattr(header.hdr, vendor))
+            setattr(header.hdr, vendor, cls.from_dict(d[vendor]))
+    body = header.to_bytes()
+    from kvmstate.vmcb import vmcb
+    from kvmstate.vmcs12 import vmcs12
+
+    for name, cls in (("vmcs12", vmcs12), ("shadow_vmcs12", vmcs12), ("vmcb12", vmcb)):
+        if name in d:
+            body += cls.from_dict(d[name]).to_bytes()
+    body += bytes.fromhex(d.get("data_raw", ""))
+    return NestedState.from_bytes(body)
+
+
+def to_dict(state: VcpuState) -> dict[str, Any]:
+    """A JSON-ready dict with every field named; :func:`from_dict` gives the same bytes back."""
+    parts: dict[str, Any] = {}
+    for part, value in state.parts().items():
+        if part in _FIXED:
+            parts[part] = _jsonable(value.to_dict())
+        elif part == "cpuid":
+            parts[part] = [_jsonable(e.to_dict()) for e in value.items()]
+        elif part == "msrs":
+            parts[part] = {f"{i:#x}": v for i, v in sorted(value.items())}
+        elif part == "xsave":
+            parts[part] = value.to_bytes().hex()
+        elif part == "tsc_khz":
+            parts[part] = value
+        elif part == "nested":
+            parts[part] = _nested_dict(value)
+    return {
+        "kvmstate": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",
+        "parts": parts,
+        "absent": dict(state.absent),
+        "extra": {k: v.hex() for k, v in state.extra.items()},
+    }
+
+
+def from_dict(data: dict[str, Any]) -> VcpuState:
+    """Rebuild a :class:`VcpuState` from :func:`to_dict` output (ValueError/TypeError if off)."""
+    try:
+        version = str(data["kvmstate"])
+        major = int(version.split(".")[0])
+        parts = data["parts"]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ValueError("not a kvmstate dict (needs 'kvmstate' and 'parts')") from None
+    if major != FORMAT_MAJOR:
+        raise ValueError(f"kvmstate dict format {version} is not readable (reads {FORMAT_MAJOR}.x)")
+    state = VcpuState(absent=dict(data.get("absent", {})))
+    state.extra = {k: bytes.fromhex(v) for k, v in data.get("extra", {}).items()}
+    for part, value in parts.items():
+        try:
+            if part in _FIXED:
+                setattr(state, part, _FIXED[part].from_dict(value))
+            elif part == "cpuid":
+                cpuid = uapi.kvm_cpuid2.new(len(value))
+                for entry, d in zip(cpuid.items(), value, strict=True):
+                    filled = uapi.kvm_cpuid_entry2.from_dict(d)
+                    ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), 40)
+                state.cpuid = cpuid
+            elif part == "msrs":
+                state.msrs = {int(k, 16): int(v) for k, v in value.items()}
+            elif part == "xsave":
+                _decode_part(state, "xsave", memoryview(bytes.fromhex(value)))
+            elif part == "tsc_khz":
+                state.tsc_khz = int(value)
+            elif part == "nested":
+                state.nested = _nested_from_dict(value)
+            else:
+                raise ValueError("unknown part")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{part}: {exc}") from None
+    return state
