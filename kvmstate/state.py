@@ -30,14 +30,17 @@ the KVM API documentation says the state is only consistent then.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
+import fcntl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as _io
 from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
+from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
 
 if TYPE_CHECKING:
@@ -212,31 +215,81 @@ def _attempt(state: VcpuState, part: str, read: Callable[[], Any], *absent_errno
             raise StateError(part, exc) from None
 
 
+# (part, structure, GET request, SET request, errnos meaning "the kernel has none").
+_Step = tuple[str, Any, int, int, tuple[int, ...]]
+
+
+def _plan(vcpu: Vcpu) -> list[_Step]:
+    """The fixed-size parts this vCPU's KVM offers, in save order (built once per vCPU)."""
+    plan = vcpu._state_plan
+    if plan is not None:
+        return plan
+    kvm = getattr(vcpu.vm, "kvm", None)
+
+    def has(cap: int) -> bool:
+        return bool(kvm is not None and not kvm.closed and kvm.check_extension(cap))
+
+    plan = [("regs", uapi.kvm_regs, _io.KVM_GET_REGS, _io.KVM_SET_REGS, ())]
+    if has(uapi.KVM_CAP_XSAVE):
+        size = vcpu.xsave_size
+        get = _io.KVM_GET_XSAVE2 if size > 4096 else _io.KVM_GET_XSAVE
+        # The area is xsave_size bytes: what XSAVE2 writes and SET_XSAVE reads.
+        plan.append(("xsave", type(uapi.kvm_xsave.sized(size)), get, _io.KVM_SET_XSAVE, ()))
+    else:
+        plan.append(("fpu", uapi.kvm_fpu, _io.KVM_GET_FPU, _io.KVM_SET_FPU, ()))
+    if has(uapi.KVM_CAP_XCRS):
+        plan.append(("xcrs", uapi.kvm_xcrs, _io.KVM_GET_XCRS, _io.KVM_SET_XCRS, ()))
+    plan.append(("sregs", uapi.kvm_sregs, _io.KVM_GET_SREGS, _io.KVM_SET_SREGS, ()))
+    if has(uapi.KVM_CAP_SREGS2):
+        plan.append(("sregs2", uapi.kvm_sregs2, _io.KVM_GET_SREGS2, _io.KVM_SET_SREGS2, ()))
+    # Without an in-kernel irqchip there is no LAPIC to read (ENXIO / EINVAL).
+    plan.append(
+        ("lapic", uapi.kvm_lapic_state, _io.KVM_GET_LAPIC, _io.KVM_SET_LAPIC, (_ENXIO, _EINVAL))
+    )
+    plan.append(("mp_state", uapi.kvm_mp_state, _io.KVM_GET_MP_STATE, _io.KVM_SET_MP_STATE, ()))
+    plan.append(
+        ("events", uapi.kvm_vcpu_events, _io.KVM_GET_VCPU_EVENTS, _io.KVM_SET_VCPU_EVENTS, ())
+    )
+    plan.append(("debugregs", uapi.kvm_debugregs, _io.KVM_GET_DEBUGREGS, _io.KVM_SET_DEBUGREGS, ()))
+    vcpu._state_plan = plan
+    return plan
+
+
+_ENXIO, _EINVAL = errno.ENXIO, errno.EINVAL
+_NOT_THERE = {
+    "xsave": "KVM_CAP_XSAVE is 0",
+    "xcrs": "KVM_CAP_XCRS is 0",
+    "sregs2": "KVM_CAP_SREGS2 is 0",
+}
+
+
 def save(vcpu: Vcpu) -> VcpuState:
     """Read every part of ``vcpu`` (nested state last); see the module docstring."""
     state = VcpuState()
-    kvm = getattr(vcpu.vm, "kvm", None)
-    caps = _caps(vcpu)
-
+    plan = _plan(vcpu)
+    fd = vcpu.fileno()
     _attempt(state, "cpuid", vcpu.get_cpuid2, errno.EINVAL, errno.E2BIG)
-    _attempt(state, "regs", vcpu.get_regs)
-    if caps["xsave"]:
-        _attempt(state, "xsave", vcpu.get_xsave)
-    else:
-        state.absent["xsave"] = "KVM_CAP_XSAVE is 0"
-        _attempt(state, "fpu", vcpu.get_fpu)
-    if caps["xcrs"]:
-        _attempt(state, "xcrs", vcpu.get_xcrs)
-    else:
-        state.absent["xcrs"] = "KVM_CAP_XCRS is 0"
-    _attempt(state, "sregs", vcpu.get_sregs)
-    if caps["sregs2"]:
-        _attempt(state, "sregs2", vcpu.get_sregs2)
-    else:
-        state.absent["sregs2"] = "KVM_CAP_SREGS2 is 0"
+    for part, cls, get, _, absent in plan:
+        obj = cls()
+        try:
+            # Each structure is the size its GET request encodes (xsave: KVM_CAP_XSAVE2).
+            fcntl.ioctl(fd, get, obj)
+        except OSError as exc:
+            if exc.errno in absent:
+                state.absent[part] = f"{IOCTL_NAMES[get]}: {exc.strerror}"
+                continue
+            raise StateError(
+                part, KvmError(exc.errno, exc.strerror, ioctl=IOCTL_NAMES[get])
+            ) from None
+        setattr(state, part, obj)
+    done = {step[0] for step in plan}
+    for part, why in _NOT_THERE.items():
+        if part not in done:
+            state.absent[part] = why
 
     indices = vcpu._msr_indices
     if indices is None:
+        kvm = getattr(vcpu.vm, "kvm", None)
         if kvm is None or kvm.closed:
             raise ValueError("saving MSRs needs the Kvm (KVM_GET_MSR_INDEX_LIST); borrowed vCPU?")
         indices = vcpu._msr_indices = _readable_msrs(vcpu, kvm.get_msr_index_list())
@@ -245,11 +298,6 @@ def save(vcpu: Vcpu) -> VcpuState:
     except OSError as exc:
         raise StateError("msrs", exc) from None
 
-    # Without an in-kernel irqchip there is no LAPIC to read (ENXIO / EINVAL).
-    _attempt(state, "lapic", vcpu.get_lapic, errno.ENXIO, errno.EINVAL)
-    _attempt(state, "mp_state", vcpu.get_mp_state)
-    _attempt(state, "events", vcpu.get_vcpu_events)
-    _attempt(state, "debugregs", vcpu.get_debugregs)
     _attempt(state, "tsc_khz", vcpu.get_tsc_khz, errno.EIO, errno.ENOTTY, errno.EINVAL)
     if vcpu.nested_state_size == 0:
         state.absent["nested"] = "KVM_CAP_NESTED_STATE is 0"
@@ -260,6 +308,9 @@ def save(vcpu: Vcpu) -> VcpuState:
 
 def restore(vcpu: Vcpu, state: VcpuState) -> None:
     """Write ``state`` into ``vcpu`` in the order the module docstring gives."""
+    s = state
+    plan = {step[0]: step for step in _plan(vcpu)}
+    fd = vcpu.fileno()
 
     def put(part: str, write: Callable[[], object]) -> None:
         try:
@@ -267,17 +318,37 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
         except OSError as exc:
             raise StateError(part, exc) from None
 
-    s = state
+    def put_fixed(part: str) -> None:
+        obj = getattr(s, part)
+        if obj is None:
+            return
+        step = plan.get(part)
+        if step is None:
+            raise StateError(part, KvmError(errno.ENOTSUP, "this KVM cannot set it"))
+        _, cls, _, set_request, _ = step
+        # XSAVE areas come in several sizes (sized subclasses); the rest must match exactly.
+        expected = uapi.kvm_xsave if part == "xsave" else cls
+        if not isinstance(obj, expected):
+            raise TypeError(f"{part}: expected {expected.__name__}, not {type(obj).__name__}")
+        if ctypes.sizeof(obj) < ctypes.sizeof(cls):
+            raise ValueError(
+                f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(cls)}"
+            )
+        try:
+            # At least the size the kernel reads (checked just above).
+            fcntl.ioctl(fd, set_request, obj)
+        except OSError as exc:
+            name = IOCTL_NAMES[set_request]
+            raise StateError(part, KvmError(exc.errno, exc.strerror, ioctl=name)) from None
+
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
     msrs = dict(s.msrs or {})
     if MSR_IA32_FEATURE_CONTROL in msrs:
         value = msrs.pop(MSR_IA32_FEATURE_CONTROL)
         put("msrs", lambda: vcpu.set_msrs({MSR_IA32_FEATURE_CONTROL: value}))
-    if s.sregs is not None:
-        put("sregs", lambda: vcpu.set_sregs(s.sregs))  # type: ignore[arg-type]
-    if s.sregs2 is not None:
-        put("sregs2", lambda: vcpu.set_sregs2(s.sregs2))  # type: ignore[arg-type]
+    put_fixed("sregs")
+    put_fixed("sregs2")
     if s.nested is not None:
         put("nested", lambda: vcpu.set_nested_state(s.nested))
     if s.tsc_khz is not None:
@@ -287,37 +358,12 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
                 vcpu.set_tsc_khz(khz)
         except OSError as exc:
             raise StateError("tsc_khz", exc) from None
-    if s.regs is not None:
-        put("regs", lambda: vcpu.set_regs(s.regs))  # type: ignore[arg-type]
-    if s.xsave is not None:
-        put("xsave", lambda: vcpu.set_xsave(s.xsave))  # type: ignore[arg-type]
-    elif s.fpu is not None:
-        put("fpu", lambda: vcpu.set_fpu(s.fpu))  # type: ignore[arg-type]
-    if s.xcrs is not None:
-        put("xcrs", lambda: vcpu.set_xcrs(s.xcrs))  # type: ignore[arg-type]
-    if s.lapic is not None:
-        put("lapic", lambda: vcpu.set_lapic(s.lapic))  # type: ignore[arg-type]
+    put_fixed("regs")
+    put_fixed("xsave" if s.xsave is not None else "fpu")
+    put_fixed("xcrs")
+    put_fixed("lapic")
     if msrs:
         put("msrs", lambda: vcpu.set_msrs(msrs))
-    if s.events is not None:
-        put("events", lambda: vcpu.set_vcpu_events(s.events))  # type: ignore[arg-type]
-    if s.mp_state is not None:
-        put("mp_state", lambda: vcpu.set_mp_state(s.mp_state))  # type: ignore[arg-type]
-    if s.debugregs is not None:
-        put("debugregs", lambda: vcpu.set_debugregs(s.debugregs))  # type: ignore[arg-type]
-
-
-def _caps(vcpu: Vcpu) -> dict[str, bool]:
-    cached = vcpu._state_caps
-    if cached is None:
-        kvm = getattr(vcpu.vm, "kvm", None)
-
-        def has(cap: int) -> bool:
-            return bool(kvm is not None and not kvm.closed and kvm.check_extension(cap))
-
-        cached = vcpu._state_caps = {
-            "xsave": has(uapi.KVM_CAP_XSAVE),
-            "xcrs": has(uapi.KVM_CAP_XCRS),
-            "sregs2": has(uapi.KVM_CAP_SREGS2),
-        }
-    return cached
+    put_fixed("events")
+    put_fixed("mp_state")
+    put_fixed("debugregs")

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import mmap
 import os
+from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +57,10 @@ class Vcpu(FdWrapper):
         self._nested_state_size = nested_state_size
         self._nested_need: int | None = None
         self._xsave_size: int | None = None
+        self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
         self._msr_indices: list[int] | None = None
-        self._state_caps: dict[str, bool] | None = None
+        self._state_plan: list[Any] | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
 
@@ -127,30 +129,31 @@ class Vcpu(FdWrapper):
 
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
-        wanted = [_msr_index(i) for i in indices]
-        msrs = uapi.kvm_msrs.new(len(wanted))
-        for entry, index in zip(msrs.items(), wanted, strict=True):
-            entry.index = index
+        wanted = _msr_indices(indices)
+        msrs, words = _msr_buffer(wanted)
         # nmsrs == len(entries): the kernel reads and writes only those entries.
         done = self._ioctl(io.KVM_GET_MSRS, msrs)
         if done != len(wanted):
-            raise _msr_error("KVM_GET_MSRS", wanted, done)
-        return {e.index: e.data for e in list(msrs.items())}
+            raise _msr_error("KVM_GET_MSRS", wanted.tolist(), done)
+        return dict(zip(wanted.tolist(), words[1::2].tolist(), strict=True))
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS`` from ``{index: value}``.
 
         Raises :class:`KvmError` naming the first MSR the kernel refused.
         """
-        items = [(_msr_index(i), _u64(v, f"MSR {i:#x}")) for i, v in values.items()]
-        msrs = uapi.kvm_msrs.new(len(items))
-        for entry, (index, value) in zip(msrs.items(), items, strict=True):
-            entry.index = index
-            entry.data = value
+        wanted = _msr_indices(values.keys())
+        msrs, words = _msr_buffer(wanted)
+        try:
+            words[1::2] = array("Q", values.values())
+        except (OverflowError, TypeError):
+            for i, v in values.items():
+                _u64(v, f"MSR {i:#x}")  # names the offending value
+            raise
         # nmsrs == len(entries): the kernel reads only those entries.
         done = self._ioctl(io.KVM_SET_MSRS, msrs)
-        if done != len(items):
-            raise _msr_error("KVM_SET_MSRS", [i for i, _ in items], done)
+        if done != len(wanted):
+            raise _msr_error("KVM_SET_MSRS", wanted.tolist(), done)
 
     def get_sregs2(self) -> uapi.kvm_sregs2:
         """``KVM_GET_SREGS2`` (needs ``KVM_CAP_SREGS2``): sregs plus the PAE PDPTRs."""
@@ -275,12 +278,21 @@ class Vcpu(FdWrapper):
         # nent <= capacity (checked above): the kernel reads only entries that exist.
         self._ioctl(io.KVM_SET_CPUID2, cpuid)
 
-    def get_cpuid2(self, max_entries: int = 256) -> uapi.kvm_cpuid2:
-        """``KVM_GET_CPUID2``: the CPUID set on this vCPU."""
-        cpuid = uapi.kvm_cpuid2.new(max_entries)
-        # nent == the array length: the kernel writes at most that many entries.
-        self._ioctl(io.KVM_GET_CPUID2, cpuid)
-        return cpuid.trimmed()
+    def get_cpuid2(self, max_entries: int | None = None) -> uapi.kvm_cpuid2:
+        """``KVM_GET_CPUID2``: the CPUID set on this vCPU (exactly its entries)."""
+        n = max_entries or self._cpuid_entries or 256
+        while True:
+            cpuid = uapi.kvm_cpuid2.new(n)
+            try:
+                # nent == the array length: the kernel writes at most that many entries.
+                self._ioctl(io.KVM_GET_CPUID2, cpuid)
+            except KvmError as exc:
+                if exc.errno != errno.E2BIG or max_entries is not None or n >= 4096:
+                    raise
+                n = max(n * 2, 256)
+                continue
+            self._cpuid_entries = cpuid.nent
+            return cpuid if cpuid.nent == n else cpuid.trimmed()
 
     # --- running ------------------------------------------------------------------------
 
@@ -451,6 +463,25 @@ def _exact(obj: object, kind: type[Any]) -> Any:
     if type(obj) is not kind:
         raise TypeError(f"expected {kind.__name__}, not {type(obj).__name__}")
     return obj
+
+
+def _msr_indices(indices: Iterable[int]) -> array[int]:
+    """MSR indices as a u32 array; TypeError/ValueError naming a bad one."""
+    items = list(indices)
+    try:
+        return array("I", items)
+    except (OverflowError, TypeError):
+        for index in items:
+            _msr_index(index)
+        raise
+
+
+def _msr_buffer(indices: array[int]) -> tuple[uapi.kvm_msrs, memoryview]:
+    """A kvm_msrs holding ``indices``, and its entries as (index, data) u64 word pairs."""
+    msrs = uapi.kvm_msrs.new(len(indices))
+    words = memoryview(msrs).cast("B")[8:].cast("Q")  # kvm_msr_entry: u32 index, u32 pad, u64
+    words[0::2] = array("Q", indices)
+    return msrs, words
 
 
 def _msr_index(index: object) -> int:
