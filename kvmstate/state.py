@@ -188,6 +188,34 @@ def _msrs_struct(values: dict[int, int]) -> uapi.kvm_msrs:
     return msrs
 
 
+def _put_msrs(vcpu: Vcpu, values: dict[int, int]) -> None:
+    """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
+
+    KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
+    without an in-kernel LAPIC); a state saved there must still restore there.
+    """
+    items = sorted(values.items())
+    while items:
+        msrs = _msrs_struct(dict(items))
+        # nmsrs == len(entries): the kernel reads only those entries.
+        done = vcpu._ioctl(_io.KVM_SET_MSRS, msrs)
+        if done == len(items):
+            return
+        index, wanted = items[done]
+        try:
+            current = vcpu.get_msrs([index])[index]
+        except KvmError:
+            current = None
+        if current != wanted:
+            raise KvmError(
+                None,
+                f"processed {done} of {len(items)} MSRs; MSR {index:#x} was refused",
+                ioctl="KVM_SET_MSRS",
+                result=done,
+            )
+        items = items[done + 1 :]
+
+
 def _readable_msrs(vcpu: Vcpu, indices: list[int]) -> list[int]:
     """The subset of ``indices`` this vCPU can read (the kernel stops at the first it cannot)."""
     readable: list[int] = []
@@ -363,7 +391,7 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     put_fixed("xcrs")
     put_fixed("lapic")
     if msrs:
-        put("msrs", lambda: vcpu.set_msrs(msrs))
+        put("msrs", lambda: _put_msrs(vcpu, msrs))
     put_fixed("events")
     put_fixed("mp_state")
     put_fixed("debugregs")

@@ -159,3 +159,27 @@ def test_parts_are_the_kernels_bytes(machine: Callable[[], kvmstate.Vcpu]) -> No
     assert state.part_bytes("tsc_khz") == vcpu.get_tsc_khz().to_bytes(4, "little")
     msrs = uapi.kvm_msrs.new(len(state.msrs or {}))
     assert len(state.part_bytes("msrs")) == len(msrs.to_bytes())
+
+
+def test_state_without_irqchip_restores_without_irqchip(kvm: kvmstate.Kvm) -> None:
+    # KVM reads MSR_KVM_ASYNC_PF_INT there but refuses to write it without a LAPIC;
+    # an MSR that already holds the saved value must not fail the restore.
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        saved = vcpu.save_state()
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.restore_state(saved)
+        again = vcpu.save_state()
+    assert_same(saved, again)
+
+
+def test_msr_refused_with_a_different_value_is_an_error(
+    machine: Callable[[], kvmstate.Vcpu],
+) -> None:
+    vcpu = machine()
+    saved = vcpu.save_state()
+    assert saved.msrs is not None
+    saved.msrs[0xC0000080] = 1 << 63  # EFER with a reserved bit: refused
+    with pytest.raises(StateError, match="MSR 0xc0000080 was refused") as info:
+        machine().restore_state(saved)
+    assert info.value.part == "msrs"
