@@ -20,6 +20,8 @@ moves them to and from the kernel.
 from __future__ import annotations
 
 import ctypes
+import functools
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,22 +83,32 @@ class NestedState:
     not have them or ``size``/the buffer does not cover them.
     """
 
-    __slots__ = ("_capacity", "_header", "_storage")
+    __slots__ = ("_capacity", "_hdr_view", "_storage")
 
     _storage: ctypes.Array[Any]
-    _header: uapi.kvm_nested_state_header
+    _hdr_view: uapi.kvm_nested_state_header | None
     _capacity: int
 
     def __init__(self, capacity: int = VMX_MAX_SIZE) -> None:
         capacity = _check_capacity(capacity)
         # Whole 64-bit words: ctypes allocates them 8-byte (in practice 16-byte) aligned.
-        storage = (ctypes.c_uint64 * ((capacity + 7) // 8))()
-        self._bind(storage)
+        words = (capacity + 7) // 8
+        self._storage = _words(words)()
+        self._capacity = words * 8
+        self._hdr_view = None
 
     def _bind(self, storage: ctypes.Array[Any]) -> None:
         self._storage = storage
         self._capacity = ctypes.sizeof(storage)
-        self._header = uapi.kvm_nested_state_header.from_buffer(storage)
+        self._hdr_view = None
+
+    @property
+    def _header(self) -> uapi.kvm_nested_state_header:
+        # Made on first use: a get that only fills the buffer never needs it.
+        view = self._hdr_view
+        if view is None:
+            view = self._hdr_view = uapi.kvm_nested_state_header.from_buffer(self._storage)
+        return view
 
     # --- construction --------------------------------------------------------
 
@@ -386,17 +398,28 @@ def check_for_set(state: NestedState) -> None:
     reads up to ``size`` bytes), only known flags, RUN_PENDING only with
     GUEST_MODE, a known format. Everything else is the kernel's to judge.
     """
-    h = state.header
-    if h.size < HEADER_SIZE:
-        raise ValueError(f"size {h.size} is below the {HEADER_SIZE}-byte header")
-    if h.size > state.capacity:
-        raise ValueError(f"size {h.size} is larger than the {state.capacity}-byte buffer")
-    if h.flags & ~KNOWN_FLAGS:
+    flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
+    if size < HEADER_SIZE:
+        raise ValueError(f"size {size} is below the {HEADER_SIZE}-byte header")
+    if size > state._capacity:
+        raise ValueError(f"size {size} is larger than the {state._capacity}-byte buffer")
+    if flags & ~KNOWN_FLAGS:
         raise ValueError(
-            f"flags {h.flags:#x} has unknown bits {h.flags & ~KNOWN_FLAGS:#x} "
+            f"flags {flags:#x} has unknown bits {flags & ~KNOWN_FLAGS:#x} "
             f"(known: {NestedFlag(KNOWN_FLAGS)!r})"
         )
-    if h.flags & NestedFlag.RUN_PENDING and not h.flags & NestedFlag.GUEST_MODE:
+    if flags & _RUN_PENDING and not flags & _GUEST_MODE:
         raise ValueError("flags has RUN_PENDING without GUEST_MODE (a pending VM-entry needs L2)")
-    if h.format not in _KNOWN_FORMATS:
-        raise ValueError(f"unknown format {h.format} (known: 0 = VMX, 1 = SVM)")
+    if fmt not in _KNOWN_FORMATS:
+        raise ValueError(f"unknown format {fmt} (known: 0 = VMX, 1 = SVM)")
+
+
+# flags, format and size: the first 8 bytes of struct kvm_nested_state.
+_FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
+_RUN_PENDING = int(NestedFlag.RUN_PENDING)
+_GUEST_MODE = int(NestedFlag.GUEST_MODE)
+
+
+@functools.lru_cache(maxsize=16)
+def _words(n: int) -> type[ctypes.Array[ctypes.c_uint64]]:
+    return ctypes.c_uint64 * n

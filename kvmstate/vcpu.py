@@ -14,6 +14,7 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Vcpu"]
 
 _GET_NESTED = io.KVM_GET_NESTED_STATE
+_SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
 
 
@@ -382,7 +384,7 @@ class Vcpu(FdWrapper):
             if out is not None:
                 raise
             # A buffer made here: regrow it once to what the kernel asked for.
-            state = NestedState(state._header.size)
+            state = NestedState(state.size)
             self._get_nested(state)
         return state
 
@@ -393,13 +395,15 @@ class Vcpu(FdWrapper):
         capacity = state._capacity
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
-        state._header.size = capacity
+        storage = state._storage
+        _SIZE.pack_into(storage, 4, capacity)
         try:
-            fcntl.ioctl(fd, _GET_NESTED, state._storage)
+            fcntl.ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
-            if exc.errno == errno.E2BIG and state._header.size > capacity:
+            wanted = state.size
+            if exc.errno == errno.E2BIG and wanted > capacity:
                 raise NestedStateTooLargeError(
-                    state._header.size, capacity, ioctl="KVM_GET_NESTED_STATE"
+                    wanted, capacity, ioctl="KVM_GET_NESTED_STATE"
                 ) from None
             raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
 
