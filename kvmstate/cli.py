@@ -1,8 +1,9 @@
 """The ``kvmstate`` command (also ``python -m kvmstate``).
 
-Commands: ``info`` (what this machine's KVM offers for nested state) and
-``decode FILE`` (a saved nested-state blob by field names). Bad input is
-one ``kvmstate: error: ...`` line and exit status 2, never a traceback.
+Commands: ``info`` (what this machine's KVM offers for nested state),
+``decode FILE`` (a saved nested-state blob by field names), ``check FILE``
+(which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``. Bad input
+is one ``kvmstate: error: ...`` line and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmstate import __version__, describe
+from kvmstate import check as checks
+from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
-from kvmstate.nested import NestedState
+from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.system import Kvm
 
 __all__ = ["main"]
@@ -91,7 +94,7 @@ def _print_info(data: dict[str, Any]) -> None:
         print(f"nested state unavailable: {data['missing']}")
 
 
-def _load_blob(path: str) -> NestedState:
+def _read_blob(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BLOB + 1)
@@ -99,6 +102,11 @@ def _load_blob(path: str) -> NestedState:
         raise CliError(f"{path}: {exc.strerror or exc}") from None
     if len(data) > MAX_BLOB:
         raise CliError(f"{path}: larger than {MAX_BLOB} bytes, not a nested state")
+    return data
+
+
+def _load_blob(path: str) -> NestedState:
+    data = _read_blob(path)
     try:
         return NestedState.from_bytes(data)
     except ValueError as exc:
@@ -125,6 +133,69 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _facts(args: argparse.Namespace) -> checks.Facts:
+    pairs: list[tuple[str, str]] = []
+    for item in args.fact:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--fact {item!r}: expected NAME=VALUE")
+        pairs.append((name.strip(), value))
+    given = {name for name, _ in pairs}
+    vendor = "svm" if args.svm else "vmx" if args.vmx else None
+    if vendor:
+        # --svm/--vmx: a vCPU of that vendor with the feature in its CPUID.
+        pairs += [(n, v) for n, v in (("vendor", vendor), (f"has_{vendor}", "1")) if n not in given]
+    try:
+        return checks.Facts.from_strings(pairs)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    data = _read_blob(args.file)
+    if len(data) < HEADER_SIZE:
+        raise CliError(
+            f"{args.file}: truncated nested state: {len(data)} bytes, "
+            f"the header alone is {HEADER_SIZE}"
+        )
+    facts = _facts(args)
+    problems = checks.check(data, facts)
+    refused = any(p.certain for p in problems)
+    if args.json:
+        report = {
+            "file": args.file,
+            "refused": refused,
+            "facts": {k: _json_fact(v) for k, v in facts.known().items()},
+            "problems": [p.to_dict() for p in problems],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.file}: {checks.format_problems(problems)}")
+    return 1 if refused or (args.strict and problems) else 0
+
+
+def _json_fact(value: Any) -> Any:
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "items"):
+        return {hex(k): v for k, v in value.items()}
+    return value
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    found = diffs.diff(_load_blob(args.a), _load_blob(args.b))
+    if args.json:
+        print(json.dumps({"equal": not found, "differences": found.to_list()}, indent=2))
+    elif found:
+        for difference in found:
+            print(difference)
+    else:
+        print("equal")
+    return 1 if found else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmstate",
@@ -143,6 +214,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include reserved and padding fields")
     p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser(
+        "check",
+        help="which rules of KVM_SET_NESTED_STATE a saved state breaks",
+        description="Exit status: 0 no rule surely broken, 1 the kernel would refuse the "
+        "state (with --strict: or may refuse it), 2 the file cannot be read.",
+    )
+    p.add_argument("file", help="the blob, in the kernel's format (exactly `size` bytes)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    vendor = p.add_mutually_exclusive_group()
+    vendor.add_argument("--svm", action="store_true", help="the target is a kvm_amd vCPU with SVM")
+    vendor.add_argument(
+        "--vmx", action="store_true", help="the target is a kvm_intel vCPU with VMX"
+    )
+    p.add_argument(
+        "--fact",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="what is known of the target vCPU, e.g. maxphyaddr=48, efer=0x1000, in_smm=0, "
+        "kernel_version=6.1.0, cpu_features=svm,lm,nx (repeatable)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="also fail on problems that depend on unknown facts"
+    )
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("diff", help="the fields that differ between two saved states")
+    p.add_argument("a", help="the first blob")
+    p.add_argument("b", help="the second blob")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_diff)
     return parser
 
 

@@ -1,0 +1,970 @@
+"""kvmstate.check: each rule of KVM_SET_NESTED_STATE, offline and against a real kernel.
+
+Offline, every rule is broken by a state that breaks that rule alone, next to
+valid baselines (VMX root, VMX with a current VMCS, VMX guest mode, SVM
+GIF-only, SVM guest mode) that pass with no problem. The tests marked
+``svm_guest`` run inside the emulated AMD guest (tests/guest/run) and check
+that the kernel refuses a state exactly when check() finds a certain problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvmstate
+from kvmstate import check as checks
+from kvmstate import ioctls, uapi
+from kvmstate import vmcb as svm
+from kvmstate import vmcs12 as vmx
+from kvmstate.check import Facts, Problem, check, explain, format_problems
+from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.uapi import NestedFlag, NestedFormat
+
+GM, RP, GIF = NestedFlag.GUEST_MODE, NestedFlag.RUN_PENDING, NestedFlag.GIF_SET
+INVALID = (1 << 64) - 1
+VMCB_PA, IOPM_PA, MSRPM_PA = 0x10000, 0x20000, 0x30000
+VMXON_PA, VMCS12_PA = 0x3000, 0x4000
+
+# --- baselines ------------------------------------------------------------------------
+
+
+def svm_gif() -> NestedState:
+    """What a fresh AMD vCPU answers: GIF set, no guest mode, header only."""
+    state = NestedState(128)
+    state.format = NestedFormat.SVM
+    state.size = 128
+    state.flags = GIF
+    return state
+
+
+def svm_guest() -> NestedState:
+    """The guest-mode state of /work/shared/notes/svm-guest.md, accepted by a real 6.1."""
+    state = NestedState(SVM_MAX_SIZE)
+    state.format = NestedFormat.SVM
+    state.size = SVM_MAX_SIZE
+    state.flags = GM | GIF
+    state.svm.vmcb_pa = VMCB_PA
+    assert state.vmcb12 is not None
+    control = state.vmcb12.control
+    control.set_intercept(svm.INTERCEPT_VMRUN)
+    control.asid = 1
+    control.iopm_base_pa = IOPM_PA
+    control.msrpm_base_pa = MSRPM_PA
+    save = state.vmcb12.save
+    save.efer = svm.EFER_SVME
+    save.cr0 = svm.X86_CR0_PG | svm.X86_CR0_PE
+    save.dr6 = 0xFFFF0FF0
+    save.dr7 = 0x400
+    save.rflags = 2
+    return state
+
+
+def vmx_root() -> NestedState:
+    """VMXON without a current VMCS: header only."""
+    state = NestedState(VMX_MAX_SIZE)
+    state.format = NestedFormat.VMX
+    state.size = 128
+    state.vmx.vmxon_pa = VMXON_PA
+    state.vmx.vmcs12_pa = INVALID
+    return state
+
+
+def vmx_vmcs() -> NestedState:
+    """VMXON with a current VMCS (after VMPTRLD), L1 running."""
+    state = vmx_root()
+    state.size = 128 + 4096
+    state.vmx.vmcs12_pa = VMCS12_PA
+    assert state.vmcs12 is not None
+    state.vmcs12.hdr.revision_id = vmx.VMCS12_REVISION
+    return state
+
+
+# A 32-bit paged L1 (PE|ET|NE|PG, CR4 PSE|VMXE) like /work/shared/notes/vmx-guest/guest.asm.
+L1_CR0, L1_CR4, L1_CR3 = 0x80000031, 0x2010, 0x2000
+
+
+def vmx_guest() -> NestedState:
+    """L2 running: a vmcs12 built from the TRUE controls' allowed-0 bits, as that L1 does."""
+    state = vmx_vmcs()
+    state.flags = GM
+    v = state.vmcs12
+    assert v is not None
+    v.launch_state = 1
+    v.pin_based_vm_exec_control = vmx.PIN_BASED_ALWAYSON_WITHOUT_TRUE_MSR
+    v.cpu_based_vm_exec_control = 0x04006172
+    v.vm_exit_controls = 0x36DFB
+    v.vm_entry_controls = 0x11FB
+    v.host_cr0 = v.guest_cr0 = L1_CR0
+    v.host_cr4 = v.guest_cr4 = L1_CR4
+    v.host_cr3 = v.guest_cr3 = L1_CR3
+    v.host_cs_selector = v.guest_cs_selector = 0x08
+    for seg in ("ss", "ds", "es", "fs", "gs"):
+        setattr(v, f"host_{seg}_selector", 0x10)
+        setattr(v, f"guest_{seg}_selector", 0x10)
+    v.host_tr_selector = v.guest_tr_selector = 0x18
+    v.host_rsp, v.host_rip = 0x8000, 0x1100
+    v.guest_rsp, v.guest_rip, v.guest_rflags = 0x7000, 0x1080, 2
+    v.guest_dr7 = 0x400
+    v.vmcs_link_pointer = INVALID
+    return state
+
+
+def _msr(low: int, high: int) -> int:
+    return high << 32 | low
+
+
+# What a kvm_intel with EPT, VPID, unrestricted guest and APICv reports to L1.
+VMX_MSRS = {
+    0x485: 0,
+    0x486: 0x80000021,
+    0x487: 0xFFFFFFFF,
+    0x488: 0x2000,
+    0x489: 0x3727FF,
+    0x48B: _msr(0, 0x613FBFF),
+    0x48C: (1 << 6) | (1 << 14) | (1 << 21),
+    0x48D: _msr(0x16, 0xFF),
+    0x48E: _msr(0x04006172, 0xFFF9FFFE),
+    0x48F: _msr(0x36DFB, 0xFFFFFF),
+    0x490: _msr(0x11FB, 0x1F3FF),
+    0x491: 1,
+}
+VMX_FACTS = Facts(
+    vendor="vmx",
+    has_vmx=True,
+    has_svm=False,
+    cpu_features=frozenset({"vmx", "vme", "de", "pse", "tsc", "pae", "mce", "pge", "fxsr",
+                            "xmm", "lm", "nx", "pcid", "xsave", "fsgsbase", "smep", "smap"}),
+    maxphyaddr=46,
+    efer=0,
+    cr0=L1_CR0,
+    cr3=L1_CR3,
+    cr4=L1_CR4,
+    in_smm=False,
+    evmcs_enabled=False,
+    la57=False,
+    kernel_version=(6, 12, 0),
+    nested_state_cap=VMX_MAX_SIZE,
+    vmx_msrs=VMX_MSRS,
+)  # fmt: skip
+# What the emulated AMD guest's vCPU reports (Facts.from_vcpu there, 6.1).
+SVM_FACTS = Facts(
+    vendor="svm",
+    has_vmx=False,
+    has_svm=True,
+    cpu_features=frozenset({"svm", "de", "pse", "tsc", "pae", "mce", "pge", "fxsr", "xmm",
+                            "lm", "nx", "xsave", "fsgsbase", "smep", "smap", "pku", "umip"}),
+    maxphyaddr=40,
+    efer=svm.EFER_SVME,
+    cr0=0x60000010,
+    cr3=0,
+    cr4=0,
+    in_smm=False,
+    npt_enabled=True,
+    la57=False,
+    kernel_version=(6, 1, 0),
+    nested_state_cap=SVM_MAX_SIZE,
+)  # fmt: skip
+
+BASELINES: dict[str, tuple[Callable[[], NestedState], Facts]] = {
+    "svm_gif": (svm_gif, SVM_FACTS),
+    "svm_guest": (svm_guest, SVM_FACTS),
+    "vmx_root": (vmx_root, VMX_FACTS),
+    "vmx_vmcs": (vmx_vmcs, VMX_FACTS),
+    "vmx_guest": (vmx_guest, VMX_FACTS),
+}
+
+
+def certain(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if p.certain]
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_passes_with_facts(name: str) -> None:
+    make, facts = BASELINES[name]
+    assert check(make(), facts) == []
+    assert check(make().to_bytes(), facts) == []  # the saved bytes too
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_without_facts_has_only_undecided_problems(name: str) -> None:
+    make, _ = BASELINES[name]
+    problems = check(make())
+    assert certain(problems) == []
+    assert all(p.needs for p in problems)
+
+
+def test_vmx_guest_without_msrs_is_decided_by_kvm_defaults() -> None:
+    """The allowed-0 settings are what every KVM offers: no MSR needed to pass them."""
+    facts = dataclasses.replace(VMX_FACTS, vmx_msrs=None)
+    assert check(vmx_guest(), facts) == []
+
+
+# --- one case per rule -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A baseline, a change that breaks one rule, and the problem expected."""
+
+    id: str
+    base: str
+    change: Callable[[NestedState], Any]
+    rule_id: str
+    field: str
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    words: str = ""  # a piece of the rule's sentence
+
+
+def _set(path: str, value: int) -> Callable[[NestedState], None]:
+    def change(state: NestedState) -> None:
+        *parents, last = path.split(".")
+        obj: Any = state
+        for name in parents:
+            obj = getattr(obj, name)
+        setattr(obj, last, value)
+
+    return change
+
+
+def _or(path: str, bits: int) -> Callable[[NestedState], None]:
+    def change(state: NestedState) -> None:
+        *parents, last = path.split(".")
+        obj: Any = state
+        for name in parents:
+            obj = getattr(obj, name)
+        setattr(obj, last, getattr(obj, last) | bits)
+
+    return change
+
+
+def _all(*changes: Callable[[NestedState], Any]) -> Callable[[NestedState], None]:
+    def change(state: NestedState) -> None:
+        for c in changes:
+            c(state)
+
+    return change
+
+
+def _secondary(bits: int) -> Callable[[NestedState], None]:
+    return _all(
+        _or("vmcs12.cpu_based_vm_exec_control", vmx.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS),
+        _or("vmcs12.secondary_vm_exec_control", bits),
+    )
+
+
+def _clear_vmrun(state: NestedState) -> None:
+    assert state.vmcb12 is not None
+    state.vmcb12.control.clr_intercept(svm.INTERCEPT_VMRUN)
+
+
+_EPT = _all(
+    _secondary(vmx.SECONDARY_EXEC_ENABLE_EPT), _set("vmcs12.ept_pointer", 0x5000 | 0x18 | 6)
+)
+_SHADOW = _all(
+    _secondary(vmx.SECONDARY_EXEC_SHADOW_VMCS),
+    _set("vmcs12.vmread_bitmap", 0x6000),
+    _set("vmcs12.vmwrite_bitmap", 0x7000),
+    _set("vmcs12.vmcs_link_pointer", 0x8000),
+)
+
+CASES = [
+    # x86.c and the format
+    Case("size-below-header", "svm_gif", _set("size", 64), "size_covers_header", "size"),
+    Case("size-beyond-buffer", "svm_gif", _set("size", 4224), "size_within_data", "size"),
+    Case("unknown-flag", "svm_gif", _set("flags", GIF | 0x200), "flags_known", "flags"),
+    Case("run-pending-alone", "svm_gif", _set("flags", GIF | RP),
+         "run_pending_needs_guest_mode", "flags"),
+    Case("no-nested-kvm", "svm_gif", lambda s: None, "kvm_has_nested_state", "kvm",
+         {"nested_state_cap": 0}),
+    Case("unknown-format", "svm_gif", _set("format", 2), "format_known", "format"),
+    Case("vmx-on-amd", "vmx_root", lambda s: None, "format_matches_vendor", "format",
+         {"vendor": "svm"}),
+    Case("svm-on-intel", "svm_gif", lambda s: None, "format_matches_vendor", "format",
+         {"vendor": "vmx"}),
+    # VMX: vmx_set_nested_state
+    Case("vmxoff-with-vmcs12", "vmx_root",
+         _all(_set("vmx.vmxon_pa", INVALID), _set("vmx.vmcs12_pa", VMCS12_PA)),
+         "vmx_no_vmxon_means_empty", "hdr.vmx.vmcs12_pa"),
+    Case("vmxoff-guest-mode", "vmx_root",
+         _all(_set("vmx.vmxon_pa", INVALID), _set("flags", GM)),
+         "vmx_no_vmxon_means_empty", "flags"),
+    Case("vmxoff-smm", "vmx_root",
+         _all(_set("vmx.vmxon_pa", INVALID), _set("vmx.smm.flags", 2)),
+         "vmx_no_vmxon_means_empty", "hdr.vmx.smm.flags", {"in_smm": True}),
+    Case("vmxon-without-cpuid-vmx", "vmx_root", lambda s: None, "vmx_needs_cpuid_vmx",
+         "hdr.vmx.vmxon_pa", {"has_vmx": False}),
+    Case("vmxon-unaligned", "vmx_root", _set("vmx.vmxon_pa", 0x3008), "vmx_vmxon_pa_valid",
+         "hdr.vmx.vmxon_pa"),
+    Case("vmxon-beyond-maxphyaddr", "vmx_root", _set("vmx.vmxon_pa", 1 << 46),
+         "vmx_vmxon_pa_valid", "hdr.vmx.vmxon_pa"),
+    Case("smm-unknown-bits", "vmx_root", _set("vmx.smm.flags", 2 | 4), "vmx_smm_flags",
+         "hdr.vmx.smm.flags", {"in_smm": True}),
+    Case("smm-guest-without-vmxon", "vmx_root", _set("vmx.smm.flags", 1), "vmx_smm_flags",
+         "hdr.vmx.smm.flags", {"in_smm": True}),
+    Case("vmx-header-flags", "vmx_root", _set("vmx.flags", 2), "vmx_header_flags",
+         "hdr.vmx.flags"),
+    Case("smm-flags-outside-smm", "vmx_root", _set("vmx.smm.flags", 2),
+         "vmx_smm_matches_vcpu", "hdr.vmx.smm.flags"),
+    Case("guest-mode-in-smm", "vmx_guest", lambda s: None, "vmx_smm_matches_vcpu", "flags",
+         {"in_smm": True}),
+    Case("evmcs-not-enabled", "vmx_root",
+         _all(_set("vmx.vmxon_pa", INVALID), _set("flags", NestedFlag.EVMCS)),
+         "vmx_evmcs_enabled", "flags"),
+    Case("vmxon-only-with-vmcs12-pa", "vmx_root", _set("vmx.vmcs12_pa", VMCS12_PA),
+         "vmx_without_vmcs12", "hdr.vmx.vmcs12_pa"),
+    Case("vmxon-only-guest-mode", "vmx_root", _set("flags", GM), "vmx_without_vmcs12",
+         "flags", words="no GUEST_MODE"),
+    Case("vmcs12-pa-is-vmxon", "vmx_vmcs", _set("vmx.vmcs12_pa", VMXON_PA), "vmx_vmcs12_pa",
+         "hdr.vmx.vmcs12_pa"),
+    Case("vmcs12-page-without-pa", "vmx_vmcs", _set("vmx.vmcs12_pa", INVALID),
+         "vmx_vmcs12_pa", "hdr.vmx.vmcs12_pa"),
+    Case("vmcs12-pa-unaligned", "vmx_vmcs", _set("vmx.vmcs12_pa", 0x4010), "vmx_vmcs12_pa",
+         "hdr.vmx.vmcs12_pa"),
+    Case("vmcs12-revision", "vmx_vmcs", _set("vmcs12.hdr.revision_id", 1),
+         "vmx_vmcs12_revision", "vmcs12.hdr.revision_id"),
+    Case("short-state-counts-struct-vmcs12", "vmx_vmcs",
+         _all(_set("vmcs12.hdr.revision_id", 1), _set("size", 1126)),
+         "vmx_vmcs12_revision", "vmcs12.hdr.revision_id"),
+    Case("shadow-vmcs-without-shadow-page", "vmx_guest", _SHADOW, "vmx_shadow_vmcs12", "size"),
+    Case("shadow-vmcs12-revision", "vmx_guest", _all(_SHADOW, _set("size", VMX_MAX_SIZE)),
+         "vmx_shadow_vmcs12", "shadow_vmcs12.hdr.revision_id"),
+    # VMX: nested_vmx_check_controls
+    Case("pin-allowed0", "vmx_guest", _set("vmcs12.pin_based_vm_exec_control", 0),
+         "vmx_control_fields", "vmcs12.pin_based_vm_exec_control", words="must be 1"),
+    Case("tertiary-never-offered", "vmx_guest",
+         _or("vmcs12.cpu_based_vm_exec_control", vmx.CPU_BASED_ACTIVATE_TERTIARY_CONTROLS),
+         "vmx_control_fields", "vmcs12.cpu_based_vm_exec_control", {"vmx_msrs": None},
+         "never offered"),
+    Case("entry-not-in-msr", "vmx_guest", _or("vmcs12.vm_entry_controls", 1 << 17),
+         "vmx_control_fields", "vmcs12.vm_entry_controls", words="not allowed by"),
+    Case("cr3-targets", "vmx_guest", _set("vmcs12.cr3_target_count", 1), "vmx_cr3_targets",
+         "vmcs12.cr3_target_count"),
+    Case("io-bitmap-unaligned", "vmx_guest",
+         _all(_or("vmcs12.cpu_based_vm_exec_control", vmx.CPU_BASED_USE_IO_BITMAPS),
+              _set("vmcs12.io_bitmap_a", 0x9800), _set("vmcs12.io_bitmap_b", 0xA000)),
+         "vmx_bitmap_pages", "vmcs12.io_bitmap_a"),
+    Case("x2apic-and-apic-access", "vmx_guest",
+         _all(_secondary(vmx.SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE
+                         | vmx.SECONDARY_EXEC_VIRTUALIZE_APIC_ACCESSES),
+              _or("vmcs12.cpu_based_vm_exec_control", vmx.CPU_BASED_TPR_SHADOW),
+              _set("vmcs12.virtual_apic_page_addr", 0xB000),
+              _set("vmcs12.apic_access_addr", 0xC000)),
+         "vmx_apicv", "vmcs12.secondary_vm_exec_control"),
+    Case("virtual-nmis-without-nmi-exiting", "vmx_guest",
+         _or("vmcs12.pin_based_vm_exec_control", vmx.PIN_BASED_VIRTUAL_NMIS),
+         "vmx_nmi_controls", "vmcs12.pin_based_vm_exec_control"),
+    Case("unrestricted-without-ept", "vmx_guest",
+         _secondary(vmx.SECONDARY_EXEC_UNRESTRICTED_GUEST), "vmx_ept_dependents",
+         "vmcs12.secondary_vm_exec_control"),
+    Case("vpid-zero", "vmx_guest", _secondary(vmx.SECONDARY_EXEC_ENABLE_VPID),
+         "vmx_vpid_and_timer", "vmcs12.virtual_processor_id"),
+    Case("save-timer-without-timer", "vmx_guest",
+         _or("vmcs12.vm_exit_controls", vmx.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER),
+         "vmx_vpid_and_timer", "vmcs12.vm_exit_controls"),
+    Case("eptp-uncached", "vmx_guest", _all(_EPT, _set("vmcs12.ept_pointer", 0x5000 | 0x18)),
+         "vmx_eptp", "vmcs12.ept_pointer", words="memory type"),
+    Case("eptp-reserved", "vmx_guest", _all(_EPT, _or("vmcs12.ept_pointer", 1 << 8)),
+         "vmx_eptp", "vmcs12.ept_pointer", words="11:7"),
+    Case("vmfunc-unknown", "vmx_guest",
+         _all(_secondary(vmx.SECONDARY_EXEC_ENABLE_VMFUNC), _set("vmcs12.vm_function_control", 2)),
+         "vmx_vmfunc", "vmcs12.vm_function_control"),
+    Case("msr-load-unaligned", "vmx_guest",
+         _all(_set("vmcs12.vm_exit_msr_load_count", 1), _set("vmcs12.vm_exit_msr_load_addr", 8)),
+         "vmx_msr_switch_areas", "vmcs12.vm_exit_msr_load_addr"),
+    Case("event-type-reserved", "vmx_guest",
+         _set("vmcs12.vm_entry_intr_info_field", 1 << 31 | 1 << 8), "vmx_entry_event",
+         "vmcs12.vm_entry_intr_info_field", words="reserved"),
+    Case("event-gp-without-error-code", "vmx_guest",
+         _set("vmcs12.vm_entry_intr_info_field", 1 << 31 | 3 << 8 | 13), "vmx_entry_event",
+         "vmcs12.vm_entry_intr_info_field", words="error-code"),
+    Case("event-soft-int-zero-length", "vmx_guest",
+         _set("vmcs12.vm_entry_intr_info_field", 1 << 31 | 4 << 8 | 0x80), "vmx_entry_event",
+         "vmcs12.vm_entry_instruction_len"),
+    # VMX: host and guest state
+    Case("host-cr0-without-ne", "vmx_guest", _set("vmcs12.host_cr0", L1_CR0 & ~0x20),
+         "vmx_host_state", "vmcs12.host_cr0"),
+    Case("host-cr4-without-vmxe", "vmx_guest", _set("vmcs12.host_cr4", 0x10),
+         "vmx_host_state", "vmcs12.host_cr4"),
+    Case("host-tr-zero", "vmx_guest", _set("vmcs12.host_tr_selector", 0), "vmx_host_state",
+         "vmcs12.host_tr_selector"),
+    Case("host-selector-rpl", "vmx_guest", _set("vmcs12.host_ds_selector", 0x13),
+         "vmx_host_state", "vmcs12.host_ds_selector"),
+    Case("host-rip-64-bit-on-32-bit-host", "vmx_guest", _set("vmcs12.host_rip", 1 << 32),
+         "vmx_host_state", "vmcs12.host_rip"),
+    Case("host-pat", "vmx_guest",
+         _all(_or("vmcs12.vm_exit_controls", vmx.VM_EXIT_LOAD_IA32_PAT),
+              _set("vmcs12.host_ia32_pat", 0x0007040600070402)),
+         "vmx_host_state", "vmcs12.host_ia32_pat"),
+    Case("guest-activity-shutdown", "vmx_guest", _set("vmcs12.guest_activity_state", 2),
+         "vmx_guest_state", "vmcs12.guest_activity_state"),
+    Case("guest-pg-without-pe", "vmx_guest",
+         _all(_secondary(vmx.SECONDARY_EXEC_UNRESTRICTED_GUEST | vmx.SECONDARY_EXEC_ENABLE_EPT),
+              _set("vmcs12.ept_pointer", 0x5000 | 0x18 | 6),
+              _set("vmcs12.guest_cr0", L1_CR0 & ~1)),
+         "vmx_guest_state", "vmcs12.guest_cr0", words="PG needs"),
+    Case("guest-cr4-without-vmxe", "vmx_guest", _set("vmcs12.guest_cr4", 0x10),
+         "vmx_guest_state", "vmcs12.guest_cr4"),
+    Case("guest-dr7-high", "vmx_guest",
+         _all(_or("vmcs12.vm_entry_controls", vmx.VM_ENTRY_LOAD_DEBUG_CONTROLS),
+              _set("vmcs12.guest_dr7", 1 << 40)),
+         "vmx_guest_state", "vmcs12.guest_dr7"),
+    Case("guest-efer-lma-mismatch", "vmx_guest",
+         _all(_set("flags", GM | RP), _or("vmcs12.vm_entry_controls", vmx.VM_ENTRY_LOAD_IA32_EFER),
+              _set("vmcs12.guest_ia32_efer", svm.EFER_LMA | svm.EFER_LME)),
+         "vmx_guest_state", "vmcs12.guest_ia32_efer"),
+    Case("guest-cr3-beyond-maxphyaddr", "vmx_guest", _set("vmcs12.guest_cr3", 1 << 50),
+         "vmx_guest_cr3", "vmcs12.guest_cr3"),
+    # SVM: svm_set_nested_state
+    Case("svm-evmcs", "svm_gif", _set("flags", GIF | NestedFlag.EVMCS), "svm_flags", "flags"),
+    Case("svm-mtf", "svm_guest", _or("flags", NestedFlag.MTF_PENDING), "svm_flags", "flags"),
+    Case("guest-mode-without-svme", "svm_guest", lambda s: None, "svm_svme_clear", "flags",
+         {"efer": 0}),
+    Case("gif-clear-without-svme-6.1", "svm_gif", _set("flags", 0), "svm_svme_clear", "flags",
+         {"efer": 0}),
+    Case("svm-guest-mode-in-smm", "svm_guest", lambda s: None, "svm_not_in_smm", "flags",
+         {"in_smm": True}),
+    Case("vmcb-pa-unaligned", "svm_guest", _set("svm.vmcb_pa", VMCB_PA + 8), "svm_vmcb_pa",
+         "hdr.svm.vmcb_pa"),
+    Case("vmcb-pa-invalid", "svm_guest", _set("svm.vmcb_pa", INVALID), "svm_vmcb_pa",
+         "hdr.svm.vmcb_pa"),
+    Case("vmcb-pa-beyond-maxphyaddr", "svm_guest", _set("svm.vmcb_pa", 1 << 40), "svm_vmcb_pa",
+         "hdr.svm.vmcb_pa"),
+    Case("guest-mode-header-only", "svm_gif", _set("flags", GM | GIF), "svm_size", "size"),
+    Case("guest-mode-short", "svm_guest", _set("size", 2112), "svm_size", "size"),
+    Case("no-vmrun-intercept", "svm_guest", _clear_vmrun, "svm_controls",
+         "vmcb12.control.intercepts[4]"),
+    Case("asid-zero", "svm_guest", _set("vmcb12.control.asid", 0), "svm_controls",
+         "vmcb12.control.asid"),
+    Case("np-without-npt", "svm_guest", _set("vmcb12.control.nested_ctl", 1), "svm_controls",
+         "vmcb12.control.nested_ctl", {"npt_enabled": False}),
+    Case("nested-cr3-beyond-maxphyaddr", "svm_guest",
+         _all(_set("vmcb12.control.nested_ctl", 1), _set("vmcb12.control.nested_cr3", 1 << 51)),
+         "svm_controls", "vmcb12.control.nested_cr3"),
+    Case("msrpm-past-maxphyaddr", "svm_guest",
+         _set("vmcb12.control.msrpm_base_pa", (1 << 40) - 0x1000), "svm_controls",
+         "vmcb12.control.msrpm_base_pa"),
+    Case("iopm-past-maxphyaddr", "svm_guest",
+         _set("vmcb12.control.iopm_base_pa", (1 << 40) - 0x2000), "svm_controls",
+         "vmcb12.control.iopm_base_pa"),
+    Case("vnmi-without-nmi-intercept-6.12", "svm_guest",
+         _set("vmcb12.control.int_ctl", svm.V_NMI_ENABLE_MASK), "svm_controls",
+         "vmcb12.control.int_ctl", {"kernel_version": (6, 12, 0)}),
+    Case("vcpu-cr0-nw-without-cd", "svm_guest", lambda s: None, "svm_vcpu_cr0", "vcpu.cr0",
+         {"cr0": 0x20000011}),
+    Case("l1-cr0-without-pg", "svm_guest", _set("vmcb12.save.cr0", svm.X86_CR0_PE),
+         "svm_save_area", "vmcb12.save.cr0"),
+    Case("l1-rflags-vm", "svm_guest", _set("vmcb12.save.rflags", 2 | svm.X86_EFLAGS_VM),
+         "svm_save_area", "vmcb12.save.rflags"),
+    Case("l1-efer-without-svme", "svm_guest", _set("vmcb12.save.efer", 0), "svm_save_area",
+         "vmcb12.save.efer"),
+    Case("l1-cr0-nw-without-cd", "svm_guest", _or("vmcb12.save.cr0", svm.X86_CR0_NW),
+         "svm_save_area", "vmcb12.save.cr0"),
+    Case("l1-cr0-high-bits", "svm_guest", _or("vmcb12.save.cr0", 1 << 32), "svm_save_area",
+         "vmcb12.save.cr0"),
+    Case("l1-dr6-high-bits", "svm_guest", _or("vmcb12.save.dr6", 1 << 32), "svm_save_area",
+         "vmcb12.save.dr6"),
+    Case("l1-dr7-high-bits", "svm_guest", _or("vmcb12.save.dr7", 1 << 33), "svm_save_area",
+         "vmcb12.save.dr7"),
+    Case("l1-long-mode-without-pae", "svm_guest", _or("vmcb12.save.efer", svm.EFER_LME),
+         "svm_save_area", "vmcb12.save.cr4"),
+    Case("l1-long-mode-cs-l-and-d", "svm_guest",
+         _all(_or("vmcb12.save.efer", svm.EFER_LME | svm.EFER_LMA),
+              _set("vmcb12.save.cr4", svm.X86_CR4_PAE),
+              _set("vmcb12.save.cs.attrib", svm.SVM_SELECTOR_L_MASK | svm.SVM_SELECTOR_DB_MASK)),
+         "svm_save_area", "vmcb12.save.cs.attrib"),
+    Case("l1-long-mode-cr3-beyond-maxphyaddr", "svm_guest",
+         _all(_or("vmcb12.save.efer", svm.EFER_LME | svm.EFER_LMA),
+              _set("vmcb12.save.cr4", svm.X86_CR4_PAE), _set("vmcb12.save.cr3", 1 << 45)),
+         "svm_save_area", "vmcb12.save.cr3"),
+    Case("l1-cr4-reserved", "svm_guest", _set("vmcb12.save.cr4", 1 << 14), "svm_save_area",
+         "vmcb12.save.cr4", words="reserved"),
+    Case("l1-cr4-vmxe-on-amd", "svm_guest", _set("vmcb12.save.cr4", 1 << 13), "svm_save_area",
+         "vmcb12.save.cr4", words="lacks"),
+    Case("l1-efer-reserved", "svm_guest", _or("vmcb12.save.efer", 1 << 2), "svm_save_area",
+         "vmcb12.save.efer", words="reserved"),
+    Case("l1-efer-ffxsr-without-cpuid", "svm_guest", _or("vmcb12.save.efer", svm.EFER_FFXSR),
+         "svm_save_area", "vmcb12.save.efer", words="fxsr_opt"),
+    Case("l1-efer-autoibrs-6.1", "svm_guest", _or("vmcb12.save.efer", svm.EFER_AUTOIBRS),
+         "svm_save_area", "vmcb12.save.efer", words="AUTOIBRS"),
+    Case("vcpu-cr3-beyond-maxphyaddr", "svm_guest", lambda s: None, "svm_vcpu_cr3", "vcpu.cr3",
+         {"cr3": 1 << 50}),
+]  # fmt: skip
+
+
+def _case_state(case: Case) -> tuple[NestedState, Facts]:
+    make, facts = BASELINES[case.base]
+    state = make()
+    case.change(state)
+    return state, dataclasses.replace(facts, **case.facts)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_rule_broken_alone(case: Case) -> None:
+    state, facts = _case_state(case)
+    found = certain(check(state, facts))
+    assert found, f"{case.id}: nothing found"
+    assert {p.rule_id for p in found} == {case.rule_id}, [str(p) for p in found]
+    assert case.field in {p.field for p in found}, [str(p) for p in found]
+    assert any(case.words in p.rule for p in found), [str(p) for p in found]
+    for p in found:
+        assert p.source and (p.source.startswith("arch/x86/kvm/") or "kvmstate" in p.source)
+
+
+def test_every_rule_has_a_case_and_cites_the_kernel() -> None:
+    covered = {c.rule_id for c in CASES}
+    assert covered == {rule.__name__ for rule in checks.RULES}
+    for rule in checks.RULES:
+        doc = rule.__doc__ or ""
+        assert doc.strip(), rule.__name__
+        assert any(word in doc for word in ("x86.c", "nested", "kvmstate", "_check", "valid"))
+
+
+# --- version-dependent rules ---------------------------------------------------------------
+
+
+def test_vnmi_rule_is_not_in_6_1() -> None:
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.control.int_ctl = svm.V_NMI_ENABLE_MASK
+    assert check(state, SVM_FACTS) == []  # 6.1 ignores V_NMI_ENABLE
+    between = dataclasses.replace(SVM_FACTS, kernel_version=(6, 6, 0))
+    (p,) = check(state, between)
+    assert not p.certain and p.needs == "kernel_version"
+    state.vmcb12.control.set_intercept(svm.INTERCEPT_NMI)
+    assert check(state, dataclasses.replace(SVM_FACTS, kernel_version=(6, 12, 3))) == []
+
+
+def test_gif_clear_without_svme_is_undecided_after_6_12() -> None:
+    state = svm_gif()
+    state.flags = 0
+    for version in ((6, 1, 0), (6, 12, 9)):
+        facts = dataclasses.replace(SVM_FACTS, efer=0, kernel_version=version)
+        assert [p.certain for p in check(state, facts)] == [True]
+    later = dataclasses.replace(SVM_FACTS, efer=0, kernel_version=(6, 13, 0))
+    (p,) = check(state, later)
+    assert not p.certain and p.needs == "kernel_version"
+    gif = svm_gif()
+    assert check(gif, dataclasses.replace(SVM_FACTS, efer=0)) == []  # GIF_SET alone is fine
+
+
+def test_autoibrs_needs_cpuid_in_6_12() -> None:
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.save.efer |= svm.EFER_AUTOIBRS
+    newer = dataclasses.replace(SVM_FACTS, kernel_version=(6, 12, 0))
+    assert [p.rule_id for p in certain(check(state, newer))] == ["svm_save_area"]
+    features = frozenset(SVM_FACTS.cpu_features or ()) | {"autoibrs"}
+    with_cpuid = dataclasses.replace(newer, cpu_features=features)
+    assert check(state, with_cpuid) == []
+
+
+# --- undecided verdicts name the fact -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "unknown", "needs"),
+    [
+        ("svm_guest", _set("svm.vmcb_pa", 1 << 40), ("maxphyaddr",), "maxphyaddr"),
+        ("svm_guest", lambda s: None, ("efer",), "efer"),
+        ("svm_guest", lambda s: None, ("in_smm",), "in_smm"),
+        ("svm_guest", lambda s: None, ("cr0",), "cr0"),
+        ("svm_guest", lambda s: None, ("cr3",), "cr3"),
+        ("svm_guest", _set("vmcb12.control.nested_ctl", 1), ("npt_enabled",), "npt_enabled"),
+        ("svm_guest", _set("vmcb12.save.cr4", 1 << 18), ("cpu_features",), "cpu_features"),
+        ("svm_guest", lambda s: None, ("has_svm", "cpu_features"), "has_svm"),
+        ("vmx_root", lambda s: None, ("has_vmx", "cpu_features"), "has_vmx"),
+        ("vmx_root", _set("vmx.smm.flags", 2), ("in_smm",), "in_smm"),
+        ("vmx_guest",
+         _or("vmcs12.pin_based_vm_exec_control",
+             vmx.PIN_BASED_VIRTUAL_NMIS | vmx.PIN_BASED_NMI_EXITING),
+         ("vmx_msrs",), "vmx_msrs"),
+        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("la57",), "la57"),
+        ("vmx_guest", _all(_SHADOW, _set("size", VMX_MAX_SIZE),
+                           _set("shadow_vmcs12.hdr.revision_id", vmx.VMCS12_REVISION),
+                           _set("shadow_vmcs12.hdr.shadow_vmcs", 1)),
+         (), "guest memory"),
+        ("vmx_root", _all(_set("vmx.vmxon_pa", INVALID), _set("flags", NestedFlag.EVMCS)),
+         ("evmcs_enabled",), "evmcs_enabled"),
+        ("svm_gif", _set("flags", 0), ("kernel_version",), "kernel_version"),
+    ],
+)  # fmt: skip
+def test_unknown_fact_gives_an_undecided_problem_naming_it(
+    base: str, change: Callable[[NestedState], Any], unknown: tuple[str, ...], needs: str
+) -> None:
+    make, facts = BASELINES[base]
+    state = make()
+    change(state)
+    overrides: dict[str, Any] = {name: None for name in unknown}
+    if base == "svm_gif":
+        overrides["efer"] = 0
+    problems = check(state, dataclasses.replace(facts, **overrides))
+    assert certain(problems) == []
+    undecided = [p for p in problems if needs in (p.needs or "")]
+    assert undecided, [str(p) for p in problems]
+    assert all(needs in str(p) and "undecided" in str(p) for p in undecided)
+
+
+def test_smm_guest_mode_and_guest_mode_exclude_each_other() -> None:
+    state = vmx_root()
+    state.vmx.smm.flags = uapi.KVM_STATE_NESTED_SMM_GUEST_MODE | uapi.KVM_STATE_NESTED_SMM_VMXON
+    state.flags = GM
+    for in_smm in (False, True):
+        found = certain(check(state, dataclasses.replace(VMX_FACTS, in_smm=in_smm)))
+        assert any(p.rule_id == "vmx_smm_flags" and "excludes GUEST_MODE" in p.rule for p in found)
+
+
+def test_la57_decides_canonical_addresses() -> None:
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.host_gs_base = 1 << 50  # canonical with 57-bit addresses only
+    (p,) = check(state, VMX_FACTS)  # la57=False
+    assert p.certain and p.field == "vmcs12.host_gs_base"
+    assert check(state, dataclasses.replace(VMX_FACTS, la57=True)) == []
+    state.vmcs12.host_gs_base = 1 << 60  # canonical nowhere
+    assert [p.certain for p in check(state, dataclasses.replace(VMX_FACTS, la57=None))] == [True]
+
+
+def test_addresses_below_4g_need_no_maxphyaddr() -> None:
+    facts = dataclasses.replace(SVM_FACTS, maxphyaddr=None)
+    assert check(svm_guest(), facts) == []
+    state = svm_guest()
+    state.svm.vmcb_pa = 1 << 52
+    assert [p.certain for p in check(state, facts)] == [True]
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+
+def test_problem_text_names_field_value_rule_and_source() -> None:
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.control.asid = 0
+    (p,) = check(state, SVM_FACTS)
+    assert str(p) == (
+        "vmcb12.control.asid = 0: the ASID must not be 0 (ASID 0 is the host's) "
+        "[arch/x86/kvm/svm/nested.c: __nested_vmcb_check_controls]"
+    )
+    assert p.to_dict()["value_text"] == "0" and p.to_dict()["rule_id"] == "svm_controls"
+
+
+def test_flags_are_shown_by_name() -> None:
+    state = svm_gif()
+    state.flags = GIF | RP
+    (p,) = check(state, SVM_FACTS)
+    assert p.value_text == "RUN_PENDING|GIF_SET"
+
+
+def test_explain_sums_up_on_its_first_line() -> None:
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.control.asid = 0
+    state.svm.vmcb_pa = 0x10008
+    text = explain(state, SVM_FACTS)
+    first, *rest = text.splitlines()
+    assert first == (
+        "KVM_SET_NESTED_STATE refuses this state (2 problems: hdr.svm.vmcb_pa, "
+        "vmcb12.control.asid):"
+    )
+    assert len(rest) == 2 and all(line.startswith("  - ") for line in rest)
+
+
+def test_explain_groups_undecided_problems_by_fact() -> None:
+    text = explain(svm_guest())
+    assert text.splitlines()[0].startswith("no rule is surely broken")
+    assert "  depending on efer:" in text and "  depending on in_smm:" in text
+    assert explain(svm_guest(), SVM_FACTS) == format_problems([])
+    assert "no rule" in format_problems([])
+
+
+# --- odd input never raises ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=9000))
+def test_garbage_bytes_give_problems_not_exceptions(data: bytes) -> None:
+    for facts in (Facts(), SVM_FACTS, VMX_FACTS):
+        problems = check(data, facts)
+        assert all(p.rule_id != "" and p.field != "(check)" for p in problems)
+        format_problems(problems)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(BASELINES)),
+    st.lists(st.tuples(st.integers(0, 8319), st.integers(0, 255)), max_size=40),
+    st.sampled_from([128, 1126, 4224, 5222, 8320]),
+)
+def test_mutated_states_never_raise(base: str, pokes: list[tuple[int, int]], size: int) -> None:
+    make, facts = BASELINES[base]
+    state = NestedState(VMX_MAX_SIZE)
+    raw = make().buffer
+    state.buffer[: len(raw)] = raw
+    state.size = size
+    for offset, byte in pokes:
+        state.buffer[offset] = byte
+    for f in (Facts(), facts):
+        problems = check(state, f)
+        assert all(p.field != "(check)" for p in problems), [str(p) for p in problems]
+        str(explain(state, f))
+
+
+def test_short_data_is_a_size_problem() -> None:
+    (p,) = check(b"\x01" * 10)
+    assert p.field == "size" and p.certain
+
+
+def test_check_refuses_non_buffers() -> None:
+    with pytest.raises(TypeError, match="NestedState or bytes"):
+        check(42)
+
+
+def test_internal_rule_error_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(c: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(checks, "_REGISTRY", [(lambda c: True, broken)])
+    (p,) = check(svm_gif())
+    assert p.field == "(check)" and not p.certain and "boom" in p.rule
+
+
+# --- facts ---------------------------------------------------------------------------------------
+
+
+def test_facts_from_strings() -> None:
+    facts = Facts.from_strings(
+        {
+            "vendor": "SVM",
+            "svme": "1",
+            "in_smm": "no",
+            "maxphyaddr": "0x28",
+            "kernel_version": "6.1.0-56-amd64",
+            "cpu_features": "svm, lm,nx",
+            "vmx_msrs": "0x48d:0xff00000016,0x491:1",
+        }
+    )
+    assert facts.vendor == "svm" and facts.efer == svm.EFER_SVME and facts.in_smm is False
+    assert facts.maxphyaddr == 40 and facts.kernel_version == (6, 1, 0)
+    assert facts.cpu_features == {"svm", "lm", "nx"} and facts.feature("nx") is True
+    assert facts.msr(0x48D) == 0xFF00000016 and facts.msr(0x48E) is None
+    assert "vendor='svm'" in repr(facts) and "maxphyaddr=40" in repr(facts)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ([("colour", "1")], "unknown fact 'colour'"),
+        ([("in_smm", "maybe")], "fact in_smm='maybe'"),
+        ([("maxphyaddr", "x")], "fact maxphyaddr"),
+        ([("maxphyaddr", "99")], "outside 0..64"),
+        ([("vendor", "arm")], "vendor must be"),
+        ([("cpu_features", "avx9")], "unknown CPUID features"),
+        ([("kernel_version", "latest")], "kernel release"),
+        ([("vmx_msrs", "0x48d")], "INDEX:VALUE"),
+        ([("efer", "1"), ("svme", "1")], "given twice"),
+    ],
+)
+def test_facts_from_strings_errors(pairs: list[tuple[str, str]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Facts.from_strings(pairs)
+
+
+def test_facts_type_checked() -> None:
+    with pytest.raises(TypeError, match="in_smm"):
+        Facts(in_smm=1)  # type: ignore[arg-type]
+    assert Facts(nested_state_cap=8320).target_vendor() == "vmx"
+    assert Facts(nested_state_cap=0).target_vendor() is None
+    assert Facts(has_svm=True, cpu_features=frozenset()).feature("svm") is True
+    assert Facts().known() == {}
+
+
+class _Unreadable:
+    """A vCPU whose every read fails."""
+
+    @property
+    def nested_state_size(self) -> int:
+        raise OSError(errno.EBADF, "closed")
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any) -> Any:
+            raise OSError(errno.EBADF, "closed")
+
+        return fail
+
+
+def test_from_vcpu_leaves_unreadable_facts_unknown() -> None:
+    facts = Facts.from_vcpu(_Unreadable())
+    assert facts.has_vmx is None and facts.efer is None and facts.in_smm is None
+    assert facts.maxphyaddr is None and facts.nested_state_cap is None
+    assert facts.kernel_version == checks.parse_kernel_version(os.uname().release)
+
+
+def test_from_vcpu_reads_a_real_vcpu(vcpu: kvmstate.Vcpu) -> None:
+    facts = Facts.from_vcpu(vcpu)
+    # A fresh vCPU: no CPUID set, so KVM's defaults (no features, MAXPHYADDR 36).
+    assert facts.cpu_features == frozenset() and facts.has_vmx is False
+    assert facts.maxphyaddr == 36
+    assert facts.in_smm is False and facts.efer == 0 and facts.cr0 == 0x60000010
+    assert facts.nested_state_cap == vcpu.nested_state_size
+
+
+def test_from_vcpu_reads_cpuid(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    facts = Facts.from_vcpu(vcpu)
+    assert facts.cpu_features is not None and "lm" in facts.cpu_features
+    assert facts.maxphyaddr is not None and 32 <= facts.maxphyaddr <= 52
+
+
+# --- the kernel agrees (inside the emulated AMD guest) ---------------------------------------
+
+
+def _kernel_set(vcpu: kvmstate.Vcpu, state: NestedState) -> int:
+    """The kernel's own answer: 0 or the errno (no library check in between)."""
+    assert state.size <= state.capacity  # the kernel reads `size` bytes
+    try:
+        fcntl.ioctl(vcpu.fileno(), ioctls.KVM_SET_NESTED_STATE, state._storage)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+@pytest.fixture
+def amd_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
+    """vCPUs as a VMM restoring SVM state makes them: supported CPUID, then EFER.SVME."""
+    opened: list[Any] = []
+    kvm = kvmstate.Kvm()
+    opened.append(kvm)
+
+    def make(svme: bool = True, smm: bool = False, cr3: int | None = None) -> kvmstate.Vcpu:
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+        opened.extend((vm, vcpu))
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        sregs = vcpu.get_sregs()
+        if svme:
+            sregs.efer |= svm.EFER_SVME
+        if cr3 is not None:
+            sregs.cr3 = cr3
+        vcpu.set_sregs(sregs)
+        if smm:
+            events = vcpu.get_vcpu_events()
+            events.flags = uapi.KVM_VCPUEVENT_VALID_SMM
+            events.smi.smm = 1
+            vcpu.set_vcpu_events(events)
+        return vcpu
+
+    yield make
+    for fd in reversed(opened):
+        fd.close()
+
+
+# The SVM cases the kernel can be asked about: every one from CASES on an SVM baseline (the
+# facts are then read from the vCPU, not taken from the case) whose facts a vCPU can be made
+# to have, plus the generic ones and a few the kernel must accept.
+_VCPU_SETUP = {
+    "efer": {"svme": False},
+    "in_smm": {"smm": True},
+    "cr3": {"cr3": 1 << 50},
+}
+_NOT_MADE = {
+    "vendor",  # the format/vendor cases are below, as a VMX state on kvm_amd
+    "nested_state_cap",  # this KVM has nested state
+    "npt_enabled",  # kvm_amd's npt is a module parameter (Y in the guest)
+    "kernel_version",  # the guest runs 6.1
+    "cr0",  # KVM_SET_SREGS itself refuses CR0.NW without CD
+}
+SVM_KERNEL_CASES = [
+    c
+    for c in CASES
+    if c.base.startswith("svm")
+    and not set(c.facts) & _NOT_MADE
+    and c.rule_id != "size_within_data"  # the kernel would read past the buffer
+]
+MORE_KERNEL_CASES = [
+    ("baseline", "svm_guest", lambda s: None, {}),
+    ("gif-only", "svm_gif", lambda s: None, {}),
+    ("gif-only-without-svme", "svm_gif", lambda s: None, {"svme": False}),
+    ("vnmi-ignored-by-6.1", "svm_guest",
+     _set("vmcb12.control.int_ctl", svm.V_NMI_ENABLE_MASK), {}),
+    ("np-with-npt", "svm_guest", _set("vmcb12.control.nested_ctl", 1), {}),
+    ("lmsle", "svm_guest", _or("vmcb12.save.efer", svm.EFER_LMSLE), {}),
+    ("long-mode-l1", "svm_guest",
+     _all(_or("vmcb12.save.efer", svm.EFER_LME | svm.EFER_LMA),
+          _set("vmcb12.save.cr4", svm.X86_CR4_PAE), _set("vmcb12.save.cr3", 0x1000),
+          _set("vmcb12.save.cs.attrib", svm.SVM_SELECTOR_L_MASK)), {}),
+    ("bitmaps-ignore-low-bits", "svm_guest",
+     _set("vmcb12.control.iopm_base_pa", IOPM_PA | 0xFFF), {}),
+    ("run-pending", "svm_guest", _or("flags", RP), {}),
+    ("gif-clear-in-guest-mode", "svm_guest", _set("flags", GM), {}),
+    ("vmx-state-on-amd", "vmx_root", lambda s: None, {}),  # refused: the format
+]  # fmt: skip
+
+
+def _agree(vcpu: kvmstate.Vcpu, state: NestedState) -> tuple[int, list[Problem]]:
+    problems = check(state, Facts.from_vcpu(vcpu))
+    answer = _kernel_set(vcpu, state)
+    refused = any(p.certain for p in problems)
+    assert answer in (0, errno.EINVAL), answer
+    assert (answer != 0) == refused, (answer, [str(p) for p in problems])
+    # Every fact the SVM rules need is readable from this vCPU.
+    assert [p for p in problems if not p.certain] == []
+    return answer, problems
+
+
+@pytest.mark.svm_guest
+@pytest.mark.parametrize("case", SVM_KERNEL_CASES, ids=[c.id for c in SVM_KERNEL_CASES])
+def test_kernel_refuses_what_check_finds(
+    case: Case, amd_vcpu: Callable[..., kvmstate.Vcpu]
+) -> None:
+    setup: dict[str, Any] = {}
+    for fact in case.facts:
+        setup.update(_VCPU_SETUP[fact])
+    vcpu = amd_vcpu(**setup)
+    make, _ = BASELINES[case.base]
+    state = make()
+    case.change(state)
+    answer, problems = _agree(vcpu, state)
+    assert answer == errno.EINVAL
+    assert case.rule_id in {p.rule_id for p in problems if p.certain}
+
+
+@pytest.mark.svm_guest
+@pytest.mark.parametrize(
+    ("base", "change", "setup"),
+    [a[1:] for a in MORE_KERNEL_CASES],
+    ids=[a[0] for a in MORE_KERNEL_CASES],
+)
+def test_kernel_and_check_agree(
+    base: str,
+    change: Callable[[NestedState], Any],
+    setup: dict[str, Any],
+    amd_vcpu: Callable[..., kvmstate.Vcpu],
+) -> None:
+    vcpu = amd_vcpu(**setup)
+    state = BASELINES[base][0]()
+    change(state)
+    _agree(vcpu, state)
+
+
+@pytest.mark.svm_guest
+def test_facts_from_the_amd_vcpu(amd_vcpu: Callable[..., kvmstate.Vcpu]) -> None:
+    facts = Facts.from_vcpu(amd_vcpu())
+    assert facts.vendor == "svm" and facts.has_svm is True and facts.has_vmx is False
+    assert facts.efer is not None and facts.efer & svm.EFER_SVME
+    assert facts.in_smm is False and facts.npt_enabled is not None
+    assert facts.kernel_version is not None and facts.kernel_version[:2] == (6, 1)
+
+
+@pytest.mark.svm_guest
+def test_guest_mode_set_needs_no_guest_memory(amd_vcpu: Callable[..., kvmstate.Vcpu]) -> None:
+    """SET only records vmcb_pa: the vmcb12 page is not read until the vCPU runs."""
+    vcpu = amd_vcpu()  # no memory slot is ever added
+    assert _kernel_set(vcpu, svm_guest()) == 0
