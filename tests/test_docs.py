@@ -1,0 +1,266 @@
+"""The documentation's examples, run as printed, and the documentation build.
+
+Every fenced block of ``docs/*.md`` that holds ``>>>`` lines is a doctest.
+An HTML comment on the line before a block says what it needs::
+
+    <!-- doctest: kvm -->                  /dev/kvm (any KVM, nested or not)
+    <!-- doctest: svm-guest -->            a KVM with nested SVM: the emulated AMD guest
+    <!-- doctest: requires=IPython -->     an importable module
+
+A page's blocks run in order in one namespace, like a REPL session: on the
+host, the blocks with no need plus (where /dev/kvm opens) the ``kvm`` ones;
+in the AMD guest, all of the page's blocks. So a block may use names from
+earlier blocks that run wherever it runs.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvmstate
+from tests.kvm_fixtures import NO_KVM
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+NEEDS = frozenset({"kvm", "svm-guest"})
+_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+_MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
+OPTIONS = doctest.ELLIPSIS
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fenced block with examples: its text, where it starts, what it needs."""
+
+    page: str
+    line: int  #: 1-based line of the block's first content line
+    text: str
+    needs: frozenset[str]
+    modules: tuple[str, ...]
+
+
+def _marker(line: str, where: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    match = _MARK.match(line.strip())
+    if match is None:
+        return frozenset(), ()
+    needs: set[str] = set()
+    modules: list[str] = []
+    for word in match["body"].split():
+        if word.startswith("requires="):
+            modules.extend(m for m in word[len("requires=") :].split(",") if m)
+        elif word in NEEDS:
+            needs.add(word)
+        else:
+            raise ValueError(f"{where}: unknown doctest marker {word!r}")
+    return frozenset(needs), tuple(modules)
+
+
+def blocks(path: Path) -> list[Block]:
+    """The blocks of one page that hold examples, in page order."""
+    lines = path.read_text().splitlines()
+    out: list[Block] = []
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        fence = match["fence"]
+        start = i + 1
+        end = start
+        while end < len(lines) and not lines[end].strip().startswith(fence):
+            end += 1
+        body = lines[start:end]
+        if any(b.lstrip().startswith(">>>") for b in body):
+            before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            needs, modules = _marker(before, f"{path.name}:{i}")
+            out.append(Block(path.name, start + 1, "\n".join(body) + "\n", needs, modules))
+        i = end + 1
+    return out
+
+
+def _close_descriptors(globs: dict[str, object]) -> None:
+    """Close what a page left open, vCPUs before VMs before /dev/kvm."""
+    order = (kvmstate.Vcpu, kvmstate.Vm, kvmstate.Kvm)
+    for kind in order:
+        for value in list(globs.values()):
+            if isinstance(value, kind) and not value.closed:
+                value.close()
+
+
+def run_page(page: str, chosen: list[Block]) -> doctest.TestResults:
+    """Run ``chosen`` blocks as one session; fail with doctest's report on a mismatch."""
+    parser = doctest.DocTestParser()
+    examples: list[doctest.Example] = []
+    for block in chosen:
+        for example in parser.get_examples(block.text, f"{page}:{block.line}"):
+            example.lineno += block.line - 1
+            examples.append(example)
+    globs: dict[str, object] = {"__name__": f"docs.{page}"}
+    test = doctest.DocTest(examples, globs, page, str(DOCS / page), 0, None)
+    output: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=OPTIONS)
+    try:
+        runner.run(test, out=output.append, clear_globs=False)
+    finally:
+        _close_descriptors(globs)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, "".join(output)
+    assert result.attempted == len(examples)
+    return result
+
+
+def _runnable_modules(block: Block) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in block.modules)
+
+
+ALL = {path.name: blocks(path) for path in PAGES}
+WITH_EXAMPLES = [page for page, found in ALL.items() if found]
+GUEST_PAGES = [page for page, found in ALL.items() if any("svm-guest" in b.needs for b in found)]
+
+
+def test_docs_have_examples() -> None:
+    assert "quickstart.md" in WITH_EXAMPLES and GUEST_PAGES
+
+
+@pytest.mark.parametrize("page", WITH_EXAMPLES)
+def test_examples_without_kvm(page: str) -> None:
+    """The blocks that need nothing: they run everywhere."""
+    chosen = [b for b in ALL[page] if not b.needs and _runnable_modules(b)]
+    if not chosen:
+        pytest.skip(f"{page}: every example needs a KVM")
+    run_page(page, chosen)
+
+
+@pytest.mark.parametrize("page", WITH_EXAMPLES)
+def test_examples_with_kvm(page: str) -> None:
+    """Those blocks plus the ``kvm`` ones, against this machine's /dev/kvm."""
+    if not any("kvm" in b.needs for b in ALL[page]):
+        pytest.skip(f"{page}: no example needs /dev/kvm")
+    if NO_KVM is not None:
+        pytest.skip(NO_KVM)
+    chosen = [b for b in ALL[page] if b.needs <= {"kvm"} and _runnable_modules(b)]
+    run_page(page, chosen)
+
+
+def _why_no_nested_svm() -> str | None:
+    if NO_KVM is not None:
+        return NO_KVM
+    with kvmstate.Kvm() as kvm:
+        size = kvm.nested_state_size
+    if size != 4224:
+        return f"this KVM has no nested SVM (KVM_CAP_NESTED_STATE = {size}, not 4224)"
+    return None
+
+
+@pytest.mark.svm_guest
+@pytest.mark.parametrize("page", GUEST_PAGES)
+def test_examples_in_svm_guest(page: str) -> None:
+    """Every block of the page, in a KVM with nested SVM (the emulated AMD guest)."""
+    why = _why_no_nested_svm()
+    if why is not None:
+        pytest.skip(why)
+    run_page(page, [b for b in ALL[page] if _runnable_modules(b)])
+
+
+def test_markers_are_known() -> None:
+    with pytest.raises(ValueError, match="unknown doctest marker"):
+        _marker("<!-- doctest: kmv -->", "x")
+    assert _marker("<!-- doctest: svm-guest requires=IPython -->", "x") == (
+        frozenset({"svm-guest"}),
+        ("IPython",),
+    )
+
+
+# --- the generated byte maps ------------------------------------------------------------
+
+
+def _abi() -> Any:
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        if importlib.util.find_spec("sphinx") is None:
+            pytest.skip("sphinx is not installed (pip install -e '.[docs]')")
+        import kvmstate_abi
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    return kvmstate_abi
+
+
+def test_byte_map_of_the_header_is_the_kernels() -> None:
+    abi = _abi()
+    from kvmstate import uapi
+
+    got = {r.path: (r.offset, r.size, r.ctype) for r in abi.rows(uapi.kvm_nested_state_header)}
+    assert got["flags"] == (0, 2, "u16")
+    assert got["format"] == (2, 2, "u16")
+    assert got["size"] == (4, 4, "u32")
+    assert got["hdr"] == (8, 120, "union kvm_nested_state_hdr")
+    assert got["hdr.vmx.vmcs12_pa"] == (16, 8, "u64")
+    assert got["hdr.vmx.preemption_timer_deadline"] == (32, 8, "u64")
+    assert got["hdr.svm.vmcb_pa"] == (8, 8, "u64")
+    assert got["hdr.svm.gpat"] == (24, 8, "u64")
+
+
+def test_byte_map_rows_stay_inside_their_structure() -> None:
+    abi = _abi()
+    from kvmstate import uapi, vmcb, vmcs12
+
+    for cls in (uapi.kvm_nested_state, vmcb.vmcb, vmcs12.vmcs12):
+        table = abi.rows(cls)
+        size = abi.ctypes.sizeof(cls)
+        assert all(r.offset >= 0 and r.offset + r.size <= size for r in table), cls
+        top = [r for r in table if r.depth == 0]
+        # The top-level fields of a structure tile it, in order, without overlap.
+        assert top[0].offset == 0 and top[-1].offset + top[-1].size == size, cls
+        for a, b in itertools.pairwise(top):
+            assert a.offset + a.size == b.offset, (a, b)
+    bits = {r.path: r.bits for r in abi.rows(vmcs12.vmcs12) if r.bits}
+    assert bits == {"hdr.revision_id": (0, 31), "hdr.shadow_vmcs": (31, 1)}
+
+
+def test_layout_picture_is_the_mirrors() -> None:
+    abi = _abi()
+    segments = abi.layout_segments()
+    vmx, svm = segments["VMX (format 0)"], segments["SVM (format 1)"]
+    assert [(s.name, s.start, s.end) for s in vmx] == [
+        ("header", 0, 128),
+        ("vmcs12", 128, 4224),
+        ("shadow_vmcs12", 4224, 8320),
+    ]
+    assert (svm[1].start, svm[2].start, svm[-1].end) == (128, 128 + 0x400, 4224)
+    import xml.etree.ElementTree as ET
+
+    ET.fromstring(abi.layout_svg())  # well-formed SVG
+    from kvmstate import uapi
+
+    grid = abi.grid_svg(uapi.kvm_nested_state_header, {"hdr": "hdr.svm"}, "svm")
+    ET.fromstring(grid)
+    assert ">vmcb_pa<" in grid and "vmxon_pa" not in grid
+
+
+# --- the build --------------------------------------------------------------------------
+
+
+def test_docs_build_without_warnings(tmp_path: Path) -> None:
+    """``sphinx -W``: a broken reference, a bad directive or a docstring autodoc
+    cannot parse fails here (and in CI, where the docs extra is installed)."""
+    missing = [m for m in ("sphinx", "myst_parser") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[docs]')")
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+    command += ["-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "html" / "abi.html").exists()
