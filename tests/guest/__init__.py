@@ -1,0 +1,1 @@
+"""The emulated test guests (tests/guest/run) and their pytest plugin."""

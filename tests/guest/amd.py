@@ -1,0 +1,103 @@
+"""The AMD guest: QEMU's software CPU (TCG) emulates SVM, so a Debian kernel
+inside loads ``kvm_amd nested=1`` and the kernel's real nested SVM code runs.
+
+The host's root is shared read-only over virtio-9p and the command runs
+chrooted into it, so the host's Python and installed packages are used as-is.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from . import _common
+from ._common import HarnessError
+
+KIND = "amd"
+QEMU = "qemu-system-x86_64"
+TOOLS = {QEMU: "qemu-system-x86", "dpkg-deb": "dpkg", "depmod": "kmod", "modprobe": "kmod"}
+MODULES = ("kvm-amd", "virtio_pci", "9pnet_virtio", "9p")
+MODULE_PARAMS = {"kvm_amd": "nested=1"}
+MOUNT_TAG = "hostroot"
+
+# cache=loose: the share is read-only, so caching lookups is safe and saves
+# most of the 9p round trips of Python's imports.
+MOUNT_ROOT = f"""
+ROOT=/mnt
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose {MOUNT_TAG} "$ROOT" \\
+    || fail "cannot mount the host's root over 9p"
+"""
+
+# Python's bytecode cache lives on the host between boots (GUEST_PYCACHE).
+PYCACHE_TAG = "pycache"
+EXTRA_MOUNTS = f"""
+mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose \\
+    {PYCACHE_TAG} "$ROOT{_common.GUEST_PYCACHE}"
+"""
+
+KERNEL_ARGS = (
+    "console=ttyS0 quiet panic=-1 "
+    # Under emulation these are slow and of no use to a throwaway guest.
+    "mitigations=off cryptomgr.notests"
+)
+
+
+def prepare() -> tuple[Path, Path, str]:
+    """(kernel image, base initramfs, kernel release), built once into the cache."""
+    _common.require_tools(TOOLS)
+    busybox = _common.static_busybox()
+    kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS)
+    init = _common.init_script(MOUNT_ROOT, EXTRA_MOUNTS)
+    key = _common.cache_key(str(kernel.vmlinuz.parent), _common.file_digest(busybox), init)
+
+    def build(out: Path) -> None:
+        (out / "initrd.cpio").write_bytes(_common.base_initramfs(busybox, kernel, init))
+
+    with _common.cache_lock() as root:
+        entry = _common.cached_build(root, f"{KIND}-{key}", build)
+    return kernel.vmlinux or kernel.vmlinuz, entry / "initrd.cpio", kernel.release
+
+
+def qemu_argv(kernel: Path, initrd: Path, pycache: Path) -> list[str]:
+    return [
+        QEMU,
+        "-nodefaults",
+        "-machine", "q35,accel=tcg",
+        "-cpu", "max",  # TCG's "max" CPU has SVM
+        "-smp", "1",
+        "-m", "2048",
+        "-display", "none",
+        "-no-reboot",  # with panic=-1, a guest panic ends QEMU
+        "-serial", "stdio",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", KERNEL_ARGS,
+        "-virtfs",
+        f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        f"local,path={pycache},mount_tag={PYCACHE_TAG},security_model=none",
+    ]  # fmt: skip
+
+
+def main(command: list[str], timeout: float, cwd: str) -> int:
+    """Run ``command`` in ``cwd`` inside the AMD guest; return its exit status
+    or one of the harness's own (123, 124, 125)."""
+    try:
+        kernel, base, release = prepare()
+        pycache = _common.cache_dir() / "pycache"
+        pycache.mkdir(exist_ok=True)
+        _common.debug(f"kernel {release}, initramfs {base}")
+        nonce = _common.new_nonce()
+        run = _common.run_initramfs(nonce, command, cwd, _common.guest_env(KIND))
+        with tempfile.TemporaryDirectory(prefix="kvmstate-guest-") as tmp:
+            initrd = Path(tmp) / "initrd.cpio"
+            initrd.write_bytes(base.read_bytes() + run)
+            return _common.run_guest(
+                qemu_argv(kernel, initrd, pycache),
+                nonce=nonce,
+                timeout=timeout,
+                label="AMD guest (QEMU TCG, kvm_amd nested=1)",
+            )
+    except HarnessError as error:
+        _common.say(error.message)
+        return error.status
