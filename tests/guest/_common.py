@@ -6,7 +6,8 @@ serial console. This module holds what does not depend on the emulator:
 
 * exit statuses and messages (:data:`EXIT_PREREQ`, :data:`EXIT_TIMEOUT`,
   :data:`EXIT_BOOT`, :class:`HarnessError`, :func:`say`, :func:`debug`);
-* host prerequisites (:func:`require_tools`, :func:`static_busybox`);
+* host prerequisites (:func:`require_host`, :func:`require_tools`,
+  :func:`static_busybox`);
 * the cache (:func:`cache_dir`, :func:`cached_build`, :func:`cache_lock`);
 * the kernel (:func:`prepare_kernel`);
 * the initramfs (:class:`Cpio`, :func:`base_initramfs`, :func:`init_script`,
@@ -57,7 +58,7 @@ GUEST_SHM = "/dev/shm"
 GUEST_TMP = GUEST_SHM + "/tmp"
 GUEST_HOME = GUEST_SHM + "/home"
 #: Python's bytecode cache (PYTHONPYCACHEPREFIX) inside the guest. Compiling
-#: under emulation is slow: a warm cache makes a small pytest run ~2.5x faster.
+#: under emulation is slow: a warm cache makes a small pytest run about twice as fast.
 GUEST_PYCACHE = GUEST_SHM + "/pycache"
 
 #: Host environment variables passed on to the command.
@@ -131,6 +132,22 @@ def require_tools(tools: Mapping[str, str]) -> dict[str, str]:
     if missing:
         raise missing_packages_error(missing.values(), ", ".join(missing))
     return found
+
+
+def require_host(tools: Mapping[str, str]) -> tuple[dict[str, str], Path]:
+    """:func:`require_tools` and :func:`static_busybox` at once, so that one
+    123 error names every missing package."""
+    try:
+        busybox: Path | None = static_busybox()
+    except HarnessError:
+        busybox = None
+    missing = {tool: pkg for tool, pkg in tools.items() if find_tool(tool) is None}
+    if busybox is None:
+        missing["a static busybox"] = "busybox-static"
+    if missing:
+        raise missing_packages_error(missing.values(), ", ".join(missing))
+    assert busybox is not None
+    return require_tools(tools), busybox
 
 
 def _is_static_elf(path: Path) -> bool:
@@ -370,13 +387,16 @@ def prepare_kernel(modules: Sequence[str], params: Mapping[str, str]) -> Kernel:
         {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "depmod": "kmod",
          "modprobe": "kmod"}
     )  # fmt: skip
-    family = f"kernel-{cache_key(sorted(modules), params)}-"
+    # The family (same modules, any kernel or format) is what pruning replaces.
+    wanted = json.dumps([sorted(modules), params], sort_keys=True).encode()
+    family = f"kernel-{hashlib.sha256(wanted).hexdigest()[:12]}-"
+    suffix = f"-f{CACHE_FORMAT}"
     with cache_lock() as root:
         for attempt in range(2):
             resolved = _resolve_kernel_package(root)
             if resolved is not None:
                 name, version = resolved
-                entry = root / f"{family}{name}_{version.replace(':', '%3a')}"
+                entry = root / f"{family}{name}_{version.replace(':', '%3a')}{suffix}"
                 deb = None if entry.is_dir() else _download(root, name, version)
                 if deb is not None or entry.is_dir():
                     entry = cached_build(
@@ -386,7 +406,7 @@ def prepare_kernel(modules: Sequence[str], params: Mapping[str, str]) -> Kernel:
                         family,
                     )
                     return _load_kernel(entry)
-            unpacked = sorted(root.glob(family + "*"), key=lambda p: p.stat().st_mtime)
+            unpacked = sorted(root.glob(f"{family}*{suffix}"), key=lambda p: p.stat().st_mtime)
             if unpacked:
                 debug(f"apt cannot give the kernel package; using {unpacked[-1]}")
                 return _load_kernel(unpacked[-1])
@@ -408,9 +428,26 @@ def _unpack_kernel(
     tools: Mapping[str, str],
 ) -> None:
     assert deb is not None
+    try:
+        _unpack_kernel_tree(deb, out, modules, params, tools)
+    except subprocess.CalledProcessError as error:
+        deb.unlink(missing_ok=True)  # most likely damaged: download it again next time
+        raise HarnessError(EXIT_BOOT, f"cannot unpack {deb.name}: {error}") from error
+
+
+def _unpack_kernel_tree(
+    deb: Path,
+    out: Path,
+    modules: Sequence[str],
+    params: Mapping[str, str],
+    tools: Mapping[str, str],
+) -> None:
     tree = out / "tree"
     say(f"unpacking {deb.name}")
-    subprocess.run([tools["dpkg-deb"], "-x", str(deb), str(tree)], check=True)
+    # Killed with the harness, so that it does not write into a removed build.
+    subprocess.run(
+        [tools["dpkg-deb"], "-x", str(deb), str(tree)], check=True, preexec_fn=_die_with_parent
+    )
     releases = [p.name for p in (tree / "lib" / "modules").iterdir()]
     if len(releases) != 1:
         raise HarnessError(EXIT_BOOT, f"{deb.name}: modules for {releases}")

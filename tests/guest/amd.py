@@ -44,8 +44,7 @@ KERNEL_ARGS = (
 
 def prepare() -> tuple[Path, Path, str]:
     """(kernel image, base initramfs, kernel release), built once into the cache."""
-    _common.require_tools(TOOLS)
-    busybox = _common.static_busybox()
+    _, busybox = _common.require_host(TOOLS)
     kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS)
     init = _common.init_script(MOUNT_ROOT, EXTRA_MOUNTS)
     key = _common.cache_key(str(kernel.vmlinuz.parent), _common.file_digest(busybox), init)
