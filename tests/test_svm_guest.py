@@ -1,0 +1,204 @@
+"""Real SVM nested state, inside the emulated AMD guest (kvm_amd nested=1).
+
+Marked ``svm_guest``: on a host with QEMU these run inside the guest
+through tests/guest/run (one boot per session); elsewhere they skip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+import kvmstate
+from kvmstate import ioctls, uapi, vmcb
+from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
+from kvmstate.uapi import NestedFlag, NestedFormat
+
+pytestmark = pytest.mark.svm_guest
+
+VMCB_PA, IOPM_PA, MSRPM_PA = 0x10000, 0x20000, 0x30000
+
+
+@pytest.fixture
+def svm_kvm() -> Iterator[kvmstate.Kvm]:
+    with kvmstate.Kvm() as kvm:
+        yield kvm
+
+
+@pytest.fixture
+def new_vcpu(svm_kvm: kvmstate.Kvm) -> Iterator[object]:
+    """Makes vCPUs with CPUID (SVM included) and, unless told not to, EFER.SVME set."""
+    opened: list[kvmstate.Vcpu | kvmstate.Vm] = []
+
+    def make(svme: bool = True) -> kvmstate.Vcpu:
+        vm = svm_kvm.create_vm()
+        vcpu = vm.create_vcpu(0)
+        opened.extend((vm, vcpu))
+        vcpu.set_cpuid2(svm_kvm.get_supported_cpuid())
+        if svme:
+            sregs = vcpu.get_sregs()
+            sregs.efer |= vmcb.EFER_SVME
+            vcpu.set_sregs(sregs)
+        return vcpu
+
+    yield make
+    for fd in reversed(opened):
+        fd.close()
+
+
+def guest_mode_state() -> NestedState:
+    """A valid guest-mode state, built by name."""
+    state = NestedState(SVM_MAX_SIZE)
+    state.format = NestedFormat.SVM
+    state.flags = NestedFlag.GUEST_MODE | NestedFlag.GIF_SET
+    state.size = SVM_MAX_SIZE
+    state.svm.vmcb_pa = VMCB_PA
+    control = state.vmcb12.control
+    control.set_intercept(vmcb.INTERCEPT_VMRUN)
+    control.asid = 1
+    control.iopm_base_pa = IOPM_PA
+    control.msrpm_base_pa = MSRPM_PA
+    save = state.vmcb12.save
+    save.efer = vmcb.EFER_SVME
+    save.cr0 = vmcb.X86_CR0_PG | vmcb.X86_CR0_PE
+    save.dr6 = 0xFFFF0FF0
+    save.dr7 = 0x400
+    save.rflags = 2
+    save.rip = 0x1000
+    save.rsp = 0x8000
+    return state
+
+
+def test_capability_is_amds(svm_kvm: kvmstate.Kvm) -> None:
+    assert svm_kvm.nested_state_size == SVM_MAX_SIZE == 4224
+
+
+def test_fresh_vcpu_is_header_only_with_gif(new_vcpu: object) -> None:
+    vcpu = new_vcpu(svme=False)  # type: ignore[operator]
+    state = vcpu.get_nested_state()
+    assert state.format is NestedFormat.SVM
+    assert state.flags == NestedFlag.GIF_SET
+    assert state.size == HEADER_SIZE
+    assert state.vmcb12 is None  # header-only state is kept, not turned into None
+    assert len(state.to_bytes()) == HEADER_SIZE
+    vcpu.set_nested_state(state)  # and it is a state the kernel takes back
+
+
+def test_guest_mode_state_by_name_round_trips(new_vcpu: object) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    wanted = guest_mode_state()
+    vcpu.set_nested_state(wanted)
+    got = vcpu.get_nested_state()
+    assert got.flags == NestedFlag.GUEST_MODE | NestedFlag.GIF_SET
+    assert got.size == SVM_MAX_SIZE and got.svm.vmcb_pa == VMCB_PA
+    c, w = got.vmcb12.control, wanted.vmcb12.control
+    assert c.is_intercept(vmcb.INTERCEPT_VMRUN)
+    for name in ("asid", "iopm_base_pa", "msrpm_base_pa"):
+        assert getattr(c, name) == getattr(w, name), name
+    s, ws = got.vmcb12.save, wanted.vmcb12.save
+    for name in ("efer", "cr0", "rflags", "rip", "rsp"):
+        assert getattr(s, name) == getattr(ws, name), name
+
+
+def test_state_carried_as_bytes_into_a_fresh_vcpu(new_vcpu: object) -> None:
+    first = new_vcpu()  # type: ignore[operator]
+    first.set_nested_state(guest_mode_state())
+    saved = first.get_nested_state()
+    blob = saved.to_bytes()
+    assert len(blob) == SVM_MAX_SIZE
+
+    second = new_vcpu()  # type: ignore[operator]  # CPUID and sregs first, as QEMU does
+    second.set_nested_state(NestedState.from_bytes(blob))
+    assert second.get_nested_state() == saved
+
+
+def test_whole_vcpu_state_with_guest_mode_round_trips(new_vcpu: object) -> None:
+    first = new_vcpu()  # type: ignore[operator]
+    first.set_nested_state(guest_mode_state())
+    saved = first.save_state()
+    assert saved.nested is not None and saved.nested.flags & NestedFlag.GUEST_MODE
+    carried = kvmstate.state.VcpuState.from_bytes(saved.to_bytes())
+    second = new_vcpu(svme=False)  # type: ignore[operator]  # restore_state sets sregs first
+    second.restore_state(carried)
+    again = second.save_state()
+    assert again.nested == saved.nested
+    assert again.sregs is not None and again.sregs.efer & vmcb.EFER_SVME
+
+
+def test_set_without_svme_refuses_guest_mode(new_vcpu: object) -> None:
+    vcpu = new_vcpu(svme=False)  # type: ignore[operator]
+    with pytest.raises(kvmstate.KvmError) as info:
+        vcpu.set_nested_state(guest_mode_state())
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("declared", [0, HEADER_SIZE, 200, SVM_MAX_SIZE - 8])
+def test_short_size_in_a_caller_buffer_still_gives_the_whole_state(
+    new_vcpu: object, declared: int
+) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    guard = 4096
+    backing = bytearray(b"\xa5" * (SVM_MAX_SIZE + guard))
+    struct.pack_into("<I", backing, 4, declared)  # a hostile size field
+    view = memoryview(backing)[:SVM_MAX_SIZE]
+    state = vcpu.get_nested_state(view)
+    assert state.size == SVM_MAX_SIZE and state.flags & NestedFlag.GUEST_MODE
+    assert state.vmcb12.control.asid == 1
+    assert backing[SVM_MAX_SIZE:] == b"\xa5" * guard  # nothing written past the buffer
+
+
+def test_short_size_in_a_reused_state_still_gives_the_whole_state(new_vcpu: object) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    reused = NestedState(SVM_MAX_SIZE)
+    reused.size = HEADER_SIZE
+    assert vcpu.get_nested_state(reused) is reused
+    assert reused.size == SVM_MAX_SIZE and reused.vmcb12 is not None
+
+
+def test_the_kernel_hazard_is_real(new_vcpu: object) -> None:
+    """Raw ioctl, size=128, guest mode: the kernel writes vmcb12 past 128 bytes, then E2BIG.
+
+    This is why the library never hands the kernel a buffer shorter than
+    KVM_CAP_NESTED_STATE: here the buffer is large, so the overrun is seen,
+    not suffered.
+    """
+    vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    buf = (ctypes.c_uint8 * (SVM_MAX_SIZE + 4096))(*([0xA5] * (SVM_MAX_SIZE + 4096)))
+    struct.pack_into("<I", buf, 4, HEADER_SIZE)
+    with pytest.raises(OSError) as info:
+        fcntl.ioctl(vcpu.fileno(), ioctls.KVM_GET_NESTED_STATE, buf)
+    assert info.value.errno == errno.E2BIG
+    assert struct.unpack_from("<I", buf, 4)[0] == SVM_MAX_SIZE  # the size it wanted
+    written = bytes(buf[HEADER_SIZE:SVM_MAX_SIZE])
+    assert written != b"\xa5" * len(written)  # vmcb12 landed beyond the declared 128 bytes
+    assert bytes(buf[SVM_MAX_SIZE:]) == b"\xa5" * 4096
+
+
+def test_blob_declaring_a_short_size_is_refused_before_the_kernel(new_vcpu: object) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    blob = bytearray(guest_mode_state().to_bytes())
+    struct.pack_into("<I", blob, 4, HEADER_SIZE)
+    with pytest.raises(ValueError):
+        kvmstate.NestedState.from_bytes(blob)  # size disagrees with the blob
+    # Handed to set as raw bytes, size=128 with GUEST_MODE is the kernel's to refuse.
+    with pytest.raises(kvmstate.KvmError) as info:
+        vcpu.set_nested_state(bytes(blob))
+    assert info.value.errno == errno.EINVAL
+
+
+def test_uapi_layout_matches_what_the_kernel_writes(new_vcpu: object) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    raw = vcpu.get_nested_state().to_bytes()
+    flags, fmt, size, vmcb_pa = struct.unpack_from("<HHIQ", raw)
+    assert (flags, fmt, size, vmcb_pa) == (0x101, uapi.KVM_STATE_NESTED_FORMAT_SVM, 4224, VMCB_PA)
+    asid_at = HEADER_SIZE + vmcb.vmcb_control_area.asid.offset
+    assert struct.unpack_from("<I", raw, asid_at)[0] == 1
