@@ -110,7 +110,7 @@ def run_page(page: str, chosen: list[Block]) -> doctest.TestResults:
     globs: dict[str, object] = {"__name__": f"docs.{page}"}
     test = doctest.DocTest(examples, globs, page, str(DOCS / page), 0, None)
     output: list[str] = []
-    runner = doctest.DocTestRunner(optionflags=OPTIONS)
+    runner = doctest.DocTestRunner(verbose=False, optionflags=OPTIONS)
     try:
         runner.run(test, out=output.append, clear_globs=False)
     finally:

@@ -524,7 +524,10 @@ class CliHelp(SphinxDirective):
 def _process_docstring(
     app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
 ) -> None:
-    """Append a mirror's field table, or an enum's members, to its autodoc entry."""
+    """Append a mirror's field table, an enum's members, or a module's constants."""
+    if what == "module":
+        lines += _constants(name, obj)
+        return
     if what != "class" or not isinstance(obj, type):
         return
     from kvmstate._struct import _Mixin
@@ -549,11 +552,73 @@ def _process_docstring(
         lines += ["", f"Members: {values}.", ""]
 
 
+def _constants(name: str, module: Any) -> list[str]:
+    """A table of the integer constants a module exports without a doc comment.
+
+    autodoc lists only module data that has a ``#:`` comment; the kernel's
+    constants (``KVM_STATE_NESTED_GUEST_MODE``, ``INTERCEPT_VMRUN``, the
+    ioctl numbers) are documented by their kernel names and values instead.
+    """
+    from sphinx.pycode import ModuleAnalyzer
+
+    if not name.startswith("kvmstate."):
+        return []
+    try:
+        documented = {attr for (cls, attr) in ModuleAnalyzer.for_module(name).find_attr_docs()}
+    except Exception:  # no source: list them all
+        documented = set()
+    values = []
+    for attr in getattr(module, "__all__", ()):
+        value = getattr(module, attr, None)
+        if attr in documented or isinstance(value, (bool, enum.Enum)) or type(value) is not int:
+            continue
+        values.append((attr, value))
+    if not values:
+        return []
+    out = ["", "Constants (kernel names, values from the module):", ""]
+    out += [".. list-table::", "   :header-rows: 1", "", "   * - Name", "     - Value"]
+    for attr, value in values:
+        shown = f"{value:#x}" if value >= 10 else str(value)
+        if value < 0:
+            shown = str(value)
+        out += [f"   * - ``{attr}``", f"     - ``{shown}``"]
+    return [*out, ""]
+
+
 def _skip_member(app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: Any) -> Any:
     """ctypes field descriptors are listed in the generated layout table, not one by one."""
     if type(obj).__name__ == "CField":
         return True
     return None
+
+
+def _resolve_short_name(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
+    """Link ``:class:`Vcpu``` and the like to the one documented kvmstate object of that name.
+
+    Docstrings name classes of other modules without their module
+    (``KvmError`` in vcpu.py); Python's domain does not search for them.
+    Only a name that matches exactly one object, preferring the current
+    module's, is linked; anything else stays plain text, as before.
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "").lstrip(".~")
+    if not target or target.startswith("kvmstate."):
+        return None
+    domain = env.get_domain("py")
+    found = [n for n in domain.objects if n.startswith("kvmstate.") and n.endswith("." + target)]
+    module = node.get("py:module") or ""
+    local = [n for n in found if module and n.startswith(module + ".")]
+    if len(local) == 1:
+        found = local
+    if len(found) != 1:
+        return None
+    from sphinx.util.nodes import make_refnode
+
+    entry = domain.objects[found[0]]
+    return make_refnode(
+        app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, found[0]
+    )
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
@@ -563,4 +628,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("kvmstate-cli-help", CliHelp)
     app.connect("autodoc-process-docstring", _process_docstring)
     app.connect("autodoc-skip-member", _skip_member)
+    app.connect("missing-reference", _resolve_short_name)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
