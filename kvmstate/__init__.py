@@ -13,6 +13,7 @@ Nested virtualization state (``KVM_GET_NESTED_STATE`` /
 
 from kvmstate.errors import (
     KvmError,
+    NestedStateRejectedError,
     NestedStateTooLargeError,
     NestedStateUnavailableError,
     UnsupportedKvmError,
@@ -31,6 +32,7 @@ __all__ = [
     "NestedFlag",
     "NestedFormat",
     "NestedState",
+    "NestedStateRejectedError",
     "NestedStateTooLargeError",
     "NestedStateUnavailableError",
     "UnsupportedKvmError",

@@ -12,6 +12,7 @@ import os
 
 __all__ = [
     "KvmError",
+    "NestedStateRejectedError",
     "NestedStateTooLargeError",
     "NestedStateUnavailableError",
     "UnsupportedKvmError",
@@ -104,3 +105,17 @@ class NestedStateTooLargeError(KvmError):
         )
         self.needed = needed
         self.capacity = capacity
+
+
+class NestedStateRejectedError(KvmError):
+    """``KVM_SET_NESTED_STATE`` refused a state (EINVAL), with the rules it breaks.
+
+    ``problems`` is :func:`kvmstate.check.check`'s list for the state and
+    what could be read of the vCPU; the message explains them.
+    """
+
+    def __init__(
+        self, errno: int | None, message: str, *, ioctl: str | None, problems: list[object]
+    ) -> None:
+        super().__init__(errno, message, ioctl=ioctl)
+        self.problems = problems

@@ -24,6 +24,7 @@ from kvmstate import uapi
 from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl
 from kvmstate.errors import (
     KvmError,
+    NestedStateRejectedError,
     NestedStateTooLargeError,
     NestedStateUnavailableError,
 )
@@ -422,7 +423,10 @@ class Vcpu(FdWrapper):
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
             result = fcntl.ioctl(self.fileno(), _SET_NESTED, state._storage)
         except OSError as exc:
-            raise self._nested_error(exc, "KVM_SET_NESTED_STATE") from None
+            error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
+            if exc.errno == errno.EINVAL and type(error) is KvmError:
+                error = self._explain_refusal(state, error)
+            raise error from None
         if result != 0:
             raise KvmError(
                 None,
@@ -430,6 +434,25 @@ class Vcpu(FdWrapper):
                 ioctl="KVM_SET_NESTED_STATE",
                 result=result,
             )
+
+    def _explain_refusal(self, state: NestedState, error: KvmError) -> KvmError:
+        """The kernel's bare EINVAL, with the rules the state breaks on this vCPU."""
+        # Imported here: the rules are a layer above, and only a refusal needs them.
+        from kvmstate import check
+
+        try:
+            problems = check.check(state, check.Facts.from_vcpu(self))
+            text = check.format_problems(problems)
+        except Exception as exc:  # an explanation must never hide the kernel's answer
+            return KvmError(
+                error.errno, f"{error.strerror} (no explanation: {exc!r})", ioctl=error.ioctl
+            )
+        return NestedStateRejectedError(
+            error.errno,
+            f"{error.strerror}: {text}",
+            ioctl=error.ioctl,
+            problems=list(problems),
+        )
 
     def _nested_error(self, exc: OSError, name: str) -> KvmError:
         if exc.errno == errno.EINVAL and self.nested_state_size == 0:

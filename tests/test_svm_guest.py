@@ -202,3 +202,15 @@ def test_uapi_layout_matches_what_the_kernel_writes(new_vcpu: object) -> None:
     assert (flags, fmt, size, vmcb_pa) == (0x101, uapi.KVM_STATE_NESTED_FORMAT_SVM, 4224, VMCB_PA)
     asid_at = HEADER_SIZE + vmcb.vmcb_control_area.asid.offset
     assert struct.unpack_from("<I", raw, asid_at)[0] == 1
+
+
+def test_a_refusal_says_which_rule_was_broken(new_vcpu: object) -> None:
+    vcpu = new_vcpu()  # type: ignore[operator]
+    state = guest_mode_state()
+    state.vmcb12.control.asid = 0
+    with pytest.raises(kvmstate.NestedStateRejectedError) as info:
+        vcpu.set_nested_state(state)
+    err = info.value
+    assert err.errno == errno.EINVAL and err.ioctl == "KVM_SET_NESTED_STATE"
+    assert any(p.field == "vmcb12.control.asid" and p.certain for p in err.problems)
+    assert "asid" in str(err) and "nested_vmcb_check_controls" in str(err)
