@@ -32,6 +32,7 @@ import enum
 import html
 import importlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -621,6 +622,28 @@ def _resolve_short_name(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
     )
 
 
+_DOCTEST_MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
+_MARK_TEXT = {
+    "kvm": "Needs /dev/kvm.",
+    "svm-guest": "In the AMD guest: needs a KVM with nested SVM.",
+}
+
+
+def _show_doctest_marks(app: Sphinx, doctree: nodes.document) -> None:
+    """Turn the pages' ``<!-- doctest: ... -->`` comments (read by tests/test_docs.py)
+    into a visible note on the example they precede."""
+    for raw in list(doctree.findall(nodes.raw)):
+        match = _DOCTEST_MARK.match(raw.astext().strip())
+        if match is None:
+            continue
+        words = match["body"].split()
+        texts = [_MARK_TEXT[w] for w in words if w in _MARK_TEXT]
+        texts += [f"Needs {w.partition('=')[2]}." for w in words if w.startswith("requires=")]
+        note = nodes.paragraph("", "", nodes.emphasis("", " ".join(texts)))
+        note["classes"].append("kvmstate-needs")
+        raw.replace_self(note if texts else [])
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("abi-table", AbiTable)
     app.add_directive("abi-grid", AbiGrid)
@@ -629,4 +652,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("autodoc-process-docstring", _process_docstring)
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("missing-reference", _resolve_short_name)
+    app.connect("doctree-read", _show_doctest_marks)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
