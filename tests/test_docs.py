@@ -4,13 +4,15 @@ Every fenced block of ``docs/*.md`` that holds ``>>>`` lines is a doctest.
 An HTML comment on the line before a block says what it needs::
 
     <!-- doctest: kvm -->                  /dev/kvm (any KVM, nested or not)
+    <!-- doctest: kvm no-nested -->        /dev/kvm with KVM_CAP_NESTED_STATE 0
     <!-- doctest: svm-guest -->            a KVM with nested SVM: the emulated AMD guest
     <!-- doctest: requires=IPython -->     an importable module
 
 A page's blocks run in order in one namespace, like a REPL session: on the
-host, the blocks with no need plus (where /dev/kvm opens) the ``kvm`` ones;
-in the AMD guest, all of the page's blocks. So a block may use names from
-earlier blocks that run wherever it runs.
+host, the blocks with no need plus (where /dev/kvm opens) the ``kvm`` ones,
+``no-nested`` ones included where the KVM has no nesting; in the AMD guest,
+all of the page's blocks but the ``no-nested`` ones. So a block may use
+names from earlier blocks that run wherever it runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tests.kvm_fixtures import NO_KVM
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
-NEEDS = frozenset({"kvm", "svm-guest"})
+NEEDS = frozenset({"kvm", "no-nested", "svm-guest"})
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
 OPTIONS = doctest.ELLIPSIS
@@ -150,15 +152,26 @@ def test_examples_with_kvm(page: str) -> None:
         pytest.skip(f"{page}: no example needs /dev/kvm")
     if NO_KVM is not None:
         pytest.skip(NO_KVM)
-    chosen = [b for b in ALL[page] if b.needs <= {"kvm"} and _runnable_modules(b)]
+    nested = _nested_state_size() != 0
+    chosen = [
+        b
+        for b in ALL[page]
+        if b.needs <= {"kvm", "no-nested"}
+        and not (nested and "no-nested" in b.needs)
+        and _runnable_modules(b)
+    ]
     run_page(page, chosen)
+
+
+def _nested_state_size() -> int:
+    with kvmstate.Kvm() as kvm:
+        return kvm.nested_state_size
 
 
 def _why_no_nested_svm() -> str | None:
     if NO_KVM is not None:
         return NO_KVM
-    with kvmstate.Kvm() as kvm:
-        size = kvm.nested_state_size
+    size = _nested_state_size()
     if size != 4224:
         return f"this KVM has no nested SVM (KVM_CAP_NESTED_STATE = {size}, not 4224)"
     return None
@@ -171,7 +184,7 @@ def test_examples_in_svm_guest(page: str) -> None:
     why = _why_no_nested_svm()
     if why is not None:
         pytest.skip(why)
-    run_page(page, [b for b in ALL[page] if _runnable_modules(b)])
+    run_page(page, [b for b in ALL[page] if "no-nested" not in b.needs and _runnable_modules(b)])
 
 
 def test_markers_are_known() -> None:

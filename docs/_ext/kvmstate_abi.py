@@ -625,6 +625,7 @@ def _resolve_short_name(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
 _DOCTEST_MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
 _MARK_TEXT = {
     "kvm": "Needs /dev/kvm.",
+    "no-nested": "Output of a KVM without nested support.",
     "svm-guest": "In the AMD guest: needs a KVM with nested SVM.",
 }
 
