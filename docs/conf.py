@@ -60,7 +60,7 @@ html_static_path: list[str] = []
 html_theme_options = {
     "description": "KVM vCPU and nested virtualization state from Python",
     "fixed_sidebar": True,
-    "page_width": "1100px",
+    "page_width": "1240px",
     "sidebar_width": "220px",
 }
 
