@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvmstate import uapi
-from kvmstate._struct import Struct
+from kvmstate._struct import Struct, _as_bytes, _check_int
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.state import PARTS, VcpuState
 
@@ -301,8 +301,14 @@ def _nested_dict(state: NestedState) -> dict[str, Any]:
 
 def _nested_from_dict(d: dict[str, Any]) -> NestedState:
     header = uapi.kvm_nested_state_header()
-    header.flags, header.format, header.size = d["flags"], d["format"], d["size"]
-    ctypes.memmove(ctypes.addressof(header.hdr), bytes.fromhex(d["hdr_raw"]), 120)
+    # Checked, never wrapped by ctypes: u16 flags and format, u32 size, no bools.
+    header.flags = _check_int(d["flags"], 16, "flags")
+    header.format = _check_int(d["format"], 16, "format")
+    header.size = _check_int(d["size"], 32, "size")
+    # Exactly the 120-byte union: a shorter hdr_raw must never be read past.
+    hdr_size = ctypes.sizeof(header.hdr)
+    raw = _as_bytes(d["hdr_raw"], hdr_size, "hdr_raw")
+    ctypes.memmove(ctypes.addressof(header.hdr), raw, hdr_size)
     for vendor in ("vmx", "svm"):
         if vendor in d:
             cls = type(getattr(header.hdr, vendor))

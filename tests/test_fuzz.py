@@ -145,14 +145,11 @@ def _at(d: Any, path: tuple[Any, ...]) -> Any:
 
 # Where in a from_dict input a known bug lives (paths are tuples of keys).
 def _known_from_dict_path(d: Any, path: tuple[Any, ...]) -> str | None:
-    head = path[:3]
     if path[:1] in (("extra",), ("absent",)) or path == ("parts",):
         return "from_dict-unchecked"
     if path == ("parts", "cpuid") and not isinstance(_at(d, path), list):
         return "from_dict-unchecked"  # any empty sized object is taken for no entries
     if path[:2] in (("parts", "msrs"), ("parts", "tsc_khz")):
-        return "from_dict-unchecked"
-    if head in {("parts", "nested", k) for k in ("flags", "format", "size")}:
         return "from_dict-unchecked"
     return None
 
