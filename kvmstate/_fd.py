@@ -55,8 +55,9 @@ class FdWrapper:
     def __init__(self, fd: int, *, owned: bool = True) -> None:
         if not isinstance(fd, int) or isinstance(fd, bool):
             raise TypeError(f"a file descriptor must be an int, not {type(fd).__name__}")
-        if fd < 0:
-            raise ValueError(f"invalid file descriptor {fd}")
+        if not 0 <= fd <= 0x7FFF_FFFF:
+            # A descriptor is a C int: what is outside never names an open file.
+            raise ValueError(f"invalid file descriptor {fd} (a C int: 0..0x7fffffff)")
         self._fd = fd
         self._owned = owned
 

@@ -9,8 +9,11 @@ Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
 
 1. ``cpuid``: KVM validates EFER, CR4, XCR0 and MSRs against the guest's
    CPUID, and nested state needs VMX/SVM in it.
-2. ``IA32_FEATURE_CONTROL`` (MSR 0x3a): VMX nested state with VMXON needs
-   VMX enabled there (QEMU's ``kvm_put_msr_feature_control``).
+2. ``IA32_FEATURE_CONTROL`` (MSR 0x3a) and the VMX capability MSRs
+   (0x480..0x491, ``IA32_VMX_BASIC`` .. ``IA32_VMX_VMFUNC``): VMX nested
+   state with VMXON needs VMX enabled in the first (QEMU's
+   ``kvm_put_msr_feature_control``), and KVM refuses to change the others
+   once the vCPU is in VMX operation (``vmx_set_vmx_msr``: EBUSY).
 3. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
    ``KVM_SET_NESTED_STATE`` (svm/vmx ``set_nested_state`` check them).
 4. ``nested``.
@@ -34,7 +37,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as _io
@@ -42,6 +45,7 @@ from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
+from kvmstate.vcpu import _msr_indices, _msr_values
 
 if TYPE_CHECKING:
     from kvmstate.vcpu import Vcpu
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
 __all__ = ["MSR_IA32_FEATURE_CONTROL", "PARTS", "StateError", "VcpuState", "restore", "save"]
 
 MSR_IA32_FEATURE_CONTROL = 0x3A
+# IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
+# vCPU is in VMX operation (vmx_set_vmx_msr: -EBUSY), so they go before nested state.
+_VMX_CAPABILITY_MSRS = range(0x480, 0x492)
+_EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *_VMX_CAPABILITY_MSRS})
 
 #: Every part of a :class:`VcpuState`, in restore order.
 PARTS = (
@@ -133,6 +141,8 @@ class VcpuState:
 
     def differing_parts(self, other: VcpuState) -> list[str]:
         """Names of the parts whose bytes differ (or that only one side has)."""
+        if not isinstance(other, VcpuState):
+            raise TypeError(f"differing_parts() needs a VcpuState, not {type(other).__name__}")
         out = []
         for part in PARTS:
             a, b = getattr(self, part), getattr(other, part)
@@ -181,7 +191,13 @@ class VcpuState:
         return state
 
 
-def _msrs_struct(values: dict[int, int]) -> uapi.kvm_msrs:
+def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
+    """A ``kvm_msrs`` of ``{index: value}`` sorted by index; indices must fit in 32 bits,
+    values in 64 (TypeError/ValueError naming the MSR: ctypes would wrap them)."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
+    _msr_indices(values.keys())
+    _msr_values(values)
     msrs = uapi.kvm_msrs.new(len(values))
     for entry, (index, value) in zip(msrs.items(), sorted(values.items()), strict=True):
         entry.index, entry.data = index, value
@@ -369,12 +385,14 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
             name = IOCTL_NAMES[set_request]
             raise StateError(part, KvmError(exc.errno, exc.strerror, ioctl=name)) from None
 
+    if s.msrs is not None:
+        _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
     msrs = dict(s.msrs or {})
-    if MSR_IA32_FEATURE_CONTROL in msrs:
-        value = msrs.pop(MSR_IA32_FEATURE_CONTROL)
-        put("msrs", lambda: vcpu.set_msrs({MSR_IA32_FEATURE_CONTROL: value}))
+    early = {i: msrs.pop(i) for i in sorted(msrs) if i in _EARLY_MSRS}
+    if early:
+        put("msrs", lambda: _put_msrs(vcpu, early))
     put_fixed("sregs")
     put_fixed("sregs2")
     if s.nested is not None:

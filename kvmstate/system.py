@@ -66,6 +66,9 @@ class Kvm(FdWrapper):
 
     def get_supported_cpuid(self, max_entries: int = _CPUID_ENTRIES) -> uapi.kvm_cpuid2:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""
+        if isinstance(max_entries, int) and not isinstance(max_entries, bool) and max_entries < 1:
+            # 0 would never grow on E2BIG (n *= 4): at least one entry.
+            raise ValueError(f"get_supported_cpuid(): {max_entries} entries is out of range (>= 1)")
         n = max_entries
         while True:
             cpuid = uapi.kvm_cpuid2.new(n)

@@ -665,6 +665,11 @@ class kvm_cpuid_entry2(Struct):
     _hidden_ = frozenset({"padding"})
 
 
+#: The most elements :meth:`_FlexStruct.new` allocates (KVM's own limits are far lower:
+#: 256 CPUID entries, a few hundred MSRs); a count from a file is never a 16 GB allocation.
+_FLEX_MAX_ELEMENTS = 1 << 16
+
+
 class _FlexStruct(Struct):
     """A structure whose last member is a C flexible array.
 
@@ -683,8 +688,10 @@ class _FlexStruct(Struct):
         """An instance with room for ``n`` array elements and its count set to ``n``."""
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError(f"{cls.__name__}.new() needs an int, not {type(n).__name__}")
-        if not 0 <= n <= 0xFFFF_FFFF:
-            raise ValueError(f"{cls.__name__}.new(): {n} elements is out of range")
+        if not 0 <= n <= _FLEX_MAX_ELEMENTS:
+            raise ValueError(
+                f"{cls.__name__}.new(): {n} elements is out of range (0..{_FLEX_MAX_ELEMENTS})"
+            )
         obj: _F = _sized(cls._head(), n)()
         setattr(obj, cls._count_, n)
         return obj

@@ -145,14 +145,13 @@ class Vcpu(FdWrapper):
 
         Raises :class:`KvmError` naming the first MSR the kernel refused.
         """
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
+            )
         wanted = _msr_indices(values.keys())
         msrs, words = _msr_buffer(wanted)
-        try:
-            words[1::2] = array("Q", values.values())
-        except (OverflowError, TypeError):
-            for i, v in values.items():
-                _u64(v, f"MSR {i:#x}")  # names the offending value
-            raise
+        words[1::2] = _msr_values(values)
         # nmsrs == len(entries): the kernel reads only those entries.
         done = self._ioctl(io.KVM_SET_MSRS, msrs)
         if done != len(wanted):
@@ -473,6 +472,8 @@ class Vcpu(FdWrapper):
         """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs."""
         from kvmstate import state
 
+        if not isinstance(saved, state.VcpuState):
+            raise TypeError(f"restore_state() needs a VcpuState, not {type(saved).__name__}")
         state.restore(self, saved)
 
     # --- lifetime ------------------------------------------------------------------------
@@ -493,14 +494,33 @@ def _exact(obj: object, kind: type[Any]) -> Any:
 
 
 def _msr_indices(indices: Iterable[int]) -> array[int]:
-    """MSR indices as a u32 array; TypeError/ValueError naming a bad one."""
+    """MSR indices as a u32 array; TypeError/ValueError naming a bad one (bools refused)."""
     items = list(indices)
     try:
-        return array("I", items)
+        out = array("I", items)
     except (OverflowError, TypeError):
         for index in items:
             _msr_index(index)
         raise
+    if any(type(index) is bool for index in items):  # array("I") takes True as 1
+        for index in items:
+            _msr_index(index)
+    return out
+
+
+def _msr_values(values: Mapping[int, int]) -> array[int]:
+    """The values of ``{index: value}`` as a u64 array; TypeError/ValueError naming a bad one."""
+    items = list(values.values())
+    try:
+        out = array("Q", items)
+    except (OverflowError, TypeError):
+        out = None
+    if out is None or any(type(v) is bool for v in items):  # array("Q") takes True as 1
+        for i, v in values.items():
+            _u64(v, f"MSR {i:#x}")  # names the offending value
+    if out is None:
+        raise TypeError("MSR values must be ints")
+    return out
 
 
 def _msr_buffer(indices: array[int]) -> tuple[uapi.kvm_msrs, memoryview]:

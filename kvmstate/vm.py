@@ -50,9 +50,17 @@ class Vm(FdWrapper):
         userspace_addr: int,
         flags: int = 0,
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION`` with raw values (the caller keeps the memory alive)."""
+        """``KVM_SET_USER_MEMORY_REGION`` with raw values (the caller keeps the memory alive).
+
+        ``slot`` and ``flags`` must fit in 32 bits, the others in 64
+        (TypeError/ValueError naming the field; ctypes would wrap them).
+        """
         region = uapi.kvm_userspace_memory_region(
-            slot, flags, guest_phys_addr, memory_size, userspace_addr
+            _uint(slot, 32, "slot"),
+            _uint(flags, 32, "flags"),
+            _uint(guest_phys_addr, 64, "guest_phys_addr"),
+            _uint(memory_size, 64, "memory_size"),
+            _uint(userspace_addr, 64, "userspace_addr"),
         )
         # A fixed-size structure the kernel only reads.
         self._ioctl(io.KVM_SET_USER_MEMORY_REGION, region)
@@ -63,10 +71,16 @@ class Vm(FdWrapper):
         Returns the ``mmap`` (write guest code and data into it); the VM
         keeps it alive until :meth:`close`.
         """
+        _uint_type(guest_phys_addr, "guest_phys_addr")
+        _uint_type(size, "size")
         if size <= 0 or size % _PAGE or guest_phys_addr % _PAGE:
             raise ValueError("guest_phys_addr and size must be positive multiples of the page size")
+        # Checked before the mapping is made: never a wrapped value, nor a huge mmap.
+        _uint(guest_phys_addr, 64, "guest_phys_addr")
+        _uint(size, 64, "size")
         if slot is None:
             slot = len(self._memory)
+        _uint(slot, 32, "slot")
         mem = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         address = ctypes.addressof(ctypes.c_char.from_buffer(mem))
         try:
@@ -78,7 +92,17 @@ class Vm(FdWrapper):
         return mem
 
     def set_tss_addr(self, address: int) -> None:
-        """``KVM_SET_TSS_ADDR`` (Intel needs three pages for real-mode emulation)."""
+        """``KVM_SET_TSS_ADDR`` (Intel needs three pages for real-mode emulation).
+
+        ``address`` must be below 2**31: ``fcntl.ioctl`` passes an int
+        argument as a C int, so a higher one cannot be handed to the kernel.
+        """
+        if isinstance(address, int) and not isinstance(address, bool) and address > 0x7FFF_FFFF:
+            raise ValueError(
+                f"TSS address {address:#x} is out of range: fcntl.ioctl passes the argument "
+                "as a C int, so it must be below 2**31 (0x80000000); choose three free pages "
+                "of guest-physical space below that, e.g. 0x7fffd000"
+            )
         self._ioctl(io.KVM_SET_TSS_ADDR, int_arg(address))
 
     def create_irqchip(self) -> None:
@@ -91,3 +115,17 @@ class Vm(FdWrapper):
             # A caller may still hold a view; then the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 mem.close()
+
+
+def _uint_type(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return value
+
+
+def _uint(value: object, bits: int, name: str) -> int:
+    """An unsigned field of ``bits`` bits: TypeError/ValueError naming it (no ctypes wrapping)."""
+    value = _uint_type(value, name)
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{name} {value:#x} does not fit in {bits} bits")
+    return value
