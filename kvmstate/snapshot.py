@@ -40,7 +40,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kvmstate import uapi
@@ -115,7 +115,50 @@ def _records(data: memoryview, where: str) -> Iterator[tuple[str, memoryview]]:
 # --- one vCPU ----------------------------------------------------------------------
 
 
+def _check_absent(absent: Any) -> dict[str, str]:
+    """``absent``: a mapping of str to str (TypeError naming it otherwise)."""
+    if not isinstance(absent, Mapping):
+        raise TypeError(f"absent: expected a mapping, not {type(absent).__name__}")
+    for key, why in absent.items():
+        if not isinstance(key, str) or not isinstance(why, str):
+            raise TypeError(f"absent: {key!r}: expected str -> str, not {type(why).__name__}")
+    return dict(absent)
+
+
+def _check_extra(extra: Any) -> dict[str, bytes]:
+    """``extra``: tag -> bytes, each tag one the file can hold (ValueError/TypeError otherwise).
+
+    A tag is a record tag that no part, ``absent`` or another tag uses, or
+    ``<fixed part>/trailing`` (bytes after a fixed-size structure).
+    """
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra: expected a mapping, not {type(extra).__name__}")
+    for tag, payload in extra.items():
+        if not isinstance(tag, str):
+            raise TypeError(f"extra: a tag must be a str, not {type(tag).__name__}")
+        if not isinstance(payload, (bytes, bytearray)):
+            raise TypeError(f"extra: {tag[:64]!r}: expected bytes, not {type(payload).__name__}")
+        base, trailing, _ = tag.partition(_TRAILING)
+        if trailing:
+            if base not in _FIXED or tag != base + _TRAILING:
+                raise ValueError(f"extra: invalid tag {tag[:64]!r} (trailing bytes of what?)")
+        elif not _TAG_RE.match(tag.encode()) or tag in PARTS or tag == "absent":
+            raise ValueError(f"extra: invalid record tag {tag[:64]!r}")
+    return {tag: bytes(payload) for tag, payload in extra.items()}
+
+
+def _check_trailing(state: VcpuState) -> None:
+    for tag, payload in state.extra.items():
+        base, trailing, _ = tag.partition(_TRAILING)
+        # Written after its part, as loads reads it back: the part must be there, and bytes.
+        if trailing and (getattr(state, base) is None or not payload):
+            raise ValueError(f"extra: {tag!r} needs {base} present and at least one byte")
+
+
 def _encode_vcpu(state: VcpuState) -> bytes:
+    _check_absent(state.absent)
+    _check_extra(state.extra)
+    _check_trailing(state)
     out = []
     for part in PARTS:
         if getattr(state, part) is not None:
@@ -348,6 +391,49 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     }
 
 
+def _uint(value: Any, bits: int, where: str = "") -> int:
+    """An unsigned int of ``bits`` bits, as JSON gives it: no bool, no float, no str."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{where}expected an int, not {type(value).__name__}")
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{where}{value} does not fit in {bits} bits")
+    return value
+
+
+def _msrs_from_dict(value: Any) -> dict[int, int]:
+    """``{"0x174": value}`` exactly as :func:`to_dict` writes it (u32 index, u64 value)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a mapping of hex index to value, not {type(value).__name__}")
+    msrs: dict[int, int] = {}
+    for key, v in value.items():
+        try:
+            index = int(key, 16) if isinstance(key, str) and key.startswith("0x") else -1
+        except ValueError:
+            index = -1
+        # The form to_dict writes, and only that: no sign, case, "_" or space variants.
+        if not 0 <= index <= 0xFFFF_FFFF or key != f"{index:#x}":
+            raise ValueError(f"{key!r} is not an MSR index like '0x174' (32 bits, hex)")
+        msrs[index] = _uint(v, 64, f"MSR {key}: ")
+    return msrs
+
+
+def _extra_from_dict(value: Any) -> dict[str, bytes]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"extra: expected a mapping of tag to hex, not {type(value).__name__}")
+    extra: dict[str, bytes] = {}
+    for tag, payload in value.items():
+        if not isinstance(payload, str):
+            raise ValueError(f"extra: {tag!r}: expected a hex string, not {type(payload).__name__}")
+        try:
+            extra[tag] = bytes.fromhex(payload)
+        except ValueError:
+            raise ValueError(f"extra: {tag!r}: not a hex string") from None
+    try:
+        return _check_extra(extra)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def from_dict(data: dict[str, Any]) -> VcpuState:
     """Rebuild a :class:`VcpuState` from :func:`to_dict` output (ValueError/TypeError if off)."""
     try:
@@ -358,28 +444,39 @@ def from_dict(data: dict[str, Any]) -> VcpuState:
         raise ValueError("not a kvmstate dict (needs 'kvmstate' and 'parts')") from None
     if major != FORMAT_MAJOR:
         raise ValueError(f"kvmstate dict format {version} is not readable (reads {FORMAT_MAJOR}.x)")
-    state = VcpuState(absent=dict(data.get("absent", {})))
-    state.extra = {k: bytes.fromhex(v) for k, v in data.get("extra", {}).items()}
+    if not isinstance(parts, Mapping):
+        raise ValueError(f"parts: expected a mapping, not {type(parts).__name__}")
+    absent = data.get("absent", {})
+    if not isinstance(absent, Mapping):
+        raise TypeError(f"absent: expected a mapping, not {type(absent).__name__}")
+    try:
+        state = VcpuState(absent=_check_absent(absent))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    state.extra = _extra_from_dict(data.get("extra", {}))
     for part, value in parts.items():
         try:
             if part in _FIXED:
                 setattr(state, part, _FIXED[part].from_dict(value))
             elif part == "cpuid":
+                if not isinstance(value, list):
+                    raise TypeError(f"expected a list of entries, not {type(value).__name__}")
                 cpuid = uapi.kvm_cpuid2.new(len(value))
                 for entry, d in zip(cpuid.items(), value, strict=True):
                     filled = uapi.kvm_cpuid_entry2.from_dict(d)
                     ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), 40)
                 state.cpuid = cpuid
             elif part == "msrs":
-                state.msrs = {int(k, 16): int(v) for k, v in value.items()}
+                state.msrs = _msrs_from_dict(value)
             elif part == "xsave":
                 _decode_part(state, "xsave", memoryview(bytes.fromhex(value)))
             elif part == "tsc_khz":
-                state.tsc_khz = int(value)
+                state.tsc_khz = _uint(value, 32)
             elif part == "nested":
                 state.nested = _nested_from_dict(value)
             else:
                 raise ValueError("unknown part")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{part}: {exc}") from None
+    _check_trailing(state)
     return state

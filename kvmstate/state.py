@@ -77,6 +77,23 @@ PARTS = (
 )
 
 
+# What each structured part must be (the file format writes its bytes as they are).
+_PART_TYPES: dict[str, type[Any]] = {
+    "regs": uapi.kvm_regs,
+    "sregs": uapi.kvm_sregs,
+    "sregs2": uapi.kvm_sregs2,
+    "fpu": uapi.kvm_fpu,
+    "xsave": uapi.kvm_xsave,
+    "xcrs": uapi.kvm_xcrs,
+    "events": uapi.kvm_vcpu_events,
+    "debugregs": uapi.kvm_debugregs,
+    "mp_state": uapi.kvm_mp_state,
+    "lapic": uapi.kvm_lapic_state,
+    "cpuid": uapi.kvm_cpuid2,
+    "nested": NestedState,
+}
+
+
 class StateError(KvmError):
     """Saving or restoring one part of a vCPU failed; ``part`` names it, errno is kept."""
 
@@ -119,14 +136,40 @@ class VcpuState:
         return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
 
     def part_bytes(self, part: str) -> bytes:
-        """One part in the kernel's own bytes (MSRs as a ``kvm_msrs``, tsc_khz as a u32)."""
+        """One part in the kernel's own bytes (MSRs as a ``kvm_msrs``, tsc_khz as a u32).
+
+        KeyError for an unknown or absent part; TypeError/ValueError naming
+        the part when its value is not what the file format can carry.
+        """
+        if part not in PARTS:
+            raise KeyError(f"{part} is not a part (one of {', '.join(PARTS)})")
         value = getattr(self, part)
         if value is None:
             raise KeyError(f"{part} is absent: {self.absent.get(part, 'not saved')}")
         if part == "msrs":
             return _msrs_struct(value).to_bytes()
         if part == "tsc_khz":
-            return int(value).to_bytes(4, "little")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"tsc_khz: expected an int, not {type(value).__name__}")
+            if not 0 <= value <= 0xFFFF_FFFF:
+                raise ValueError(f"tsc_khz: {value} does not fit in 32 bits")
+            return value.to_bytes(4, "little")
+        kind = _PART_TYPES[part]
+        if not isinstance(value, kind):
+            raise TypeError(f"{part}: expected {kind.__name__}, not {type(value).__name__}")
+        if part == "cpuid" and value.nent != value.capacity():
+            raise ValueError(
+                f"cpuid: nent is {value.nent} but the object holds {value.capacity()} entries "
+                "(use trimmed())"
+            )
+        if part == "xsave":
+            n = ctypes.sizeof(value)
+            if n % 4 or n > 1 << 20:
+                raise ValueError(f"xsave: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
+        elif part not in ("cpuid", "nested") and ctypes.sizeof(value) != ctypes.sizeof(kind):
+            raise ValueError(
+                f"{part}: {ctypes.sizeof(value)} bytes, {kind.__name__} is {ctypes.sizeof(kind)}"
+            )
         return bytes(value.to_bytes())
 
     def __eq__(self, other: object) -> bool:

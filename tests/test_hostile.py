@@ -1096,10 +1096,6 @@ table(
     kvm=False,
 )
 # dumps must refuse what it cannot write as it is, or as loads would read it.
-BUG_DUMPS = (
-    "VcpuState.to_bytes/dumps trust the parts: wrong types raise AttributeError/OverflowError, "
-    "bad values are written as files loads_vm refuses"
-)
 table(
     {
         "VS(regs='x').to_bytes()": "TypeError: regs",
@@ -1114,9 +1110,12 @@ table(
         "VS(extra={'a' * 70000: b''}).to_bytes()": "ValueError: tag",
         "VS(absent={'x': 5}).to_bytes()": "TypeError: absent",
         "VS().part_bytes('bogus')": "KeyError: bogus",
+        "VS(xsave=V.kvm_fpu()).to_bytes()": "TypeError: xsave",
+        "VS(extra={'regs': b''}).to_bytes()": "ValueError: tag",
+        "VS(extra={'regs/trailing': b'x'}).to_bytes()": "ValueError: needs regs",
+        "VS(extra={'x': 'ab'}).to_bytes()": "TypeError: expected bytes",
     },
     kvm=False,
-    bug=BUG_DUMPS,
 )
 table(
     {
@@ -1175,10 +1174,12 @@ table(
         "S.from_dict(sdict({'absent': {'x': 5}}))": "ValueError: absent",
         "S.from_dict(sdict(cpuid=''))": "ValueError: cpuid",
         "S.from_dict(sdict(cpuid={}))": "ValueError: cpuid",
+        "S.from_dict(sdict(msrs={'0X174': 1}))": "ValueError: msrs",
+        "S.from_dict(sdict(msrs={'0x174': True}))": "ValueError: msrs",
+        "S.from_dict(sdict({'extra': {'regs/trailing': '00'}}))": "ValueError: needs regs",
+        "S.from_dict(sdict({'extra': {'x': 5}}))": "ValueError: extra",
     },
     kvm=False,
-    bug="snapshot.from_dict: non-mapping parts/extra raise AttributeError; "
-    "ints are not range-checked (ctypes wraps them, int() truncates floats)",
 )
 table(
     {
