@@ -40,7 +40,7 @@ def _format_flag(value: int, kind: type[enum.IntEnum] | type[enum.IntFlag]) -> s
     try:
         member = kind(value)
     except ValueError:
-        return hex(value)
+        return format_int(value)
     if isinstance(member, enum.IntFlag):
         if value == 0:
             return "0"
@@ -123,7 +123,7 @@ class _Mixin:
             for i, field in enumerate(self._shown_fields()):
                 if i:
                     p.text(",")
-                p.breakable()
+                p.breakable("" if i == 0 else " ")
                 p.text(f"{field}=")
                 value = getattr(self, field)
                 if isinstance(value, _Mixin):
@@ -234,22 +234,60 @@ def _fill(obj: Any, data: Any, path: str) -> None:
     unknown = set(data) - set(names)
     missing = set(names) - set(data)
     if unknown or missing:
-        raise ValueError(f"{path}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        # Sorted by repr: the keys of a hostile dict need not be comparable with each other.
+        raise ValueError(
+            f"{path}: unknown fields {sorted(unknown, key=repr)}, "
+            f"missing {sorted(missing, key=repr)}"
+        )
     if isinstance(obj, ctypes.Union):
-        # Raw byte members first, so that an edited structured member wins.
-        names = sorted(names, key=lambda n: not _is_bytes(getattr(obj, n)))
+        _fill_union(obj, data, path, names)
+        return
     for name in names:
-        where = f"{path}.{name}"
-        value = data[name]
-        current = getattr(obj, name)
-        if isinstance(current, _Mixin):
-            _fill(current, value, where)
-        elif isinstance(current, ctypes.Array):
-            _fill_array(current, value, where)
-        else:
-            desc = getattr(type(obj), name)
-            bits = desc.size >> 16 if desc.size > 0xFFFF else desc.size * 8
-            setattr(obj, name, _check_int(value, bits, where))
+        _fill_member(obj, name, data[name], f"{path}.{name}")
+
+
+def _fill_member(obj: Any, name: str, value: Any, where: str) -> None:
+    current = getattr(obj, name)
+    if isinstance(current, _Mixin):
+        _fill(current, value, where)
+    elif isinstance(current, ctypes.Array):
+        _fill_array(current, value, where)
+    else:
+        desc = getattr(type(obj), name)
+        bits = desc.size >> 16 if desc.size > 0xFFFF else desc.size * 8
+        setattr(obj, name, _check_int(value, bits, where))
+
+
+def _fill_union(obj: Any, data: Mapping[str, Any], path: str, names: list[str]) -> None:
+    """Fill a union from a dict of all its members, which overlap.
+
+    Raw byte members go first, then the structured ones, which win where
+    they overlap. In each group only the members whose value differs from
+    what the union's bytes give before that group are written, so an edit
+    to one member is not undone by the others, which still show the bytes
+    before it. Edited members of a group that disagree raise ValueError.
+    """
+    kind = type(obj)
+    raw = [n for n in names if _is_bytes(getattr(obj, n))]
+    for group in (raw, [n for n in names if n not in raw]):
+        before = bytes(obj)
+        edited = []
+        for name in group:
+            scratch = kind.from_buffer_copy(before)
+            _fill_member(scratch, name, data[name], f"{path}.{name}")  # checks the value too
+            if bytes(scratch) != before:
+                edited.append(name)
+        for name in edited:
+            _fill_member(obj, name, data[name], f"{path}.{name}")
+        after = bytes(obj)
+        for name in edited[:-1]:  # the last one written reads back as given
+            scratch = kind.from_buffer_copy(after)
+            _fill_member(scratch, name, data[name], f"{path}.{name}")
+            if bytes(scratch) != after:
+                raise ValueError(
+                    f"{path}: the edited members {', '.join(edited)} overlap and disagree "
+                    f"({name} does not read back as given)"
+                )
 
 
 def _is_bytes(value: Any) -> bool:
