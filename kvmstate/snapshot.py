@@ -368,13 +368,22 @@ def _nested_from_dict(d: dict[str, Any]) -> NestedState:
 
 
 def to_dict(state: VcpuState) -> dict[str, Any]:
-    """A JSON-ready dict with every field named; :func:`from_dict` gives the same bytes back."""
+    """A JSON-ready dict with every field named; :func:`from_dict` gives the same bytes back.
+
+    ``cpuid`` is the list of entries, or ``{"padding": n, "entries": [...]}``
+    when ``kvm_cpuid2.padding`` is not zero; ``msrs`` maps ``"0x174"``-style
+    hex indices to values; byte arrays are hex strings.
+    """
     parts: dict[str, Any] = {}
     for part, value in state.parts().items():
         if part in _FIXED:
             parts[part] = _jsonable(value.to_dict())
         elif part == "cpuid":
-            parts[part] = [_jsonable(e.to_dict()) for e in value.items()]
+            entries = [_jsonable(e.to_dict()) for e in value.items()]
+            # kvm_cpuid2.padding (u32) is kept when set: {"padding": n, "entries": [...]}.
+            parts[part] = (
+                {"padding": value.padding, "entries": entries} if value.padding else entries
+            )
         elif part == "msrs":
             parts[part] = {f"{i:#x}": v for i, v in sorted(value.items())}
         elif part == "xsave":
@@ -389,6 +398,26 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
         "absent": dict(state.absent),
         "extra": {k: v.hex() for k, v in state.extra.items()},
     }
+
+
+def _cpuid_from_dict(value: Any) -> uapi.kvm_cpuid2:
+    """A list of entries, or ``{"padding": n, "entries": [...]}`` for a non-zero padding."""
+    padding = 0
+    if isinstance(value, Mapping):
+        if set(value) != {"padding", "entries"}:
+            raise ValueError("expected a list of entries, or keys 'padding' and 'entries'")
+        padding = _uint(value["padding"], 32, "padding: ")
+        if not padding:
+            raise ValueError("padding: 0 is written as a plain list of entries")
+        value = value["entries"]
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of entries, not {type(value).__name__}")
+    cpuid = uapi.kvm_cpuid2.new(len(value))
+    cpuid.padding = padding
+    for entry, d in zip(cpuid.items(), value, strict=True):
+        filled = uapi.kvm_cpuid_entry2.from_dict(d)
+        ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), ctypes.sizeof(entry))
+    return cpuid
 
 
 def _uint(value: Any, bits: int, where: str = "") -> int:
@@ -459,13 +488,7 @@ def from_dict(data: dict[str, Any]) -> VcpuState:
             if part in _FIXED:
                 setattr(state, part, _FIXED[part].from_dict(value))
             elif part == "cpuid":
-                if not isinstance(value, list):
-                    raise TypeError(f"expected a list of entries, not {type(value).__name__}")
-                cpuid = uapi.kvm_cpuid2.new(len(value))
-                for entry, d in zip(cpuid.items(), value, strict=True):
-                    filled = uapi.kvm_cpuid_entry2.from_dict(d)
-                    ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), 40)
-                state.cpuid = cpuid
+                state.cpuid = _cpuid_from_dict(value)
             elif part == "msrs":
                 state.msrs = _msrs_from_dict(value)
             elif part == "xsave":

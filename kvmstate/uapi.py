@@ -809,7 +809,9 @@ class kvm_run_hw(Struct):
 class kvm_run_fail_entry(Struct):
     """``kvm_run.fail_entry`` (KVM_EXIT_FAIL_ENTRY)."""
 
-    _fields_ = [("hardware_entry_failure_reason", _u64), ("cpu", _u32)]
+    # _pad: the 4 bytes C pads the struct with (no member), named so to_dict/from_dict keep them.
+    _fields_ = [("hardware_entry_failure_reason", _u64), ("cpu", _u32), ("_pad", _u8 * 4)]
+    _hidden_ = frozenset({"_pad"})
 
 
 class kvm_run_ex(Struct):
@@ -834,7 +836,15 @@ class kvm_run_io(Struct):
 class kvm_run_mmio(Struct):
     """``kvm_run.mmio`` (KVM_EXIT_MMIO)."""
 
-    _fields_ = [("phys_addr", _u64), ("data", _u8 * 8), ("len", _u32), ("is_write", _u8)]
+    # _pad: the 3 bytes C pads the struct with (no member), named so to_dict/from_dict keep them.
+    _fields_ = [
+        ("phys_addr", _u64),
+        ("data", _u8 * 8),
+        ("len", _u32),
+        ("is_write", _u8),
+        ("_pad", _u8 * 3),
+    ]
+    _hidden_ = frozenset({"_pad"})
 
 
 class kvm_run_internal(Struct):

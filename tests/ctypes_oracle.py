@@ -129,7 +129,9 @@ def compare(
 
     ``partial``: mirror class names that cover only part of the C type
     (only their own fields are checked). ``extra``: dotted paths of mirror
-    fields the C type lacks on purpose (newer kernels).
+    fields the C type lacks on purpose (newer kernels). A mirror field named
+    ``_pad*`` names implicit C padding: it must lie inside the C type and
+    overlap no C member.
     """
     path = path or cls.__name__
     problems: list[str] = []
@@ -149,7 +151,9 @@ def compare(
         where = f"{path}.{name}"
         c = c_fields.get(name)
         if c is None:
-            if f"{cls.__name__}.{name}" not in extra:
+            if name.startswith("_pad"):
+                problems.extend(_check_padding(offset, size, layout, c_fields, where))
+            elif f"{cls.__name__}.{name}" not in extra:
                 problems.append(f"{where}: not in the C type")
             continue
         if offset != c["offset"]:
@@ -159,6 +163,18 @@ def compare(
         for name in c_fields.keys() - py_fields.keys():
             problems.append(f"{path}.{name}: in C but not mirrored")
     return problems
+
+
+def _check_padding(
+    offset: int, size: int, layout: dict[str, Any], c_fields: dict[str, Any], where: str
+) -> list[str]:
+    """A ``_pad*`` mirror field: bytes of the C type that no C member covers."""
+    if offset + size > layout["size"]:
+        return [f"{where}: padding at {offset}+{size} runs past the C size {layout['size']}"]
+    for name, c in c_fields.items():
+        if c["offset"] < offset + size and offset < c["offset"] + c["type"]["size"]:
+            return [f"{where}: padding at {offset}+{size} overlaps C member {name}"]
+    return []
 
 
 def _compare_type(
