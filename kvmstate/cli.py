@@ -62,7 +62,7 @@ def info(path: str = "/dev/kvm") -> dict[str, Any]:
     out["nested_parameter"] = {mod: _read_param(p) for mod, p in _NESTED_PARAMS.items()}
     try:
         kvm = Kvm(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         out["available"] = False
         out["error"] = str(exc)
         return out
@@ -100,6 +100,9 @@ def _read_blob(path: str) -> bytes:
             data = f.read(MAX_BLOB + 1)
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL in the path: shown escaped, on one line
+        shown = path.replace("\0", "\\0")
+        raise CliError(f"{shown}: {exc}") from None
     if len(data) > MAX_BLOB:
         raise CliError(f"{path}: larger than {MAX_BLOB} bytes, not a nested state")
     return data

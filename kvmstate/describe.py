@@ -1,6 +1,6 @@
 """Turning states into words: flat ``path = value`` listings and JSON-ready dicts.
 
-Used by the command line (``kvmstate decode``) and by :func:`kvmstate.diff`.
+Used by the command line (``kvmstate decode``) and by :func:`kvmstate.diff.diff`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def fields(obj: Any, prefix: str = "", *, hidden: bool = False) -> Iterator[tupl
 
     Byte arrays are one leaf; arrays of scalars or structures are indexed
     (``interrupt_bitmap[0]``). Reserved/padding fields are skipped unless
-    ``hidden``.
+    ``hidden``. TypeError for anything but a mirror (a :class:`~kvmstate._struct.Struct`).
     """
+    if not isinstance(obj, _Mixin):
+        raise TypeError(f"fields() needs a kernel structure mirror, not {type(obj).__name__}")
     names = obj.field_names() if hidden else obj._shown_fields()
     for name in names:
         value = getattr(obj, name)
@@ -49,6 +51,8 @@ def nested_state_fields(
     state: NestedState, *, hidden: bool = False
 ) -> Iterator[tuple[str, Any, str]]:
     """Every field of a nested state by name: header, vendor header, then data pages."""
+    if not isinstance(state, NestedState):
+        raise TypeError(f"expected a NestedState, not {type(state).__name__}")
     h = state.header
     yield "flags", h.flags, format_value(h.flags, "flags", h)
     yield "format", h.format, format_value(h.format, "format", h)

@@ -39,6 +39,8 @@ __all__ = [
     "NestedState",
 ]
 
+#: Bytes of the fixed header (flags, format, size and the 120-byte vendor
+#: header union) before the data pages: ``sizeof(struct kvm_nested_state)``.
 HEADER_SIZE = uapi.NESTED_STATE_HEADER_SIZE  # 128
 #: Largest VMX state: header, vmcs12, shadow vmcs12 (KVM_CAP_NESTED_STATE on Intel).
 VMX_MAX_SIZE = HEADER_SIZE + 2 * uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # 8320
@@ -397,7 +399,10 @@ def check_for_set(state: NestedState) -> None:
     Checked: ``size`` at least the header and within the buffer (the kernel
     reads up to ``size`` bytes), only known flags, RUN_PENDING only with
     GUEST_MODE, a known format. Everything else is the kernel's to judge.
+    TypeError for anything but a :class:`NestedState`.
     """
+    if not isinstance(state, NestedState):
+        raise TypeError(f"check_for_set() needs a NestedState, not {type(state).__name__}")
     flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
     if size < HEADER_SIZE:
         raise ValueError(f"size {size} is below the {HEADER_SIZE}-byte header")

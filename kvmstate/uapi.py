@@ -377,6 +377,7 @@ class kvm_nested_state(kvm_nested_state_header):
     _fields_ = [("data", kvm_nested_state_data)]
 
 
+#: sizeof(struct kvm_nested_state) in C: the fixed 128-byte header.
 NESTED_STATE_HEADER_SIZE = ctypes.sizeof(kvm_nested_state_header)
 assert NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
 

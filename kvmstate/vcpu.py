@@ -74,6 +74,8 @@ class Vcpu(FdWrapper):
         ``nested_state_size`` is ``KVM_CAP_NESTED_STATE``; a vCPU fd cannot
         answer it (EINVAL), so when not given it is asked of ``/dev/kvm``,
         or taken as 8320 (the largest known state) when that cannot be opened.
+        Likewise :attr:`kvm_run` maps ``KVM_GET_VCPU_MMAP_SIZE`` bytes asked of
+        ``/dev/kvm`` (one page when it cannot be opened).
         """
         return cls(fd, owned=False, nested_state_size=nested_state_size)
 
@@ -87,7 +89,9 @@ class Vcpu(FdWrapper):
             if kvm is not None and not kvm.closed:
                 self._nested_state_size = kvm.nested_state_size
             else:
-                self._nested_state_size = _ask_dev_kvm()
+                self._nested_state_size = _ask_dev_kvm(
+                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, VMX_MAX_SIZE
+                )
         return self._nested_state_size
 
     # --- registers ----------------------------------------------------------------
@@ -302,11 +306,15 @@ class Vcpu(FdWrapper):
     def kvm_run(self) -> uapi.kvm_run:
         """The shared ``kvm_run`` page (mapped on first use)."""
         if self._run is None:
-            size = mmap.PAGESIZE
+            fd = self.fileno()
             kvm = getattr(self.vm, "kvm", None)
             if kvm is not None and not kvm.closed:
                 size = kvm.vcpu_mmap_size
-            self._run_map = mmap.mmap(self.fileno(), size, mmap.MAP_SHARED)
+            else:
+                # Borrowed: ask /dev/kvm. The run page is followed by more (port I/O
+                # data at KVM_PIO_PAGE_OFFSET * 4096): one page is too few.
+                size = _ask_dev_kvm(io.KVM_GET_VCPU_MMAP_SIZE, 0, mmap.PAGESIZE)
+            self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
             self._run = uapi.kvm_run.from_buffer(self._run_map)
         return self._run
 
@@ -571,14 +579,15 @@ def _writable_copy(data: Any) -> NestedState:
     return state
 
 
-def _ask_dev_kvm() -> int:
+def _ask_dev_kvm(request: int, arg: int, default: int) -> int:
+    """A system ioctl's answer from ``/dev/kvm`` for a borrowed vCPU, or ``default``."""
     try:
         fd = os.open(DEFAULT_PATH, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return VMX_MAX_SIZE
+        return default
     try:
-        return ioctl(fd, io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE)
+        return ioctl(fd, request, arg)
     except KvmError:
-        return VMX_MAX_SIZE
+        return default
     finally:
         os.close(fd)
