@@ -26,9 +26,12 @@ nested      ``struct kvm_nested_state``, exactly ``size`` bytes
 absent      UTF-8 JSON object: part -> why the kernel had none
 =========== =====================================================
 
-Tags are 1-64 characters of ``[a-z0-9_.]``. A reader keeps records it
-does not know, and bytes after a fixed-size structure that a newer kernel
-made longer, in :attr:`VcpuState.extra` and writes them back unchanged.
+Tags are 1-64 characters of ``[a-z0-9_.]``. Inside a ``vcpu`` record, a
+reader keeps records it does not know, and bytes after a fixed-size
+structure that a newer kernel made longer, in :attr:`VcpuState.extra` and
+writes them back unchanged. Unknown top-level records (beside ``vcpu`` and
+``meta``) are skipped on load and not written again: a list of
+:class:`VcpuState` has no place for them.
 Every length is checked against what is left before anything is parsed;
 malformed input raises ValueError naming the record.
 """
