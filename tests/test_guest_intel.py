@@ -1,0 +1,168 @@
+"""Tests of the Intel guest harness (tests/guest/intel.py, Bochs).
+
+A boot is slow (seconds from the cached saved machine, minutes to build it),
+so one boot serves every test that needs the guest; the rest test the
+harness's pieces on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.guest import _common, intel
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "tests" / "guest" / "run"
+KVM_CHECK_EXTENSION = 0xAE03
+KVM_CAP_NESTED_STATE = 157
+NESTED_STATE_SIZE_VMX = 8320  # header (128) + vmcs12 (4096) + shadow vmcs12 (4096)
+
+needs_bochs = pytest.mark.skipif(
+    shutil.which("bochs") is None,
+    reason="bochs is not installed (apt-get install -y bochs bochsbios vgabios xorriso "
+    "isolinux syslinux-common busybox-static)",
+)
+
+PROBE = """
+import fcntl, json, os, sys, tempfile
+fd = os.open("/dev/kvm", os.O_RDWR)
+with tempfile.NamedTemporaryFile() as f:
+    f.write(b"written")
+    f.flush()
+    tmpfile = f.name
+print(json.dumps({
+    "cwd": os.getcwd(),
+    "guest": os.environ.get("KVMSTATE_GUEST"),
+    "tmpfile": tmpfile,
+    "tmpdir": os.environ.get("TMPDIR"),
+    "bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+    "executable": sys.executable,
+    "nested_state": fcntl.ioctl(fd, 0xAE03, 157),
+    "checkout": os.path.isfile("tests/guest/intel.py"),
+}))
+sys.exit(7)
+"""
+
+
+@pytest.fixture(scope="module")
+def probe() -> subprocess.CompletedProcess[str]:
+    """The one boot: a Python probe that reports what it sees and exits 7."""
+    if shutil.which("bochs") is None:
+        pytest.skip("bochs is not installed")
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--cpu", "intel", "--timeout", "900", "--",
+         sys.executable, "-c", PROBE],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode == _common.EXIT_PREREQ:
+        pytest.skip(f"guest prerequisites missing: {done.stderr.strip()}")
+    return done
+
+
+def report(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no probe output\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+# --------------------------------------------------------------------------- in the guest
+
+
+@needs_bochs
+def test_exit_status_is_propagated(probe: subprocess.CompletedProcess[str]) -> None:
+    assert probe.returncode == 7, probe.stderr
+    assert "kvmstate-guest: Intel guest" in probe.stderr
+
+
+@needs_bochs
+def test_kvm_has_vmx_nested_state(probe: subprocess.CompletedProcess[str]) -> None:
+    found = report(probe)
+    assert found["guest"] == "intel"
+    assert found["nested_state"] == NESTED_STATE_SIZE_VMX
+
+
+@needs_bochs
+def test_runs_in_the_callers_checkout(probe: subprocess.CompletedProcess[str]) -> None:
+    found = report(probe)
+    assert found["cwd"] == str(REPO)
+    assert found["checkout"] is True
+    assert found["executable"] == sys.executable
+    assert found["bytecode"] == "1"
+
+
+@needs_bochs
+def test_tmpdir_is_writable(probe: subprocess.CompletedProcess[str]) -> None:
+    found = report(probe)
+    assert str(found["tmpfile"]).startswith(str(found["tmpdir"]) + "/")
+
+
+# --------------------------------------------------------------------------- on the host
+
+
+def test_missing_bochs_is_status_123(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path), "KVMSTATE_GUEST_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--cpu", "intel", "--", "true"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == _common.EXIT_PREREQ
+    assert "apt-get install -y" in done.stderr
+    assert "bochs" in done.stderr
+
+
+def test_checkout_leaves_out_vcs_and_caches(tmp_path: Path) -> None:
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref\n")
+    (tmp_path / "link").symlink_to("pkg/mod.py")
+    tree = intel.checkout_files(str(tmp_path), tmp_path / "no-cache")
+    assert tree.files == {str(tmp_path / "pkg" / "mod.py")}
+    assert tree.links == {str(tmp_path / "link"): "pkg/mod.py"}
+
+
+def test_tree_keeps_symlinked_directories(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "lib").mkdir(parents=True)
+    (tmp_path / "usr" / "lib" / "libx.so.1").write_bytes(b"\x7fELF")
+    (tmp_path / "lib").symlink_to("usr/lib")
+    tree = intel.Tree()
+    tree.add(str(tmp_path / "lib" / "libx.so.1"))
+    assert tree.links == {str(tmp_path / "lib"): "usr/lib"}
+    assert tree.files == {str(tmp_path / "usr" / "lib" / "libx.so.1")}
+
+
+def test_payload_header_and_size(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("print(1)\n")
+    data = intel.payload("0123", ["python3", "a.py"], str(tmp_path), intel.Tree())
+    magic, nonce, size, _epoch = data[:512].rstrip(b"\0").decode().split()
+    assert (magic, nonce) == (intel.PAYLOAD_MAGIC, "0123")
+    assert len(data) == intel.BODY_OFFSET + int(size)
+    assert data[intel.BODY_OFFSET : intel.BODY_OFFSET + 6] == b"070701"  # cpio newc
+    assert b"kvmstate/run.sh" in data
+
+
+def test_saved_config_is_made_restorable(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        'panic: action=ask, logio=fatal, ?=fatal\nsound: waveoutdrv=dummy\n'
+        'ata0-master: type=cdrom, path="boot.iso", status=inserted\nlog: bochs.log\n'
+        "plugin_ctrl: biosdev=true, usb_uhci=true, serial=true\n"
+    )  # fmt: skip
+    intel._sanitize_config(config)
+    text = config.read_text()
+    assert "panic: action=fatal\n" in text
+    assert "?=" not in text
+    assert "sound:" not in text
+    restored = intel._restore_config(text, Path("/cache/e"), Path("/run"))
+    assert 'path="/cache/e/boot.iso"' in restored
+    assert "log: /run/bochs.log" in restored
+    assert "plugin_ctrl: biosdev=true, serial=true, usb_uhci=true\n" in restored
