@@ -40,7 +40,9 @@ def _format_flag(value: int, kind: type[enum.IntEnum] | type[enum.IntFlag]) -> s
     try:
         member = kind(value)
     except ValueError:
-        return format_int(value)
+        # An unknown enum value: in hex even when small, so it stands out from named ones
+        # (tests/test_vmcb_layout.py::test_unknown_values_show_in_hex relies on it).
+        return hex(value)
     if isinstance(member, enum.IntFlag):
         if value == 0:
             return "0"
