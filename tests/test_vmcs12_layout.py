@@ -440,7 +440,7 @@ def test_pretty_printer_one_field_per_line() -> None:
         def text(self, s: str) -> None:
             self.out.append(s)
 
-        def breakable(self) -> None:
+        def breakable(self, sep: str = " ") -> None:
             self.out.append("\n")
 
         def pretty(self, obj: Any) -> None:
