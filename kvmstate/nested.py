@@ -23,13 +23,15 @@ import ctypes
 import functools
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmstate import uapi
 from kvmstate._struct import format_value
 from kvmstate.uapi import NestedFlag, NestedFormat
-from kvmstate.vmcb import vmcb as Vmcb
-from kvmstate.vmcs12 import vmcs12 as Vmcs12
+
+if TYPE_CHECKING:
+    from kvmstate.vmcb import vmcb as Vmcb
+    from kvmstate.vmcs12 import vmcs12 as Vmcs12
 
 __all__ = [
     "HEADER_SIZE",
@@ -264,7 +266,7 @@ class NestedState:
         end = HEADER_SIZE + (index + 1) * _DATA_SIZE
         if self._header.format != fmt or self._header.size < end or self.capacity < end:
             return None
-        return _page_types[(fmt, index)].from_buffer(self._storage, end - _DATA_SIZE)
+        return _page_type(fmt).from_buffer(self._storage, end - _DATA_SIZE)
 
     @property
     def vmcs12(self) -> Vmcs12 | None:
@@ -377,12 +379,21 @@ _FLAG_OWNER = {
     "svm.flags": _Owner(uapi.SvmHeaderFlag),
 }
 
+
 # The typed view class of each data page (format, page index).
-_page_types: dict[tuple[int, int], Any] = {
-    (NestedFormat.VMX, 0): Vmcs12,
-    (NestedFormat.VMX, 1): Vmcs12,
-    (NestedFormat.SVM, 0): Vmcb,
-}
+def _page_type(fmt: int) -> Any:
+    """The mirror of a format's data page, imported on first use.
+
+    The VMCB and vmcs12 modules are the bulk of ``import kvmstate``; most
+    programs never look inside a page.
+    """
+    if fmt == NestedFormat.SVM:
+        from kvmstate.vmcb import vmcb
+
+        return vmcb
+    from kvmstate.vmcs12 import vmcs12
+
+    return vmcs12
 
 
 def _u(value: int, bits: int, name: str) -> int:
