@@ -45,7 +45,7 @@ from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
-from kvmstate.vcpu import _msr_indices, _msr_values
+from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 
 if TYPE_CHECKING:
     from kvmstate.vcpu import Vcpu
@@ -239,11 +239,9 @@ def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
     values in 64 (TypeError/ValueError naming the MSR: ctypes would wrap them)."""
     if not isinstance(values, Mapping):
         raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
-    _msr_indices(values.keys())
-    _msr_values(values)
-    msrs = uapi.kvm_msrs.new(len(values))
-    for entry, (index, value) in zip(msrs.items(), sorted(values.items()), strict=True):
-        entry.index, entry.data = index, value
+    ordered = dict(sorted(values.items()))
+    msrs, words = _msr_buffer(_msr_indices(ordered.keys()))
+    words[1::2] = _msr_values(ordered)
     return msrs
 
 

@@ -510,7 +510,7 @@ def _msr_indices(indices: Iterable[int]) -> array[int]:
         for index in items:
             _msr_index(index)
         raise
-    if any(type(index) is bool for index in items):  # array("I") takes True as 1
+    if bool in set(map(type, items)):  # array("I") takes True as 1
         for index in items:
             _msr_index(index)
     return out
@@ -523,7 +523,7 @@ def _msr_values(values: Mapping[int, int]) -> array[int]:
         out = array("Q", items)
     except (OverflowError, TypeError):
         out = None
-    if out is None or any(type(v) is bool for v in items):  # array("Q") takes True as 1
+    if out is None or bool in set(map(type, items)):  # array("Q") takes True as 1
         for i, v in values.items():
             _u64(v, f"MSR {i:#x}")  # names the offending value
     if out is None:
