@@ -179,9 +179,9 @@ def test_borrowed_vcpu_learns_nested_size_from_dev_kvm(
     borrowed.close()
 
 
-def test_run_real_mode_code_to_io_and_hlt(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) -> None:
+def load_real_mode(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu, code: bytes) -> None:
+    """Put ``code`` at 0x1000 and point the vCPU (real mode, CS base 0) at it."""
     mem = vm.add_memory(0, 0x10000)
-    code = bytes([0xB0, 0x42, 0xE6, 0x10, 0xF4])  # mov al,0x42; out 0x10,al; hlt
     mem[0x1000 : 0x1000 + len(code)] = code
     sregs = vcpu.get_sregs()
     sregs.cs.base = sregs.cs.selector = 0
@@ -189,6 +189,11 @@ def test_run_real_mode_code_to_io_and_hlt(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) 
     regs = vcpu.get_regs()
     regs.rip, regs.rflags = 0x1000, 2
     vcpu.set_regs(regs)
+
+
+def test_run_real_mode_code_to_io_and_hlt(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) -> None:
+    code = bytes([0xB0, 0x42, 0xE6, 0x10, 0xF4])  # mov al,0x42; out 0x10,al; hlt
+    load_real_mode(vm, vcpu, code)
     assert vcpu.run() == uapi.ExitReason.IO
     io = vcpu.kvm_run.io
     assert (io.direction, io.port, io.size) == (uapi.KVM_EXIT_IO_OUT, 0x10, 1)
@@ -202,15 +207,7 @@ def test_run_real_mode_code_to_io_and_hlt(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) 
 def test_complete_io_finishes_the_exit_without_running(
     vm: kvmstate.Vm, vcpu: kvmstate.Vcpu
 ) -> None:
-    mem = vm.add_memory(0, 0x10000)
-    code = bytes([0xE6, 0x10, 0xF4])  # out 0x10,al; hlt
-    mem[0x1000 : 0x1000 + len(code)] = code
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
-    vcpu.set_regs(regs)
+    load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xF4]))  # out 0x10,al; hlt
     assert vcpu.run() == uapi.ExitReason.IO
     vcpu.complete_io()
     assert vcpu.kvm_run.immediate_exit == 0
