@@ -31,7 +31,7 @@ needs_bochs = pytest.mark.skipif(
 )
 
 PROBE = """
-import fcntl, json, os, sys, tempfile
+import fcntl, json, os, shutil, sys, tempfile
 fd = os.open("/dev/kvm", os.O_RDWR)
 with tempfile.NamedTemporaryFile() as f:
     f.write(b"written")
@@ -46,6 +46,7 @@ print(json.dumps({
     "executable": sys.executable,
     "nested_state": fcntl.ioctl(fd, 0xAE03, 157),
     "checkout": os.path.isfile("tests/guest/intel.py"),
+    "tools": shutil.which("uname") is not None,
 }))
 sys.exit(7)
 """
@@ -96,6 +97,7 @@ def test_runs_in_the_callers_checkout(probe: subprocess.CompletedProcess[str]) -
     assert found["checkout"] is True
     assert found["executable"] == sys.executable
     assert found["bytecode"] == "1"
+    assert found["tools"] is True  # busybox applets on PATH
 
 
 @needs_bochs

@@ -27,6 +27,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import py_compile
 import re
 import shutil
 import socket
@@ -44,6 +45,9 @@ from . import _common
 from ._common import EXIT_BOOT, HarnessError
 
 KIND = "intel"
+#: Bumped when what goes into the saved machine changes in a way its inputs
+#: (files, init script, bochsrc) do not show.
+SNAPSHOT_FORMAT = 3
 DEFAULT_TIMEOUT = 900.0
 LABEL = "Intel guest (Bochs, kvm_intel nested=1)"
 TOOLS = {"bochs": "bochs", "xorriso": "xorriso", "ldd": "libc-bin"}
@@ -60,6 +64,9 @@ MODULE_PARAMS = {"kvm_intel": "nested=1"}
 
 #: Where the host's tree lives in the guest (the command is chrooted there).
 GUEST_ROOT = "host"
+#: Busybox and its applets inside that root, last in the command's PATH: the
+#: host tree in the guest holds Python and /bin/sh only.
+GUEST_TOOLS = "/.kvmstate/bin"
 MEMORY_MB = 512
 #: The per-run transfer disk. Its size is part of the saved machine.
 DISK_BYTES = 64 << 20
@@ -112,7 +119,8 @@ n=0
 until [ -b /dev/sda ]; do
     n=$((n + 1)); [ $n -gt 300 ] && fail "no ATA disk (ata_piix/sd_mod)"; sleep 0.1
 done
-# After a restore Bochs feeds the serial port NULs, which the tty would echo.
+chroot "$ROOT" {GUEST_TOOLS}/busybox --install -s {GUEST_TOOLS}
+# Nothing is typed on the console; never echo what the serial port may receive.
 stty -echo
 # Bochs's UART sends at its baud rate: drain the console (stty waits for it)
 # before powering off, or the end of the output and the exit status are lost.
@@ -170,6 +178,9 @@ class Tree:
         self.dirs: set[str] = set()
         self.files: set[str] = set()
         self.links: dict[str, str] = {}
+        #: Files placed elsewhere than on the host (bytecode made for the guest):
+        #: guest path -> host file.
+        self.extra: dict[str, str] = {}
 
     def add(self, path: str, _depth: int = 0) -> None:
         if _depth > 40:
@@ -379,14 +390,75 @@ class TreeCpio(_common.Cpio):
 
     def add_tree(self, tree: Tree, prefix: str) -> None:
         """Every directory, symlink and file of ``tree``, under ``prefix``."""
-        for path in sorted(tree.dirs | {os.path.dirname(p) for p in tree.links}):
-            self.entry(prefix + path, stat.S_IFDIR | 0o755, b"", int(os.stat(path).st_mtime))
+        parents = set()
+        for path in [*tree.links, *tree.extra]:
+            while (path := os.path.dirname(path)) != "/":  # the kernel makes no parents
+                parents.add(path)
+        for path in sorted((tree.dirs | parents) - {"/"}):
+            mtime = int(os.stat(path).st_mtime) if os.path.isdir(path) else 0
+            self.entry(prefix + path, stat.S_IFDIR | 0o755, b"", mtime)
         for path, target in sorted(tree.links.items()):
             self.entry(prefix + path, stat.S_IFLNK | 0o777, target.encode(), 0)
         for path in sorted(tree.files):
             st = os.stat(path)
             mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
             self.entry(prefix + path, mode, Path(path).read_bytes(), int(st.st_mtime))
+        for path, source in sorted(tree.extra.items()):
+            st = os.stat(source)
+            mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
+            self.entry(prefix + path, mode, Path(source).read_bytes(), int(st.st_mtime))
+
+
+# --------------------------------------------------------------------------- bytecode
+
+
+def _pyc_name(source: str, tail: str = "") -> str:
+    """Where Python (tail "") or pytest's rewriter (tail "-pytest-X.Y") looks for
+    the bytecode of ``source``."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    name = f"{stem}.{sys.implementation.cache_tag}{tail}.pyc"
+    return os.path.join(os.path.dirname(source), "__pycache__", name)
+
+
+def add_pytest_bytecode(tree: Tree, work: Path) -> None:
+    """Ship the bytecode pytest's assertion rewriter makes for plugin modules.
+
+    pytest rewrites every module of a distribution registering a plugin
+    (hypothesis: ~90 modules), ignoring the installed bytecode; the host, where
+    it takes 3 s, may never write it (PYTHONDONTWRITEBYTECODE), and the guest
+    would spend minutes on it every session. So a host pytest run writes it
+    (and any missing plain bytecode) under a pycache prefix, and it goes into
+    the guest's __pycache__ directories, where pytest and Python look.
+    """
+    prefix = work / "pycache"
+    empty = work / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
+    env["PYTHONPYCACHEPREFIX"] = str(prefix)
+    code = "import sys, pytest; sys.exit(pytest.main(['--co', '-q', '-p', 'no:cacheprovider']))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=empty, env=env, capture_output=True, check=False
+    )
+    _common.debug(f"host pytest for bytecode: status {done.returncode}")
+    for source in [p for p in tree.files if p.endswith(".py")]:
+        made = Path(str(prefix) + os.path.dirname(source))
+        stem = os.path.splitext(os.path.basename(source))[0]
+        for pyc in made.glob(f"{stem}.{sys.implementation.cache_tag}*.pyc"):
+            tail = pyc.name[len(stem) + len(sys.implementation.cache_tag) + 1 : -4]
+            guest = _pyc_name(source, tail)
+            if guest not in tree.files:
+                tree.extra[guest] = str(pyc)
+    shutil.rmtree(empty)
+
+
+def add_checkout_bytecode(tree: Tree, work: Path) -> None:
+    """Compile the checkout's modules on the host (milliseconds there,
+    seconds each under emulation)."""
+    for source in sorted(p for p in tree.files if p.endswith(".py")):
+        target = work / "pyc" / source.lstrip("/")
+        with contextlib.suppress(py_compile.PyCompileError, OSError, ValueError):
+            py_compile.compile(source, cfile=str(target), dfile=source, doraise=True)
+            tree.extra[_pyc_name(source)] = str(target)
 
 
 def checkout_files(cwd: str, cache: Path) -> Tree:
@@ -669,8 +741,8 @@ def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         add_libraries(stable, root / "libraries.json")
         key = _common.cache_key(
-            str(kernel.vmlinuz.parent), _common.file_digest(busybox), init, BOCHSRC,
-            KERNEL_ARGS, DISK_BYTES, stable.manifest(), sorted(stable.links.items()),
+            SNAPSHOT_FORMAT, str(kernel.vmlinuz.parent), _common.file_digest(busybox), init,
+            BOCHSRC, KERNEL_ARGS, DISK_BYTES, stable.manifest(), sorted(stable.links.items()),
             _bochs_identity(bochs),
         )  # fmt: skip
 
@@ -678,6 +750,8 @@ def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
             _common.say("building the Intel guest's saved machine (once per kernel/Python; "
                         "boots Bochs for 2-4 minutes)")  # fmt: skip
             started = time.monotonic()
+            add_pytest_bytecode(stable, work)
+            stable.extra[GUEST_TOOLS + "/busybox"] = str(busybox)
             tree = TreeCpio()
             tree.file("kvmstate/run.sh", b"NONCE=none\n")
             tree.add_tree(stable, "/" + GUEST_ROOT)
@@ -685,6 +759,7 @@ def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
                 tree.directory(f"{GUEST_ROOT}/{d}")
             base = _common.base_initramfs(busybox, kernel, init, dirs=(GUEST_ROOT,))
             _make_iso(work, kernel, base + tree.finish())
+            shutil.rmtree(work / "pycache", ignore_errors=True)
             (work / "bochsrc").write_text(BOCHSRC)
             (work / "cmds").write_text("c\n")
             with (work / "disk.img").open("wb") as disk:
@@ -717,8 +792,12 @@ def payload(nonce: str, command: list[str], cwd: str, volatile: Tree) -> bytes:
     bindir = os.path.dirname(sys.executable)
     if not env["PATH"].startswith(bindir + ":"):
         env["PATH"] = bindir + ":" + env["PATH"]
+    env["PATH"] += ":" + GUEST_TOOLS
     cpio = TreeCpio()
-    cpio.add_tree(checkout_files(cwd, _common.cache_dir()), "/" + GUEST_ROOT)
+    checkout = checkout_files(cwd, _common.cache_dir())
+    with tempfile.TemporaryDirectory(prefix="kvmstate-guest-pyc-") as tmp:
+        add_checkout_bytecode(checkout, Path(tmp))
+        cpio.add_tree(checkout, "/" + GUEST_ROOT)
     cpio.add_tree(volatile, "/" + GUEST_ROOT)
     cpio.file("kvmstate/run.sh", _common.run_script(nonce, command, cwd, env).encode())
     body = cpio.finish()
