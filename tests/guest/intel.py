@@ -285,17 +285,17 @@ def _distributions() -> tuple[list[importlib.metadata.Distribution], list[str]]:
     extra = os.environ.get("KVMSTATE_GUEST_DISTS", "")
     wanted += [(n, set()) for n in extra.split()]
     chosen: dict[str, importlib.metadata.Distribution] = {}
-    missing = []
+    missing: list[str] = []
     while wanted:
         name, extras = wanted.pop()
         key = _norm(name)
         if key in chosen or key in SKIP_DISTS:
             continue
-        dist = installed.get(key)
-        if dist is None:
+        found_dist = installed.get(key)
+        if found_dist is None:
             missing.append(name)
             continue
-        chosen[key] = dist
+        chosen[key] = dist = found_dist
         for req in dist.requires or []:
             spec, _, marker = req.partition(";")
             found = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
