@@ -327,9 +327,7 @@ class NestedState:
         elif h.format == NestedFormat.SVM:
             svm = h.hdr.svm
             out["vmcb_pa"] = svm.vmcb_pa
-            if svm.flags:
-                out["svm.flags"] = uapi.SvmHeaderFlag(svm.flags)
-            if svm.flags & uapi.KVM_STATE_SVM_VALID_GPAT:
+            if svm.gpat:  # 0 unless L2 has its own PAT (Linux 7.2+, quirk disabled)
                 out["gpat"] = svm.gpat
         return out
 
@@ -376,7 +374,6 @@ _FLAG_OWNER = {
     "flags": _Owner(NestedFlag),
     "smm.flags": _Owner(uapi.NestedSmmFlag),
     "vmx.flags": _Owner(uapi.VmxHeaderFlag),
-    "svm.flags": _Owner(uapi.SvmHeaderFlag),
 }
 
 

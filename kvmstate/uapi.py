@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from kvmstate._struct import Struct, Union
 
 __all__ = [
+    "GPAT_COMMIT",
+    "GPAT_RELEASE",
     "KVMIO",
     "KVM_API_VERSION",
     "KVM_CAP_NESTED_STATE",
@@ -50,8 +52,8 @@ __all__ = [
     "KVM_STATE_NESTED_SMM_VMXON",
     "KVM_STATE_NESTED_SVM_VMCB_SIZE",
     "KVM_STATE_NESTED_VMX_VMCS_SIZE",
-    "KVM_STATE_SVM_VALID_GPAT",
     "KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE",
+    "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT",
     "NESTED_STATE_HEADER_SIZE",
     "NEWER_CONSTANTS",
     "NEWER_FIELDS",
@@ -61,7 +63,6 @@ __all__ = [
     "NestedFlag",
     "NestedFormat",
     "NestedSmmFlag",
-    "SvmHeaderFlag",
     "VcpuEventsFlag",
     "VmxHeaderFlag",
     "kvm_cpuid2",
@@ -153,8 +154,23 @@ KVM_STATE_NESTED_VMX_VMCS_SIZE = 0x1000
 KVM_STATE_NESTED_SVM_VMCB_SIZE = 0x1000
 
 KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE = 0x00000001
-# Proposed with the nSVM gPAT series (v5, 2026-02): not in 6.1 nor 6.12.
-KVM_STATE_SVM_VALID_GPAT = 0x00000001
+
+# KVM_CAP_DISABLE_QUIRKS2 bits. Up to MWAIT_NEVER_UD_FAULTS the installed 6.1
+# header has them; the rest are in NEWER_CONSTANTS.
+KVM_X86_QUIRK_LINT0_REENABLED = 1 << 0
+KVM_X86_QUIRK_CD_NW_CLEARED = 1 << 1
+KVM_X86_QUIRK_LAPIC_MMIO_HOLE = 1 << 2
+KVM_X86_QUIRK_OUT_7E_INC_RIP = 1 << 3
+KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
+KVM_X86_QUIRK_FIX_HYPERCALL_INSN = 1 << 5
+KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS = 1 << 6
+KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
+KVM_X86_QUIRK_STUFF_FEATURE_MSRS = 1 << 8
+KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9
+KVM_X86_QUIRK_VMCS12_ALLOW_FREEZE_IN_SMM = 1 << 10
+#: Enabled by default: L2 shares L1's PAT. Disabled (KVM_CAP_DISABLE_QUIRKS2), L2 with
+#: nested paging has its own gPAT, carried in ``kvm_svm_nested_state_hdr.gpat``.
+KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT = 1 << 11
 
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
 KVM_CPUID_FLAG_STATEFUL_FUNC = 1 << 1
@@ -219,12 +235,6 @@ class VmxHeaderFlag(enum.IntFlag):
     """``kvm_vmx_nested_state_hdr.flags``."""
 
     PREEMPTION_TIMER_DEADLINE = KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE
-
-
-class SvmHeaderFlag(enum.IntFlag):
-    """``kvm_svm_nested_state_hdr.flags`` (proposed, see :data:`NEWER_FIELDS`)."""
-
-    VALID_GPAT = KVM_STATE_SVM_VALID_GPAT
 
 
 class CpuidFlag(enum.IntFlag):
@@ -322,20 +332,15 @@ class kvm_svm_nested_state_data(Struct):
 
 
 class kvm_svm_nested_state_hdr(Struct):
-    """SVM header: the guest-physical address of vmcb12.
+    """SVM header: the guest-physical address of vmcb12, then L2's guest PAT.
 
-    ``flags``, ``reserved`` and ``gpat`` are newer than the installed header
-    (see :data:`NEWER_FIELDS`); older kernels leave them zero and ignore them.
+    ``gpat`` is newer than the installed header (Linux 7.2, see
+    :data:`NEWER_FIELDS`). KVM_GET_NESTED_STATE fills it only in guest mode
+    with nested paging and ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`` disabled,
+    and leaves it 0 otherwise; older kernels leave it 0 and ignore it.
     """
 
-    _fields_ = [
-        ("vmcb_pa", _u64),
-        ("flags", _u32),
-        ("reserved", _u32),
-        ("gpat", _u64),
-    ]
-    _flags_ = {"flags": SvmHeaderFlag}
-    _hidden_ = frozenset({"reserved"})
+    _fields_ = [("vmcb_pa", _u64), ("gpat", _u64)]
 
 
 class kvm_nested_state_hdr(Union):
@@ -381,21 +386,35 @@ class kvm_nested_state(kvm_nested_state_header):
 NESTED_STATE_HEADER_SIZE = ctypes.sizeof(kvm_nested_state_header)
 assert NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
 
+#: The commit that added ``kvm_svm_nested_state_hdr.gpat`` (kvm-x86 ``svm``, 2026-05-18,
+#: the v8 posting of the nSVM gPAT series as applied) and the first release with it.
+GPAT_COMMIT = "4f256d5770febb9d61f9b57a4c79c491bf4987f1"
+GPAT_RELEASE = (7, 2)
+
 #: Constants this module names that the installed header (6.1) lacks.
 NEWER_CONSTANTS: dict[str, str] = {
-    "KVM_STATE_SVM_VALID_GPAT": "nSVM gPAT series (v5, 2026-02): not in 6.1 or 6.12",
+    **{
+        f"KVM_X86_QUIRK_{name}": "in Debian's linux-source-6.12 (6.12.117), not in 6.1"
+        for name in (
+            "SLOT_ZAP_ALL",
+            "STUFF_FEATURE_MSRS",
+            "IGNORE_GUEST_PAT",
+            "VMCS12_ALLOW_FREEZE_IN_SMM",
+        )
+    },
+    "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT": (
+        "Linux 7.2: commit 822790ab0149 (KVM: x86: Define KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT), "
+        "nSVM gPAT series v8"
+    ),
 }
 
 #: Fields this module mirrors that the installed header (6.1) lacks, with
 #: where they come from. The layout oracle skips exactly these.
 NEWER_FIELDS: dict[tuple[str, str], str] = {
-    ("kvm_svm_nested_state_hdr", "flags"): (
-        "nSVM gPAT series (KVM: x86: nSVM: Save/restore gPAT with "
-        "KVM_{GET,SET}_NESTED_STATE, v5 2026-02): not in 6.1 or 6.12"
-    ),
-    ("kvm_svm_nested_state_hdr", "reserved"): "same series as flags",
     ("kvm_svm_nested_state_hdr", "gpat"): (
-        "same series: L2's guest PAT when flags has VALID_GPAT (guest mode with nested NPT)"
+        f"Linux {GPAT_RELEASE[0]}.{GPAT_RELEASE[1]}: commit {GPAT_COMMIT[:12]} (KVM: x86: nSVM: "
+        "Save/restore gPAT with KVM_{GET,SET}_NESTED_STATE), L2's guest PAT in guest mode "
+        "with nested paging and KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT disabled, else 0"
     ),
 }
 

@@ -7,6 +7,7 @@ result back (tests/ctypes_oracle.py), never from numbers typed in here.
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,53 @@ def test_newer_fields_fit_in_the_c_padding(layouts: dict[str, Any]) -> None:
         cls = getattr(uapi, struct_name)
         desc = getattr(cls, field)
         assert desc.offset + desc.size <= hdr["type"]["size"], (struct_name, field)
+
+
+# Commit 4f256d5770fe (Linux 7.2, uapi.GPAT_COMMIT) adds one line to
+# arch/x86/include/uapi/asm/kvm.h: "__u64 gpat;" right after the "__u64 vmcb_pa;" of
+# struct kvm_svm_nested_state_hdr. The installed header (6.1) predates it, so the
+# upstream ABI is the installed header with that line added, compiled like the rest.
+ASM_KVM_H = [Path("/usr/include/x86_64-linux-gnu/asm/kvm.h"), Path("/usr/include/asm/kvm.h")]
+_SVM_HDR = re.compile(r"(struct kvm_svm_nested_state_hdr \{\n\s*__u64 vmcb_pa;\n)((?:.*\n)*?)(\};)")
+UPSTREAM = {
+    "struct kvm_svm_nested_state_hdr": uapi.kvm_svm_nested_state_hdr,
+    "struct kvm_nested_state": uapi.kvm_nested_state,
+}
+
+
+def _upstream_header() -> str:
+    path = next((p for p in ASM_KVM_H if p.exists()), None)
+    if path is None:
+        pytest.skip("<asm/kvm.h> missing (apt-get install linux-libc-dev)")
+    text = path.read_text()
+    found = _SVM_HDR.search(text)
+    assert found is not None, f"no struct kvm_svm_nested_state_hdr in {path}"
+    if "gpat" not in found[2]:  # a header older than the commit: apply its one line
+        text = text[: found.end(1)] + "\t__u64 gpat;\n" + text[found.end(1) :]
+    # asm/kvm.h's include guard keeps linux/kvm.h from reading the unpatched copy.
+    return text + "\n#include <linux/kvm.h>\n"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return oracle.c_layouts(_upstream_header(), list(UPSTREAM), tmp_path_factory.mktemp("up"))
+
+
+@pytest.mark.parametrize("c_name", list(UPSTREAM))
+def test_svm_header_matches_the_merged_abi(c_name: str, upstream: dict[str, Any]) -> None:
+    # Nothing skipped: every field, gpat included, where the merged header puts it.
+    problems = oracle.compare(UPSTREAM[c_name], upstream[c_name], partial=PARTIAL)
+    assert problems == []
+
+
+def test_merged_gpat_follows_vmcb_pa(upstream: dict[str, Any]) -> None:
+    svm = {f["name"]: f for f in upstream["struct kvm_svm_nested_state_hdr"]["fields"]}
+    assert list(svm) == ["vmcb_pa", "gpat"]
+    assert uapi.kvm_svm_nested_state_hdr.gpat.offset == svm["gpat"]["offset"]
+    hdr = next(f for f in upstream["struct kvm_nested_state"]["fields"] if f["name"] == "hdr")
+    assert ctypes.sizeof(uapi.kvm_nested_state_hdr) == hdr["type"]["size"]
+    assert upstream["struct kvm_nested_state"]["size"] == uapi.NESTED_STATE_HEADER_SIZE
+    assert not hasattr(uapi, "SvmHeaderFlag") and not hasattr(uapi, "KVM_STATE_SVM_VALID_GPAT")
 
 
 def _public_constants() -> list[str]:

@@ -123,7 +123,8 @@ def _note(cls: type, name: str) -> str:
     parts = []
     key = (cls.__name__, name)
     if key in uapi.NEWER_FIELDS:
-        parts.append("newer than the 6.1 header (nSVM gPAT series)")
+        # The description opens with the release that brought the field ("Linux 7.2: ...").
+        parts.append(f"newer than the 6.1 header ({uapi.NEWER_FIELDS[key].split(':')[0]})")
     if cls is vmcs12.vmcs12 and name in vmcs12.NEWER_FIELDS:
         parts.append("6.18 (CET); zero before")
     if key in vmcb.LINUX_6_1_NAMES:
