@@ -36,7 +36,14 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
   than 6.12; for such kernels that case is reported undecided;
 * VMX sizes compare with ``sizeof(struct vmcs12)``, 998 bytes (C packs it),
   not the 4096-byte page: a vmcs12 counts from ``size`` 1126 and the shadow
-  vmcs12 from 5222, in both versions.
+  vmcs12 from 5222, in both versions;
+* Linux 7.2 (commit 4f256d5770fe, read in the applied patch) added SVM's
+  ``hdr.svm.gpat`` and its one SET rule: with NP_ENABLE in vmcb12 and
+  ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`` disabled it must be a valid PAT.
+  The quirk's state decides (``Facts.nested_svm_shared_pat``); when it is not
+  known, a ``kernel_version`` before 7.2 does (those kernels ignore gpat).
+  A kernel numbered before 7.2 that carries the series as a backport is
+  judged by the quirk fact alone: give it.
 
 Not checked, because SET does not check it or nothing here can know it:
 vmcb12's ``event_inj`` (neither version validates it), vmcs12's
@@ -114,6 +121,7 @@ _VGUEST = "arch/x86/kvm/vmx/nested.c: nested_vmx_check_guest_state"
 _SSET = "arch/x86/kvm/svm/nested.c: svm_set_nested_state"
 _SCTL = "arch/x86/kvm/svm/nested.c: __nested_vmcb_check_controls"
 _SSAVE = "arch/x86/kvm/svm/nested.c: __nested_vmcb_check_save"
+_SGPAT = f"{_SSET} (Linux 7.2+, commit {uapi.GPAT_COMMIT[:12]})"
 _LIB = "kvmstate: Vcpu.set_nested_state (the kernel reads `size` bytes)"
 
 
@@ -169,7 +177,10 @@ VMX_MSRS: Mapping[int, str] = MappingProxyType(
 )
 _MSR_IA32_FEATURE_CONTROL = 0x3A
 
-_BOOL_FACTS = ("has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57")
+_BOOL_FACTS = (
+    "has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57",
+    "nested_svm_shared_pat",
+)  # fmt: skip
 _INT_FACTS = (
     "maxphyaddr", "efer", "cr0", "cr3", "cr4", "nested_state_cap", "feature_control",
 )  # fmt: skip
@@ -217,6 +228,11 @@ class Facts:
     nested_state_cap: int | None = None
     #: IA32_FEATURE_CONTROL. No SET rule reads it (VMXON does); kept for callers.
     feature_control: int | None = None
+    #: Whether ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`` is in force for the VM (True: L2
+    #: shares L1's PAT, the default and all a kernel before 7.2 does; False: the VMM
+    #: disabled it with KVM_CAP_DISABLE_QUIRKS2, which only a 7.2+ kernel accepts). No
+    #: ioctl reads it back, so :meth:`from_vcpu` leaves it None.
+    nested_svm_shared_pat: bool | None = None
     #: VMX capability MSRs (see :data:`VMX_MSRS`) as the vCPU reports them: index -> value.
     vmx_msrs: Mapping[int, int] | None = dataclasses.field(default=None, hash=False)
 
@@ -298,7 +314,8 @@ class Facts:
         sregs (EFER, CR0, CR3, CR4), vCPU events (SMM), ``KVM_CAP_NESTED_STATE``,
         the VMX capability MSRs and IA32_FEATURE_CONTROL when the CPUID has
         VMX, kvm_amd's ``npt`` parameter, and this machine's kernel version.
-        Not readable, so left None: eVMCS enablement and LA57 canonicality.
+        Not readable, so left None: eVMCS enablement, LA57 canonicality and
+        whether the VM disabled ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT``.
         """
         found: dict[str, Any] = {}
         try:
@@ -630,6 +647,11 @@ class _Ctx:
         if v[:2] <= (6, 1):
             return False
         return True if v[:2] >= (6, 12) else None
+
+    def since(self, release: tuple[int, int]) -> bool | None:
+        """Whether the kernel is ``release`` or later (None: version unknown)."""
+        v = self.facts.kernel_version
+        return None if v is None else v[:2] >= release
 
     def both_kernels_rule(self) -> bool | None:
         """A rule read in 6.1 and 6.12 that a later kernel may have dropped."""
@@ -2325,6 +2347,40 @@ def svm_save_area(c: _Ctx) -> None:
         )
     _cr4_rules(c, f + "cr4", cr4, _SSAVE, vmx_fixed=False)
     _efer_rules(c, f + "efer", efer, _SSAVE, "svm")
+
+
+@_rule(_svm_vmcb)
+def svm_gpat(c: _Ctx) -> None:
+    """svm_set_nested_state, Linux 7.2+ (commit 4f256d5770fe): with NP_ENABLE in vmcb12's
+    nested_ctl and KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT disabled, ``hdr.svm.gpat`` must be
+    a valid PAT (kvm_pat_valid: every byte 0, 1, 4, 5, 6 or 7). With the quirk in force
+    (the default), and in any kernel before 7.2, gpat is ignored."""
+    assert c.vmcb is not None
+    if not c.vmcb.control.nested_ctl & svm.SVM_NESTED_CTL_NP_ENABLE:
+        return
+    gpat = int(c.svm.gpat)
+    if not _pat_invalid(gpat):
+        return
+    shared = c.facts.nested_svm_shared_pat
+    needs = "nested_svm_shared_pat"
+    if shared is not None:
+        # Only a kernel with the series lets the quirk be disabled: no version needed.
+        verdict: bool | None = not shared
+    elif c.since(uapi.GPAT_RELEASE) is False:
+        verdict = False  # a kernel before 7.2 has neither the quirk nor the rule
+    else:
+        verdict = None
+        if c.facts.kernel_version is None:
+            needs += " (or a kernel_version before 7.2)"
+    c.report(
+        verdict,
+        "hdr.svm.gpat",
+        gpat,
+        "with NP_ENABLE in vmcb12 and KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT disabled, gpat "
+        "(L2's PAT) must be a valid PAT: every byte a memory type 0, 1, 4, 5, 6 or 7",
+        _SGPAT,
+        needs,
+    )
 
 
 @_rule(_svm_vmcb)

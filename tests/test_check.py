@@ -276,6 +276,10 @@ _SHADOW = _all(
     _set("vmcs12.vmcs_link_pointer", 0x8000),
 )
 
+# The power-on PAT with entry 0 set to type 2, which is reserved: not kvm_pat_valid.
+BAD_PAT = 0x0007040600070402
+GOOD_PAT = 0x0007040600070406  # the power-on PAT: WB, WT, UC-, UC twice over
+
 CASES = [
     # x86.c and the format
     Case("size-below-header", "svm_gif", _set("size", 64), "size_covers_header", "size"),
@@ -495,6 +499,11 @@ CASES = [
          "svm_save_area", "vmcb12.save.efer", words="fxsr_opt"),
     Case("l1-efer-autoibrs-6.1", "svm_guest", _or("vmcb12.save.efer", svm.EFER_AUTOIBRS),
          "svm_save_area", "vmcb12.save.efer", words="AUTOIBRS"),
+    Case("gpat-invalid-with-npt-quirk-disabled", "svm_guest",
+         _all(_set("vmcb12.control.nested_ctl", svm.SVM_NESTED_CTL_NP_ENABLE),
+              _set("svm.gpat", BAD_PAT)),
+         "svm_gpat", "hdr.svm.gpat", {"nested_svm_shared_pat": False, "kernel_version": (7, 2, 0)},
+         words="valid PAT"),
     Case("vcpu-cr3-beyond-maxphyaddr", "svm_guest", lambda s: None, "svm_vcpu_cr3", "vcpu.cr3",
          {"cr3": 1 << 50}),
 ]  # fmt: skip
@@ -567,6 +576,72 @@ def test_autoibrs_needs_cpuid_in_6_12() -> None:
     assert check(state, with_cpuid) == []
 
 
+def _npt_gpat(gpat: int) -> NestedState:
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.control.nested_ctl = svm.SVM_NESTED_CTL_NP_ENABLE
+    state.svm.gpat = gpat
+    return state
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_gpat_rule_takes_exactly_the_six_memory_types(byte: int) -> None:
+    # Every byte of gpat in turn: the architecture's memory types are 0, 1, 4, 5, 6, 7.
+    facts = dataclasses.replace(SVM_FACTS, kernel_version=(7, 2, 0), nested_svm_shared_pat=False)
+    for shift in range(0, 64, 8):
+        gpat = (GOOD_PAT & ~(0xFF << shift)) | byte << shift
+        problems = check(_npt_gpat(gpat), facts)
+        if byte in (0, 1, 4, 5, 6, 7):
+            assert problems == []
+        else:
+            assert [(p.rule_id, p.field, p.value, p.certain) for p in problems] == [
+                ("svm_gpat", "hdr.svm.gpat", gpat, True)
+            ]
+
+
+def test_gpat_rule_needs_npt_and_the_quirk_disabled() -> None:
+    disabled = dataclasses.replace(SVM_FACTS, kernel_version=(7, 2, 0), nested_svm_shared_pat=False)
+    (p,) = check(_npt_gpat(BAD_PAT), disabled)
+    assert p.certain and "commit 4f256d5770fe" in p.source and "7.2" in p.source
+    # The quirk in force (the default): gpat is ignored, whatever it holds.
+    enabled = dataclasses.replace(disabled, nested_svm_shared_pat=True)
+    assert check(_npt_gpat(BAD_PAT), enabled) == []
+    # Without nested paging in vmcb12 L2 has no PAT of its own.
+    no_npt = _npt_gpat(BAD_PAT)
+    assert no_npt.vmcb12 is not None
+    no_npt.vmcb12.control.nested_ctl = 0
+    assert check(no_npt, disabled) == []
+    # Outside guest mode SET reads nothing but flags.
+    gif = svm_gif()
+    gif.svm.gpat = BAD_PAT
+    assert check(gif, disabled) == []
+
+
+def test_gpat_rule_is_undecided_without_the_quirk_state() -> None:
+    for version in ((7, 2, 0), (7, 3, 1)):
+        (p,) = check(_npt_gpat(BAD_PAT), dataclasses.replace(SVM_FACTS, kernel_version=version))
+        assert not p.certain and p.needs == "nested_svm_shared_pat"
+        assert "undecided: depends on nested_svm_shared_pat" in str(p)
+    (p,) = check(_npt_gpat(BAD_PAT), dataclasses.replace(SVM_FACTS, kernel_version=None))
+    assert not p.certain and p.needs == "nested_svm_shared_pat (or a kernel_version before 7.2)"
+    # Kernels before 7.2 ignore gpat: the version alone decides then.
+    for version in ((6, 1, 0), (6, 12, 9), (7, 1, 4)):
+        older = dataclasses.replace(SVM_FACTS, kernel_version=version)
+        assert check(_npt_gpat(BAD_PAT), older) == []
+    # A disabled quirk proves the kernel has the series, whatever its number says.
+    backport = dataclasses.replace(
+        SVM_FACTS, kernel_version=(6, 12, 0), nested_svm_shared_pat=False
+    )
+    assert [p.certain for p in check(_npt_gpat(BAD_PAT), backport)] == [True]
+    assert check(_npt_gpat(GOOD_PAT), dataclasses.replace(SVM_FACTS, kernel_version=None)) == []
+
+
+def test_quirk_fact_parses_from_text() -> None:
+    assert Facts.from_strings({"nested_svm_shared_pat": "no"}).nested_svm_shared_pat is False
+    with pytest.raises(TypeError, match="nested_svm_shared_pat"):
+        Facts(nested_svm_shared_pat=0)  # type: ignore[arg-type]
+
+
 # --- undecided verdicts name the fact -------------------------------------------------------
 
 
@@ -595,6 +670,8 @@ def test_autoibrs_needs_cpuid_in_6_12() -> None:
         ("vmx_root", _all(_set("vmx.vmxon_pa", INVALID), _set("flags", NestedFlag.EVMCS)),
          ("evmcs_enabled",), "evmcs_enabled"),
         ("svm_gif", _set("flags", 0), ("kernel_version",), "kernel_version"),
+        ("svm_guest", _all(_set("vmcb12.control.nested_ctl", 1), _set("svm.gpat", BAD_PAT)),
+         ("kernel_version",), "nested_svm_shared_pat"),
     ],
 )  # fmt: skip
 def test_unknown_fact_gives_an_undecided_problem_naming_it(
@@ -879,6 +956,7 @@ _NOT_MADE = {
     "nested_state_cap",  # this KVM has nested state
     "npt_enabled",  # kvm_amd's npt is a module parameter (Y in the guest)
     "kernel_version",  # the guest runs 6.1
+    "nested_svm_shared_pat",  # 6.1 has no such quirk to disable
     "cr0",  # KVM_SET_SREGS itself refuses CR0.NW without CD
 }
 SVM_KERNEL_CASES = [
@@ -896,6 +974,9 @@ MORE_KERNEL_CASES: list[_Extra] = [
     ("vnmi-ignored-by-6.1", "svm_guest",
      _set("vmcb12.control.int_ctl", svm.V_NMI_ENABLE_MASK), {}),
     ("np-with-npt", "svm_guest", _set("vmcb12.control.nested_ctl", 1), {}),
+    # 6.1 has no gPAT: any gpat passes, as check() says for a kernel_version before 7.2.
+    ("gpat-ignored-by-6.1", "svm_guest",
+     _all(_set("vmcb12.control.nested_ctl", 1), _set("svm.gpat", BAD_PAT)), {}),
     ("lmsle", "svm_guest", _or("vmcb12.save.efer", svm.EFER_LMSLE), {}),
     ("long-mode-l1", "svm_guest",
      _all(_or("vmcb12.save.efer", svm.EFER_LME | svm.EFER_LMA),
