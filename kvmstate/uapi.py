@@ -20,8 +20,11 @@ Deviations from the C header, all deliberate:
   ``kvm_cpuid2.new(n)``, ``kvm_msrs.new(n)``, ``kvm_msr_list.new(n)``.
 * C ``char`` arrays (``kvm_lapic_state.regs``) are ``__u8`` arrays here: ctypes
   would otherwise cut their bytes at the first NUL when read.
-* ``kvm_run`` mirrors the fixed head and the exit union only (the page
-  behind it is mapped with the size ``KVM_GET_VCPU_MMAP_SIZE`` gives).
+* ``kvm_run`` is mirrored whole (2352 bytes): the exit union names the x86
+  exits' members (``io``, ``mmio``, ``internal``...) and leaves other
+  architectures' to its ``padding``; ``s`` is the x86 ``kvm_sync_regs``.
+  The mapping behind it is ``KVM_GET_VCPU_MMAP_SIZE`` bytes (more pages follow:
+  port I/O data, the coalesced MMIO ring).
 * Fields newer than the installed header (linux-libc-dev 6.1) are listed
   in :data:`NEWER_FIELDS` with the kernel that brought them.
 """
@@ -36,11 +39,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from kvmstate._struct import Struct, Union
 
 __all__ = [
+    "EXIT_MEMBERS",
     "GPAT_COMMIT",
     "GPAT_RELEASE",
     "KVMIO",
     "KVM_API_VERSION",
     "KVM_CAP_NESTED_STATE",
+    "KVM_CAP_SYNC_REGS",
     "KVM_STATE_NESTED_EVMCS",
     "KVM_STATE_NESTED_FORMAT_SVM",
     "KVM_STATE_NESTED_FORMAT_VMX",
@@ -53,23 +58,34 @@ __all__ = [
     "KVM_STATE_NESTED_SVM_VMCB_SIZE",
     "KVM_STATE_NESTED_VMX_VMCS_SIZE",
     "KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE",
+    "KVM_SYNC_X86_VALID_FIELDS",
     "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT",
     "NESTED_STATE_HEADER_SIZE",
     "NEWER_CONSTANTS",
     "NEWER_FIELDS",
+    "SYNC_REGS_SIZE_BYTES",
     "CpuidFlag",
     "ExitReason",
+    "HypervExit",
+    "InternalError",
+    "IoDirection",
     "MpState",
+    "MsrExitReason",
     "NestedFlag",
     "NestedFormat",
     "NestedSmmFlag",
+    "RunFlag",
+    "SyncRegs",
+    "SystemEvent",
     "VcpuEventsFlag",
     "VmxHeaderFlag",
     "kvm_cpuid2",
     "kvm_cpuid_entry2",
+    "kvm_debug_exit_arch",
     "kvm_debugregs",
     "kvm_dtable",
     "kvm_fpu",
+    "kvm_hyperv_exit",
     "kvm_lapic_state",
     "kvm_mp_state",
     "kvm_msr_entry",
@@ -81,11 +97,28 @@ __all__ = [
     "kvm_nested_state_header",
     "kvm_regs",
     "kvm_run",
+    "kvm_run_debug",
+    "kvm_run_emulation_failure",
+    "kvm_run_eoi",
+    "kvm_run_ex",
+    "kvm_run_exit",
+    "kvm_run_fail_entry",
+    "kvm_run_hw",
+    "kvm_run_hypercall",
+    "kvm_run_internal",
+    "kvm_run_io",
+    "kvm_run_mmio",
+    "kvm_run_msr",
+    "kvm_run_notify",
+    "kvm_run_s",
+    "kvm_run_system_event",
+    "kvm_run_tpr_access",
     "kvm_segment",
     "kvm_sregs",
     "kvm_sregs2",
     "kvm_svm_nested_state_data",
     "kvm_svm_nested_state_hdr",
+    "kvm_sync_regs",
     "kvm_userspace_memory_region",
     "kvm_vcpu_events",
     "kvm_vmx_nested_state_data",
@@ -185,6 +218,9 @@ KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
 
 KVM_NR_INTERRUPTS = 256
 
+KVM_CAP_SYNC_REGS = 74
+
+# kvm_run.exit_reason: every KVM_EXIT_* of the installed header, and MEMORY_FAULT.
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1
 KVM_EXIT_IO = 2
@@ -196,12 +232,72 @@ KVM_EXIT_IRQ_WINDOW_OPEN = 7
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
+KVM_EXIT_SET_TPR = 11
+KVM_EXIT_TPR_ACCESS = 12
+KVM_EXIT_S390_SIEIC = 13
+KVM_EXIT_S390_RESET = 14
+KVM_EXIT_DCR = 15
 KVM_EXIT_NMI = 16
 KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_OSI = 18
+KVM_EXIT_PAPR_HCALL = 19
+KVM_EXIT_S390_UCONTROL = 20
+KVM_EXIT_WATCHDOG = 21
+KVM_EXIT_S390_TSCH = 22
+KVM_EXIT_EPR = 23
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_S390_STSI = 25
+KVM_EXIT_IOAPIC_EOI = 26
+KVM_EXIT_HYPERV = 27
+KVM_EXIT_ARM_NISV = 28
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_DIRTY_RING_FULL = 31
+KVM_EXIT_AP_RESET_HOLD = 32
+KVM_EXIT_X86_BUS_LOCK = 33
+KVM_EXIT_XEN = 34
+KVM_EXIT_RISCV_SBI = 35
+KVM_EXIT_RISCV_CSR = 36
+KVM_EXIT_NOTIFY = 37
+KVM_EXIT_MEMORY_FAULT = 39
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
+
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
+
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+KVM_SYSTEM_EVENT_WAKEUP = 4
+KVM_SYSTEM_EVENT_SUSPEND = 5
+KVM_SYSTEM_EVENT_SEV_TERM = 6
+
+KVM_EXIT_HYPERV_SYNIC = 1
+KVM_EXIT_HYPERV_HCALL = 2
+KVM_EXIT_HYPERV_SYNDBG = 3
+
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+
+KVM_NOTIFY_CONTEXT_INVALID = 1 << 0
+
+# kvm_run.flags (x86).
+KVM_RUN_X86_SMM = 1 << 0
+KVM_RUN_X86_BUS_LOCK = 1 << 1
+KVM_RUN_X86_GUEST_MODE = 1 << 2
+
+# kvm_run.kvm_valid_regs / kvm_dirty_regs (x86), and the size of kvm_run.s.
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
+SYNC_REGS_SIZE_BYTES = 2048
 
 
 # --- enum views, for reading values in a REPL --------------------------------
@@ -273,7 +369,8 @@ class MpState(enum.IntEnum):
 
 
 class ExitReason(enum.IntEnum):
-    """``kvm_run.exit_reason`` values the library names (``KVM_EXIT_*``)."""
+    """``kvm_run.exit_reason`` (``KVM_EXIT_*``): every exit of the 6.1 header, and 6.12's
+    MEMORY_FAULT. :data:`EXIT_MEMBERS` says which ``kvm_run`` member each one fills."""
 
     UNKNOWN = KVM_EXIT_UNKNOWN
     EXCEPTION = KVM_EXIT_EXCEPTION
@@ -286,9 +383,93 @@ class ExitReason(enum.IntEnum):
     SHUTDOWN = KVM_EXIT_SHUTDOWN
     FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
     INTR = KVM_EXIT_INTR
+    SET_TPR = KVM_EXIT_SET_TPR
+    TPR_ACCESS = KVM_EXIT_TPR_ACCESS
+    S390_SIEIC = KVM_EXIT_S390_SIEIC
+    S390_RESET = KVM_EXIT_S390_RESET
+    DCR = KVM_EXIT_DCR
     NMI = KVM_EXIT_NMI
     INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
+    OSI = KVM_EXIT_OSI
+    PAPR_HCALL = KVM_EXIT_PAPR_HCALL
+    S390_UCONTROL = KVM_EXIT_S390_UCONTROL
+    WATCHDOG = KVM_EXIT_WATCHDOG
+    S390_TSCH = KVM_EXIT_S390_TSCH
+    EPR = KVM_EXIT_EPR
     SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
+    S390_STSI = KVM_EXIT_S390_STSI
+    IOAPIC_EOI = KVM_EXIT_IOAPIC_EOI
+    HYPERV = KVM_EXIT_HYPERV
+    ARM_NISV = KVM_EXIT_ARM_NISV
+    X86_RDMSR = KVM_EXIT_X86_RDMSR
+    X86_WRMSR = KVM_EXIT_X86_WRMSR
+    DIRTY_RING_FULL = KVM_EXIT_DIRTY_RING_FULL
+    AP_RESET_HOLD = KVM_EXIT_AP_RESET_HOLD
+    X86_BUS_LOCK = KVM_EXIT_X86_BUS_LOCK
+    XEN = KVM_EXIT_XEN
+    RISCV_SBI = KVM_EXIT_RISCV_SBI
+    RISCV_CSR = KVM_EXIT_RISCV_CSR
+    NOTIFY = KVM_EXIT_NOTIFY
+    MEMORY_FAULT = KVM_EXIT_MEMORY_FAULT
+
+
+class InternalError(enum.IntEnum):
+    """``kvm_run.internal.suberror`` (``KVM_INTERNAL_ERROR_*``)."""
+
+    EMULATION = KVM_INTERNAL_ERROR_EMULATION
+    SIMUL_EX = KVM_INTERNAL_ERROR_SIMUL_EX
+    DELIVERY_EV = KVM_INTERNAL_ERROR_DELIVERY_EV
+    UNEXPECTED_EXIT_REASON = KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
+
+
+class SystemEvent(enum.IntEnum):
+    """``kvm_run.system_event.type`` (``KVM_SYSTEM_EVENT_*``)."""
+
+    SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDOWN
+    RESET = KVM_SYSTEM_EVENT_RESET
+    CRASH = KVM_SYSTEM_EVENT_CRASH
+    WAKEUP = KVM_SYSTEM_EVENT_WAKEUP
+    SUSPEND = KVM_SYSTEM_EVENT_SUSPEND
+    SEV_TERM = KVM_SYSTEM_EVENT_SEV_TERM
+
+
+class HypervExit(enum.IntEnum):
+    """``kvm_hyperv_exit.type`` (``KVM_EXIT_HYPERV_*``)."""
+
+    SYNIC = KVM_EXIT_HYPERV_SYNIC
+    HCALL = KVM_EXIT_HYPERV_HCALL
+    SYNDBG = KVM_EXIT_HYPERV_SYNDBG
+
+
+class MsrExitReason(enum.IntFlag):
+    """``kvm_run.msr.reason`` (``KVM_MSR_EXIT_REASON_*``): why the MSR access exited."""
+
+    INVAL = KVM_MSR_EXIT_REASON_INVAL
+    UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN
+    FILTER = KVM_MSR_EXIT_REASON_FILTER
+
+
+class RunFlag(enum.IntFlag):
+    """``kvm_run.flags`` on x86 (``KVM_RUN_X86_*``)."""
+
+    SMM = KVM_RUN_X86_SMM
+    BUS_LOCK = KVM_RUN_X86_BUS_LOCK
+    GUEST_MODE = KVM_RUN_X86_GUEST_MODE
+
+
+class SyncRegs(enum.IntFlag):
+    """``kvm_run.kvm_valid_regs`` / ``kvm_dirty_regs`` (``KVM_SYNC_X86_*``)."""
+
+    REGS = KVM_SYNC_X86_REGS
+    SREGS = KVM_SYNC_X86_SREGS
+    EVENTS = KVM_SYNC_X86_EVENTS
+
+
+class IoDirection(enum.IntEnum):
+    """``kvm_run.io.direction`` (``KVM_EXIT_IO_IN`` / ``KVM_EXIT_IO_OUT``)."""
+
+    IN = KVM_EXIT_IO_IN
+    OUT = KVM_EXIT_IO_OUT
 
 
 # --- nested state -------------------------------------------------------------
@@ -402,6 +583,8 @@ NEWER_CONSTANTS: dict[str, str] = {
             "VMCS12_ALLOW_FREEZE_IN_SMM",
         )
     },
+    "KVM_EXIT_MEMORY_FAULT": "in Debian's linux-source-6.12, not in 6.1 (guest_memfd)",
+    "KVM_RUN_X86_GUEST_MODE": "in Debian's linux-source-6.12, not in 6.1",
     "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT": (
         "Linux 7.2: commit 822790ab0149 (KVM: x86: Define KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT), "
         "nSVM gPAT series v8"
@@ -827,7 +1010,7 @@ class kvm_run_hw(Struct):
 
 
 class kvm_run_fail_entry(Struct):
-    """``kvm_run.fail_entry`` (KVM_EXIT_FAIL_ENTRY)."""
+    """``kvm_run.fail_entry`` (KVM_EXIT_FAIL_ENTRY): VM-entry failed; the reason is the CPU's."""
 
     # _pad: the 4 bytes C pads the struct with (no member), named so to_dict/from_dict keep them.
     _fields_ = [("hardware_entry_failure_reason", _u64), ("cpu", _u32), ("_pad", _u8 * 4)]
@@ -851,10 +1034,24 @@ class kvm_run_io(Struct):
         ("data_offset", _u64),
     ]
     _decimal_ = frozenset({"size", "count"})
+    _flags_ = {"direction": IoDirection}
+
+
+class kvm_debug_exit_arch(Struct):
+    """x86 debug exit: the exception (1 = #DB, 3 = #BP), where, and DR6/DR7."""
+
+    _fields_ = [("exception", _u32), ("pad", _u32), ("pc", _u64), ("dr6", _u64), ("dr7", _u64)]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_run_debug(Struct):
+    """``kvm_run.debug`` (KVM_EXIT_DEBUG, with KVM_SET_GUEST_DEBUG)."""
+
+    _fields_ = [("arch", kvm_debug_exit_arch)]
 
 
 class kvm_run_mmio(Struct):
-    """``kvm_run.mmio`` (KVM_EXIT_MMIO)."""
+    """``kvm_run.mmio`` (KVM_EXIT_MMIO): an access to guest-physical memory no slot backs."""
 
     # _pad: the 3 bytes C pads the struct with (no member), named so to_dict/from_dict keep them.
     _fields_ = [
@@ -864,32 +1061,240 @@ class kvm_run_mmio(Struct):
         ("is_write", _u8),
         ("_pad", _u8 * 3),
     ]
+    _decimal_ = frozenset({"len"})
     _hidden_ = frozenset({"_pad"})
 
 
+class kvm_run_hypercall(Struct):
+    """``kvm_run.hypercall`` (KVM_EXIT_HYPERCALL, with KVM_CAP_EXIT_HYPERCALL)."""
+
+    _fields_ = [
+        ("nr", _u64),
+        ("args", _u64 * 6),
+        ("ret", _u64),
+        ("longmode", _u32),
+        ("pad", _u32),
+    ]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_run_tpr_access(Struct):
+    """``kvm_run.tpr_access`` (KVM_EXIT_TPR_ACCESS, with KVM_TPR_ACCESS_REPORTING)."""
+
+    _fields_ = [("rip", _u64), ("is_write", _u32), ("pad", _u32)]
+    _hidden_ = frozenset({"pad"})
+
+
 class kvm_run_internal(Struct):
-    """``kvm_run.internal`` (KVM_EXIT_INTERNAL_ERROR)."""
+    """``kvm_run.internal`` (KVM_EXIT_INTERNAL_ERROR): ``ndata`` words of ``data`` are set."""
 
     _fields_ = [("suberror", _u32), ("ndata", _u32), ("data", _u64 * 16)]
+    _decimal_ = frozenset({"ndata"})
+    _flags_ = {"suberror": InternalError}
+
+
+class kvm_run_emulation_failure(Struct):
+    """``kvm_run.emulation_failure``: ``internal`` for KVM_INTERNAL_ERROR_EMULATION, with
+    the instruction bytes when ``flags`` has ``..._FLAG_INSTRUCTION_BYTES``."""
+
+    # C wraps insn_size/insn_bytes in an anonymous union of an anonymous struct: same bytes.
+    _fields_ = [
+        ("suberror", _u32),
+        ("ndata", _u32),
+        ("flags", _u64),
+        ("insn_size", _u8),
+        ("insn_bytes", _u8 * 15),
+    ]
+    _decimal_ = frozenset({"ndata", "insn_size"})
+    _flags_ = {"suberror": InternalError}
+
+
+class kvm_run_system_event_u(Union):
+    """``kvm_run.system_event``'s anonymous union: ``flags`` (before ndata) or ``data``."""
+
+    _fields_ = [("flags", _u64), ("data", _u64 * 16)]
+
+
+class kvm_run_system_event(Struct):
+    """``kvm_run.system_event`` (KVM_EXIT_SYSTEM_EVENT): shutdown, reset, crash..."""
+
+    _anonymous_ = ("u",)
+    _fields_ = [("type", _u32), ("ndata", _u32), ("u", kvm_run_system_event_u)]
+    _decimal_ = frozenset({"ndata"})
+    _flags_ = {"type": SystemEvent}
+    _hidden_ = frozenset({"u"})
+
+    def _shown_fields(self) -> list[str]:
+        # The union by its C names; flags (the pre-ndata name) is data[0].
+        return ["type", "ndata", "data"]
+
+
+class kvm_run_eoi(Struct):
+    """``kvm_run.eoi`` (KVM_EXIT_IOAPIC_EOI, split irqchip)."""
+
+    _fields_ = [("vector", _u8)]
+
+
+class kvm_hyperv_exit_synic(Struct):
+    """``kvm_hyperv_exit.u.synic`` (KVM_EXIT_HYPERV_SYNIC): a SynIC MSR was written."""
+
+    _fields_ = [
+        ("msr", _u32),
+        ("pad2", _u32),
+        ("control", _u64),
+        ("evt_page", _u64),
+        ("msg_page", _u64),
+    ]
+    _hidden_ = frozenset({"pad2"})
+
+
+class kvm_hyperv_exit_hcall(Struct):
+    """``kvm_hyperv_exit.u.hcall`` (KVM_EXIT_HYPERV_HCALL)."""
+
+    _fields_ = [("input", _u64), ("result", _u64), ("params", _u64 * 2)]
+
+
+class kvm_hyperv_exit_syndbg(Struct):
+    """``kvm_hyperv_exit.u.syndbg`` (KVM_EXIT_HYPERV_SYNDBG)."""
+
+    _fields_ = [
+        ("msr", _u32),
+        ("pad2", _u32),
+        ("control", _u64),
+        ("status", _u64),
+        ("send_page", _u64),
+        ("recv_page", _u64),
+        ("pending_page", _u64),
+    ]
+    _hidden_ = frozenset({"pad2"})
+
+
+class kvm_hyperv_exit_u(Union):
+    """``kvm_hyperv_exit.u``."""
+
+    _fields_ = [
+        ("synic", kvm_hyperv_exit_synic),
+        ("hcall", kvm_hyperv_exit_hcall),
+        ("syndbg", kvm_hyperv_exit_syndbg),
+    ]
+
+
+class kvm_hyperv_exit(Struct):
+    """``kvm_run.hyperv`` (KVM_EXIT_HYPERV); ``u`` holds the member ``type`` names."""
+
+    _fields_ = [("type", _u32), ("pad1", _u32), ("u", kvm_hyperv_exit_u)]
+    _flags_ = {"type": HypervExit}
+    _hidden_ = frozenset({"pad1"})
+
+
+class kvm_run_msr(Struct):
+    """``kvm_run.msr`` (KVM_EXIT_X86_RDMSR / WRMSR, with KVM_CAP_X86_USER_SPACE_MSR).
+
+    Userspace sets ``error`` (1: inject #GP) and, for RDMSR, ``data``.
+    """
+
+    _fields_ = [
+        ("error", _u8),
+        ("pad", _u8 * 7),
+        ("reason", _u32),
+        ("index", _u32),
+        ("data", _u64),
+    ]
+    _flags_ = {"reason": MsrExitReason}
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_run_notify(Struct):
+    """``kvm_run.notify`` (KVM_EXIT_NOTIFY, with KVM_CAP_X86_NOTIFY_VMEXIT)."""
+
+    _fields_ = [("flags", _u32)]
 
 
 class kvm_run_exit(Union):
-    """The exit-information union of ``kvm_run`` (anonymous in C), 256 bytes."""
+    """The exit-information union of ``kvm_run`` (anonymous in C), 256 bytes.
+
+    The x86 members; other architectures' (s390, PowerPC, ARM, RISC-V) and
+    ``xen`` are reached through ``padding``.
+    """
 
     _fields_ = [
         ("hw", kvm_run_hw),
         ("fail_entry", kvm_run_fail_entry),
         ("ex", kvm_run_ex),
         ("io", kvm_run_io),
+        ("debug", kvm_run_debug),
         ("mmio", kvm_run_mmio),
+        ("hypercall", kvm_run_hypercall),
+        ("tpr_access", kvm_run_tpr_access),
         ("internal", kvm_run_internal),
+        ("emulation_failure", kvm_run_emulation_failure),
+        ("system_event", kvm_run_system_event),
+        ("eoi", kvm_run_eoi),
+        ("hyperv", kvm_hyperv_exit),
+        ("msr", kvm_run_msr),
+        ("notify", kvm_run_notify),
         ("padding", _u8 * 256),
     ]
     _hidden_ = frozenset({"padding"})
 
 
+class kvm_sync_regs(Struct):
+    """``kvm_run.s.regs`` (x86): registers KVM copies out at exits and in at entries.
+
+    Which parts: ``kvm_valid_regs`` / ``kvm_dirty_regs`` (:class:`SyncRegs`), where
+    ``KVM_CAP_SYNC_REGS`` offers them.
+    """
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+class kvm_run_s(Union):
+    """``kvm_run.s``: the sync-regs area, padded to ``SYNC_REGS_SIZE_BYTES``."""
+
+    _fields_ = [("regs", kvm_sync_regs), ("padding", _u8 * SYNC_REGS_SIZE_BYTES)]
+    _hidden_ = frozenset({"padding"})
+
+
+#: The ``kvm_run`` exit member each exit fills, by exit reason (exits not listed,
+#: such as HLT or SHUTDOWN, carry no payload; ``emulation_failure`` overlays
+#: ``internal`` when ``suberror`` is KVM_INTERNAL_ERROR_EMULATION).
+EXIT_MEMBERS: dict[int, str] = {
+    KVM_EXIT_UNKNOWN: "hw",
+    KVM_EXIT_EXCEPTION: "ex",
+    KVM_EXIT_IO: "io",
+    KVM_EXIT_HYPERCALL: "hypercall",
+    KVM_EXIT_DEBUG: "debug",
+    KVM_EXIT_MMIO: "mmio",
+    KVM_EXIT_FAIL_ENTRY: "fail_entry",
+    KVM_EXIT_TPR_ACCESS: "tpr_access",
+    KVM_EXIT_INTERNAL_ERROR: "internal",
+    KVM_EXIT_SYSTEM_EVENT: "system_event",
+    KVM_EXIT_IOAPIC_EOI: "eoi",
+    KVM_EXIT_HYPERV: "hyperv",
+    KVM_EXIT_X86_RDMSR: "msr",
+    KVM_EXIT_X86_WRMSR: "msr",
+    KVM_EXIT_NOTIFY: "notify",
+}
+
+_RUN_HEAD = (
+    "request_interrupt_window",
+    "immediate_exit",
+    "exit_reason",
+    "ready_for_interrupt_injection",
+    "if_flag",
+    "flags",
+    "cr8",
+    "apic_base",
+)
+
+
 class kvm_run(Struct):
-    """The head of the ``kvm_run`` page shared with a vCPU (mapped from its fd)."""
+    """The ``kvm_run`` structure shared with a vCPU (mapped from its fd), 2352 bytes.
+
+    The exit union's members are fields of their own (``run.io``, ``run.mmio``),
+    as in C. The repr shows the head, then only the member the exit reason
+    fills, then the sync-regs area when ``kvm_valid_regs`` asks for it.
+    """
 
     _anonymous_ = ("u",)
     _fields_ = [
@@ -903,6 +1308,37 @@ class kvm_run(Struct):
         ("cr8", _u64),
         ("apic_base", _u64),
         ("u", kvm_run_exit),
+        ("kvm_valid_regs", _u64),
+        ("kvm_dirty_regs", _u64),
+        ("s", kvm_run_s),
     ]
-    _flags_ = {"exit_reason": ExitReason}
+    _flags_ = {
+        "exit_reason": ExitReason,
+        "flags": RunFlag,
+        "kvm_valid_regs": SyncRegs,
+        "kvm_dirty_regs": SyncRegs,
+    }
     _hidden_ = frozenset({"padding1", "u"})
+
+    def exit_member(self) -> str | None:
+        """The name of the exit member this exit reason fills (None: no payload).
+
+        >>> run = kvm_run()
+        >>> run.exit_reason = KVM_EXIT_MMIO
+        >>> run.exit_member()
+        'mmio'
+        """
+        member = EXIT_MEMBERS.get(int(self.exit_reason))
+        if member == "internal" and self.internal.suberror == KVM_INTERNAL_ERROR_EMULATION:
+            return "emulation_failure"
+        return member
+
+    def _shown_fields(self) -> list[str]:
+        member = self.exit_member()
+        shown = [*_RUN_HEAD, *([member] if member else []), "kvm_valid_regs", "kvm_dirty_regs"]
+        if self.kvm_valid_regs or self.kvm_dirty_regs:
+            shown.append("s")
+        return shown
+
+
+assert ctypes.sizeof(kvm_run_exit) == 256
