@@ -27,6 +27,7 @@ from kvmstate.errors import (
     NestedStateRejectedError,
     NestedStateTooLargeError,
     NestedStateUnavailableError,
+    UnsupportedKvmError,
 )
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
 
@@ -66,6 +67,7 @@ class Vcpu(FdWrapper):
         self._state_plan: list[Any] | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
+        self._sync_regs_cap: int | None = None
 
     @classmethod
     def borrow(cls, fd: int, *, nested_state_size: int | None = None) -> Vcpu:
@@ -304,7 +306,12 @@ class Vcpu(FdWrapper):
 
     @property
     def kvm_run(self) -> uapi.kvm_run:
-        """The shared ``kvm_run`` page (mapped on first use)."""
+        """The shared :class:`~kvmstate.uapi.kvm_run` (mapped on first use).
+
+        The mapping is ``KVM_GET_VCPU_MMAP_SIZE`` bytes (the run structure, then
+        the port I/O data and coalesced MMIO pages); a kernel that offers less
+        than ``sizeof(struct kvm_run)`` gives :class:`UnsupportedKvmError`.
+        """
         if self._run is None:
             fd = self.fileno()
             kvm = getattr(self.vm, "kvm", None)
@@ -314,9 +321,89 @@ class Vcpu(FdWrapper):
                 # Borrowed: ask /dev/kvm. The run page is followed by more (port I/O
                 # data at KVM_PIO_PAGE_OFFSET * 4096): one page is too few.
                 size = _ask_dev_kvm(io.KVM_GET_VCPU_MMAP_SIZE, 0, mmap.PAGESIZE)
+            need = ctypes.sizeof(uapi.kvm_run)
+            if size < need:
+                raise UnsupportedKvmError(
+                    f"the vCPU mapping is {size} bytes, smaller than struct kvm_run ({need})",
+                    ioctl="KVM_GET_VCPU_MMAP_SIZE",
+                )
             self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            # size >= sizeof(kvm_run) (checked above): the structure lies inside the mapping.
             self._run = uapi.kvm_run.from_buffer(self._run_map)
         return self._run
+
+    # --- sync regs: registers shared through kvm_run.s ---------------------------------
+
+    @property
+    def sync_regs_supported(self) -> uapi.SyncRegs:
+        """``KVM_CAP_SYNC_REGS``: the register sets KVM shares through ``kvm_run.s``.
+
+        ``REGS|SREGS|EVENTS`` on x86; 0 where KVM offers none (old kernels,
+        encrypted guests).
+        """
+        if self._sync_regs_cap is None:
+            vm = self.vm
+            if vm is not None and not vm.closed:
+                self._sync_regs_cap = vm.check_extension(uapi.KVM_CAP_SYNC_REGS)
+            else:
+                self._sync_regs_cap = _ask_dev_kvm(
+                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_SYNC_REGS, 0
+                )
+        return uapi.SyncRegs(self._sync_regs_cap & uapi.KVM_SYNC_X86_VALID_FIELDS)
+
+    @property
+    def sync_regs(self) -> uapi.SyncRegs:
+        """``kvm_run.kvm_valid_regs``: what KVM copies into ``kvm_run.s.regs`` at each exit.
+
+        Set it once; after every :meth:`run` the chosen parts of
+        ``vcpu.kvm_run.s.regs`` (``regs``, ``sregs``, ``events``) hold the
+        vCPU's registers, without a ``KVM_GET_REGS``. Only what
+        :attr:`sync_regs_supported` offers is accepted.
+
+        >>> vcpu.sync_regs = SyncRegs.REGS | SyncRegs.SREGS
+        >>> vcpu.run()
+        >>> hex(vcpu.kvm_run.s.regs.regs.rip)
+        """
+        return uapi.SyncRegs(self.kvm_run.kvm_valid_regs)
+
+    @sync_regs.setter
+    def sync_regs(self, parts: int) -> None:
+        self.kvm_run.kvm_valid_regs = self._sync_parts(parts, "sync_regs")
+
+    @property
+    def sync_regs_dirty(self) -> uapi.SyncRegs:
+        """``kvm_run.kvm_dirty_regs``: what KVM loads from ``kvm_run.s.regs`` at the next run.
+
+        After changing ``vcpu.kvm_run.s.regs`` (read it back from an exit
+        first: every field of a part is loaded), set the parts changed; KVM
+        loads them on entry, instead of a ``KVM_SET_REGS``, and clears the bits.
+
+        >>> vcpu.kvm_run.s.regs.regs.rax = 0x99
+        >>> vcpu.sync_regs_dirty = SyncRegs.REGS
+        """
+        return uapi.SyncRegs(self.kvm_run.kvm_dirty_regs)
+
+    @sync_regs_dirty.setter
+    def sync_regs_dirty(self, parts: int) -> None:
+        self.kvm_run.kvm_dirty_regs = self._sync_parts(parts, "sync_regs_dirty")
+
+    def _sync_parts(self, parts: object, name: str) -> int:
+        if not isinstance(parts, int) or isinstance(parts, bool):
+            raise TypeError(f"{name} takes SyncRegs bits (an int), not {type(parts).__name__}")
+        unknown = parts & ~uapi.KVM_SYNC_X86_VALID_FIELDS
+        if parts < 0 or unknown:
+            raise ValueError(
+                f"{name}: {parts:#x} is not a set of SyncRegs bits (REGS, SREGS, EVENTS)"
+            )
+        offered = self.sync_regs_supported
+        missing = parts & ~offered
+        if missing:
+            raise UnsupportedKvmError(
+                f"{name}: KVM_CAP_SYNC_REGS offers {_sync_names(offered)} here, "
+                f"not {_sync_names(missing)}",
+                ioctl="KVM_CHECK_EXTENSION",
+            )
+        return parts
 
     def run(self) -> uapi.ExitReason | int:
         """``KVM_RUN`` until the next exit; returns ``kvm_run.exit_reason``."""
@@ -493,6 +580,11 @@ class Vcpu(FdWrapper):
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
+
+
+def _sync_names(parts: int) -> str:
+    """``REGS|SREGS`` for SyncRegs bits, "nothing" for none."""
+    return "|".join(p.name or "" for p in uapi.SyncRegs if parts & p) or "nothing"
 
 
 def _exact(obj: object, kind: type[Any]) -> Any:
