@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,50 @@ def test_merged_gpat_follows_vmcb_pa(upstream: dict[str, Any]) -> None:
     assert ctypes.sizeof(uapi.kvm_nested_state_hdr) == hdr["type"]["size"]
     assert upstream["struct kvm_nested_state"]["size"] == uapi.NESTED_STATE_HEADER_SIZE
     assert not hasattr(uapi, "SvmHeaderFlag") and not hasattr(uapi, "KVM_STATE_SVM_VALID_GPAT")
+
+
+LINUX_6_12 = Path("/usr/src/linux-source-6.12.tar.xz")
+UAPI_6_12 = ("arch/x86/include/uapi/asm/kvm.h", "include/uapi/linux/kvm.h")
+# 6.12's uapi headers before headers_install: linux/bits.h is newer than the installed
+# 6.1 set (taken from the tarball too) and linux/compiler.h is stripped on install.
+BITS_H = "include/uapi/linux/bits.h"
+
+
+@pytest.fixture(scope="module")
+def values_6_12(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int | None]:
+    """NEWER_CONSTANTS as Debian's 6.12 source defines them (None: not there)."""
+    if not LINUX_6_12.exists():
+        pytest.skip(f"{LINUX_6_12} missing (apt-get install linux-source-6.12)")
+    dest = tmp_path_factory.mktemp("linux-6.12")
+    wanted = {*UAPI_6_12, BITS_H}
+    with tarfile.open(LINUX_6_12, "r|xz") as archive:  # streamed: stop once all are read
+        for member in archive:
+            rel = member.name.split("/", 1)[-1]
+            if rel in wanted and member.isfile():
+                stream = archive.extractfile(member)
+                assert stream is not None
+                (dest / rel.replace("/", "_")).write_bytes(stream.read())
+                wanted.discard(rel)
+                if not wanted:
+                    break
+    assert not wanted, f"{LINUX_6_12} lacks {sorted(wanted)}"
+    bits = dest / BITS_H.replace("/", "_")
+    for rel in UAPI_6_12:
+        path = dest / rel.replace("/", "_")
+        text = path.read_text().replace("#include <linux/compiler.h>", "")
+        path.write_text(text.replace("<linux/bits.h>", f'"{bits}"'))
+    # asm/kvm.h first: its include guard keeps linux/kvm.h off the installed 6.1 copy.
+    header = "#define __user\n"  # compiler.h's annotation, which headers_install strips
+    header += "".join(f'#include "{dest / rel.replace("/", "_")}"\n' for rel in UAPI_6_12)
+    return oracle.c_constants(header, sorted(uapi.NEWER_CONSTANTS), dest)
+
+
+@pytest.mark.parametrize("name", sorted(uapi.NEWER_CONSTANTS))
+def test_newer_constant_is_where_it_says(name: str, values_6_12: dict[str, int | None]) -> None:
+    if "6.12" in uapi.NEWER_CONSTANTS[name]:
+        assert values_6_12[name] == getattr(uapi, name)
+    else:  # newer than 6.12 too (the gPAT quirk, Linux 7.2)
+        assert values_6_12[name] is None
 
 
 def _public_constants() -> list[str]:
