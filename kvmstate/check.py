@@ -37,7 +37,7 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
 * VMX sizes compare with ``sizeof(struct vmcs12)``, 998 bytes (C packs it),
   not the 4096-byte page: a vmcs12 counts from ``size`` 1126 and the shadow
   vmcs12 from 5222, in both versions;
-* Linux 7.2 (commit 4f256d5770fe, read in the applied patch) added SVM's
+* Linux 7.2 (commit 4f256d5770fe, the v8 patch as applied) added SVM's
   ``hdr.svm.gpat`` and its one SET rule: with NP_ENABLE in vmcb12 and
   ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`` disabled it must be a valid PAT.
   The quirk's state decides (``Facts.nested_svm_shared_pat``); when it is not

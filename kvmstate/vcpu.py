@@ -362,7 +362,9 @@ class Vcpu(FdWrapper):
 
         >>> vcpu.sync_regs = SyncRegs.REGS | SyncRegs.SREGS
         >>> vcpu.run()
-        >>> hex(vcpu.kvm_run.s.regs.regs.rip)
+        <ExitReason.IO: 2>
+        >>> hex(vcpu.kvm_run.s.regs.regs.rip)     # no KVM_GET_REGS
+        '0x1002'
         """
         return uapi.SyncRegs(self.kvm_run.kvm_valid_regs)
 
