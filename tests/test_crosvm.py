@@ -297,6 +297,10 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
         _set("xsave.len", 1 << 40),
         r"xsave\.len: 1099511627776 bytes is not an XSAVE area",
     ),
+    "xsave negative len": (
+        _set("xsave.len", -4096),
+        r"xsave\.len: expected an unsigned 64-bit integer, found the integer -4096",
+    ),
     "xsave short data": (
         lambda d: d["xsave"]["data"].pop(),
         r"xsave\.data: 1023 words for 4096 bytes",

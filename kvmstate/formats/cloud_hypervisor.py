@@ -123,6 +123,7 @@ _CPU_MANAGER = "cpu-manager"
 _VALID_INDEX = 1  # Cloud Hypervisor's CPUID_FLAG_VALID_INDEX
 _FPU_FIELDS = ("fpr", "fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "xmm", "mxcsr")
 _U64 = (1 << 64) - 1
+_LAPIC_SIZE = ctypes.sizeof(uapi.kvm_lapic_state)  # the 1 KiB APIC register page
 _HEADER_ONLY_CHOICES = (None, "keep", "drop")
 _SNIFF = 4096  # bytes is_snapshot() looks at
 
@@ -381,7 +382,7 @@ def fpu_from_xsave(xsave: uapi.kvm_xsave) -> uapi.kvm_fpu:
 
 def _read_lapic(value: Any, where: str) -> uapi.kvm_lapic_state:
     obj = _object(value, ("regs",), where)
-    regs = _ints(obj["regs"], uapi.KVM_APIC_REG_SIZE, -128, 127, f"{where}.regs")
+    regs = _ints(obj["regs"], _LAPIC_SIZE, -128, 127, f"{where}.regs")
     return uapi.kvm_lapic_state.from_bytes(bytes(b & 0xFF for b in regs))
 
 
@@ -470,8 +471,8 @@ def _write_nested(state: NestedState | None, header_only: str | None) -> list[in
     return list(raw.ljust(NESTED_BUFFER_SIZE, b"\0"))
 
 
-# One entry per VcpuKvmState field with a VcpuState part: (part, read, write).
 _Reader = Callable[[Any, str], Any]
+# The fields that are a kernel structure's raw bytes: field -> (VcpuState part, structure).
 _RAW_PARTS: dict[str, tuple[str, type[Any]]] = {
     "vcpu_events": ("events", uapi.kvm_vcpu_events),
     "regs": ("regs", uapi.kvm_regs),

@@ -125,6 +125,7 @@ _MP_STATES = {
     "Stopped": uapi.MpState.STOPPED,
 }
 _F = VcpuEventsFlag
+_LAPIC_SIZE = ctypes.sizeof(uapi.kvm_lapic_state)  # the 1 KiB APIC register page
 
 
 # --- checked access to decoded values ----------------------------------------------------
@@ -593,7 +594,7 @@ def irqchip_parts(data: bytes | bytearray | memoryview, vcpu_id: int) -> dict[st
         f"{where}.lapic_state[{vcpu_id}].regs",
         64,
     )
-    page = bytearray(uapi.KVM_APIC_REG_SIZE)
+    page = bytearray(_LAPIC_SIZE)
     for i, reg in enumerate(regs):
         page[16 * i : 16 * i + 4] = _uint(reg, 32, f"{where}.lapic_state[{vcpu_id}][{i}]").to_bytes(
             4, "little"
