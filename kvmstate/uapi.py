@@ -589,8 +589,29 @@ def _xsave_type(nbytes: int) -> type[kvm_xsave]:
     return type(
         f"kvm_xsave[{nbytes}]",
         (kvm_xsave,),
-        {"_fields_": [("extra", _u32 * extra)], "__module__": __name__},
+        {"_fields_": [("extra", _u32 * extra)], "__module__": __name__, "__reduce__": _reduce},
     )
+
+
+def _reduce(self: Any) -> tuple[Any, ...]:
+    """Pickle a sized mirror (``kvm_cpuid2[59]``, ``kvm_xsave[8192]``) by its bytes.
+
+    Its class is made at run time, so pickle cannot find it by name.
+    """
+    base = kvm_xsave if isinstance(self, kvm_xsave) else self._head()
+    return (_rebuild, (base, ctypes.sizeof(self), self.to_bytes()))
+
+
+def _rebuild(base: Any, nbytes: int, data: bytes) -> Any:
+    if base is kvm_xsave:
+        obj = kvm_xsave.sized(nbytes)
+    else:
+        item = ctypes.sizeof(base._array_[1])
+        obj = base.new((nbytes - ctypes.sizeof(base)) // item)
+    if ctypes.sizeof(obj) != len(data):
+        raise ValueError(f"{base.__name__}: {len(data)} bytes do not make a {nbytes}-byte object")
+    ctypes.memmove(ctypes.addressof(obj), data, len(data))
+    return obj
 
 
 class kvm_xcr(Struct):
@@ -749,7 +770,12 @@ def _sized(cls: type[_F], n: int) -> type[_F]:
     return type(
         f"{cls.__name__}[{n}]",
         (cls,),
-        {"_fields_": [(name, item * n)], "_flex_base_": True, "__module__": cls.__module__},
+        {
+            "_fields_": [(name, item * n)],
+            "_flex_base_": True,
+            "__module__": cls.__module__,
+            "__reduce__": _reduce,
+        },
     )
 
 
