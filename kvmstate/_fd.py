@@ -47,6 +47,15 @@ class FdWrapper:
     ``ResourceWarning``, when the object is collected unclosed). A borrowed
     one (``owned=False``: a descriptor that another VMM owns) is never
     closed by the library; :meth:`close` only detaches from it.
+
+    A wrapper cannot be copied or pickled (``copy.copy``, ``copy.deepcopy``,
+    ``pickle`` raise TypeError): a copy would hold the same descriptor
+    number, and closing it would close whatever file has since reused that
+    number. Share the object instead, or wrap a duplicate yourself::
+
+        >>> vcpu2 = Vcpu(os.dup(vcpu.fileno()), vm=vcpu.vm)   # doctest: +SKIP
+
+    A vCPU's state copies freely: ``copy.deepcopy(vcpu.save_state())``.
     """
 
     _fd: int = -1
@@ -107,6 +116,24 @@ class FdWrapper:
         if self._fd >= 0 and self._owned:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
             self.close()
+
+    # A copy would share the descriptor number and close it twice (the second time,
+    # maybe an unrelated file that reused it): refused, whatever the protocol.
+    def __copy__(self) -> Any:
+        raise TypeError(self._no_copy("copied"))
+
+    def __deepcopy__(self, memo: object) -> Any:
+        raise TypeError(self._no_copy("copied"))
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(self._no_copy("pickled"))
+
+    def _no_copy(self, what: str) -> str:
+        name = type(self).__name__
+        return (
+            f"a {name} cannot be {what}: it wraps a file descriptor that only one object "
+            f"may close; share the {name}, or wrap os.dup({name.lower()}.fileno()) yourself"
+        )
 
     def _ioctl(self, request: int, arg: Any = 0) -> int:
         return ioctl(self.fileno(), request, arg)

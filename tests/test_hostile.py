@@ -35,6 +35,7 @@ pytest: one JSON line per case, then a summary line.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import errno
@@ -622,6 +623,24 @@ for _ops, _closed, _what in [
 ]:
     table({f"{_closed}.{op}": f"ValueError: closed {_what}" for op in _ops.split()})
 table({"closed_kvm().close()": "ok: r is None", "closed_vcpu().close()": "ok: r is None"})
+
+section("copies and pickles")
+# A copy would close the descriptor a second time (maybe another file's by then): refused.
+for _w in ("kvm", "vm", "vcpu", "Vcpu.borrow(fd['vcpu'])", "closed_vcpu()"):
+    _name = "Vcpu" if "cpu" in _w else _w.capitalize()
+    table(
+        {
+            f"copy.copy({_w})": f"TypeError: a {_name} cannot be copied",
+            f"copy.deepcopy({_w})": f"TypeError: a {_name} cannot be copied",
+            f"pickle.dumps({_w})": f"TypeError: a {_name} cannot be pickled",
+            f"pickle.dumps({_w}, 0)": f"TypeError: a {_name} cannot be pickled",
+        }
+    )
+table({"copy.deepcopy([vm, {'c': vcpu}])": "TypeError: cannot be copied"})
+table(
+    {"[copy.copy(VS()), pickle.loads(pickle.dumps(hstate()))][1].size": "ok: r == 128"},
+    kvm=False,
+)
 
 section("foreign and dead fds")
 # Descriptors of the wrong kind, dead ones and never-valid ones, passed as a vCPU.
@@ -1312,6 +1331,7 @@ BASE_SCOPE: dict[str, Any] = {
     "mmap": mmap,
     "struct": struct,
     "pickle": pickle,
+    "copy": copy,
     "json": json,
     "os": os,
     "ioctls": ioctls,
