@@ -38,13 +38,17 @@ __all__ = ["Vcpu"]
 _GET_NESTED = io.KVM_GET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
+# The largest nested_state_size taken (NestedState's own capacity limit).
+_NESTED_SIZE_MAX = 1 << 24
 
 
 class Vcpu(FdWrapper):
     """A KVM vCPU.
 
     Made by :meth:`Vm.create_vcpu <kvmstate.vm.Vm.create_vcpu>` (owned), or
-    around a descriptor another VMM owns with :meth:`borrow`.
+    around a descriptor another VMM owns with :meth:`borrow`. ``vcpu_id`` is
+    the id it was created with (None when a borrowed vCPU was not told it);
+    ``nested_state_size`` follows the rules of :meth:`borrow`.
     """
 
     def __init__(
@@ -54,11 +58,18 @@ class Vcpu(FdWrapper):
         vm: Any = None,
         owned: bool = True,
         nested_state_size: int | None = None,
+        vcpu_id: int | None = None,
     ) -> None:
+        # Checked before the descriptor is taken: a refused argument must not close it.
+        given = _nested_size_arg(nested_state_size)
+        vcpu_id = _vcpu_id_arg(vcpu_id)
         super().__init__(fd, owned=owned)
         self.vm = vm
-        self._nested_state_size = nested_state_size
+        self.vcpu_id = vcpu_id
+        self._given_nested_size = given
+        self._nested_state_size: int | None = None
         self._nested_need: int | None = None
+        self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
@@ -68,31 +79,60 @@ class Vcpu(FdWrapper):
         self._run: uapi.kvm_run | None = None
 
     @classmethod
-    def borrow(cls, fd: int, *, nested_state_size: int | None = None) -> Vcpu:
+    def borrow(
+        cls, fd: int, *, nested_state_size: int | None = None, vcpu_id: int | None = None
+    ) -> Vcpu:
         """Wrap a vCPU descriptor without taking ownership (``close()`` leaves it open).
 
-        ``nested_state_size`` is ``KVM_CAP_NESTED_STATE``; a vCPU fd cannot
-        answer it (EINVAL), so when not given it is asked of ``/dev/kvm``,
-        or taken as 8320 (the largest known state) when that cannot be opened.
+        ``vcpu_id`` is shown in the repr when given. ``nested_state_size``
+        is ``KVM_CAP_NESTED_STATE``, which a vCPU fd cannot answer (EINVAL);
+        it must be 0 (no nesting) or 128..2**24 (TypeError for a bool or
+        float, ValueError otherwise). The buffer handed to
+        ``KVM_GET_NESTED_STATE`` is never smaller than what the kernel may
+        write, whatever is given:
+
+        * when ``/dev/kvm`` can be asked, :attr:`nested_state_size` is its
+          answer, or the given size if that is larger (a smaller one is
+          raised to it);
+        * when it cannot, :attr:`nested_state_size` is the given size (8320,
+          the largest known state, when none is given), but the buffer is
+          never below 8320: nothing confirms a smaller capability.
+
         Likewise :attr:`kvm_run` maps ``KVM_GET_VCPU_MMAP_SIZE`` bytes asked of
         ``/dev/kvm`` (one page when it cannot be opened).
+
+        >>> theirs = Vcpu.borrow(fd, vcpu_id=1)                 # doctest: +SKIP
+        >>> theirs.nested_state_size   # /dev/kvm's answer: 8320 Intel, 4224 AMD
         """
-        return cls(fd, owned=False, nested_state_size=nested_state_size)
+        return cls(fd, owned=False, nested_state_size=nested_state_size, vcpu_id=vcpu_id)
 
     # --- capabilities ----------------------------------------------------------
 
     @property
     def nested_state_size(self) -> int:
-        """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting)."""
+        """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting; see :meth:`borrow`)."""
         if self._nested_state_size is None:
             kvm = getattr(self.vm, "kvm", None)
             if kvm is not None and not kvm.closed:
-                self._nested_state_size = kvm.nested_state_size
+                cap: int | None = kvm.nested_state_size
             else:
-                self._nested_state_size = _ask_dev_kvm(
-                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, VMX_MAX_SIZE
-                )
+                cap = _ask_dev_kvm(io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, -1)
+                cap = None if cap < 0 else cap
+            given = self._given_nested_size
+            if cap is not None:
+                size = cap if given is None else max(given, cap)
+                # The kernel's own answer bounds what it writes.
+                self._nested_need = max(size, HEADER_SIZE)
+            else:
+                size = VMX_MAX_SIZE if given is None else given
+                # Unconfirmed: never below the largest state any vendor writes.
+                self._nested_need = max(size, VMX_MAX_SIZE)
+            self._nested_cap = cap
+            self._nested_state_size = size
         return self._nested_state_size
+
+    def _describe(self) -> str:
+        return "" if self.vcpu_id is None else f" id={self.vcpu_id}"
 
     # --- registers ----------------------------------------------------------------
 
@@ -374,18 +414,21 @@ class Vcpu(FdWrapper):
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
         """
+        self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
-        if need is None:
-            need = self._nested_need = max(self.nested_state_size, HEADER_SIZE)
+        assert need is not None
         if out is None:
             state = NestedState(need)
         else:
             state = out if type(out) is NestedState else NestedState.from_buffer(out)
             if state._capacity < need:
-                raise ValueError(
-                    f"the buffer holds {state._capacity} bytes but KVM_CAP_NESTED_STATE "
-                    f"says the kernel may write {need}"
+                why = (
+                    "KVM_CAP_NESTED_STATE says the kernel may write"
+                    if self._nested_cap is not None
+                    else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
+                    "may write up to the largest known state,"
                 )
+                raise ValueError(f"the buffer holds {state._capacity} bytes but {why} {need}")
         try:
             self._get_nested(state)
         except NestedStateTooLargeError:
@@ -462,7 +505,9 @@ class Vcpu(FdWrapper):
         )
 
     def _nested_error(self, exc: OSError, name: str) -> KvmError:
-        if exc.errno == errno.EINVAL and self.nested_state_size == 0:
+        size = self.nested_state_size
+        # The kernel's own 0 says "no nesting", whatever size the caller gave.
+        if exc.errno == errno.EINVAL and 0 in (size, self._nested_cap):
             return NestedStateUnavailableError(
                 errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=name
             )
@@ -493,6 +538,31 @@ class Vcpu(FdWrapper):
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
+
+
+def _nested_size_arg(value: object) -> int | None:
+    """A ``nested_state_size`` argument: None, 0 (no nesting) or 128..2**24 bytes."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"nested_state_size must be an int, not {type(value).__name__}")
+    if value != 0 and not HEADER_SIZE <= value <= _NESTED_SIZE_MAX:
+        raise ValueError(
+            f"nested_state_size {value} is out of range: KVM_CAP_NESTED_STATE is 0 (no "
+            f"nesting) or a size from the {HEADER_SIZE}-byte header up to {_NESTED_SIZE_MAX}"
+        )
+    return value
+
+
+def _vcpu_id_arg(value: object) -> int | None:
+    """A vCPU id as ``KVM_CREATE_VCPU`` takes it (a C int >= 0), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"vcpu_id must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0x7FFF_FFFF:
+        raise ValueError(f"vcpu_id {value} is out of range (0..0x7fffffff)")
+    return value
 
 
 def _exact(obj: object, kind: type[Any]) -> Any:

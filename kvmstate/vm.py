@@ -40,7 +40,7 @@ class Vm(FdWrapper):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a new vCPU, owned by the returned :class:`Vcpu`."""
         fd = self._ioctl(io.KVM_CREATE_VCPU, int_arg(vcpu_id))
-        return Vcpu(fd, vm=self)
+        return Vcpu(fd, vm=self, vcpu_id=vcpu_id)
 
     def set_user_memory_region(
         self,

@@ -569,6 +569,34 @@ for _ctor in (
         kvm=False,
     )
 
+section("borrow arguments")
+# KVM_CAP_NESTED_STATE is 0 or 128..2**24; the buffer is never below what /dev/kvm says.
+_b = "Vcpu.borrow(fd['vcpu'], nested_state_size={})"
+table(
+    {
+        _b.format("True"): "TypeError: nested_state_size must be an int, not bool",
+        _b.format("1.5"): "TypeError: nested_state_size must be an int, not float",
+        _b.format("'4224'"): "TypeError: nested_state_size must be an int, not str",
+        _b.format("-1"): "ValueError: nested_state_size -1 is out of range",
+        _b.format("100"): "ValueError: nested_state_size 100 is out of range",
+        _b.format("2**24 + 1"): "ValueError: out of range",
+        _b.format("2**64"): "ValueError: out of range",
+        "Vcpu(fd['vcpu'], nested_state_size=100, owned=False)": "ValueError: out of range",
+        _b.format(128) + ".nested_state_size": "ok: r == max(128, NESTED_CAP)",
+        f"guarded(max(NESTED_CAP, 128) - 8, {_b.format(128)}.get_nested_state)": (
+            "ValueError: below the 128-byte header"
+        ),
+        f"guarded(max(NESTED_CAP, 128), {_b.format(128)}.get_nested_state)": (
+            "Unavailable: KVM_GET_NESTED_STATE"
+        ),
+        "Vcpu.borrow(fd['vcpu'], vcpu_id=True)": "TypeError: vcpu_id must be an int, not bool",
+        "Vcpu.borrow(fd['vcpu'], vcpu_id=-1)": "ValueError: vcpu_id -1 is out of range",
+        "Vcpu.borrow(fd['vcpu'], vcpu_id=2**31)": "ValueError: vcpu_id",
+        "repr(Vcpu.borrow(fd['vcpu'], vcpu_id=7))": "ok: r.endswith(' borrowed id=7>')",
+        "[x := v.create_vcpu(5), repr(x), x.close()][1]": "ok: r.endswith(' id=5>')",
+    }
+)
+
 section("Kvm(path)")
 table(
     {

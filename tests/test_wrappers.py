@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import gc
 import os
 import pickle
+import re
 from typing import Any
 
 import pytest
 
 import kvmstate
-from kvmstate import uapi
-from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate import ioctls, uapi
+from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 
 
@@ -73,3 +77,118 @@ def test_states_and_mirrors_still_copy_and_pickle(kvm: kvmstate.Kvm, vm: kvmstat
         made = copier(saved)
         back = pickle.loads(made) if how.startswith("pickle") else made
         assert isinstance(back, VcpuState) and back == saved
+
+
+# --- the nested buffer of a borrowed vCPU (issue 11, 3.5) --------------------------------------
+
+
+class NestedSpy:
+    """Stands in for ``fcntl.ioctl``: records the length of each KVM_GET_NESTED_STATE buffer."""
+
+    def __init__(self) -> None:
+        self.real = fcntl.ioctl
+        self.lengths: list[int] = []
+
+    def __call__(self, fd: int, request: int, arg: Any = 0, *rest: Any) -> Any:
+        if request == ioctls.KVM_GET_NESTED_STATE:
+            self.lengths.append(memoryview(arg).nbytes)
+        return self.real(fd, request, arg, *rest)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> NestedSpy:
+    recorder = NestedSpy()
+    monkeypatch.setattr(fcntl, "ioctl", recorder)
+    return recorder
+
+
+def dev_kvm_cap() -> int:
+    """KVM_CAP_NESTED_STATE asked with a plain ioctl, not through the library."""
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return fcntl.ioctl(fd, ioctls.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE)
+    finally:
+        os.close(fd)
+
+
+def get_nested(vcpu: kvmstate.Vcpu) -> None:
+    with contextlib.suppress(OSError):  # no nesting here: EINVAL after the buffer went down
+        vcpu.get_nested_state()
+
+
+@pytest.mark.parametrize("given", [None, 0, HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE])
+def test_a_borrowed_vcpu_buffer_is_never_below_the_capability(
+    vcpu: kvmstate.Vcpu, spy: NestedSpy, given: int | None
+) -> None:
+    cap = dev_kvm_cap()
+    borrowed = kvmstate.Vcpu.borrow(vcpu.fileno(), nested_state_size=given)
+    get_nested(borrowed)
+    assert spy.lengths, "KVM_GET_NESTED_STATE never reached the kernel"
+    assert all(n >= max(cap, HEADER_SIZE, given or 0) for n in spy.lengths), spy.lengths
+    # A smaller given size is raised to /dev/kvm's answer.
+    assert borrowed.nested_state_size == max(cap, given if given is not None else cap)
+    need = max(cap, given or 0, HEADER_SIZE)
+    if need > HEADER_SIZE:
+        with pytest.raises(ValueError, match=f"may write {need}"):
+            borrowed.get_nested_state(bytearray(need - 8))
+
+
+@pytest.mark.parametrize("given", [0, HEADER_SIZE, SVM_MAX_SIZE])
+def test_without_dev_kvm_the_buffer_is_never_below_the_largest_state(
+    vcpu: kvmstate.Vcpu, spy: NestedSpy, monkeypatch: pytest.MonkeyPatch, given: int
+) -> None:
+    # /dev/kvm unreachable (a sandboxed VMM handing its descriptor over): nothing
+    # confirms a capability below 8320, so the buffer is never smaller.
+    monkeypatch.setattr(kvmstate.vcpu, "DEFAULT_PATH", "/nonexistent/kvm")
+    borrowed = kvmstate.Vcpu.borrow(vcpu.fileno(), nested_state_size=given)
+    assert borrowed.nested_state_size == given
+    get_nested(borrowed)
+    assert spy.lengths and all(n >= VMX_MAX_SIZE for n in spy.lengths), spy.lengths
+    with pytest.raises(ValueError, match="cannot be asked"):
+        borrowed.get_nested_state(bytearray(SVM_MAX_SIZE))
+
+
+@pytest.mark.parametrize(
+    ("given", "error", "message"),
+    [
+        (True, TypeError, "must be an int, not bool"),
+        (1.5, TypeError, "must be an int, not float"),
+        ("4224", TypeError, "must be an int, not str"),
+        (-1, ValueError, "out of range"),
+        (1, ValueError, "out of range"),
+        (100, ValueError, "out of range"),
+        (HEADER_SIZE - 1, ValueError, "out of range"),
+        ((1 << 24) + 1, ValueError, "out of range"),
+        (2**64, ValueError, "out of range"),
+    ],
+)
+def test_nested_state_size_is_checked(
+    vcpu: kvmstate.Vcpu, given: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        kvmstate.Vcpu.borrow(vcpu.fileno(), nested_state_size=given)
+    theirs = os.dup(vcpu.fileno())
+    try:
+        with pytest.raises(error, match=message):
+            kvmstate.Vcpu(theirs, nested_state_size=given)
+        gc.collect()  # a half-made owner would close the descriptor when collected
+        os.fstat(theirs)  # refused before the descriptor was taken: still open
+    finally:
+        os.close(theirs)
+    assert vcpu.get_regs().rip == 0xFFF0
+
+
+# --- vCPU ids in reprs (issue 11, 3.9) ---------------------------------------------------------
+
+
+def test_vcpu_repr_shows_its_id(vm: kvmstate.Vm) -> None:
+    with vm.create_vcpu(3) as three:
+        assert three.vcpu_id == 3
+        assert re.fullmatch(r"<Vcpu fd=\d+ id=3>", repr(three)), repr(three)
+        borrowed = kvmstate.Vcpu.borrow(three.fileno(), vcpu_id=3)
+        assert re.fullmatch(r"<Vcpu fd=\d+ borrowed id=3>", repr(borrowed))
+        anonymous = kvmstate.Vcpu.borrow(three.fileno())
+        assert anonymous.vcpu_id is None and "id=" not in repr(anonymous)
+    for bad, error in ((True, TypeError), ("1", TypeError), (-1, ValueError), (2**31, ValueError)):
+        with pytest.raises(error, match="vcpu_id"):
+            kvmstate.Vcpu.borrow(0, vcpu_id=bad)
