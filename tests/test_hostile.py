@@ -767,8 +767,18 @@ table(
         "v.add_memory(0, None)": "TypeError",
         "v.add_memory(4096.0, 4096)": "TypeError",
         "[v.add_memory(0x100000, 4096, slot=1), v.add_memory(0x200000, 4096, slot=1)]": (
-            "KvmError[EINVAL]: KVM_SET_USER_MEMORY_REGION"
+            "ValueError: slot 1 is in use (0x100000..0x101000)"
         ),
+        "[v.add_memory(0x100000, 4096, slot=1), v.add_memory(0x20000, 4096)][1].__len__()": (
+            "ok: r == 4096"
+        ),
+        "[v.add_memory(0x100000, 8192, slot=3), v.add_memory(0x101000, 4096)]": (
+            "ValueError: 0x101000..0x102000 overlaps slot 3 (0x100000..0x102000)"
+        ),
+        "[v.add_memory(0x100000, 8192), v.set_user_memory_region(5, 0x101000, 4096, 0)]": (
+            "KvmError[EEXIST]: overlaps slot 0"
+        ),
+        "v.add_memory(2**64 - 4096, 8192)": "ValueError: beyond 2**64",
         "[v.create_irqchip(), v.create_irqchip()]": "KvmError[EEXIST]: KVM_CREATE_IRQCHIP",
         "[v.create_vcpu(0).close(), v.create_vcpu(0)]": "KvmError[EEXIST]: KVM_CREATE_VCPU",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import fcntl
 import gc
 import os
@@ -192,3 +193,34 @@ def test_vcpu_repr_shows_its_id(vm: kvmstate.Vm) -> None:
     for bad, error in ((True, TypeError), ("1", TypeError), (-1, ValueError), (2**31, ValueError)):
         with pytest.raises(error, match="vcpu_id"):
             kvmstate.Vcpu.borrow(0, vcpu_id=bad)
+
+
+# --- memory slots (issue 11, 3.10) -------------------------------------------------------------
+
+
+def test_add_memory_picks_the_lowest_free_slot(vm: kvmstate.Vm) -> None:
+    vm.add_memory(0x100000, 4096, slot=1)
+    vm.add_memory(0x20000, 4096)  # the kernel takes it: slot 0 was free
+    vm.add_memory(0x30000, 4096)  # slot 2: 0 and 1 are taken
+    assert vm.memory_regions == {1: (0x100000, 4096), 0: (0x20000, 4096), 2: (0x30000, 4096)}
+    vm.set_user_memory_region(2, 0x30000, 0, 0)  # size 0 deletes slot 2
+    vm.add_memory(0x50000, 4096)  # and it is free again
+    assert vm.memory_regions[2] == (0x50000, 4096)
+    vm.memory_regions.clear()  # a copy: the VM's own record stays
+    assert len(vm.memory_regions) == 3
+
+
+def test_add_memory_names_the_slot_in_use_or_overlapped(vm: kvmstate.Vm) -> None:
+    vm.add_memory(0x100000, 0x2000, slot=1)
+    with pytest.raises(ValueError, match=r"slot 1 is in use \(0x100000\.\.0x102000\)"):
+        vm.add_memory(0x200000, 4096, slot=1)
+    for start, size in ((0x100000, 4096), (0x101000, 0x2000), (0xFF000, 0x2000)):
+        with pytest.raises(ValueError, match=r"overlaps slot 1 \(0x100000\.\.0x102000\)"):
+            vm.add_memory(start, size)
+    vm.add_memory(0x102000, 4096)  # adjacent is fine
+    # Beside add_memory, the kernel's own EEXIST for an overlap names the slot too.
+    with pytest.raises(kvmstate.KvmError, match="overlaps slot 1") as info:
+        vm.set_user_memory_region(7, 0x101000, 4096, 0)
+    assert info.value.errno == errno.EEXIST
+    with pytest.raises(ValueError, match="beyond 2"):
+        vm.add_memory(2**64 - 4096, 8192)
