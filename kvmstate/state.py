@@ -361,11 +361,12 @@ def save(vcpu: Vcpu) -> VcpuState:
             fcntl.ioctl(fd, get, obj)
         except OSError as exc:
             if exc.errno in absent:
-                state.absent[part] = f"{IOCTL_NAMES[get]}: {exc.strerror}"
+                why = f"{IOCTL_NAMES[get]}: {exc.strerror}"
+                if part == "lapic":
+                    why = f"no in-kernel irqchip (Vm.create_irqchip) ({why})"
+                state.absent[part] = why
                 continue
-            raise StateError(
-                part, KvmError(exc.errno, exc.strerror, ioctl=IOCTL_NAMES[get])
-            ) from None
+            raise StateError(part, vcpu.kvm_error(exc, get)) from None
         setattr(state, part, obj)
     done = {step[0] for step in plan}
     for part, why in _NOT_THERE.items():
@@ -420,11 +421,15 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
                 f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(cls)}"
             )
         try:
-            # At least the size the kernel reads (checked just above).
-            fcntl.ioctl(fd, set_request, obj)
+            if isinstance(obj, uapi.kvm_lapic_state):
+                vcpu.set_lapic(obj)  # names a missing irqchip
+            else:
+                # At least the size the kernel reads (checked just above).
+                fcntl.ioctl(fd, set_request, obj)
+        except KvmError as exc:
+            raise StateError(part, exc) from None
         except OSError as exc:
-            name = IOCTL_NAMES[set_request]
-            raise StateError(part, KvmError(exc.errno, exc.strerror, ioctl=name)) from None
+            raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
 
     if s.msrs is not None:
         _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
@@ -439,12 +444,14 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     if s.nested is not None:
         put("nested", lambda: vcpu.set_nested_state(s.nested))
     if s.tsc_khz is not None:
-        khz = s.tsc_khz
+        # Set even when KVM_GET_TSC_KHZ already reads the rate: after a refused set it
+        # reports the refused rate (docs/quirks.md), which must not pass for restored.
         try:
-            if vcpu.get_tsc_khz() != khz:
-                vcpu.set_tsc_khz(khz)
+            vcpu.set_tsc_khz(s.tsc_khz)
         except OSError as exc:
-            raise StateError("tsc_khz", exc) from None
+            hint = " (set the state's tsc_khz to None to keep this vCPU's rate)"
+            error = KvmError(exc.errno, f"{exc.strerror}{hint}", ioctl=getattr(exc, "ioctl", None))
+            raise StateError("tsc_khz", error) from None
     put_fixed("regs")
     put_fixed("xsave" if s.xsave is not None else "fpu")
     put_fixed("xcrs")

@@ -291,23 +291,76 @@ class Vcpu(FdWrapper):
         self._ioctl(io.KVM_SET_MP_STATE, _exact(state, uapi.kvm_mp_state))
 
     def get_lapic(self) -> uapi.kvm_lapic_state:
-        """``KVM_GET_LAPIC`` (needs an in-kernel irqchip: ``Vm.create_irqchip``)."""
+        """``KVM_GET_LAPIC`` (needs an in-kernel irqchip: ``Vm.create_irqchip``).
+
+        Without one the kernel answers EINVAL; the error then says so.
+        """
         lapic = uapi.kvm_lapic_state()
-        # kvm_lapic_state is the size KVM_GET_LAPIC encodes.
-        self._ioctl(io.KVM_GET_LAPIC, lapic)
+        try:
+            # kvm_lapic_state is the size KVM_GET_LAPIC encodes.
+            self._ioctl(io.KVM_GET_LAPIC, lapic)
+        except KvmError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise _no_lapic(exc) from None
         return lapic
 
     def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
-        """``KVM_SET_LAPIC``."""
-        self._ioctl(io.KVM_SET_LAPIC, _exact(lapic, uapi.kvm_lapic_state))
+        """``KVM_SET_LAPIC`` (needs an in-kernel irqchip, like :meth:`get_lapic`)."""
+        lapic = _exact(lapic, uapi.kvm_lapic_state)
+        try:
+            self._ioctl(io.KVM_SET_LAPIC, lapic)
+        except KvmError as exc:
+            # EINVAL also refuses a bad state (an x2APIC id that moved): a failing
+            # KVM_GET_LAPIC tells the missing LAPIC apart.
+            if exc.errno != errno.EINVAL or self._has_lapic():
+                raise
+            raise _no_lapic(exc) from None
+
+    def _has_lapic(self) -> bool:
+        try:
+            self.get_lapic()
+        except KvmError as exc:
+            return exc.errno != errno.EINVAL
+        return True
 
     def get_tsc_khz(self) -> int:
-        """``KVM_GET_TSC_KHZ``: the guest TSC frequency in kHz."""
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency in kHz.
+
+        After a refused :meth:`set_tsc_khz` the kernel reports the refused
+        rate here (docs/quirks.md).
+        """
         return self._ioctl(io.KVM_GET_TSC_KHZ)
 
     def set_tsc_khz(self, khz: int) -> None:
-        """``KVM_SET_TSC_KHZ`` (needs ``KVM_CAP_TSC_CONTROL``)."""
-        self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
+        """``KVM_SET_TSC_KHZ``: the guest TSC rate in kHz.
+
+        Without ``KVM_CAP_TSC_CONTROL`` KVM cannot scale the TSC: it takes
+        the host's rate, and higher ones by catching up, and refuses lower
+        ones (EINVAL, and the error says so).
+        """
+        try:
+            self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
+        except KvmError as exc:
+            control = self._check_extension(uapi.KVM_CAP_TSC_CONTROL)
+            if exc.errno != errno.EINVAL or control < 0:
+                raise
+            if control == 0:
+                why = (
+                    f"KVM_CAP_TSC_CONTROL is 0: this KVM cannot scale the guest TSC, so it "
+                    f"refuses {khz} kHz, a rate below the host's (KVM_GET_TSC_KHZ reports "
+                    "it all the same)"
+                )
+            else:
+                why = f"{khz} kHz is outside the rates this KVM can scale the guest TSC to"
+            raise KvmError(exc.errno, f"{exc.strerror}: {why}", ioctl=exc.ioctl) from None
+
+    def _check_extension(self, capability: int) -> int:
+        """A capability asked of the VM, else of /dev/kvm (-1 when neither can be asked)."""
+        vm = self.vm
+        if vm is not None and not vm.closed:
+            return int(vm.check_extension(capability))
+        return _ask_dev_kvm(io.KVM_CHECK_EXTENSION, capability, -1)
 
     # --- CPUID -------------------------------------------------------------------------
 
@@ -511,7 +564,7 @@ class Vcpu(FdWrapper):
             return NestedStateUnavailableError(
                 errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=name
             )
-        return KvmError(exc.errno, exc.strerror, ioctl=name)
+        return self.kvm_error(exc, name)
 
     # --- whole-vCPU state ----------------------------------------------------------------
 
@@ -563,6 +616,15 @@ def _vcpu_id_arg(value: object) -> int | None:
     if not 0 <= value <= 0x7FFF_FFFF:
         raise ValueError(f"vcpu_id {value} is out of range (0..0x7fffffff)")
     return value
+
+
+def _no_lapic(exc: KvmError) -> KvmError:
+    return KvmError(
+        exc.errno,
+        f"{exc.strerror}: this vCPU has no in-kernel LAPIC: its VM needs an in-kernel "
+        "irqchip, made by Vm.create_irqchip() before the vCPUs are created",
+        ioctl=exc.ioctl,
+    )
 
 
 def _exact(obj: object, kind: type[Any]) -> Any:

@@ -830,8 +830,9 @@ table(
         "vcpu.set_vcpu_events(V.kvm_vcpu_events(flags=2**32-1))": "KvmError[EINVAL]: VCPU_EVENTS",
         "vcpu.set_debugregs(V.kvm_debugregs(flags=1))": "KvmError[EINVAL]: KVM_SET_DEBUGREGS",
         "vcpu.set_sregs2(V.kvm_sregs2(flags=0xffff))": "KvmError[EINVAL]: KVM_SET_SREGS2",
-        "vcpu.get_lapic()": "KvmError: KVM_GET_LAPIC",  # no in-kernel irqchip
-        "vcpu.set_lapic(V.kvm_lapic_state())": "KvmError: KVM_SET_LAPIC",
+        # No in-kernel irqchip: the kernel's bare EINVAL, with the cause named.
+        "vcpu.get_lapic()": "KvmError[EINVAL]: KVM_GET_LAPIC: Invalid argument: this vCPU has no",
+        "vcpu.set_lapic(V.kvm_lapic_state())": "KvmError[EINVAL]: Vm.create_irqchip() before",
         "vcpu.set_cpuid2(over(V.kvm_cpuid2, 2, 3))": "ValueError: holds 2 entries",
         "vcpu.set_cpuid2(V.kvm_cpuid2(nent=2**32-1))": "ValueError: holds 0 entries",
         "vcpu.set_cpuid2(V.kvm_cpuid2.new(300))": "KvmError[E2BIG]: KVM_SET_CPUID2",

@@ -17,7 +17,7 @@ import pytest
 import kvmstate
 from kvmstate import ioctls, uapi
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
-from kvmstate.state import VcpuState
+from kvmstate.state import StateError, VcpuState
 
 
 def open_fds() -> set[str]:
@@ -224,3 +224,93 @@ def test_add_memory_names_the_slot_in_use_or_overlapped(vm: kvmstate.Vm) -> None
     assert info.value.errno == errno.EEXIST
     with pytest.raises(ValueError, match="beyond 2"):
         vm.add_memory(2**64 - 4096, 8192)
+
+
+# --- errors that name their cause (issue 11, 3.8) ----------------------------------------------
+
+
+def test_lapic_without_irqchip_says_create_irqchip(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) -> None:
+    for call in (vcpu.get_lapic, lambda: vcpu.set_lapic(uapi.kvm_lapic_state())):
+        with pytest.raises(kvmstate.KvmError, match=r"create_irqchip\(\) before") as info:
+            call()
+        assert info.value.errno == errno.EINVAL
+    saved = vcpu.save_state()
+    assert "no in-kernel irqchip" in saved.absent["lapic"]
+    with vm.kvm.create_vm() as other:  # type: ignore[union-attr]
+        other.create_irqchip()
+        with other.create_vcpu(0) as chip:
+            saved.lapic = chip.get_lapic()
+    with pytest.raises(StateError, match=r"lapic: .*create_irqchip\(\)") as err:
+        vcpu.restore_state(VcpuState(lapic=saved.lapic))
+    assert err.value.errno == errno.EINVAL and err.value.part == "lapic"
+
+
+def tsc_control(kvm: kvmstate.Kvm) -> int:
+    return kvm.check_extension(uapi.KVM_CAP_TSC_CONTROL)
+
+
+def test_tsc_rate_refused_without_tsc_control_says_why(kvm: kvmstate.Kvm) -> None:
+    if tsc_control(kvm):
+        pytest.skip("this KVM has KVM_CAP_TSC_CONTROL: it scales the guest TSC")
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        host = vcpu.get_tsc_khz()  # a fresh vCPU runs at the host's rate
+        with pytest.raises(kvmstate.KvmError, match="KVM_CAP_TSC_CONTROL is 0") as info:
+            vcpu.set_tsc_khz(host // 2)
+        assert info.value.errno == errno.EINVAL and info.value.ioctl == "KVM_SET_TSC_KHZ"
+        # The quirk: the refused rate now reads back as current (docs/quirks.md).
+        assert vcpu.get_tsc_khz() == host // 2
+
+
+def test_restoring_a_refused_tsc_rate_fails_every_time(kvm: kvmstate.Kvm) -> None:
+    if tsc_control(kvm):
+        pytest.skip("this KVM has KVM_CAP_TSC_CONTROL: it scales the guest TSC")
+    with kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        host = vcpu.get_tsc_khz()
+        slow = VcpuState(tsc_khz=host // 2)
+        for _ in range(2):  # the second time KVM_GET_TSC_KHZ already reads the rate
+            with pytest.raises(StateError, match=r"tsc_khz: .*KVM_CAP_TSC_CONTROL is 0.*None"):
+                vcpu.restore_state(slow)
+        vcpu.restore_state(VcpuState(tsc_khz=host))  # the host's rate: taken
+        assert vcpu.get_tsc_khz() == host
+
+
+def in_a_fork_child(call: Any) -> str:
+    """Run ``call()`` in a real fork() child; its exception's text (or "no error")."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        try:
+            os.close(r)
+            try:
+                call()
+                text = "no error"
+            except BaseException as exc:
+                text = f"{type(exc).__name__}[{getattr(exc, 'errno', None)}]: {exc}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_a_vcpu_used_in_a_fork_child_says_kvm_serves_its_creator(
+    vm: kvmstate.Vm, vcpu: kvmstate.Vcpu
+) -> None:
+    parent = os.getpid()
+    for call in (vcpu.get_regs, vcpu.get_nested_state, lambda: vm.create_vcpu(1)):
+        text = in_a_fork_child(call)
+        assert text.startswith("KvmError[5]: [Errno 5]"), text  # EIO, kept
+        assert "only in the process that created it" in text
+        assert f"a fork() child of pid {parent}" in text
+    text = in_a_fork_child(vcpu.save_state)
+    assert re.match(r"(StateError|KvmError)\[5\]", text) and "fork() child" in text, text
+    assert vcpu.get_regs().rip == 0xFFF0  # the parent is served as before
+
+
+def test_eio_for_a_descriptor_wrapped_in_another_process(vcpu: kvmstate.Vcpu) -> None:
+    # Wrapped after the fork: the wrapper cannot tell whose VM it is, the message still can.
+    text = in_a_fork_child(lambda: kvmstate.Vcpu.borrow(vcpu.fileno()).get_regs())
+    assert "KvmError[5]" in text and "not in a fork() child" in text, text
