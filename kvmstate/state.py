@@ -50,7 +50,15 @@ from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 if TYPE_CHECKING:
     from kvmstate.vcpu import Vcpu
 
-__all__ = ["MSR_IA32_FEATURE_CONTROL", "PARTS", "StateError", "VcpuState", "restore", "save"]
+__all__ = [
+    "MSR_IA32_FEATURE_CONTROL",
+    "PARTS",
+    "StateError",
+    "VcpuState",
+    "msr_lines",
+    "restore",
+    "save",
+]
 
 MSR_IA32_FEATURE_CONTROL = 0x3A
 # IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
@@ -213,6 +221,35 @@ class VcpuState:
         absent = f", absent={sorted(self.absent)}" if self.absent else ""
         return f"VcpuState({', '.join(present)}{absent})"
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython: one part per line, in restore order; MSRs sorted, in hex.
+
+        Mirrors print as their own pretty forms (CPUID one leaf per line).
+        """
+        if cycle:
+            p.text("VcpuState(...)")
+            return
+        items: list[tuple[str, Any]] = []
+        if self.regs is not None:
+            items.append(("rip", f"{self.regs.rip:#x}"))
+        items += list(self.parts().items())
+        if self.absent:
+            items.append(("absent", dict(sorted(self.absent.items()))))
+        if self.extra:
+            items.append(("extra", {k: f"<{len(v)} bytes>" for k, v in self.extra.items()}))
+        with p.group(4, "VcpuState(", ")"):
+            for i, (name, value) in enumerate(items):
+                if i:
+                    p.text(",")
+                p.breakable("" if i == 0 else " ")
+                p.text(f"{name}=")
+                if name == "msrs":
+                    _pretty_msrs(p, value)
+                elif isinstance(value, str):
+                    p.text(value)
+                else:
+                    p.pretty(value)
+
     def __reduce__(self) -> tuple[Any, ...]:
         from kvmstate.snapshot import loads_vcpu
 
@@ -232,6 +269,25 @@ class VcpuState:
 
         state: VcpuState = loads_vcpu(data)
         return state
+
+
+def msr_lines(values: Mapping[int, int]) -> list[str]:
+    """``{index: value}`` as ``"0x174: 0x10"`` lines, sorted by index, both in hex.
+
+    >>> msr_lines({0x176: 0, 0x10: 0x1234})
+    ['0x10: 0x1234', '0x176: 0x0']
+    """
+    return [f"{i:#x}: {v:#x}" for i, v in sorted(values.items())]
+
+
+def _pretty_msrs(p: Any, values: Mapping[int, int]) -> None:
+    lines = msr_lines(values)
+    with p.group(4, "{", "}"):
+        for i, line in enumerate(lines):
+            if i:
+                p.text(",")
+            p.breakable("" if i == 0 else " ")
+            p.text(line)
 
 
 def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
