@@ -176,3 +176,12 @@ def test_part_errors_name_the_records_file_offset() -> None:
         ValueError, match=rf"tsc_khz: 3 bytes, expected 4 \(the record at byte {at}\)"
     ):
         snapshot.loads_vcpu(short)
+
+
+def test_struct_from_dict_starts_paths_where_told() -> None:
+    d = uapi.kvm_sregs().to_dict()
+    d["cs"]["base"] = -1
+    with pytest.raises(ValueError, match=r"^kvm_sregs\.cs\.base: -1 does not fit"):
+        uapi.kvm_sregs.from_dict(d)
+    with pytest.raises(ValueError, match=r"^state\.sregs\.cs\.base: -1 does not fit"):
+        uapi.kvm_sregs.from_dict(d, path="state.sregs")

@@ -314,3 +314,12 @@ def test_eio_for_a_descriptor_wrapped_in_another_process(vcpu: kvmstate.Vcpu) ->
     # Wrapped after the fork: the wrapper cannot tell whose VM it is, the message still can.
     text = in_a_fork_child(lambda: kvmstate.Vcpu.borrow(vcpu.fileno()).get_regs())
     assert "KvmError[5]" in text and "not in a fork() child" in text, text
+
+
+def test_kvm_error_names_eio_for_callers_of_fcntl(vcpu: kvmstate.Vcpu) -> None:
+    exc = OSError(errno.EIO, "Input/output error")
+    made_here = vcpu.kvm_error(exc, ioctls.KVM_GET_REGS)
+    assert made_here.errno == errno.EIO and made_here.ioctl == "KVM_GET_REGS"
+    assert "not in a fork() child" in str(made_here)  # made in this process: the general cause
+    other = vcpu.kvm_error(OSError(errno.EINVAL, "Invalid argument"), "KVM_RUN")
+    assert str(other) == "[Errno 22] KVM_RUN: Invalid argument"  # errno says it all: as is
