@@ -9,6 +9,7 @@ many bytes as the object has, and each caller says why that holds.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 from kvmstate.errors import KvmError
 from kvmstate.ioctls import IOCTL_NAMES
 
-__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl"]
+__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl", "kvm_error"]
 
 #: Where the KVM system device lives.
 DEFAULT_PATH = "/dev/kvm"
@@ -32,12 +33,43 @@ def int_arg(value: object) -> int:
     return value
 
 
-def ioctl(fd: int, request: int, arg: Any = 0) -> int:
-    """Issue one KVM ioctl; any failure becomes a :class:`KvmError` with errno and name."""
+def ioctl(fd: int, request: int, arg: Any = 0, *, pid: int | None = None) -> int:
+    """Issue one KVM ioctl; any failure becomes a :class:`KvmError` with errno and name.
+
+    ``pid`` is the process that opened ``fd``, for the cause of an EIO.
+    """
     try:
         return int(fcntl.ioctl(fd, request, arg))
     except OSError as exc:
-        raise KvmError(exc.errno, exc.strerror, ioctl=IOCTL_NAMES.get(request)) from None
+        raise kvm_error(exc, request, pid=pid) from None
+
+
+def kvm_error(exc: OSError, request: int | str | None, *, pid: int | None = None) -> KvmError:
+    """The :class:`KvmError` for a failed ioctl, naming the cause where errno alone does not.
+
+    ``request`` is the ioctl's number or name; ``pid`` the process that
+    opened the descriptor. KVM answers EIO to every VM and vCPU ioctl from a
+    process other than the one whose memory (mm) created the VM: a
+    ``fork()`` child, or a process the descriptor was passed to.
+    """
+    name = request if isinstance(request, str) or request is None else IOCTL_NAMES.get(request)
+    message = exc.strerror
+    if exc.errno == errno.EIO:
+        here = os.getpid()
+        if pid is not None and pid != here:
+            why = (
+                f"KVM serves a VM only in the process that created it (its mm); this is "
+                f"pid {here}, a fork() child of pid {pid}, which opened the descriptor: "
+                "use the VM in that process, or create one here"
+            )
+        else:
+            why = (
+                "KVM serves a VM only in the process that created it (its mm): not in a "
+                "fork() child nor in a process the descriptor was passed to; it also "
+                "answers EIO for a VM it has marked dead"
+            )
+        message = f"{exc.strerror}: {why}"
+    return KvmError(exc.errno, message, ioctl=name)
 
 
 class FdWrapper:
@@ -47,10 +79,20 @@ class FdWrapper:
     ``ResourceWarning``, when the object is collected unclosed). A borrowed
     one (``owned=False``: a descriptor that another VMM owns) is never
     closed by the library; :meth:`close` only detaches from it.
+
+    A wrapper cannot be copied or pickled (``copy.copy``, ``copy.deepcopy``,
+    ``pickle`` raise TypeError): a copy would hold the same descriptor
+    number, and closing it would close whatever file has since reused that
+    number. Share the object instead, or wrap a duplicate yourself::
+
+        >>> vcpu2 = Vcpu(os.dup(vcpu.fileno()), vm=vcpu.vm)   # doctest: +SKIP
+
+    A vCPU's state copies freely: ``copy.deepcopy(vcpu.save_state())``.
     """
 
     _fd: int = -1
     _owned: bool = False
+    _pid: int | None = None
 
     def __init__(self, fd: int, *, owned: bool = True) -> None:
         if not isinstance(fd, int) or isinstance(fd, bool):
@@ -60,6 +102,7 @@ class FdWrapper:
             raise ValueError(f"invalid file descriptor {fd} (a C int: 0..0x7fffffff)")
         self._fd = fd
         self._owned = owned
+        self._pid = os.getpid()  # KVM serves a VM only in its creator's process (EIO)
 
     @property
     def closed(self) -> bool:
@@ -108,8 +151,36 @@ class FdWrapper:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
             self.close()
 
+    # A copy would share the descriptor number and close it twice (the second time,
+    # maybe an unrelated file that reused it): refused, whatever the protocol.
+    def __copy__(self) -> Any:
+        raise TypeError(self._no_copy("copied"))
+
+    def __deepcopy__(self, memo: object) -> Any:
+        raise TypeError(self._no_copy("copied"))
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise TypeError(self._no_copy("pickled"))
+
+    def _no_copy(self, what: str) -> str:
+        name = type(self).__name__
+        return (
+            f"a {name} cannot be {what}: it wraps a file descriptor that only one object "
+            f"may close; share the {name}, or wrap os.dup({name.lower()}.fileno()) yourself"
+        )
+
     def _ioctl(self, request: int, arg: Any = 0) -> int:
-        return ioctl(self.fileno(), request, arg)
+        return ioctl(self.fileno(), request, arg, pid=self._pid)
+
+    def kvm_error(self, exc: OSError, request: int | str) -> KvmError:
+        """The :class:`KvmError` for ``exc`` from ``request`` on this descriptor (cause named).
+
+        For callers that issue ``fcntl.ioctl`` themselves: an EIO in a
+        ``fork()`` child says so.
+
+        >>> vcpu.kvm_error(OSError(errno.EIO, "Input/output error"), "KVM_RUN")  # doctest: +SKIP
+        """
+        return kvm_error(exc, request, pid=self._pid)
 
     def __repr__(self) -> str:
         if self._fd < 0:

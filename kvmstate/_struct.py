@@ -162,14 +162,19 @@ class _Mixin:
         return {n: _plain(getattr(self, n)) for n in self.field_names()}
 
     @classmethod
-    def from_dict(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    def from_dict(cls: type[_T], data: Mapping[str, Any], *, path: str | None = None) -> _T:
         """Rebuild from :meth:`to_dict` output (bytes may be given as hex strings).
 
         Every field must be present and no other; integers must fit their
-        field. ValueError/TypeError name the offending path.
+        field. ValueError/TypeError name the offending field by its path
+        from ``path`` (the class name when not given): ``kvm_sregs.cs.base``,
+        or with ``path="sregs"``, ``sregs.cs.base``.
+
+        >>> kvm_regs.from_dict({**kvm_regs().to_dict(), "rip": 0x1000}).rip  # doctest: +SKIP
+        4096
         """
         obj = cls()
-        _fill(obj, data, cls.__name__)
+        _fill(obj, data, cls.__name__ if path is None else path)
         return obj
 
     def __dir__(self) -> list[str]:

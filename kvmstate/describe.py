@@ -13,8 +13,9 @@ from typing import Any
 from kvmstate import uapi
 from kvmstate._struct import _Mixin, format_value
 from kvmstate.nested import NestedState
+from kvmstate.state import VcpuState
 
-__all__ = ["fields", "nested_state_dict", "nested_state_fields"]
+__all__ = ["fields", "nested_state_dict", "nested_state_fields", "vcpu_state_fields"]
 
 
 def fields(obj: Any, prefix: str = "", *, hidden: bool = False) -> Iterator[tuple[str, Any, str]]:
@@ -68,6 +69,41 @@ def nested_state_fields(
         else:
             raw = bytes(view)
             yield page, raw, format_value(view, page, None)
+
+
+def vcpu_state_fields(state: VcpuState, *, hidden: bool = False) -> Iterator[tuple[str, Any, str]]:
+    """Every field of a whole-vCPU state by name, part by part in restore order.
+
+    Mirrors as :func:`fields` under their part (``sregs.cs.base``); CPUID
+    leaves by function and index (``cpuid[0x7,0].ebx``); MSRs sorted by
+    index, in hex (``msrs[0x174]``); the nested state as
+    :func:`nested_state_fields` under ``nested.``; ``absent.PART`` the reason.
+
+    >>> [p for p, _, t in vcpu_state_fields(VcpuState(msrs={0x176: 1, 0x10: 2}))]
+    ['msrs[0x10]', 'msrs[0x176]']
+    """
+    if not isinstance(state, VcpuState):
+        raise TypeError(f"vcpu_state_fields() needs a VcpuState, not {type(state).__name__}")
+    for part, value in state.parts().items():
+        if part == "msrs":
+            for index, data in sorted(value.items()):
+                yield f"msrs[{index:#x}]", data, hex(data)
+        elif part == "cpuid":
+            for entry in list(value.items())[: len(value)]:
+                leaf = f"cpuid[{entry.function:#x},{entry.index}]."
+                yield from fields(entry, leaf, hidden=hidden)
+        elif part == "nested":
+            for path, raw, text in nested_state_fields(value, hidden=hidden):
+                yield f"nested.{path}", raw, text
+        elif part == "tsc_khz":
+            yield part, value, str(value)
+        elif part == "xsave":
+            raw = value.to_bytes()
+            yield part, raw, format_value(raw, part, None)
+        else:
+            yield from fields(value, f"{part}.", hidden=hidden)
+    for part, why in sorted(state.absent.items()):
+        yield f"absent.{part}", why, why
 
 
 def _jsonable(value: Any) -> Any:

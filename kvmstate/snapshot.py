@@ -92,26 +92,32 @@ def _record(tag: str, payload: bytes) -> bytes:
     return struct.pack("<H", len(raw)) + raw + struct.pack("<Q", len(payload)) + payload
 
 
-def _records(data: memoryview, where: str) -> Iterator[tuple[str, memoryview]]:
+def _records(data: memoryview, where: str, base: int) -> Iterator[tuple[str, memoryview, int]]:
+    """``(tag, payload, offset)`` for each record of ``data``, which starts at file byte ``base``.
+
+    ``offset`` and every offset in an error are the record's byte in the file.
+    """
     pos, end = 0, len(data)
     while pos < end:
+        start = base + pos
         if end - pos < 2:
-            raise ValueError(f"{where}: truncated record header at byte {pos}")
+            raise ValueError(f"{where}: truncated record header at byte {start}")
         (taglen,) = struct.unpack_from("<H", data, pos)
         pos += 2
         if end - pos < taglen + 8:
-            raise ValueError(f"{where}: truncated record header at byte {pos - 2}")
+            raise ValueError(f"{where}: truncated record header at byte {start}")
         tag = bytes(data[pos : pos + taglen])
         if not _TAG_RE.match(tag):
-            raise ValueError(f"{where}: invalid record tag {tag[:64]!r}")
+            raise ValueError(f"{where}: invalid record tag {tag[:64]!r} at byte {start}")
         pos += taglen
         (length,) = struct.unpack_from("<Q", data, pos)
         pos += 8
         if length > end - pos:
             raise ValueError(
-                f"{where}: record {tag.decode()!r} says {length} bytes, only {end - pos} remain"
+                f"{where}: record {tag.decode()!r} at byte {start} says {length} bytes, "
+                f"only {end - pos} remain"
             )
-        yield tag.decode(), data[pos : pos + length]
+        yield tag.decode(), data[pos : pos + length], start
         pos += length
 
 
@@ -238,17 +244,17 @@ def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
         state.extra[part] = bytes(payload)
 
 
-def _decode_vcpu(payload: memoryview, where: str) -> VcpuState:
+def _decode_vcpu(payload: memoryview, where: str, base: int) -> VcpuState:
     state = VcpuState()
     seen: set[str] = set()
-    for tag, body in _records(payload, where):
+    for tag, body, offset in _records(payload, where, base):
         if tag in seen:
-            raise ValueError(f"{where}: record {tag!r} appears twice")
+            raise ValueError(f"{where}: record {tag!r} at byte {offset} appears twice")
         seen.add(tag)
         try:
             _decode_part(state, tag, body)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
     return state
 
 
@@ -292,9 +298,11 @@ def loads_vm(data: bytes | bytearray | memoryview) -> list[VcpuState]:
             f"(it reads {FORMAT_MAJOR}.x)"
         )
     states: list[VcpuState] = []
-    for tag, payload in _records(view[_HEAD.size :], "file"):
+    for tag, payload, offset in _records(view[_HEAD.size :], "file", _HEAD.size):
         if tag == "vcpu":
-            states.append(_decode_vcpu(payload, f"vcpu {len(states)}"))
+            # The payload follows the record's header: taglen (2), tag, length (8).
+            body = offset + 2 + len(tag) + 8
+            states.append(_decode_vcpu(payload, f"vcpu {len(states)}", body))
     return states
 
 
@@ -345,29 +353,54 @@ def _nested_dict(state: NestedState) -> dict[str, Any]:
     return out
 
 
-def _nested_from_dict(d: dict[str, Any]) -> NestedState:
+_NESTED_KEYS = frozenset(
+    {"flags", "format", "size", "hdr_raw", "vmx", "svm", "vmcs12", "shadow_vmcs12", "vmcb12"}
+    | {"data_raw"}
+)
+
+
+def _nested_from_dict(d: Any, where: str) -> NestedState:
+    """The ``nested`` part; every error names its path from ``where`` ("nested")."""
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{where}: expected a mapping, not {type(d).__name__}")
+    missing = sorted({"flags", "format", "size", "hdr_raw"} - set(d))
+    unknown = sorted(set(d) - _NESTED_KEYS, key=repr)
+    if missing or unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}, missing {missing}")
     header = uapi.kvm_nested_state_header()
     # Checked, never wrapped by ctypes: u16 flags and format, u32 size, no bools.
-    header.flags = _check_int(d["flags"], 16, "flags")
-    header.format = _check_int(d["format"], 16, "format")
-    header.size = _check_int(d["size"], 32, "size")
+    header.flags = _check_int(d["flags"], 16, f"{where}.flags")
+    header.format = _check_int(d["format"], 16, f"{where}.format")
+    header.size = _check_int(d["size"], 32, f"{where}.size")
     # Exactly the 120-byte union: a shorter hdr_raw must never be read past.
     hdr_size = ctypes.sizeof(header.hdr)
-    raw = _as_bytes(d["hdr_raw"], hdr_size, "hdr_raw")
+    raw = _as_bytes(d["hdr_raw"], hdr_size, f"{where}.hdr_raw")
     ctypes.memmove(ctypes.addressof(header.hdr), raw, hdr_size)
     for vendor in ("vmx", "svm"):
         if vendor in d:
             cls = type(getattr(header.hdr, vendor))
-            setattr(header.hdr, vendor, cls.from_dict(d[vendor]))
+            setattr(header.hdr, vendor, cls.from_dict(d[vendor], path=f"{where}.{vendor}"))
     body = header.to_bytes()
     from kvmstate.vmcb import vmcb
     from kvmstate.vmcs12 import vmcs12
 
     for name, cls in (("vmcs12", vmcs12), ("shadow_vmcs12", vmcs12), ("vmcb12", vmcb)):
         if name in d:
-            body += cls.from_dict(d[name]).to_bytes()
-    body += bytes.fromhex(d.get("data_raw", ""))
-    return NestedState.from_bytes(body)
+            body += cls.from_dict(d[name], path=f"{where}.{name}").to_bytes()
+    body += _hex(d.get("data_raw", ""), f"{where}.data_raw")
+    try:
+        return NestedState.from_bytes(body)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _hex(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: expected a hex string, not {type(value).__name__}")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{where}: not a hex string") from None
 
 
 def to_dict(state: VcpuState) -> dict[str, Any]:
@@ -403,22 +436,25 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     }
 
 
-def _cpuid_from_dict(value: Any) -> uapi.kvm_cpuid2:
+def _cpuid_from_dict(value: Any, where: str) -> uapi.kvm_cpuid2:
     """A list of entries, or ``{"padding": n, "entries": [...]}`` for a non-zero padding."""
     padding = 0
     if isinstance(value, Mapping):
         if set(value) != {"padding", "entries"}:
-            raise ValueError("expected a list of entries, or keys 'padding' and 'entries'")
-        padding = _uint(value["padding"], 32, "padding: ")
+            raise ValueError(
+                f"{where}: expected a list of entries, or keys 'padding' and 'entries'"
+            )
+        padding = _uint(value["padding"], 32, f"{where}.padding: ")
         if not padding:
-            raise ValueError("padding: 0 is written as a plain list of entries")
+            raise ValueError(f"{where}.padding: 0 is written as a plain list of entries")
         value = value["entries"]
+        where = f"{where}.entries"
     if not isinstance(value, list):
-        raise TypeError(f"expected a list of entries, not {type(value).__name__}")
+        raise TypeError(f"{where}: expected a list of entries, not {type(value).__name__}")
     cpuid = uapi.kvm_cpuid2.new(len(value))
     cpuid.padding = padding
-    for entry, d in zip(cpuid.items(), value, strict=True):
-        filled = uapi.kvm_cpuid_entry2.from_dict(d)
+    for i, (entry, d) in enumerate(zip(cpuid.items(), value, strict=True)):
+        filled = uapi.kvm_cpuid_entry2.from_dict(d, path=f"{where}[{i}]")
         ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), ctypes.sizeof(entry))
     return cpuid
 
@@ -432,10 +468,12 @@ def _uint(value: Any, bits: int, where: str = "") -> int:
     return value
 
 
-def _msrs_from_dict(value: Any) -> dict[int, int]:
+def _msrs_from_dict(value: Any, where: str) -> dict[int, int]:
     """``{"0x174": value}`` exactly as :func:`to_dict` writes it (u32 index, u64 value)."""
     if not isinstance(value, Mapping):
-        raise TypeError(f"expected a mapping of hex index to value, not {type(value).__name__}")
+        raise TypeError(
+            f"{where}: expected a mapping of hex index to value, not {type(value).__name__}"
+        )
     msrs: dict[int, int] = {}
     for key, v in value.items():
         try:
@@ -444,8 +482,8 @@ def _msrs_from_dict(value: Any) -> dict[int, int]:
             index = -1
         # The form to_dict writes, and only that: no sign, case, "_" or space variants.
         if not 0 <= index <= 0xFFFF_FFFF or key != f"{index:#x}":
-            raise ValueError(f"{key!r} is not an MSR index like '0x174' (32 bits, hex)")
-        msrs[index] = _uint(v, 64, f"MSR {key}: ")
+            raise ValueError(f"{where}: {key!r} is not an MSR index like '0x174' (32 bits, hex)")
+        msrs[index] = _uint(v, 64, f"{where}.{key}: ")
     return msrs
 
 
@@ -454,12 +492,10 @@ def _extra_from_dict(value: Any) -> dict[str, bytes]:
         raise ValueError(f"extra: expected a mapping of tag to hex, not {type(value).__name__}")
     extra: dict[str, bytes] = {}
     for tag, payload in value.items():
-        if not isinstance(payload, str):
-            raise ValueError(f"extra: {tag!r}: expected a hex string, not {type(payload).__name__}")
         try:
-            extra[tag] = bytes.fromhex(payload)
-        except ValueError:
-            raise ValueError(f"extra: {tag!r}: not a hex string") from None
+            extra[tag] = _hex(payload, f"extra.{tag}")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
     try:
         return _check_extra(extra)
     except TypeError as exc:
@@ -487,22 +523,26 @@ def from_dict(data: dict[str, Any]) -> VcpuState:
         raise ValueError(str(exc)) from None
     state.extra = _extra_from_dict(data.get("extra", {}))
     for part, value in parts.items():
+        # Each error names the field's whole path from the part ("sregs.cs.base"), once.
         try:
             if part in _FIXED:
-                setattr(state, part, _FIXED[part].from_dict(value))
+                setattr(state, part, _FIXED[part].from_dict(value, path=part))
             elif part == "cpuid":
-                state.cpuid = _cpuid_from_dict(value)
+                state.cpuid = _cpuid_from_dict(value, part)
             elif part == "msrs":
-                state.msrs = _msrs_from_dict(value)
+                state.msrs = _msrs_from_dict(value, part)
             elif part == "xsave":
-                _decode_part(state, "xsave", memoryview(bytes.fromhex(value)))
+                _decode_part(state, "xsave", memoryview(_hex(value, part)))
             elif part == "tsc_khz":
-                state.tsc_khz = _uint(value, 32)
+                state.tsc_khz = _uint(value, 32, "tsc_khz: ")
             elif part == "nested":
-                state.nested = _nested_from_dict(value)
+                state.nested = _nested_from_dict(value, part)
             else:
-                raise ValueError("unknown part")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{part}: {exc}") from None
+                name = part if isinstance(part, str) else repr(part)
+                raise ValueError(f"{name}: unknown part (one of {', '.join(PARTS)})")
+        except TypeError as exc:  # the messages name their path already
+            raise ValueError(str(exc)) from None
+        except (KeyError, AttributeError) as exc:  # never expected: at least name the part
+            raise ValueError(f"{part}: {exc!r}") from None
     _check_trailing(state)
     return state

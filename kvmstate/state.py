@@ -50,7 +50,15 @@ from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 if TYPE_CHECKING:
     from kvmstate.vcpu import Vcpu
 
-__all__ = ["MSR_IA32_FEATURE_CONTROL", "PARTS", "StateError", "VcpuState", "restore", "save"]
+__all__ = [
+    "MSR_IA32_FEATURE_CONTROL",
+    "PARTS",
+    "StateError",
+    "VcpuState",
+    "msr_lines",
+    "restore",
+    "save",
+]
 
 MSR_IA32_FEATURE_CONTROL = 0x3A
 # IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
@@ -213,6 +221,35 @@ class VcpuState:
         absent = f", absent={sorted(self.absent)}" if self.absent else ""
         return f"VcpuState({', '.join(present)}{absent})"
 
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython: one part per line, in restore order; MSRs sorted, in hex.
+
+        Mirrors print as their own pretty forms (CPUID one leaf per line).
+        """
+        if cycle:
+            p.text("VcpuState(...)")
+            return
+        items: list[tuple[str, Any]] = []
+        if self.regs is not None:
+            items.append(("rip", f"{self.regs.rip:#x}"))
+        items += list(self.parts().items())
+        if self.absent:
+            items.append(("absent", dict(sorted(self.absent.items()))))
+        if self.extra:
+            items.append(("extra", {k: f"<{len(v)} bytes>" for k, v in self.extra.items()}))
+        with p.group(4, "VcpuState(", ")"):
+            for i, (name, value) in enumerate(items):
+                if i:
+                    p.text(",")
+                p.breakable("" if i == 0 else " ")
+                p.text(f"{name}=")
+                if name == "msrs":
+                    _pretty_msrs(p, value)
+                elif isinstance(value, str):
+                    p.text(value)
+                else:
+                    p.pretty(value)
+
     def __reduce__(self) -> tuple[Any, ...]:
         from kvmstate.snapshot import loads_vcpu
 
@@ -232,6 +269,25 @@ class VcpuState:
 
         state: VcpuState = loads_vcpu(data)
         return state
+
+
+def msr_lines(values: Mapping[int, int]) -> list[str]:
+    """``{index: value}`` as ``"0x174: 0x10"`` lines, sorted by index, both in hex.
+
+    >>> msr_lines({0x176: 0, 0x10: 0x1234})
+    ['0x10: 0x1234', '0x176: 0x0']
+    """
+    return [f"{i:#x}: {v:#x}" for i, v in sorted(values.items())]
+
+
+def _pretty_msrs(p: Any, values: Mapping[int, int]) -> None:
+    lines = msr_lines(values)
+    with p.group(4, "{", "}"):
+        for i, line in enumerate(lines):
+            if i:
+                p.text(",")
+            p.breakable("" if i == 0 else " ")
+            p.text(line)
 
 
 def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
@@ -361,11 +417,12 @@ def save(vcpu: Vcpu) -> VcpuState:
             fcntl.ioctl(fd, get, obj)
         except OSError as exc:
             if exc.errno in absent:
-                state.absent[part] = f"{IOCTL_NAMES[get]}: {exc.strerror}"
+                why = f"{IOCTL_NAMES[get]}: {exc.strerror}"
+                if part == "lapic":
+                    why = f"no in-kernel irqchip (Vm.create_irqchip) ({why})"
+                state.absent[part] = why
                 continue
-            raise StateError(
-                part, KvmError(exc.errno, exc.strerror, ioctl=IOCTL_NAMES[get])
-            ) from None
+            raise StateError(part, vcpu.kvm_error(exc, get)) from None
         setattr(state, part, obj)
     done = {step[0] for step in plan}
     for part, why in _NOT_THERE.items():
@@ -420,11 +477,15 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
                 f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(cls)}"
             )
         try:
-            # At least the size the kernel reads (checked just above).
-            fcntl.ioctl(fd, set_request, obj)
+            if isinstance(obj, uapi.kvm_lapic_state):
+                vcpu.set_lapic(obj)  # names a missing irqchip
+            else:
+                # At least the size the kernel reads (checked just above).
+                fcntl.ioctl(fd, set_request, obj)
+        except KvmError as exc:
+            raise StateError(part, exc) from None
         except OSError as exc:
-            name = IOCTL_NAMES[set_request]
-            raise StateError(part, KvmError(exc.errno, exc.strerror, ioctl=name)) from None
+            raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
 
     if s.msrs is not None:
         _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
@@ -439,12 +500,14 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     if s.nested is not None:
         put("nested", lambda: vcpu.set_nested_state(s.nested))
     if s.tsc_khz is not None:
-        khz = s.tsc_khz
+        # Set even when KVM_GET_TSC_KHZ already reads the rate: after a refused set it
+        # reports the refused rate (docs/quirks.md), which must not pass for restored.
         try:
-            if vcpu.get_tsc_khz() != khz:
-                vcpu.set_tsc_khz(khz)
+            vcpu.set_tsc_khz(s.tsc_khz)
         except OSError as exc:
-            raise StateError("tsc_khz", exc) from None
+            hint = " (set the state's tsc_khz to None to keep this vCPU's rate)"
+            error = KvmError(exc.errno, f"{exc.strerror}{hint}", ioctl=getattr(exc, "ioctl", None))
+            raise StateError("tsc_khz", error) from None
     put_fixed("regs")
     put_fixed("xsave" if s.xsave is not None else "fpu")
     put_fixed("xcrs")

@@ -342,14 +342,26 @@ class CpuidFlag(enum.IntFlag):
 
 
 class VcpuEventsFlag(enum.IntFlag):
-    """``kvm_vcpu_events.flags`` (``KVM_VCPUEVENT_VALID_*``)."""
+    """``kvm_vcpu_events.flags`` (``KVM_VCPUEVENT_VALID_*``).
 
-    NMI_PENDING = KVM_VCPUEVENT_VALID_NMI_PENDING
-    SIPI_VECTOR = KVM_VCPUEVENT_VALID_SIPI_VECTOR
-    SHADOW = KVM_VCPUEVENT_VALID_SHADOW
-    SMM = KVM_VCPUEVENT_VALID_SMM
-    PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
-    TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+    Each bit says which *fields* are valid (``VALID_SMM``: the ``smi``
+    fields are set), not that the vCPU is in SMM or has an NMI pending;
+    reprs show the ``VALID_`` names. The short names are aliases.
+    """
+
+    VALID_NMI_PENDING = KVM_VCPUEVENT_VALID_NMI_PENDING
+    VALID_SIPI_VECTOR = KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    VALID_SHADOW = KVM_VCPUEVENT_VALID_SHADOW
+    VALID_SMM = KVM_VCPUEVENT_VALID_SMM
+    VALID_PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
+    VALID_TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+    # The names of earlier versions, kept as aliases.
+    NMI_PENDING = VALID_NMI_PENDING
+    SIPI_VECTOR = VALID_SIPI_VECTOR
+    SHADOW = VALID_SHADOW
+    SMM = VALID_SMM
+    PAYLOAD = VALID_PAYLOAD
+    TRIPLE_FAULT = VALID_TRIPLE_FAULT
 
 
 class MpState(enum.IntEnum):
@@ -791,8 +803,29 @@ def _xsave_type(nbytes: int) -> type[kvm_xsave]:
     return type(
         f"kvm_xsave[{nbytes}]",
         (kvm_xsave,),
-        {"_fields_": [("extra", _u32 * extra)], "__module__": __name__},
+        {"_fields_": [("extra", _u32 * extra)], "__module__": __name__, "__reduce__": _reduce},
     )
+
+
+def _reduce(self: Any) -> tuple[Any, ...]:
+    """Pickle a sized mirror (``kvm_cpuid2[59]``, ``kvm_xsave[8192]``) by its bytes.
+
+    Its class is made at run time, so pickle cannot find it by name.
+    """
+    base = kvm_xsave if isinstance(self, kvm_xsave) else self._head()
+    return (_rebuild, (base, ctypes.sizeof(self), self.to_bytes()))
+
+
+def _rebuild(base: Any, nbytes: int, data: bytes) -> Any:
+    if base is kvm_xsave:
+        obj = kvm_xsave.sized(nbytes)
+    else:
+        item = ctypes.sizeof(base._array_[1])
+        obj = base.new((nbytes - ctypes.sizeof(base)) // item)
+    if ctypes.sizeof(obj) != len(data):
+        raise ValueError(f"{base.__name__}: {len(data)} bytes do not make a {nbytes}-byte object")
+    ctypes.memmove(ctypes.addressof(obj), data, len(data))
+    return obj
 
 
 class kvm_xcr(Struct):
@@ -951,7 +984,12 @@ def _sized(cls: type[_F], n: int) -> type[_F]:
     return type(
         f"{cls.__name__}[{n}]",
         (cls,),
-        {"_fields_": [(name, item * n)], "_flex_base_": True, "__module__": cls.__module__},
+        {
+            "_fields_": [(name, item * n)],
+            "_flex_base_": True,
+            "__module__": cls.__module__,
+            "__reduce__": _reduce,
+        },
     )
 
 
@@ -977,7 +1015,18 @@ class kvm_msr_list(_FlexStruct):
 
 
 class kvm_cpuid2(_FlexStruct):
-    """``KVM_SET_CPUID2`` / ``KVM_GET_SUPPORTED_CPUID`` argument: ``nent`` entries follow."""
+    """``KVM_SET_CPUID2`` / ``KVM_GET_SUPPORTED_CPUID`` argument: ``nent`` entries follow.
+
+    The repr is one short line (the count and the leaves' ranges); ``str()``
+    and IPython show one entry per line, in hex::
+
+        >>> print(kvm.get_supported_cpuid())                 # doctest: +SKIP
+        kvm_cpuid2(nent=59):
+          0x00000000        eax=0x0000001f ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69
+          ...
+          0x00000004.0  I   eax=0x00000121 ebx=0x01c0003f ecx=0x0000003f edx=0x00000000
+          ...
+    """
 
     _fields_ = [("nent", _u32), ("padding", _u32)]
     _count_ = "nent"
@@ -985,6 +1034,71 @@ class kvm_cpuid2(_FlexStruct):
     _hidden_ = frozenset({"padding"})
     if TYPE_CHECKING:
         entries: ctypes.Array[kvm_cpuid_entry2]
+
+    def __repr__(self) -> str:
+        entries = list(self.items())[: len(self)]
+        # Runs of consecutive functions: 0x0..0x1f, 0x40000000..0x40000001, ...
+        runs: list[list[int]] = []
+        for function in sorted({int(e.function) for e in entries}):
+            if runs and function == runs[-1][1] + 1:
+                runs[-1][1] = function
+            else:
+                runs.append([function, function])
+        shown = [f"{a:#x}" if a == b else f"{a:#x}..{b:#x}" for a, b in runs[:6]]
+        if len(runs) > 6:
+            shown.append(f"... {len(runs) - 6} more ranges")
+        leaves = f", leaves {', '.join(shown)}" if shown else ""
+        return f"kvm_cpuid2(nent={self.nent}{leaves})"
+
+    def lines(self) -> list[str]:
+        """One line per entry: function(.index), flags (I, S, N), the four registers in hex.
+
+        ``I`` is ``SIGNIFCANT_INDEX`` (the index matters), ``S`` and ``N``
+        the stateful-function flags.
+
+        >>> kvm.get_supported_cpuid().lines()[0]             # doctest: +SKIP
+        '0x00000000        eax=0x0000001f ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69'
+        """
+        out = []
+        for e in list(self.items())[: len(self)]:
+            indexed = e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            leaf = f"{e.function:#010x}" + (f".{e.index}" if indexed else "")
+            marks = "".join(
+                c
+                for bit, c in (
+                    (KVM_CPUID_FLAG_SIGNIFCANT_INDEX, "I"),
+                    (KVM_CPUID_FLAG_STATEFUL_FUNC, "S"),
+                    (KVM_CPUID_FLAG_STATE_READ_NEXT, "N"),
+                )
+                if e.flags & bit
+            )
+            unknown = e.flags & ~(
+                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+                | KVM_CPUID_FLAG_STATEFUL_FUNC
+                | KVM_CPUID_FLAG_STATE_READ_NEXT
+            )
+            if unknown:
+                marks += f" flags={int(e.flags):#x}"
+            regs = " ".join(f"{r}={getattr(e, r):#010x}" for r in ("eax", "ebx", "ecx", "edx"))
+            out.append(f"{leaf:<14}{marks:<3} {regs}")
+        return out
+
+    def __str__(self) -> str:
+        head = f"kvm_cpuid2(nent={self.nent})"
+        if self.nent > self.capacity():
+            head += f" (holds {self.capacity()})"
+        return "\n".join([head + ":", *(f"  {line}" for line in self.lines())])
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        """IPython: :meth:`__str__`, one entry per line (indented where it is nested)."""
+        head, *lines = str(self).splitlines()
+        if cycle or not lines:
+            p.text(repr(self) if cycle else head.rstrip(":"))
+            return
+        with p.group(2, head, ""):
+            for line in lines:
+                p.break_()
+                p.text(line.strip())
 
 
 # --- memory and running -------------------------------------------------------------

@@ -39,13 +39,17 @@ __all__ = ["Vcpu"]
 _GET_NESTED = io.KVM_GET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
+# The largest nested_state_size taken (NestedState's own capacity limit).
+_NESTED_SIZE_MAX = 1 << 24
 
 
 class Vcpu(FdWrapper):
     """A KVM vCPU.
 
     Made by :meth:`Vm.create_vcpu <kvmstate.vm.Vm.create_vcpu>` (owned), or
-    around a descriptor another VMM owns with :meth:`borrow`.
+    around a descriptor another VMM owns with :meth:`borrow`. ``vcpu_id`` is
+    the id it was created with (None when a borrowed vCPU was not told it);
+    ``nested_state_size`` follows the rules of :meth:`borrow`.
     """
 
     def __init__(
@@ -55,11 +59,18 @@ class Vcpu(FdWrapper):
         vm: Any = None,
         owned: bool = True,
         nested_state_size: int | None = None,
+        vcpu_id: int | None = None,
     ) -> None:
+        # Checked before the descriptor is taken: a refused argument must not close it.
+        given = _nested_size_arg(nested_state_size)
+        vcpu_id = _vcpu_id_arg(vcpu_id)
         super().__init__(fd, owned=owned)
         self.vm = vm
-        self._nested_state_size = nested_state_size
+        self.vcpu_id = vcpu_id
+        self._given_nested_size = given
+        self._nested_state_size: int | None = None
         self._nested_need: int | None = None
+        self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
@@ -70,31 +81,60 @@ class Vcpu(FdWrapper):
         self._sync_regs_cap: int | None = None
 
     @classmethod
-    def borrow(cls, fd: int, *, nested_state_size: int | None = None) -> Vcpu:
+    def borrow(
+        cls, fd: int, *, nested_state_size: int | None = None, vcpu_id: int | None = None
+    ) -> Vcpu:
         """Wrap a vCPU descriptor without taking ownership (``close()`` leaves it open).
 
-        ``nested_state_size`` is ``KVM_CAP_NESTED_STATE``; a vCPU fd cannot
-        answer it (EINVAL), so when not given it is asked of ``/dev/kvm``,
-        or taken as 8320 (the largest known state) when that cannot be opened.
+        ``vcpu_id`` is shown in the repr when given. ``nested_state_size``
+        is ``KVM_CAP_NESTED_STATE``, which a vCPU fd cannot answer (EINVAL);
+        it must be 0 (no nesting) or 128..2**24 (TypeError for a bool or
+        float, ValueError otherwise). The buffer handed to
+        ``KVM_GET_NESTED_STATE`` is never smaller than what the kernel may
+        write, whatever is given:
+
+        * when ``/dev/kvm`` can be asked, :attr:`nested_state_size` is its
+          answer, or the given size if that is larger (a smaller one is
+          raised to it);
+        * when it cannot, :attr:`nested_state_size` is the given size (8320,
+          the largest known state, when none is given), but the buffer is
+          never below 8320: nothing confirms a smaller capability.
+
         Likewise :attr:`kvm_run` maps ``KVM_GET_VCPU_MMAP_SIZE`` bytes asked of
         ``/dev/kvm`` (one page when it cannot be opened).
+
+        >>> theirs = Vcpu.borrow(fd, vcpu_id=1)                 # doctest: +SKIP
+        >>> theirs.nested_state_size   # /dev/kvm's answer: 8320 Intel, 4224 AMD
         """
-        return cls(fd, owned=False, nested_state_size=nested_state_size)
+        return cls(fd, owned=False, nested_state_size=nested_state_size, vcpu_id=vcpu_id)
 
     # --- capabilities ----------------------------------------------------------
 
     @property
     def nested_state_size(self) -> int:
-        """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting)."""
+        """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting; see :meth:`borrow`)."""
         if self._nested_state_size is None:
             kvm = getattr(self.vm, "kvm", None)
             if kvm is not None and not kvm.closed:
-                self._nested_state_size = kvm.nested_state_size
+                cap: int | None = kvm.nested_state_size
             else:
-                self._nested_state_size = _ask_dev_kvm(
-                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, VMX_MAX_SIZE
-                )
+                cap = _ask_dev_kvm(io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, -1)
+                cap = None if cap < 0 else cap
+            given = self._given_nested_size
+            if cap is not None:
+                size = cap if given is None else max(given, cap)
+                # The kernel's own answer bounds what it writes.
+                self._nested_need = max(size, HEADER_SIZE)
+            else:
+                size = VMX_MAX_SIZE if given is None else given
+                # Unconfirmed: never below the largest state any vendor writes.
+                self._nested_need = max(size, VMX_MAX_SIZE)
+            self._nested_cap = cap
+            self._nested_state_size = size
         return self._nested_state_size
+
+    def _describe(self) -> str:
+        return "" if self.vcpu_id is None else f" id={self.vcpu_id}"
 
     # --- registers ----------------------------------------------------------------
 
@@ -253,23 +293,76 @@ class Vcpu(FdWrapper):
         self._ioctl(io.KVM_SET_MP_STATE, _exact(state, uapi.kvm_mp_state))
 
     def get_lapic(self) -> uapi.kvm_lapic_state:
-        """``KVM_GET_LAPIC`` (needs an in-kernel irqchip: ``Vm.create_irqchip``)."""
+        """``KVM_GET_LAPIC`` (needs an in-kernel irqchip: ``Vm.create_irqchip``).
+
+        Without one the kernel answers EINVAL; the error then says so.
+        """
         lapic = uapi.kvm_lapic_state()
-        # kvm_lapic_state is the size KVM_GET_LAPIC encodes.
-        self._ioctl(io.KVM_GET_LAPIC, lapic)
+        try:
+            # kvm_lapic_state is the size KVM_GET_LAPIC encodes.
+            self._ioctl(io.KVM_GET_LAPIC, lapic)
+        except KvmError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise _no_lapic(exc) from None
         return lapic
 
     def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
-        """``KVM_SET_LAPIC``."""
-        self._ioctl(io.KVM_SET_LAPIC, _exact(lapic, uapi.kvm_lapic_state))
+        """``KVM_SET_LAPIC`` (needs an in-kernel irqchip, like :meth:`get_lapic`)."""
+        lapic = _exact(lapic, uapi.kvm_lapic_state)
+        try:
+            self._ioctl(io.KVM_SET_LAPIC, lapic)
+        except KvmError as exc:
+            # EINVAL also refuses a bad state (an x2APIC id that moved): a failing
+            # KVM_GET_LAPIC tells the missing LAPIC apart.
+            if exc.errno != errno.EINVAL or self._has_lapic():
+                raise
+            raise _no_lapic(exc) from None
+
+    def _has_lapic(self) -> bool:
+        try:
+            self.get_lapic()
+        except KvmError as exc:
+            return exc.errno != errno.EINVAL
+        return True
 
     def get_tsc_khz(self) -> int:
-        """``KVM_GET_TSC_KHZ``: the guest TSC frequency in kHz."""
+        """``KVM_GET_TSC_KHZ``: the guest TSC frequency in kHz.
+
+        After a refused :meth:`set_tsc_khz` the kernel reports the refused
+        rate here (docs/quirks.md).
+        """
         return self._ioctl(io.KVM_GET_TSC_KHZ)
 
     def set_tsc_khz(self, khz: int) -> None:
-        """``KVM_SET_TSC_KHZ`` (needs ``KVM_CAP_TSC_CONTROL``)."""
-        self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
+        """``KVM_SET_TSC_KHZ``: the guest TSC rate in kHz.
+
+        Without ``KVM_CAP_TSC_CONTROL`` KVM cannot scale the TSC: it takes
+        the host's rate, and higher ones by catching up, and refuses lower
+        ones (EINVAL, and the error says so).
+        """
+        try:
+            self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
+        except KvmError as exc:
+            control = self._check_extension(uapi.KVM_CAP_TSC_CONTROL)
+            if exc.errno != errno.EINVAL or control < 0:
+                raise
+            if control == 0:
+                why = (
+                    f"KVM_CAP_TSC_CONTROL is 0: this KVM cannot scale the guest TSC, so it "
+                    f"refuses {khz} kHz, a rate below the host's (KVM_GET_TSC_KHZ reports "
+                    "it all the same)"
+                )
+            else:
+                why = f"{khz} kHz is outside the rates this KVM can scale the guest TSC to"
+            raise KvmError(exc.errno, f"{exc.strerror}: {why}", ioctl=exc.ioctl) from None
+
+    def _check_extension(self, capability: int) -> int:
+        """A capability asked of the VM, else of /dev/kvm (-1 when neither can be asked)."""
+        vm = self.vm
+        if vm is not None and not vm.closed:
+            return int(vm.check_extension(capability))
+        return _ask_dev_kvm(io.KVM_CHECK_EXTENSION, capability, -1)
 
     # --- CPUID -------------------------------------------------------------------------
 
@@ -463,18 +556,21 @@ class Vcpu(FdWrapper):
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
         """
+        self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
-        if need is None:
-            need = self._nested_need = max(self.nested_state_size, HEADER_SIZE)
+        assert need is not None
         if out is None:
             state = NestedState(need)
         else:
             state = out if type(out) is NestedState else NestedState.from_buffer(out)
             if state._capacity < need:
-                raise ValueError(
-                    f"the buffer holds {state._capacity} bytes but KVM_CAP_NESTED_STATE "
-                    f"says the kernel may write {need}"
+                why = (
+                    "KVM_CAP_NESTED_STATE says the kernel may write"
+                    if self._nested_cap is not None
+                    else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
+                    "may write up to the largest known state,"
                 )
+                raise ValueError(f"the buffer holds {state._capacity} bytes but {why} {need}")
         try:
             self._get_nested(state)
         except NestedStateTooLargeError:
@@ -551,11 +647,13 @@ class Vcpu(FdWrapper):
         )
 
     def _nested_error(self, exc: OSError, name: str) -> KvmError:
-        if exc.errno == errno.EINVAL and self.nested_state_size == 0:
+        size = self.nested_state_size
+        # The kernel's own 0 says "no nesting", whatever size the caller gave.
+        if exc.errno == errno.EINVAL and 0 in (size, self._nested_cap):
             return NestedStateUnavailableError(
                 errno.EINVAL, NestedStateUnavailableError.HINT, ioctl=name
             )
-        return KvmError(exc.errno, exc.strerror, ioctl=name)
+        return self.kvm_error(exc, name)
 
     # --- whole-vCPU state ----------------------------------------------------------------
 
@@ -587,6 +685,40 @@ class Vcpu(FdWrapper):
 def _sync_names(parts: int) -> str:
     """``REGS|SREGS`` for SyncRegs bits, "nothing" for none."""
     return "|".join(p.name or "" for p in uapi.SyncRegs if parts & p) or "nothing"
+
+
+def _nested_size_arg(value: object) -> int | None:
+    """A ``nested_state_size`` argument: None, 0 (no nesting) or 128..2**24 bytes."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"nested_state_size must be an int, not {type(value).__name__}")
+    if value != 0 and not HEADER_SIZE <= value <= _NESTED_SIZE_MAX:
+        raise ValueError(
+            f"nested_state_size {value} is out of range: KVM_CAP_NESTED_STATE is 0 (no "
+            f"nesting) or a size from the {HEADER_SIZE}-byte header up to {_NESTED_SIZE_MAX}"
+        )
+    return value
+
+
+def _vcpu_id_arg(value: object) -> int | None:
+    """A vCPU id as ``KVM_CREATE_VCPU`` takes it (a C int >= 0), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"vcpu_id must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0x7FFF_FFFF:
+        raise ValueError(f"vcpu_id {value} is out of range (0..0x7fffffff)")
+    return value
+
+
+def _no_lapic(exc: KvmError) -> KvmError:
+    return KvmError(
+        exc.errno,
+        f"{exc.strerror}: this vCPU has no in-kernel LAPIC: its VM needs an in-kernel "
+        "irqchip, made by Vm.create_irqchip() before the vCPUs are created",
+        ioctl=exc.ioctl,
+    )
 
 
 def _exact(obj: object, kind: type[Any]) -> Any:

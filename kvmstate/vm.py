@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 from typing import TYPE_CHECKING
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
 from kvmstate._fd import FdWrapper, int_arg
+from kvmstate.errors import KvmError
 from kvmstate.vcpu import Vcpu
 
 if TYPE_CHECKING:
@@ -32,6 +34,8 @@ class Vm(FdWrapper):
         super().__init__(fd, owned=owned)
         self.kvm = kvm
         self._memory: dict[int, mmap.mmap] = {}
+        # slot -> (guest_phys_addr, memory_size) of every region set through this wrapper.
+        self._regions: dict[int, tuple[int, int]] = {}
 
     def check_extension(self, capability: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM (per-VM answers where KVM has them)."""
@@ -40,7 +44,7 @@ class Vm(FdWrapper):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a new vCPU, owned by the returned :class:`Vcpu`."""
         fd = self._ioctl(io.KVM_CREATE_VCPU, int_arg(vcpu_id))
-        return Vcpu(fd, vm=self)
+        return Vcpu(fd, vm=self, vcpu_id=vcpu_id)
 
     def set_user_memory_region(
         self,
@@ -54,6 +58,10 @@ class Vm(FdWrapper):
 
         ``slot`` and ``flags`` must fit in 32 bits, the others in 64
         (TypeError/ValueError naming the field; ctypes would wrap them).
+        ``memory_size`` 0 deletes the slot. The kernel's EEXIST for a range
+        that overlaps another slot names that slot when this wrapper set it.
+
+        >>> vm.set_user_memory_region(0, 0x100000, 4096, address)  # doctest: +SKIP
         """
         region = uapi.kvm_userspace_memory_region(
             _uint(slot, 32, "slot"),
@@ -62,14 +70,60 @@ class Vm(FdWrapper):
             _uint(memory_size, 64, "memory_size"),
             _uint(userspace_addr, 64, "userspace_addr"),
         )
-        # A fixed-size structure the kernel only reads.
-        self._ioctl(io.KVM_SET_USER_MEMORY_REGION, region)
+        try:
+            # A fixed-size structure the kernel only reads.
+            self._ioctl(io.KVM_SET_USER_MEMORY_REGION, region)
+        except KvmError as exc:
+            other = self._overlapping(slot, guest_phys_addr, memory_size)
+            if exc.errno != errno.EEXIST or other is None:
+                raise
+            raise KvmError(exc.errno, f"{exc.strerror}: {other}", ioctl=exc.ioctl) from None
+        if memory_size:
+            self._regions[slot] = (guest_phys_addr, memory_size)
+        else:
+            self._regions.pop(slot, None)
+            # Deleted: the memory add_memory mapped for it has no further use.
+            mem = self._memory.pop(slot, None)
+            if mem is not None:
+                with contextlib.suppress(BufferError):
+                    mem.close()
+
+    @property
+    def memory_regions(self) -> dict[int, tuple[int, int]]:
+        """``{slot: (guest_phys_addr, size)}`` of the regions set through this wrapper (a copy).
+
+        >>> vm.add_memory(0x100000, 4096) and vm.memory_regions  # doctest: +SKIP
+        {0: (1048576, 4096)}
+        """
+        return dict(self._regions)
+
+    def _overlapping(self, slot: int, start: int, size: int) -> str | None:
+        """What another slot of the same address space maps over ``start..start+size``."""
+        space = slot >> 16  # KVM_SET_USER_MEMORY_REGION: address space id in bits 16..31
+        for other, (base, length) in sorted(self._regions.items()):
+            if (
+                other != slot
+                and other >> 16 == space
+                and base < start + size
+                and start < base + length
+            ):
+                return (
+                    f"{start:#x}..{start + size:#x} overlaps slot {other} "
+                    f"({base:#x}..{base + length:#x})"
+                )
+        return None
 
     def add_memory(self, guest_phys_addr: int, size: int, *, slot: int | None = None) -> mmap.mmap:
         """Map ``size`` bytes of fresh anonymous memory at ``guest_phys_addr``.
 
         Returns the ``mmap`` (write guest code and data into it); the VM
-        keeps it alive until :meth:`close`.
+        keeps it alive until :meth:`close`. Without ``slot``, the lowest slot
+        not in use is taken. A ``slot`` already in use, or a
+        range that overlaps another slot's, is a ValueError naming it (for
+        slots set through this wrapper; the kernel judges the others).
+
+        >>> mem = vm.add_memory(0, 0x10000)                      # doctest: +SKIP
+        >>> mem[0x1000:0x1002] = b"\xeb\xfe"                    # jmp $
         """
         _uint_type(guest_phys_addr, "guest_phys_addr")
         _uint_type(size, "size")
@@ -78,9 +132,20 @@ class Vm(FdWrapper):
         # Checked before the mapping is made: never a wrapped value, nor a huge mmap.
         _uint(guest_phys_addr, 64, "guest_phys_addr")
         _uint(size, 64, "size")
+        if guest_phys_addr + size > 1 << 64:
+            raise ValueError(f"{guest_phys_addr:#x} + size {size:#x} is beyond 2**64")
         if slot is None:
-            slot = len(self._memory)
+            slot = next(s for s in range(len(self._regions) + 1) if s not in self._regions)
         _uint(slot, 32, "slot")
+        if slot in self._regions:
+            base, length = self._regions[slot]
+            raise ValueError(
+                f"slot {slot} is in use ({base:#x}..{base + length:#x}); "
+                "leave slot=None for the lowest free one"
+            )
+        other = self._overlapping(slot, guest_phys_addr, size)
+        if other is not None:
+            raise ValueError(other)
         mem = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         address = ctypes.addressof(ctypes.c_char.from_buffer(mem))
         try:

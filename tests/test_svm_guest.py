@@ -162,6 +162,28 @@ def test_short_size_in_a_reused_state_still_gives_the_whole_state(new_vcpu: obje
     assert reused.size == SVM_MAX_SIZE and reused.vmcb12 is not None
 
 
+def test_a_borrowed_vcpu_told_a_short_size_still_gets_a_whole_buffer(
+    new_vcpu: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told 128 bytes, a borrowed vCPU still hands the kernel KVM_CAP_NESTED_STATE's 4224."""
+    vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    lengths: list[int] = []
+    real = fcntl.ioctl
+
+    def spy(fd: int, request: int, arg: object = 0, *rest: object) -> object:
+        if request == ioctls.KVM_GET_NESTED_STATE:
+            lengths.append(memoryview(arg).nbytes)  # type: ignore[arg-type]
+        return real(fd, request, arg, *rest)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(fcntl, "ioctl", spy)
+    borrowed = kvmstate.Vcpu.borrow(vcpu.fileno(), nested_state_size=HEADER_SIZE)
+    assert borrowed.nested_state_size == SVM_MAX_SIZE  # raised to /dev/kvm's answer
+    state = borrowed.get_nested_state()
+    assert lengths == [SVM_MAX_SIZE]
+    assert state.size == SVM_MAX_SIZE and state.vmcb12 is not None
+
+
 def test_the_kernel_hazard_is_real(new_vcpu: object) -> None:
     """Raw ioctl, size=128, guest mode: the kernel writes vmcb12 past 128 bytes, then E2BIG.
 
