@@ -79,11 +79,16 @@ _MAX_NAME = 255
 
 
 class StreamError(ValueError):
-    """A malformed stream: ``offset`` is where, the message what was expected there."""
+    """A malformed QEMU stream (a ValueError): ``offset`` is where, the message what was
+    expected there."""
 
     def __init__(self, offset: int, message: str) -> None:
         super().__init__(f"QEMU stream, offset {offset} ({offset:#x}): {message}")
         self.offset = offset
+
+
+# Raised through, and documented by, the public module.
+StreamError.__module__ = "kvmstate.formats.qemu"
 
 
 class Reader:

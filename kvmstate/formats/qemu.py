@@ -19,7 +19,7 @@ own format.
     1
     >>> cpu.not_migrated["hdr.svm.gpat"]
     'QEMU keeps only vmcb_pa of the SVM header: ...'
-    >>> cpu.nested.vmcb12.control.set_intercept(vmcb.INTERCEPT_HLT)
+    >>> cpu.nested.vmcb12.control.set_intercept(vmcb.INTERCEPT_IOIO_PROT)
     >>> open("new.mig", "wb").write(stream.write())   # QEMU accepts it with -incoming
 
 What QEMU keeps and drops (QEMU 7.2, target/i386/machine.c and kvm.c):
@@ -67,9 +67,12 @@ __all__ = [
     "QemuVcpu",
     "Section",
     "Segment",
+    "StreamError",
     "is_stream",
     "read",
 ]
+
+StreamError = _s.StreamError
 
 #: env.hflags bit 21: "SVM intercepts are active", i.e. the vCPU is in guest mode (L2).
 HF_GUEST_MASK = 1 << 21
@@ -121,9 +124,9 @@ _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
 _NOT_MAPPED = {
     "sregs": (
-        "not mapped: QEMU keeps segments as descriptor flag words (a segment KVM calls "
-        "unusable comes back as flags 0, its type lost), CR8 and the APIC base in the apic "
-        "section and pending interrupts as one vector; see QemuVcpu.segments, .cr0-.cr4, .efer"
+        "not mapped: QEMU keeps segments as descriptor flag words, folding KVM's present and "
+        "unusable bits into one P bit, CR8 and the APIC base in the apic section and pending "
+        "interrupts as one vector; see QemuVcpu.segments, .cr0-.cr4, .efer"
     ),
     "sregs2": "not mapped: as sregs; the PDPTEs are in the cpu/pdptrs subsection when present",
     "fpu": "not mapped: QEMU splits the FPU/SSE state into its own fields",
@@ -206,6 +209,7 @@ class QemuStream:
     """
 
     def __init__(self, data: bytes) -> None:
+        #: The stream's bytes, as read.
         self.data = data
         parsed = _s.parse(data)
         self._parsed = parsed
@@ -234,6 +238,7 @@ class QemuStream:
         self.ram_blocks: Mapping[str, int] = MappingProxyType(dict(parsed.ram_blocks))
         #: The migration capabilities the configuration lists (``x-ignore-shared``...).
         self.capabilities = tuple(parsed.capabilities)
+        #: One :class:`QemuVcpu` per ``cpu`` section, in stream order.
         self.vcpus = tuple(
             QemuVcpu._from_record(data, rec)
             for rec in parsed.records
@@ -267,8 +272,8 @@ class QemuStream:
     def read_memory(self, address: int, length: int, block: str = "pc.ram") -> bytes:
         """``length`` bytes of guest RAM from the stream; ValueError where a page was not sent.
 
-        >>> int.from_bytes(stream.read_memory(0x10a000, 4), "little")
-        52428800
+        >>> stream.read_memory(0x10a000, 4).hex()
+        '8dedc604'
         """
         out = bytearray()
         while len(out) < length:
@@ -364,16 +369,27 @@ class QemuVcpu:
     holds the parts that map exactly onto KVM's structures.
     """
 
+    #: The ``cpu`` section's instance id: QEMU's vCPU index.
     index: int
+    #: The ``cpu`` section's version (12 in QEMU 7.2).
     version: int
+    #: Where the section starts in the stream, and where it ends (past its footer).
     offset: int
     end: int
+    #: Every field of the section and of its subsections, by QEMU's name, decoded
+    #: (integers; tuples for arrays; dicts for structs; bytes for the rest).
     fields: Mapping[str, Any]
+    #: The section's subsections, in stream order.
     subsections: tuple[str, ...]
+    #: The nested-state subsections present (``cpu/kvm_nested_state/svm`` ...).
     nested_subsections: tuple[str, ...]
+    #: Nested-state header fields the stream does not carry, and why (they read as 0).
     not_migrated: Mapping[str, str]
+    #: Where the stream contradicts itself in ways QEMU resolves (hflags against nested flags).
     notes: tuple[str, ...]
+    #: ``es``, ``cs``, ``ss``, ``ds``, ``fs``, ``gs``, ``ldt``, ``tr``, ``gdt``, ``idt``.
     segments: Mapping[str, Segment]
+    #: The parts that map exactly onto KVM's structures; ``state.absent`` says why the rest not.
     state: VcpuState
     _node: _s.Node
     _device_index: int
