@@ -612,6 +612,30 @@ def test_hostile_truncations_and_bit_flips(data: bytes) -> None:
     assert outcomes["refused"] > 300 and outcomes["read"] > 10, outcomes
 
 
+def test_hostile_field_types(data: bytes) -> None:
+    """A description that retypes the cpu fields: the mapping leaves them out, never crashes."""
+    rng = random.Random(7)
+    types = ["uint8", "uint16", "uint32", "uint64", "int64", "int32 le", "bool", "buffer", "timer"]
+    seen_absent = set()
+    for _ in range(200):
+        desc = qemu.read(data).description
+        assert desc is not None
+        cpu_desc = desc["devices"][1]
+        for field in rng.sample(cpu_desc["fields"], 6):
+            if "struct" not in field:
+                field["type"] = rng.choice(types)
+        try:
+            stream = qemu.read(resynth(data, desc))
+        except ValueError as exc:
+            assert str(exc).startswith("QEMU stream, offset "), exc
+            continue
+        cpu = stream.vcpus[0]
+        seen_absent |= set(cpu.state.absent)
+        cpu.state.to_bytes()  # whatever was mapped is a well-formed part
+        assert stream.write() == stream.data
+    assert {"regs", "debugregs"} & seen_absent
+
+
 # --- inside the AMD guest: real streams ------------------------------------------------
 
 GUEST_MASK = 0x3F_FFFF  # a progress line every 4 Mi counts (a few per second under TCG)

@@ -347,7 +347,12 @@ class QemuStream:
             new_devices[cpu._device_index] = cpu._rewrite(self.data, state, edits)
         new_description = dict(description)
         new_description["devices"] = new_devices
-        text = _s.dump_description(new_description)
+        try:
+            text = _s.dump_description(new_description)
+        except RecursionError:
+            raise _s.StreamError(
+                self._parsed.description_at, "the VM description nests too deep to write back"
+            ) from None
         out = bytearray()
         pos = 0
         for start, end, new in sorted(edits):
@@ -527,22 +532,15 @@ class QemuVcpu:
 
     def _map_state(self, values: Mapping[str, Any], node: _s.Node) -> VcpuState:
         state = VcpuState()
-        regs = values.get("env.regs")
-        if (
-            isinstance(regs, tuple)
-            and len(regs) == 16
-            and isinstance(values.get("env.eip"), int)
-            and isinstance(values.get("env.eflags"), int)
-        ):
-            state.regs = uapi.kvm_regs(
-                **dict(zip(_REGS, regs, strict=True)),
-                rip=values["env.eip"],
-                rflags=values["env.eflags"],
-            )
+        regs = _as_uints(values.get("env.regs"), 64, 16)
+        rip, rflags = _as_uint(values.get("env.eip"), 64), _as_uint(values.get("env.eflags"), 64)
+        if regs is not None and rip is not None and rflags is not None:
+            named = dict(zip(_REGS, regs, strict=True))
+            state.regs = uapi.kvm_regs(**named, rip=rip, rflags=rflags)
         else:
-            state.absent["regs"] = "env.regs, env.eip or env.eflags missing or not 16 registers"
-        dr = values.get("env.dr")
-        if isinstance(dr, tuple) and len(dr) == 8:
+            state.absent["regs"] = "env.regs (16 x u64), env.eip or env.eflags missing or malformed"
+        dr = _as_uints(values.get("env.dr"), 64, 8)
+        if dr is not None:
             # QEMU's kvm_get_debugregs: dr[0..3] = db, dr[6] = dr6, dr[7] = dr7 (flags are 0).
             debug = uapi.kvm_debugregs()
             for i in range(4):
@@ -550,9 +548,9 @@ class QemuVcpu:
             debug.dr6, debug.dr7 = dr[6], dr[7]
             state.debugregs = debug
         else:
-            state.absent["debugregs"] = "env.dr missing"
-        xcr0 = values.get("env.xcr0")
-        if isinstance(xcr0, int):
+            state.absent["debugregs"] = "env.dr (8 x u64) missing or malformed"
+        xcr0 = _as_uint(values.get("env.xcr0"), 64)
+        if xcr0 is not None:
             # KVM_GET_XCRS on a host with XSAVE: XCR0 alone, the rest zero.
             xcrs = uapi.kvm_xcrs(nr_xcrs=1)
             xcrs.xcrs[0].xcr = 0
@@ -560,13 +558,13 @@ class QemuVcpu:
             state.xcrs = xcrs
         else:
             state.absent["xcrs"] = "env.xcr0 missing (cpu section older than version 12)"
-        mp = values.get("env.mp_state")
-        if isinstance(mp, int):
+        mp = _as_uint(values.get("env.mp_state"), 32)
+        if mp is not None:
             state.mp_state = uapi.kvm_mp_state(mp_state=mp)
         else:
-            state.absent["mp_state"] = "env.mp_state missing"
-        khz = values.get("env.tsc_khz")
-        if isinstance(khz, int) and 0 < khz <= 0xFFFF_FFFF:
+            state.absent["mp_state"] = "env.mp_state (u32) missing or malformed"
+        khz = _as_uint(values.get("env.tsc_khz"), 32)
+        if khz:
             state.tsc_khz = khz
         else:
             state.absent["tsc_khz"] = "no cpu/tsc_khz subsection (QEMU sends it for pc-* >= 2.6)"
@@ -670,23 +668,39 @@ def _segments(values: Mapping[str, Any]) -> dict[str, Segment]:
     return out
 
 
+def _as_uint(value: Any, bits: int) -> int | None:
+    """``value`` if it is an int that fits in ``bits`` unsigned bits, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits:
+        return value
+    return None
+
+
+def _as_uints(value: Any, bits: int, count: int | None = None) -> tuple[int, ...] | None:
+    """A tuple of such ints (of ``count`` items when given), else None."""
+    if not isinstance(value, tuple) or (count is not None and len(value) != count):
+        return None
+    items = [_as_uint(v, bits) for v in value]
+    return tuple(i for i in items if i is not None) if None not in items else None
+
+
 def _msrs(values: Mapping[str, Any]) -> dict[int, int]:
     msrs: dict[int, int] = {}
     for name, index in MSR_FIELDS.items():
-        value = values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            msrs[index] = value & 0xFFFF_FFFF_FFFF_FFFF
-    fixed = values.get("env.mtrr_fixed")
-    if isinstance(fixed, tuple) and len(fixed) == len(_MTRR_FIXED):
+        value = _as_uint(values.get(name), 64)
+        if value is not None:
+            msrs[index] = value
+    fixed = _as_uints(values.get("env.mtrr_fixed"), 64, len(_MTRR_FIXED))
+    if fixed is not None:
         msrs.update(zip(_MTRR_FIXED, fixed, strict=True))
     var = values.get("env.mtrr_var")
     if isinstance(var, tuple):
         for i, item in enumerate(var):
-            if isinstance(item, dict) and isinstance(item.get("base"), int):
-                msrs[0x200 + 2 * i] = item["base"]
-                msrs[0x201 + 2 * i] = item["mask"]
-    cap, banks = values.get("env.mcg_cap"), values.get("env.mce_banks")
-    if isinstance(cap, int) and isinstance(banks, tuple):
+            if isinstance(item, dict):
+                base, mask = _as_uint(item.get("base"), 64), _as_uint(item.get("mask"), 64)
+                if base is not None and mask is not None:
+                    msrs[0x200 + 2 * i], msrs[0x201 + 2 * i] = base, mask
+    cap, banks = _as_uint(values.get("env.mcg_cap"), 64), _as_uints(values.get("env.mce_banks"), 64)
+    if cap is not None and banks is not None:
         # QEMU writes MC0_CTL.. for the banks MCG_CAP counts, four MSRs each.
         for i in range(min(len(banks), (cap & 0xFF) * 4)):
             msrs[0x400 + i] = banks[i]
