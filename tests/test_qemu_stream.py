@@ -11,6 +11,7 @@ started again with ``-incoming``.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import random
@@ -113,6 +114,9 @@ def test_is_stream(data: bytes) -> None:
     assert not qemu.is_stream(b"\x00" * 16)
     assert not qemu.is_stream(b"QEV")
     assert not qemu.is_stream(b"")
+    assert qemu.is_stream(memoryview(array.array("I", data[:8])))  # any buffer format
+    with pytest.raises(TypeError, match="bytes-like"):
+        qemu.is_stream("QEVM")  # type: ignore[arg-type]
 
 
 def test_read_finds_the_records(stream: qemu.QemuStream, data: bytes) -> None:

@@ -156,7 +156,12 @@ def is_stream(data: bytes | bytearray | memoryview) -> bool:
     >>> qemu.is_stream(open("vm.mig", "rb").read(8))
     True
     """
-    head = bytes(memoryview(data)[:8])
+    try:
+        head = bytes(memoryview(data).cast("B")[:8])
+    except TypeError:
+        raise TypeError(
+            f"is_stream() needs a bytes-like object, not {type(data).__name__}"
+        ) from None
     return head[:4] == _s.MAGIC and int.from_bytes(head[4:8], "big") == _s.VERSION
 
 
