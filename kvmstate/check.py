@@ -170,9 +170,92 @@ VMX_MSRS: Mapping[int, str] = MappingProxyType(
 _MSR_IA32_FEATURE_CONTROL = 0x3A
 
 _BOOL_FACTS = ("has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57")
-_INT_FACTS = (
-    "maxphyaddr", "efer", "cr0", "cr3", "cr4", "nested_state_cap", "feature_control",
-)  # fmt: skip
+_U32_MAX, _INT_MAX = (1 << 32) - 1, (1 << 31) - 1
+# Integer facts and their largest value: registers and MSRs are u64, a capability a
+# non-negative C int (what KVM_CHECK_EXTENSION returns), MAXPHYADDR at most 64 bits.
+_INT_FACTS: Mapping[str, int] = MappingProxyType(
+    {
+        "maxphyaddr": 64,
+        "efer": _U64,
+        "cr0": _U64,
+        "cr3": _U64,
+        "cr4": _U64,
+        "nested_state_cap": _INT_MAX,
+        "feature_control": _U64,
+    }
+)
+
+
+def _check_fact_int(name: str, value: object, largest: int) -> int:
+    """An int fact: an int (not a bool) in 0..largest, or TypeError/ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"fact {name} must be int or None, not {value!r}")
+    if not 0 <= value <= largest:
+        top = hex(largest) if largest > _INT_MAX else str(largest)
+        shown = hex(value) if value > _INT_MAX else str(value)
+        raise ValueError(f"fact {name} is {shown}, outside 0..{top}")
+    return value
+
+
+def _check_features(features: object) -> frozenset[str]:
+    """``cpu_features``: names of :data:`CPUID_FEATURES`, as an iterable of str or a comma list.
+
+    A str is a comma-separated list (``"svm"``, ``"svm,lm,nx"``), the form
+    ``--fact cpu_features=`` takes; anything else must be an iterable of str.
+    """
+    if isinstance(features, str):
+        names = frozenset(t.strip().lower() for t in features.split(",") if t.strip())
+    else:
+        try:
+            items = list(features)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(
+                f"fact cpu_features must be a set of feature names or a comma-separated str, "
+                f"not {type(features).__name__}"
+            ) from None
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(f"fact cpu_features: a feature name must be a str, not {item!r}")
+        names = frozenset(items)
+    unknown = names - CPUID_FEATURES.keys()
+    if unknown:
+        raise ValueError(
+            f"unknown CPUID features {sorted(unknown)} (known: {sorted(CPUID_FEATURES)})"
+        )
+    return names
+
+
+def _check_version(version: object) -> tuple[int, ...]:
+    """``kernel_version``: a tuple of ints, or a release str (:func:`parse_kernel_version`)."""
+    if isinstance(version, str):
+        parsed = parse_kernel_version(version)
+        if parsed is None:
+            raise ValueError(f"fact kernel_version: {version!r} is not a kernel release like 6.1.0")
+        return parsed
+    if not isinstance(version, (tuple, list)):
+        raise TypeError(
+            f"fact kernel_version must be a tuple of ints such as (6, 1, 0) or a release str, "
+            f"not {type(version).__name__}"
+        )
+    if not version:
+        raise ValueError("fact kernel_version must not be empty")
+    for part in version:
+        if not isinstance(part, int) or isinstance(part, bool):
+            raise TypeError(f"fact kernel_version: {part!r} is not an int")
+        if part < 0:
+            raise ValueError(f"fact kernel_version: {part} is negative")
+    return tuple(version)
+
+
+def _check_vmx_msrs(msrs: object) -> Mapping[int, int]:
+    """``vmx_msrs``: u32 index -> u64 value, read-only; refused (never masked) when out of range."""
+    if not isinstance(msrs, Mapping):
+        raise TypeError(f"fact vmx_msrs must be a mapping of index to value, not {msrs!r}")
+    out: dict[int, int] = {}
+    for index, value in msrs.items():
+        _check_fact_int("vmx_msrs index", index, _U32_MAX)
+        out[index] = _check_fact_int(f"vmx_msrs[{index:#x}]", value, _U64)
+    return MappingProxyType(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +265,19 @@ class Facts:
     Build one by hand (``Facts(has_svm=True, efer=EFER_SVME, maxphyaddr=48)``),
     from a vCPU (:meth:`from_vcpu`) or from ``NAME=VALUE`` text
     (:meth:`from_strings`, what ``kvmstate check --fact`` uses).
+
+    Every field is checked when the object is made: a bool fact takes a
+    bool; an int fact an int (not a bool) within its width (registers and
+    MSRs 64 bits, ``maxphyaddr`` 0..64, ``nested_state_cap`` a non-negative C
+    int), else TypeError/ValueError naming the fact; nothing is masked.
+    Two fields also take the text forms of :meth:`from_strings`:
+    ``kernel_version`` a release string (``"6.1"`` is ``(6, 1)``,
+    ``"6.1.0-50-amd64"`` is ``(6, 1, 0)``), ``cpu_features`` a comma-separated
+    string (``"svm"`` is ``{"svm"}``, ``"svm,lm"`` is ``{"svm", "lm"}``, never
+    the letters of one name)::
+
+        >>> Facts(kernel_version="6.1", cpu_features="svm")
+        Facts(cpu_features={svm}, kernel_version=(6, 1))
     """
 
     #: The KVM module behind the vCPU: ``"vmx"`` (kvm_intel) or ``"svm"`` (kvm_amd).
@@ -221,28 +317,24 @@ class Facts:
     vmx_msrs: Mapping[int, int] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        if self.vendor is not None and not isinstance(self.vendor, str):
+            raise TypeError(f"fact vendor must be a str or None, not {self.vendor!r}")
         if self.vendor not in (None, "vmx", "svm"):
             raise ValueError(f"vendor must be 'vmx', 'svm' or None, not {self.vendor!r}")
-        for name in (*_BOOL_FACTS, *_INT_FACTS):
+        for name in _BOOL_FACTS:
             value = getattr(self, name)
-            kind = bool if name in _BOOL_FACTS else int
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"fact {name} must be {kind.__name__} or None, not {value!r}")
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"fact {name} must be bool or None, not {value!r}")
+        for name, largest in _INT_FACTS.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check_fact_int(name, value, largest)
         if self.cpu_features is not None:
-            features = frozenset(self.cpu_features)
-            unknown = features - CPUID_FEATURES.keys()
-            if unknown:
-                raise ValueError(
-                    f"unknown CPUID features {sorted(unknown)} (known: {sorted(CPUID_FEATURES)})"
-                )
-            object.__setattr__(self, "cpu_features", features)
-        if self.maxphyaddr is not None and not 0 <= self.maxphyaddr <= 64:
-            raise ValueError(f"maxphyaddr {self.maxphyaddr} is outside 0..64")
+            object.__setattr__(self, "cpu_features", _check_features(self.cpu_features))
         if self.kernel_version is not None:
-            object.__setattr__(self, "kernel_version", tuple(int(v) for v in self.kernel_version))
+            object.__setattr__(self, "kernel_version", _check_version(self.kernel_version))
         if self.vmx_msrs is not None:
-            msrs = {int(k): int(v) & _U64 for k, v in self.vmx_msrs.items()}
-            object.__setattr__(self, "vmx_msrs", MappingProxyType(msrs))
+            object.__setattr__(self, "vmx_msrs", _check_vmx_msrs(self.vmx_msrs))
 
     # --- reading facts -------------------------------------------------------------
 

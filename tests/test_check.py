@@ -770,6 +770,11 @@ def test_facts_from_strings() -> None:
         ([("kernel_version", "latest")], "kernel release"),
         ([("vmx_msrs", "0x48d")], "INDEX:VALUE"),
         ([("efer", "1"), ("svme", "1")], "given twice"),
+        ([("efer", "-1")], "fact efer is -1, outside 0..0xffffffffffffffff"),
+        ([("cr3", "-1")], "fact cr3 is -1"),
+        ([("cr4", str(1 << 64))], "fact cr4 is 0x10000000000000000"),
+        ([("nested_state_cap", "-5")], "fact nested_state_cap is -5, outside 0..2147483647"),
+        ([("vmx_msrs", "0x480:-1")], r"fact vmx_msrs\[0x480\] is -1"),
     ],
 )
 def test_facts_from_strings_errors(pairs: list[tuple[str, str]], message: str) -> None:
@@ -780,10 +785,65 @@ def test_facts_from_strings_errors(pairs: list[tuple[str, str]], message: str) -
 def test_facts_type_checked() -> None:
     with pytest.raises(TypeError, match="in_smm"):
         Facts(in_smm=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fact efer must be int"):
+        Facts(efer=True)
+    with pytest.raises(TypeError, match="fact cr0 must be int"):
+        Facts(cr0="0x11")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fact vendor must be a str"):
+        Facts(vendor=1)  # type: ignore[arg-type]
     assert Facts(nested_state_cap=8320).target_vendor() == "vmx"
     assert Facts(nested_state_cap=0).target_vendor() is None
     assert Facts(has_svm=True, cpu_features=frozenset()).feature("svm") is True
     assert Facts().known() == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"efer": -1}, ValueError, "fact efer is -1, outside 0..0xffffffffffffffff"),
+        ({"cr3": 1 << 64}, ValueError, "fact cr3 is 0x10000000000000000, outside"),
+        ({"feature_control": -1}, ValueError, "fact feature_control is -1"),
+        ({"nested_state_cap": -5}, ValueError, "fact nested_state_cap is -5"),
+        ({"nested_state_cap": 1 << 31}, ValueError, "fact nested_state_cap is 0x80000000"),
+        ({"maxphyaddr": 65}, ValueError, "fact maxphyaddr is 65, outside 0..64"),
+        ({"vmx_msrs": {0x480: -1}}, ValueError, r"fact vmx_msrs\[0x480\] is -1"),
+        ({"vmx_msrs": {0x480: 1 << 64}}, ValueError, r"fact vmx_msrs\[0x480\] is 0x1"),
+        ({"vmx_msrs": {-1: 0}}, ValueError, "fact vmx_msrs index is -1"),
+        ({"vmx_msrs": {0x480: True}}, TypeError, r"vmx_msrs\[0x480\] must be int"),
+        ({"vmx_msrs": [(0x480, 1)]}, TypeError, "vmx_msrs must be a mapping"),
+        ({"kernel_version": "latest"}, ValueError, "'latest' is not a kernel release"),
+        ({"kernel_version": 6.1}, TypeError, "tuple of ints such as"),
+        ({"kernel_version": ("6", "1")}, TypeError, "'6' is not an int"),
+        ({"kernel_version": (6, -1)}, ValueError, "-1 is negative"),
+        ({"kernel_version": ()}, ValueError, "must not be empty"),
+        ({"cpu_features": ["svm", 5]}, TypeError, "a feature name must be a str, not 5"),
+        ({"cpu_features": 5}, TypeError, "set of feature names or a comma-separated str"),
+        ({"cpu_features": "s,v,m"}, ValueError, r"unknown CPUID features \['m', 's', 'v'\]"),
+        ({"cpu_features": {"svm", "SVM"}}, ValueError, r"unknown CPUID features \['SVM'\]"),
+    ],
+)
+def test_facts_refuse_what_they_cannot_mean(
+    fields: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Out-of-range or mistyped facts: an error naming the fact, never a wrapped register."""
+    with pytest.raises(error, match=message):
+        Facts(**fields)
+
+
+def test_facts_take_the_text_forms_of_from_strings() -> None:
+    """A str kernel_version is a release; a str cpu_features a comma list, never its letters."""
+    assert Facts(kernel_version="6.1").kernel_version == (6, 1)
+    assert Facts(kernel_version="6.12.3-amd64").kernel_version == (6, 12, 3)
+    assert Facts(kernel_version=[6, 1, 0]).kernel_version == (6, 1, 0)
+    assert Facts(cpu_features="svm").cpu_features == frozenset({"svm"})
+    assert Facts(cpu_features="svm, LM,nx").cpu_features == frozenset({"svm", "lm", "nx"})
+    assert Facts(cpu_features="").cpu_features == frozenset()
+    assert Facts(cpu_features=["svm", "lm"]).cpu_features == frozenset({"svm", "lm"})
+    # The parsed forms behave: the 6.1 rule on AUTOIBRS, the svm feature.
+    assert Facts(cpu_features="svm").feature("svm") is True
+    assert Facts(cpu_features="svm").feature("s") is False
+    assert Facts(efer=(1 << 64) - 1).efer == (1 << 64) - 1
+    assert Facts(vmx_msrs={0x480: (1 << 64) - 1}).msr(0x480) == (1 << 64) - 1
 
 
 class _Unreadable:

@@ -63,6 +63,7 @@ from typing import Any
 import pytest
 
 import kvmstate
+from kvmstate import check as checks
 from kvmstate import cli as kcli
 from kvmstate import describe, ioctls, snapshot, uapi, vmcb, vmcs12
 from kvmstate._struct import _Mixin
@@ -1265,6 +1266,15 @@ table(
         "cli('decode', os.fsdecode(b'/nonexistent/\\xff.bin'))": "ok: refused(r, 'No such file')",
         "cli('decode', '--all', tmp / 'flags')": "ok: r[0] == 0 and '0xfef0' in r[1]",
         "cli('decode', '--json', tmp / 'ok')": "ok: json.loads(r[1])['fields']['size'] == 4224",
+        # Out-of-range facts are bad arguments, not negative registers.
+        "cli('check', tmp / 'ok', '--fact', 'efer=-1')": "ok: refused(r, 'fact efer is -1')",
+        "cli('check', tmp / 'ok', '--fact', 'cr3=-1')": "ok: refused(r, 'fact cr3 is -1')",
+        "cli('check', tmp / 'ok', '--fact', 'nested_state_cap=-5')": (
+            "ok: refused(r, 'fact nested_state_cap is -5')"
+        ),
+        "cli('check', tmp / 'ok', '--fact', 'efer=0x10000000000000000')": (
+            "ok: refused(r, 'fact efer is 0x10000000000000000')"
+        ),
         "cli()": "ok: r[0] == 2 and 'usage:' in r[2]",
         "cli('bogus')": "ok: r[0] == 2 and 'usage:' in r[2]",
         "cli('decode')": "ok: r[0] == 2 and 'usage:' in r[2]",
@@ -1280,6 +1290,31 @@ table(
     {
         "cli('decode', 'a\\0b')": "ok: refused(r, 'null')",
         "cli('info', '--device', 'a\\0b')": "ok: r[0] == 1",
+    },
+    kvm=False,
+)
+
+
+section("check.Facts")
+table(
+    {
+        "C.Facts(efer=-1)": "ValueError: fact efer is -1, outside 0..0xffffffffffffffff",
+        "C.Facts(cr3=-1)": "ValueError: fact cr3 is -1",
+        "C.Facts(cr0=2**64)": "ValueError: fact cr0 is 0x10000000000000000",
+        "C.Facts(nested_state_cap=-5)": "ValueError: fact nested_state_cap is -5",
+        "C.Facts(efer=True)": "TypeError: fact efer must be int",
+        "C.Facts(efer=1.0)": "TypeError: fact efer must be int",
+        "C.Facts(vmx_msrs={0x480: -1})": "ValueError: fact vmx_msrs[0x480] is -1",
+        "C.Facts(vmx_msrs=5)": "TypeError: vmx_msrs must be a mapping",
+        "C.Facts(kernel_version='6.1')": "ok: r.kernel_version == (6, 1)",
+        "C.Facts(kernel_version='latest')": "ValueError: not a kernel release",
+        "C.Facts(kernel_version=6)": "TypeError: tuple of ints",
+        "C.Facts(cpu_features='svm')": "ok: r.cpu_features == {'svm'}",
+        "C.Facts(cpu_features=b'svm')": "TypeError: a feature name must be a str",
+        "C.Facts(cpu_features=None).cpu_features": "ok: r is None",
+        "C.Facts(vendor=b'svm')": "TypeError: vendor must be a str",
+        "C.Facts.from_strings({'efer': '-1'})": "ValueError: fact efer is -1",
+        "C.Facts.from_strings({'maxphyaddr': '65'})": "ValueError: outside 0..64",
     },
     kvm=False,
 )
@@ -1303,6 +1338,7 @@ BASE_SCOPE: dict[str, Any] = {
     "vmcb": vmcb,
     "vmcs12": vmcs12,
     "S": snapshot,
+    "C": checks,
     "NS": NestedState,
     "VS": VcpuState,
     "Kvm": kvmstate.Kvm,
