@@ -2452,7 +2452,7 @@ def check(state: Any, facts: Facts | None = None) -> list[Problem]:
     kernel's order; those that depend on an unknown fact have ``certain=False``.
     An empty list means no known rule is broken.
     """
-    facts = facts if facts is not None else Facts()
+    facts = _facts_or_default(facts, "check")
     blob_len: int | None = None
     if not isinstance(state, NestedState):
         try:
@@ -2516,5 +2516,28 @@ def format_problems(problems: Iterable[Problem]) -> str:
 
 
 def explain(state: Any, facts: Facts | None = None) -> str:
-    """:func:`check`, as text for an error message; its first line sums it up."""
-    return format_problems(check(state, facts))
+    """:func:`check`, as text for an error message; its first line sums it up.
+
+    ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
+    refused with a TypeError saying how to make one (``Facts(**d)`` for typed
+    values, ``Facts.from_strings(d)`` for text), rather than guessing which::
+
+        >>> explain(state, {"vendor": "svm"})
+        Traceback (most recent call last):
+        TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+    """
+    return format_problems(check(state, _facts_or_default(facts, "explain")))
+
+
+def _facts_or_default(facts: object, caller: str) -> Facts:
+    """``facts`` as given to check/explain: a Facts, or None for no facts (TypeError otherwise)."""
+    if facts is None:
+        return Facts()
+    if isinstance(facts, Facts):
+        return facts
+    hint = (
+        " (make one with Facts(**d) for typed values or Facts.from_strings(d) for text)"
+        if isinstance(facts, Mapping)
+        else ""
+    )
+    raise TypeError(f"{caller}() needs facts as a Facts or None, not {type(facts).__name__}{hint}")

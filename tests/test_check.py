@@ -846,6 +846,18 @@ def test_facts_take_the_text_forms_of_from_strings() -> None:
     assert Facts(vmx_msrs={0x480: (1 << 64) - 1}).msr(0x480) == (1 << 64) - 1
 
 
+def test_check_and_explain_refuse_a_dict_of_facts() -> None:
+    state = svm_guest()
+    for call in (check, explain):
+        with pytest.raises(TypeError, match=r"needs facts as a Facts or None, not dict \(make one"):
+            call(state, {"vendor": "svm"})  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"not str$"):
+            call(state, "vendor=svm")  # type: ignore[arg-type]
+    assert explain(state, Facts.from_strings({"vendor": "svm"})) == explain(
+        state, Facts(vendor="svm")
+    )
+
+
 class _Unreadable:
     """A vCPU whose every read fails."""
 
