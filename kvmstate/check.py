@@ -63,6 +63,7 @@ from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
 from kvmstate._struct import format_value
 from kvmstate.nested import HEADER_SIZE, KNOWN_FLAGS, NestedState
+from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 __all__ = [
@@ -263,8 +264,9 @@ class Facts:
     """What is known about the vCPU (and kernel) a state is meant for; ``None`` = unknown.
 
     Build one by hand (``Facts(has_svm=True, efer=EFER_SVME, maxphyaddr=48)``),
-    from a vCPU (:meth:`from_vcpu`) or from ``NAME=VALUE`` text
-    (:meth:`from_strings`, what ``kvmstate check --fact`` uses).
+    from a vCPU (:meth:`from_vcpu`), from a saved vCPU state (:meth:`from_state`)
+    or from ``NAME=VALUE`` text (:meth:`from_strings`, what ``kvmstate check
+    --fact`` uses).
 
     Every field is checked when the object is made: a bool fact takes a
     bool; an int fact an int (not a bool) within its width (registers and
@@ -435,6 +437,50 @@ class Facts:
         version = parse_kernel_version(os.uname().release)
         if version is not None:
             found["kernel_version"] = version
+        return cls(**found)
+
+    @classmethod
+    def from_state(cls, state: VcpuState) -> Facts:
+        """What a saved vCPU (a :class:`~kvmstate.state.VcpuState`) tells of the vCPU it restores.
+
+        :func:`kvmstate.state.restore` sets CPUID, then the sregs, then the
+        nested state, so at ``KVM_SET_NESTED_STATE`` the vCPU has the saved
+        CPUID (features, MAXPHYADDR) and registers (EFER, CR0, CR3, CR4, from
+        ``sregs`` or else ``sregs2``), and the saved VMX capability MSRs and
+        IA32_FEATURE_CONTROL where the MSRs hold them. Nothing about the target
+        machine (vendor, ``KVM_CAP_NESTED_STATE``, kernel version, ``npt``) and
+        not SMM (the vCPU events come after the nested state) is taken::
+
+            >>> Facts.from_state(kvmstate.snapshot.loads_vcpu(data)).efer
+            4096
+        """
+        if not isinstance(state, VcpuState):
+            raise TypeError(f"from_state() needs a VcpuState, not {type(state).__name__}")
+        found: dict[str, Any] = {}
+        cpuid = state.cpuid
+        if cpuid is not None:
+            table = _cpuid_table(cpuid)
+            features = frozenset(
+                name
+                for name, (leaf, sub, reg, bit) in CPUID_FEATURES.items()
+                if _cpuid_reg(table, leaf, sub, reg) >> bit & 1
+            )
+            found.update(
+                cpu_features=features,
+                has_vmx="vmx" in features,
+                has_svm="svm" in features,
+                maxphyaddr=_kvm_maxphyaddr(table),
+            )
+        sregs = state.sregs if state.sregs is not None else state.sregs2
+        if sregs is not None:
+            found.update(efer=sregs.efer, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4)
+        msrs = state.msrs or {}
+        if found.get("has_vmx"):
+            vmx_msrs = {i: msrs[i] for i in VMX_MSRS if i in msrs}
+            if vmx_msrs:
+                found["vmx_msrs"] = vmx_msrs
+            if _MSR_IA32_FEATURE_CONTROL in msrs:
+                found["feature_control"] = msrs[_MSR_IA32_FEATURE_CONTROL]
         return cls(**found)
 
     @classmethod

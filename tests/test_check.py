@@ -27,6 +27,7 @@ from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
 from kvmstate.check import Facts, Problem, check, explain, format_problems
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 GM, RP, GIF = NestedFlag.GUEST_MODE, NestedFlag.RUN_PENDING, NestedFlag.GIF_SET
@@ -856,6 +857,44 @@ def test_check_and_explain_refuse_a_dict_of_facts() -> None:
     assert explain(state, Facts.from_strings({"vendor": "svm"})) == explain(
         state, Facts(vendor="svm")
     )
+
+
+def test_facts_from_a_saved_state() -> None:
+    """What restore sets before the nested state: the saved CPUID, sregs and MSRs."""
+    assert Facts.from_state(VcpuState()) == Facts()
+    with pytest.raises(TypeError, match="from_state\\(\\) needs a VcpuState, not NoneType"):
+        Facts.from_state(None)  # type: ignore[arg-type]
+    sregs = uapi.kvm_sregs()
+    sregs.efer, sregs.cr0, sregs.cr3, sregs.cr4 = svm.EFER_SVME, 0x80000011, 0x5000, 0x20
+    cpuid = uapi.kvm_cpuid2.new(3)
+    leaves = cpuid.items()
+    leaves[0].function, leaves[0].eax = 0x80000000, 0x80000008
+    leaves[1].function, leaves[1].ecx = 0x80000001, 1 << 2  # CPUID.80000001h:ECX.SVM
+    leaves[1].edx = 1 << 29  # LM
+    leaves[2].function, leaves[2].eax = 0x80000008, 0x3028  # MAXPHYADDR 40
+    facts = Facts.from_state(VcpuState(sregs=sregs, cpuid=cpuid, msrs={0x3A: 5, 0x480: 7}))
+    assert (facts.efer, facts.cr0, facts.cr3, facts.cr4) == (
+        svm.EFER_SVME,
+        0x80000011,
+        0x5000,
+        0x20,
+    )
+    assert facts.cpu_features == frozenset({"svm", "lm"}) and facts.has_svm is True
+    assert facts.has_vmx is False and facts.maxphyaddr == 40
+    # Not the target machine's, nor SMM (the events are restored after the nested state).
+    assert facts.vendor is None and facts.kernel_version is None and facts.in_smm is None
+    assert facts.nested_state_cap is None
+    assert facts.vmx_msrs is None and facts.feature_control is None  # no VMX in its CPUID
+    # sregs2 when there is no sregs; VMX MSRs when the CPUID has VMX.
+    sregs2 = uapi.kvm_sregs2()
+    sregs2.efer = 0x500
+    vmx_cpuid = uapi.kvm_cpuid2.new(1)
+    vmx_cpuid.items()[0].function, vmx_cpuid.items()[0].ecx = 1, 1 << 5  # CPUID.1:ECX.VMX
+    facts = Facts.from_state(
+        VcpuState(sregs2=sregs2, cpuid=vmx_cpuid, msrs={0x3A: 5, 0x480: 7, 0x48D: 9})
+    )
+    assert facts.efer == 0x500 and facts.has_vmx is True and facts.maxphyaddr == 36
+    assert facts.feature_control == 5 and dict(facts.vmx_msrs or {}) == {0x48D: 9}
 
 
 class _Unreadable:

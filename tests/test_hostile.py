@@ -1315,6 +1315,8 @@ table(
         "C.Facts(vendor=b'svm')": "TypeError: vendor must be a str",
         "C.Facts.from_strings({'efer': '-1'})": "ValueError: fact efer is -1",
         "C.Facts.from_strings({'maxphyaddr': '65'})": "ValueError: outside 0..64",
+        "C.Facts.from_state(None)": "TypeError: needs a VcpuState",
+        "C.Facts.from_state(VS())": "ok: r == C.Facts()",
         "C.explain(hstate(format=1), {})": "TypeError: needs facts as a Facts or None, not dict",
         "C.check(hstate(format=1), {'vendor': 'svm'})": "TypeError: needs facts as a Facts",
         "C.check(hstate(format=1), 'svm')": "TypeError: needs facts as a Facts or None, not str",
