@@ -2,19 +2,25 @@
 
 Commands: ``info`` (what this machine's KVM offers for nested state),
 ``decode FILE`` (a saved nested-state blob by field names), ``check FILE``
-(which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``. Bad input
-is one ``kvmstate: error: ...`` line and exit status 2, never a traceback.
+(which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``.
+
+The exit status is the command's, whatever happens to its output: a reader
+that closes the pipe early (``| head -1``) ends the output quietly, a write
+that fails otherwise (a full disk) is an error. Bad input is one
+``kvmstate: error: ...`` line and exit status 2, Ctrl-C exits 130, never a
+traceback. File names are shown on one line, undecodable bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
 
 from kvmstate import __version__, describe
 from kvmstate import check as checks
@@ -27,6 +33,8 @@ __all__ = ["main"]
 
 #: Largest file ``decode`` reads: far above any nested state (8320 bytes today).
 MAX_BLOB = 1 << 20
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 _NESTED_PARAMS = {
     "kvm_intel": "/sys/module/kvm_intel/parameters/nested",
@@ -36,6 +44,116 @@ _NESTED_PARAMS = {
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+# --- output that never raises -------------------------------------------------------------
+
+
+class _Output:
+    """Writes to stdout and stderr that never raise, so that the status stays the command's.
+
+    A closed pipe (EPIPE) sends the rest of that stream to /dev/null, quietly,
+    as the reader asked; any other write error does too, and is remembered
+    for :func:`main` to report.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def write(self, text: str, *, err: bool = False) -> None:
+        stream = sys.stderr if err else sys.stdout
+        if stream is None:  # started with that descriptor closed
+            return
+        try:
+            stream.write(text)
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            self._failed(stream, exc, err)
+
+    def flush(self) -> None:
+        for stream, err in ((sys.stdout, False), (sys.stderr, True)):
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError) as exc:
+                    self._failed(stream, exc, err)
+
+    def _failed(self, stream: TextIO, exc: Exception, err: bool) -> None:
+        _discard(stream)
+        if not isinstance(exc, BrokenPipeError) and not err and self.failure is None:
+            self.failure = getattr(exc, "strerror", None) or str(exc)
+
+
+_OUT = _Output()
+
+
+def _discard(stream: TextIO) -> None:
+    """Point the stream's descriptor at /dev/null: what is still buffered goes nowhere.
+
+    Python flushes stdout at exit; into a closed pipe that would print
+    "Exception ignored" and change the status, into a full one it would block.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a real file (a StringIO), or closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _print(*lines: str) -> None:
+    _OUT.write("".join(f"{line}\n" for line in lines))
+
+
+def _error(message: str) -> None:
+    _OUT.write(f"kvmstate: error: {_shown(message)}\n", err=True)
+
+
+def _shown(text: str) -> str:
+    """``text`` on one printable line, with escapes.
+
+    A byte the file system name could not decode (``surrogateescape``) is
+    shown as ``\\xNN``; newlines and other control characters as Python
+    writes them (``\\n``, ``\\x1b``), so a file name can neither break the
+    one-line error rule nor send terminal escapes.
+    """
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def _escaping_streams() -> Callable[[], None]:
+    """Make stdout and stderr escape what their encoding lacks (``PYTHONIOENCODING=ascii``).
+
+    Returns a function that restores their error handlers.
+    """
+    undo: list[tuple[Callable[..., None], str]] = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None or not isinstance(errors, str) or errors == "backslashreplace":
+            continue
+        try:
+            reconfigure(errors="backslashreplace")  # flushes first
+        except (OSError, ValueError):
+            continue
+        undo.append((reconfigure, errors))
+
+    def restore() -> None:
+        for reconfigure, errors in undo:
+            with contextlib.suppress(OSError, ValueError):
+                reconfigure(errors=errors)
+
+    return restore
 
 
 def _cpu_vendor() -> str | None:
@@ -57,7 +175,11 @@ def _read_param(path: str) -> str | None:
 
 
 def info(path: str = "/dev/kvm") -> dict[str, Any]:
-    """What ``kvmstate info`` reports, as a dict."""
+    """What ``kvmstate info`` reports, as a dict.
+
+    >>> info()["nested_state_size"]  # on AMD with nested=1
+    4224
+    """
     out: dict[str, Any] = {"device": path, "cpu_vendor": _cpu_vendor()}
     out["nested_parameter"] = {mod: _read_param(p) for mod, p in _NESTED_PARAMS.items()}
     try:
@@ -78,33 +200,33 @@ def info(path: str = "/dev/kvm") -> dict[str, Any]:
 
 
 def _print_info(data: dict[str, Any]) -> None:
-    print(f"device:               {data['device']}")
+    _print(f"device:               {_shown(data['device'])}")
     if not data["available"]:
-        print(f"  not usable: {data['error']}")
+        _print(f"  not usable: {_shown(data['error'])}")
     else:
-        print(f"KVM API version:      {data['api_version']}")
+        _print(f"KVM API version:      {data['api_version']}")
         size = data["nested_state_size"]
         fmt = f" ({data['nested_format']} format)" if data.get("nested_format") else ""
-        print(f"KVM_CAP_NESTED_STATE: {size}{fmt}")
-    print(f"CPU vendor:           {data['cpu_vendor'] or 'unknown'}")
+        _print(f"KVM_CAP_NESTED_STATE: {size}{fmt}")
+    _print(f"CPU vendor:           {data['cpu_vendor'] or 'unknown'}")
     for module, value in data["nested_parameter"].items():
         label = f"{module} nested:"
-        print(f"{label:<22}{value if value is not None else '(module not loaded)'}")
+        _print(f"{label:<22}{value if value is not None else '(module not loaded)'}")
     if data.get("missing"):
-        print(f"nested state unavailable: {data['missing']}")
+        _print(f"nested state unavailable: {data['missing']}")
 
 
 def _read_blob(path: str) -> bytes:
+    name = _shown(path)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BLOB + 1)
     except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # a NUL in the path: shown escaped, on one line
-        shown = path.replace("\0", "\\0")
-        raise CliError(f"{shown}: {exc}") from None
+        raise CliError(f"{name}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise CliError(f"{name}: {exc}") from None
     if len(data) > MAX_BLOB:
-        raise CliError(f"{path}: larger than {MAX_BLOB} bytes, not a nested state")
+        raise CliError(f"{name}: larger than {MAX_BLOB} bytes, not a nested state")
     return data
 
 
@@ -113,13 +235,13 @@ def _load_blob(path: str) -> NestedState:
     try:
         return NestedState.from_bytes(data)
     except ValueError as exc:
-        raise CliError(f"{path}: {exc}") from None
+        raise CliError(f"{_shown(path)}: {exc}") from None
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     data = info(args.device)
     if args.json:
-        print(json.dumps(data, indent=2))
+        _print(json.dumps(data, indent=2))
     else:
         _print_info(data)
     return 0 if data["available"] else 1
@@ -128,11 +250,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_decode(args: argparse.Namespace) -> int:
     state = _load_blob(args.file)
     if args.json:
-        print(json.dumps(describe.nested_state_dict(state), indent=2))
+        _print(json.dumps(describe.nested_state_dict(state), indent=2))
         return 0
-    print(repr(state))
+    _print(repr(state))
     for path, _raw, text in describe.nested_state_fields(state, hidden=args.all):
-        print(f"  {path} = {text}")
+        _print(f"  {path} = {text}")
     return 0
 
 
@@ -158,7 +280,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     data = _read_blob(args.file)
     if len(data) < HEADER_SIZE:
         raise CliError(
-            f"{args.file}: truncated nested state: {len(data)} bytes, "
+            f"{_shown(args.file)}: truncated nested state: {len(data)} bytes, "
             f"the header alone is {HEADER_SIZE}"
         )
     facts = _facts(args)
@@ -166,14 +288,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     refused = any(p.certain for p in problems)
     if args.json:
         report = {
-            "file": args.file,
+            "file": _shown(args.file),
             "refused": refused,
             "facts": {k: _json_fact(v) for k, v in facts.known().items()},
             "problems": [p.to_dict() for p in problems],
         }
-        print(json.dumps(report, indent=2))
+        _print(json.dumps(report, indent=2))
     else:
-        print(f"{args.file}: {checks.format_problems(problems)}")
+        _print(f"{_shown(args.file)}: {checks.format_problems(problems)}")
     return 1 if refused or (args.strict and problems) else 0
 
 
@@ -190,22 +312,39 @@ def _json_fact(value: Any) -> Any:
 def _cmd_diff(args: argparse.Namespace) -> int:
     found = diffs.diff(_load_blob(args.a), _load_blob(args.b))
     if args.json:
-        print(json.dumps({"equal": not found, "differences": found.to_list()}, indent=2))
+        _print(json.dumps({"equal": not found, "differences": found.to_list()}, indent=2))
     elif found:
-        for difference in found:
-            print(difference)
+        _print(*map(str, found))
     else:
-        print("equal")
+        _print("equal")
     return 1 if found else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, writing its help, usage and errors through :data:`_OUT` (never raising)."""
+
+    def print_usage(self, file: Any = None) -> None:
+        _OUT.write(self.format_usage(), err=file is sys.stderr)
+
+    def print_help(self, file: Any = None) -> None:
+        _OUT.write(self.format_help(), err=file is sys.stderr)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            _OUT.write(message, err=True)
+        raise SystemExit(status)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmstate",
         description="Read, check and explore KVM nested virtualization state.",
     )
-    parser.add_argument("--version", action="version", version=f"kvmstate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # Not argparse's "version" action: it writes without print_help, past _OUT.
+    parser.add_argument(
+        "--version", action="store_true", help="show program's version number and exit"
+    )
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("info", help="what this machine's KVM offers for nested state")
     p.add_argument("--device", default="/dev/kvm", help="KVM device (default: /dev/kvm)")
@@ -252,18 +391,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kvmstate`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            _print(f"kvmstate {__version__}")
+            return 0
+        if args.command is None:
+            parser.error("the following arguments are required: command")
+    except SystemExit as exc:  # --help or a usage error: argparse has printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         return int(args.func(args))
     except CliError as exc:
-        print(f"kvmstate: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
-    except BrokenPipeError:
-        # Output piped into `head`: not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except Exception as exc:  # a bug in kvmstate: still one line, never a traceback
+        _error(f"internal error (a bug in kvmstate, please report it): {exc!r}")
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvmstate`` command; returns the exit status.
+
+    >>> main(["check", "state.bin"])  # 0: no rule broken, 1: refused, 2: bad input
+    0
+    """
+    _OUT.failure = None
+    restore = _escaping_streams()
+    try:
+        status = _run(argv)
+        _OUT.flush()  # here, not at exit: a broken pipe must not change the status
+    except KeyboardInterrupt:
+        # Quietly, and without the exit-time flush blocking on a full pipe.
+        if sys.stdout is not None:
+            _discard(sys.stdout)
+        return INTERRUPTED
+    finally:
+        restore()
+    if _OUT.failure is not None:
+        _error(f"writing the output failed: {_OUT.failure}")
+        return max(status, 2)
+    return status
 
 
 if __name__ == "__main__":

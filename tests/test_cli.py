@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
+import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
 
-from kvmstate import uapi
-from kvmstate.nested import SVM_MAX_SIZE, NestedState
+import kvmstate
+from kvmstate import uapi, vmcb
+from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from tests.kvm_fixtures import NO_KVM
 
 KVMSTATE = shutil.which("kvmstate")
 needs_script = pytest.mark.skipif(KVMSTATE is None, reason="the kvmstate script is not installed")
+# fcntl's names for them (Python 3.10+); the values are Linux's.
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -116,3 +127,219 @@ def test_python_dash_m(svm_blob: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 0 and "vmcb_pa=0x10000" in proc.stdout
+
+
+# --- the exit status is the command's, whatever the pipe does ---------------------------------
+
+
+def svm_l2(asid: int = 0) -> NestedState:
+    """An SVM L2 state whose vmcb12 has this ASID (0 is refused by every kernel)."""
+    state = NestedState(SVM_MAX_SIZE)
+    state.format, state.size = uapi.KVM_STATE_NESTED_FORMAT_SVM, SVM_MAX_SIZE
+    state.flags = uapi.NestedFlag.GUEST_MODE | uapi.NestedFlag.GIF_SET
+    state.svm.vmcb_pa = 0x10000
+    assert state.vmcb12 is not None
+    state.vmcb12.control.set_intercept(vmcb.INTERCEPT_VMRUN)
+    state.vmcb12.control.asid = asid
+    state.vmcb12.save.efer = vmcb.EFER_SVME
+    state.vmcb12.save.cr0 = vmcb.X86_CR0_PG | vmcb.X86_CR0_PE
+    return state
+
+
+@pytest.fixture
+def pipe_cases(tmp_path: Path) -> dict[str, tuple[list[str], int | None]]:
+    """Command lines and the status each must give (None: whatever it gives unpiped)."""
+    refused = tmp_path / "asid0.bin"
+    refused.write_bytes(svm_l2(asid=0).to_bytes())
+    fixed = tmp_path / "asid1.bin"
+    fixed.write_bytes(svm_l2(asid=1).to_bytes())
+    vmx_full = NestedState(VMX_MAX_SIZE)
+    vmx_full.format, vmx_full.size = uapi.KVM_STATE_NESTED_FORMAT_VMX, VMX_MAX_SIZE
+    big = tmp_path / "vmx.bin"
+    big.write_bytes(vmx_full.to_bytes())
+    return {
+        "check": (["check", "--svm", str(refused)], 1),
+        "check-json": (["check", "--json", "--svm", str(refused)], 1),
+        "diff": (["diff", str(refused), str(fixed)], 1),
+        "diff-json": (["diff", "--json", str(refused), str(fixed)], 1),
+        # More than a pipe and Python's buffer hold: the pipe breaks in mid-command.
+        "decode": (["decode", "--all", str(big)], 0),
+        "decode-bad": (["decode", str(tmp_path / "absent.bin")], 2),
+        "info": (["info"], None),
+        "help": (["--help"], 0),
+    }
+
+
+@needs_script
+@pytest.mark.parametrize(
+    "case", ["check", "check-json", "diff", "diff-json", "decode", "decode-bad", "info", "help"]
+)
+def test_status_survives_a_reader_that_is_gone(
+    pipe_cases: dict[str, tuple[list[str], int | None]], case: str
+) -> None:
+    """stdout is a pipe whose reader has exited: EPIPE on the first write, status kept."""
+    argv, status = pipe_cases[case]
+    if status is None:
+        status = run(*argv).returncode
+    assert KVMSTATE is not None
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes a byte
+    try:
+        proc = subprocess.run(
+            [KVMSTATE, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == status, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    if status != 2:
+        assert proc.stderr == ""
+
+
+@needs_script
+@pytest.mark.parametrize("reader", ["true", "head -1", "head -c 1"])
+@pytest.mark.parametrize("case", ["check", "diff", "decode", "info"])
+def test_status_in_a_shell_pipeline(
+    pipe_cases: dict[str, tuple[list[str], int | None]], case: str, reader: str
+) -> None:
+    """`kvmstate ... | head -1`: whenever head exits, bash's PIPESTATUS shows our status."""
+    argv, status = pipe_cases[case]
+    if status is None:
+        status = run(*argv).returncode
+    line = " ".join(shlex.quote(a) for a in [str(KVMSTATE), *argv])
+    script = f'{line} | {reader} >/dev/null; echo "status=${{PIPESTATUS[0]}}"'
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == f"status={status}", proc.stderr
+    assert proc.stderr == ""
+
+
+@needs_script
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [(["bogus"], 2), (["decode", "/nonexistent/x.bin"], 2), (["decode"], 2), (["--version"], 0)],
+)
+def test_status_survives_a_closed_stderr(argv: list[str], status: int) -> None:
+    """Usage errors and error lines into a pipe whose reader is gone: the status is kept."""
+    assert KVMSTATE is not None
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [KVMSTATE, *argv], stdout=subprocess.PIPE, stderr=write_end, text=True, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == status
+    assert proc.stdout == (f"kvmstate {kvmstate.__version__}\n" if argv == ["--version"] else "")
+
+
+@needs_script
+def test_a_failed_write_is_an_error(tmp_path: Path) -> None:
+    """Output to a full disk (/dev/full): not a traceback, not success."""
+    blob = tmp_path / "asid1.bin"
+    blob.write_bytes(svm_l2(asid=1).to_bytes())
+    assert KVMSTATE is not None
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [KVMSTATE, "decode", str(blob)], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert proc.returncode == 2
+    assert proc.stderr == "kvmstate: error: writing the output failed: No space left on device\n"
+
+
+@needs_script
+def test_closed_stdout_keeps_the_status(tmp_path: Path) -> None:
+    blob = tmp_path / "asid0.bin"
+    blob.write_bytes(svm_l2(asid=0).to_bytes())
+    script = f"{shlex.quote(str(KVMSTATE))} check --svm {shlex.quote(str(blob))} >&-"
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (1, "")
+
+
+@needs_script
+def test_version_and_no_command() -> None:
+    assert run("--version").stdout == f"kvmstate {kvmstate.__version__}\n"
+    proc = run()
+    assert proc.returncode == 2 and "required: command" in proc.stderr
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------
+
+
+@needs_script
+def test_ctrl_c_exits_130_quietly(tmp_path: Path) -> None:
+    """SIGINT while the command writes into a pipe nobody reads: 130, nothing on stderr.
+
+    The pipe holds one page and the output is several pages, so the command
+    cannot finish before the signal: it is in its output loop or blocked in
+    write() (and then must not block again in the exit-time flush).
+    """
+    state = NestedState(VMX_MAX_SIZE)
+    state.format, state.size = uapi.KVM_STATE_NESTED_FORMAT_VMX, VMX_MAX_SIZE
+    blob = tmp_path / "vmx.bin"
+    blob.write_bytes(state.to_bytes())
+    assert KVMSTATE is not None
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, 4096)
+        capacity = fcntl.fcntl(write_end, F_GETPIPE_SZ)
+        assert len(run("decode", "--all", str(blob)).stdout) > 2 * capacity
+        proc = subprocess.Popen(
+            [KVMSTATE, "decode", "--all", str(blob)], stdout=write_end, stderr=subprocess.PIPE
+        )
+        os.close(write_end)
+        write_end = -1
+        queued = array.array("i", [0])
+        deadline = time.monotonic() + 60
+        while not queued[0] and proc.poll() is None and time.monotonic() < deadline:
+            fcntl.ioctl(read_end, termios.FIONREAD, queued)
+            time.sleep(0.01)
+        assert queued[0] > 0 and proc.poll() is None, "the command never wrote"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert proc.returncode == 130
+    assert err == b""
+
+
+# --- file names any stream can print ------------------------------------------------------
+
+
+@needs_script
+def test_undecodable_names_under_an_ascii_locale(tmp_path: Path) -> None:
+    """A name with byte 0xff, shown as \\xff where stdout is ASCII (LC_ALL=C, ascii)."""
+    folder = os.fsencode(tmp_path)
+    good = folder + b"/\xff\xe9t\xc3\xa9.bin"
+    with open(good, "wb") as f:
+        f.write(svm_l2(asid=0).to_bytes())
+    missing = folder + b"/\xfe.bin"
+    assert KVMSTATE is not None
+    env = {**os.environ, "LC_ALL": "C", "PYTHONIOENCODING": "ascii"}
+    shown = os.fsdecode(folder) + "/\\xff\\xe9t\\xe9.bin"
+    for argv, status, where in (
+        ([b"check", good], 1, "stdout"),
+        ([b"diff", good, good], 0, "stdout"),
+        ([b"decode", missing], 2, "stderr"),
+        ([b"check", b"--json", missing], 2, "stderr"),
+    ):
+        proc = subprocess.run([KVMSTATE, *argv], capture_output=True, env=env, timeout=60)
+        assert proc.returncode == status, proc
+        assert b"Traceback" not in proc.stderr and b"Error" not in proc.stderr
+        out = proc.stdout if where == "stdout" else proc.stderr
+        assert out.isascii()
+    proc = subprocess.run([KVMSTATE, b"check", good], capture_output=True, env=env, timeout=60)
+    assert proc.stdout.decode().startswith(f"{shown}: KVM_SET_NESTED_STATE refuses")
+    # UTF-8 streams keep é; an undecodable byte is still \xff.
+    utf8 = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([KVMSTATE, b"check", good], capture_output=True, env=utf8, timeout=60)
+    assert proc.stdout.decode().startswith(os.fsdecode(folder) + "/\\xff\\xe9té.bin: ")
+
+
+@needs_script
+def test_a_newline_in_a_name_stays_one_line(tmp_path: Path) -> None:
+    proc = run("decode", str(tmp_path / "a\nb\x1b[31m"))
+    assert proc.returncode == 2
+    assert proc.stderr == f"kvmstate: error: {tmp_path}/a\\nb\\x1b[31m: No such file or directory\n"
