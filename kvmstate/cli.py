@@ -8,7 +8,8 @@ The exit status is the command's, whatever happens to its output: a reader
 that closes the pipe early (``| head -1``) ends the output quietly, a write
 that fails otherwise (a full disk) is an error. Bad input is one
 ``kvmstate: error: ...`` line and exit status 2, Ctrl-C exits 130, never a
-traceback. File names are shown on one line, undecodable bytes as ``\\xNN``.
+traceback. Only regular files are read (a FIFO would block). File names
+are shown on one line, undecodable bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -216,18 +218,57 @@ def _print_info(data: dict[str, Any]) -> None:
         _print(f"nested state unavailable: {data['missing']}")
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _require_regular(mode: int, name: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{name}: Is a directory")
+    what = _FILE_KINDS.get(stat.S_IFMT(mode), "an unknown kind of file")
+    raise CliError(f"{name}: Is {what}, not a regular file")
+
+
+def _read_fd(fd: int, limit: int, data: bytearray) -> None:
+    """Read until EOF or until ``data`` holds more than ``limit`` bytes."""
+    while len(data) <= limit:
+        chunk = os.read(fd, min(limit + 1 - len(data), 1 << 20))
+        if not chunk:
+            return
+        data += chunk
+
+
 def _read_blob(path: str) -> bytes:
+    """A FILE argument's bytes (CliError if unreadable).
+
+    Only regular files: stat first, then open without blocking and check the
+    descriptor again (the name may have been replaced in between).
+    """
     name = _shown(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BLOB + 1)
+        _require_regular(os.stat(path).st_mode, name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise CliError(f"{name}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # a NUL in the path
+    except ValueError as exc:  # a NUL in the name
         raise CliError(f"{name}: {exc}") from None
+    data = bytearray()
+    try:
+        _require_regular(os.fstat(fd).st_mode, name)
+        _read_fd(fd, MAX_BLOB, data)
+    except OSError as exc:
+        raise CliError(f"{name}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_BLOB:
         raise CliError(f"{name}: larger than {MAX_BLOB} bytes, not a nested state")
-    return data
+    return bytes(data)
 
 
 def _load_blob(path: str) -> NestedState:

@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -343,3 +344,31 @@ def test_a_newline_in_a_name_stays_one_line(tmp_path: Path) -> None:
     proc = run("decode", str(tmp_path / "a\nb\x1b[31m"))
     assert proc.returncode == 2
     assert proc.stderr == f"kvmstate: error: {tmp_path}/a\\nb\\x1b[31m: No such file or directory\n"
+
+
+# --- only regular files ---------------------------------------------------------------------
+
+
+@needs_script
+def test_non_regular_files_are_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO would block the read (nobody writes it); a device or socket is no saved state."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    sock = tmp_path / "sock"
+    server.bind(str(sock))
+    try:
+        cases = {
+            str(fifo): "Is a FIFO, not a regular file",
+            "/dev/null": "Is a character device, not a regular file",
+            "/dev/zero": "Is a character device, not a regular file",
+            str(sock): "Is a socket, not a regular file",
+            str(tmp_path): "Is a directory",
+        }
+        for path, why in cases.items():
+            for argv in (["decode", path], ["check", path], ["diff", path, path]):
+                proc = run(*argv)  # a block would hit run()'s timeout
+                assert proc.returncode == 2, proc
+                assert proc.stderr == f"kvmstate: error: {path}: {why}\n"
+    finally:
+        server.close()

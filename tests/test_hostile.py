@@ -1250,6 +1250,8 @@ for _file, _why in {
     "huge": "larger than 1048576 bytes",
     "vcpufile": "truncated nested state",
     "dir": "Is a directory",
+    # Refused before a read that would block (nobody writes the FIFO).
+    "fifo": "Is a FIFO, not a regular file",
     "missing": "No such file",
 }.items():
     table(
@@ -1261,8 +1263,10 @@ for _file, _why in {
     )
 table(
     {
-        "cli('decode', '/dev/zero')": "ok: refused(r, 'larger than')",
-        "cli('decode', '/dev/null')": "ok: refused(r, '0 bytes')",
+        "cli('decode', '/dev/zero')": "ok: refused(r, 'Is a character device')",
+        "cli('decode', '/dev/null')": "ok: refused(r, 'Is a character device')",
+        "cli('check', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
+        "cli('diff', tmp / 'ok', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
         "cli('decode', os.fsdecode(b'/nonexistent/\\xff.bin'))": "ok: refused(r, 'No such file')",
         "cli('decode', '--all', tmp / 'flags')": "ok: r[0] == 0 and '0xfef0' in r[1]",
         "cli('decode', '--json', tmp / 'ok')": "ok: json.loads(r[1])['fields']['size'] == 4224",
