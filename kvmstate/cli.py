@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from kvmstate import __version__, describe
+from kvmstate import __version__, describe, uapi
 from kvmstate import check as checks
 from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
@@ -288,14 +289,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0 if data["available"] else 1
 
 
+def _uncovered(state: NestedState, hidden: bool) -> Iterator[tuple[str, bytes]]:
+    """The bytes no field covers, as ``bytes[start:end]`` ranges (the names ``diff`` uses).
+
+    The header union past the vendor header (shown with ``hidden`` or when
+    not all zero) and the data past the last whole page (always: a blob whose
+    ``size`` ends inside a page).
+    """
+    raw = state.to_bytes()
+    vmx = state.header.format == uapi.KVM_STATE_NESTED_FORMAT_VMX
+    vendor = state.vmx if vmx else state.svm
+    start = uapi.kvm_nested_state_header.hdr.offset + ctypes.sizeof(vendor)
+    rest = raw[start:HEADER_SIZE]
+    if rest and (hidden or any(rest)):
+        yield f"bytes[{start:#x}:{HEADER_SIZE:#x}]", rest
+    pages = (state.vmcs12, state.shadow_vmcs12, state.vmcb12)
+    end = HEADER_SIZE + sum(ctypes.sizeof(p) for p in pages if p is not None)
+    if len(raw) > end:
+        yield f"bytes[{end:#x}:{len(raw):#x}]", raw[end:]
+
+
+def _decoded(state: NestedState, hidden: bool) -> dict[str, Any]:
+    out = describe.nested_state_dict(state, hidden=hidden)
+    for path, raw in _uncovered(state, hidden):
+        out["fields"][path] = raw.hex()
+    return out
+
+
+def _print_nested(state: NestedState, hidden: bool, head: str = "") -> None:
+    _print(f"{head}{state!r}")
+    for path, _raw, text in describe.nested_state_fields(state, hidden=hidden):
+        _print(f"  {path} = {text}")
+    for path, raw in _uncovered(state, hidden):
+        _print(f"  {path} = {raw.hex()}")
+
+
 def _cmd_decode(args: argparse.Namespace) -> int:
     state = _load_blob(args.file)
     if args.json:
-        _print(json.dumps(describe.nested_state_dict(state), indent=2))
-        return 0
-    _print(repr(state))
-    for path, _raw, text in describe.nested_state_fields(state, hidden=args.all):
-        _print(f"  {path} = {text}")
+        _print(json.dumps(_decoded(state, args.all), indent=2))
+    else:
+        _print_nested(state, args.all)
     return 0
 
 
@@ -392,7 +426,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("decode", help="show a saved nested-state blob by field names")
+    p = sub.add_parser(
+        "decode",
+        help="show a saved nested-state blob by field names",
+        description="The nested state by field names: header, vendor header, data pages, and "
+        "any bytes no field covers.",
+    )
     p.add_argument("file", help="the blob, in the kernel's format (exactly `size` bytes)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include reserved and padding fields")

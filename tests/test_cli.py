@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import ctypes
 import fcntl
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 
 import kvmstate
 from kvmstate import uapi, vmcb
-from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from tests.kvm_fixtures import NO_KVM
 
 KVMSTATE = shutil.which("kvmstate")
@@ -372,3 +373,61 @@ def test_non_regular_files_are_refused_at_once(tmp_path: Path) -> None:
                 assert proc.stderr == f"kvmstate: error: {path}: {why}\n"
     finally:
         server.close()
+
+
+# --- decode shows everything ------------------------------------------------------------------
+
+
+@needs_script
+def test_decode_json_all_adds_the_hidden_fields(tmp_path: Path) -> None:
+    state = NestedState(VMX_MAX_SIZE)
+    state.format, state.size = uapi.KVM_STATE_NESTED_FORMAT_VMX, VMX_MAX_SIZE
+    blob = tmp_path / "vmx.bin"
+    blob.write_bytes(state.to_bytes())
+    shown = json.loads(run("decode", "--json", str(blob)).stdout)["fields"]
+    everything = json.loads(run("decode", "--json", "--all", str(blob)).stdout)["fields"]
+    assert "hdr.vmx.pad" not in shown and "hdr.vmx.pad" in everything
+    assert set(shown) < set(everything)
+    # The text form's --all has the same fields.
+    text = run("decode", "--all", str(blob)).stdout
+    assert [f"  {path} = " in text for path in everything] == [True] * len(everything)
+
+
+@needs_script
+def test_decode_shows_what_diff_shows_past_the_last_page(tmp_path: Path) -> None:
+    """A size that ends inside a page: the bytes after the last whole page are data too."""
+    a = NestedState(SVM_MAX_SIZE + 8)
+    a.format, a.size = uapi.KVM_STATE_NESTED_FORMAT_SVM, SVM_MAX_SIZE + 8
+    b = a.copy()
+    b.buffer[SVM_MAX_SIZE + 6] = 0x07
+    pa, pb = tmp_path / "a.bin", tmp_path / "b.bin"
+    pa.write_bytes(a.to_bytes())
+    pb.write_bytes(b.to_bytes())
+    assert run("diff", str(pa), str(pb)).stdout == "bytes[0x1086:0x1087]: 00 -> 07\n"
+    tail = "bytes[0x1080:0x1088]"
+    assert f"  {tail} = 0000000000000700" in run("decode", str(pb)).stdout.splitlines()
+    assert f"  {tail} = 0000000000000000" in run("decode", str(pa)).stdout.splitlines()
+    fields = json.loads(run("decode", "--json", str(pb)).stdout)["fields"]
+    assert fields[tail] == "0000000000000700"
+
+
+@needs_script
+def test_decode_shows_what_diff_shows_in_the_header_union(tmp_path: Path) -> None:
+    """Bytes of the 120-byte union past the vendor header: no field, still shown."""
+    a = NestedState(HEADER_SIZE)
+    a.format, a.size = uapi.KVM_STATE_NESTED_FORMAT_VMX, HEADER_SIZE
+    b = a.copy()
+    b.buffer[HEADER_SIZE - 1] = 0x5A
+    pa, pb = tmp_path / "a.bin", tmp_path / "b.bin"
+    pa.write_bytes(a.to_bytes())
+    pb.write_bytes(b.to_bytes())
+    assert run("diff", str(pa), str(pb)).stdout == "bytes[0x7f:0x80]: 00 -> 5a\n"
+    # The union starts at byte 8; the VMX header in it is struct kvm_vmx_nested_state_hdr.
+    start = 8 + ctypes.sizeof(uapi.kvm_vmx_nested_state_hdr)
+    line = f"  bytes[{start:#x}:0x80] = " + "00" * (HEADER_SIZE - 1 - start) + "5a"
+    assert line in run("decode", str(pb)).stdout.splitlines()
+    # All zero: only --all shows it (it is padding then, like hdr.vmx.pad).
+    assert "bytes[" not in run("decode", str(pa)).stdout
+    assert f"  bytes[{start:#x}:0x80] = " + "00" * (HEADER_SIZE - start) in (
+        run("decode", "--all", str(pa)).stdout.splitlines()
+    )

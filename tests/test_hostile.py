@@ -1267,6 +1267,9 @@ table(
         "cli('decode', '/dev/null')": "ok: refused(r, 'Is a character device')",
         "cli('check', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
         "cli('diff', tmp / 'ok', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
+        "cli('decode', '--json', '--all', tmp / 'flags')": (
+            "ok: 'hdr.vmx.pad' in json.loads(r[1])['fields']"
+        ),
         "cli('decode', os.fsdecode(b'/nonexistent/\\xff.bin'))": "ok: refused(r, 'No such file')",
         "cli('decode', '--all', tmp / 'flags')": "ok: r[0] == 0 and '0xfef0' in r[1]",
         "cli('decode', '--json', tmp / 'ok')": "ok: json.loads(r[1])['fields']['size'] == 4224",
@@ -1298,6 +1301,18 @@ table(
     kvm=False,
 )
 
+
+section("describe")
+table(
+    {
+        "describe.nested_state_dict(hstate(format=0), hidden=True)['fields']": (
+            "ok: 'hdr.vmx.pad' in r and 'hdr.vmx.flags' in r"
+        ),
+        "describe.nested_state_dict(hstate(format=0))['fields']": "ok: 'hdr.vmx.pad' not in r",
+        "describe.nested_state_dict(b'x' * 128, hidden=True)": "TypeError: expected a NestedState",
+    },
+    kvm=False,
+)
 
 section("check.Facts")
 table(
