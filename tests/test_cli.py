@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 import kvmstate
-from kvmstate import uapi, vmcb
+from kvmstate import snapshot, uapi, vmcb
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.state import VcpuState
 from tests.kvm_fixtures import NO_KVM
 
 KVMSTATE = shutil.which("kvmstate")
@@ -431,3 +432,250 @@ def test_decode_shows_what_diff_shows_in_the_header_union(tmp_path: Path) -> Non
     assert f"  bytes[{start:#x}:0x80] = " + "00" * (HEADER_SIZE - start) in (
         run("decode", "--all", str(pa)).stdout.splitlines()
     )
+
+
+# --- kvmstate's own files ----------------------------------------------------------------------
+
+
+def kvmstate_file(tmp_path: Path, name: str, *states: VcpuState) -> Path:
+    path = tmp_path / name
+    path.write_bytes(snapshot.dumps_vm(list(states)))
+    return path
+
+
+def saved_vcpu(nested: NestedState | None, efer: int = 0, why: str = "") -> VcpuState:
+    """A saved vCPU (as VcpuState.to_bytes writes one) with this nested part and EFER."""
+    state = VcpuState(regs=uapi.kvm_regs(), sregs=uapi.kvm_sregs(), msrs={0x174: 0})
+    assert state.regs is not None and state.sregs is not None
+    state.regs.rip = 0xFFF0
+    state.sregs.efer = efer
+    if nested is not None:
+        state.nested = nested
+    elif why:
+        state.absent["nested"] = why
+    return state
+
+
+@needs_script
+def test_decode_a_kvmstate_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.kvmstate"
+    path.write_bytes(saved_vcpu(svm_l2(asid=1)).to_bytes())
+    proc = run("decode", str(path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{path}: kvmstate file, 1 vCPU"
+    assert lines[1] == (
+        "vcpu 0: NestedState(format=SVM, flags=GUEST_MODE|GIF_SET, size=4224, vmcb_pa=0x10000)"
+    )
+    assert "  vmcb12.control.asid = 1" in lines
+    data = json.loads(run("decode", "--json", str(path)).stdout)
+    assert data["source"] == "kvmstate file" and data["vcpu_count"] == 1
+    (vcpu,) = data["vcpus"]
+    assert vcpu["vcpu"] == 0 and vcpu["nested"]["fields"]["vmcb12.control.asid"] == 1
+
+
+@needs_script
+def test_decode_the_json_form(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(snapshot.to_dict(saved_vcpu(svm_l2(asid=3))), indent=1))
+    proc = run("decode", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"{path}: kvmstate JSON, 1 vCPU"
+    assert "  vmcb12.control.asid = 3" in proc.stdout.splitlines()
+
+
+@needs_script
+def test_a_vcpu_without_nested_state_says_so(tmp_path: Path) -> None:
+    path = kvmstate_file(
+        tmp_path, "plain.kvmstate", saved_vcpu(None, why="KVM_CAP_NESTED_STATE is 0")
+    )
+    decoded = run("decode", str(path))
+    assert decoded.returncode == 0
+    assert decoded.stdout.splitlines()[1] == "vcpu 0: no nested state (KVM_CAP_NESTED_STATE is 0)"
+    checked = run("check", str(path))
+    assert (checked.returncode, checked.stdout) == (
+        0,
+        f"{path} vcpu 0: no nested state to check (KVM_CAP_NESTED_STATE is 0)\n",
+    )
+    data = json.loads(run("decode", "--json", str(path)).stdout)
+    assert data["vcpus"] == [{"vcpu": 0, "nested": None, "absent": "KVM_CAP_NESTED_STATE is 0"}]
+    silent = kvmstate_file(tmp_path, "silent.kvmstate", saved_vcpu(None))
+    assert "no nested state (the file gives no reason)" in run("decode", str(silent)).stdout
+
+
+@needs_script
+def test_a_vm_file_and_vcpu_option(tmp_path: Path) -> None:
+    vm = kvmstate_file(
+        tmp_path, "vm.kvmstate", saved_vcpu(svm_l2(asid=1)), saved_vcpu(svm_l2(asid=2))
+    )
+    every = run("decode", str(vm)).stdout.splitlines()
+    assert every[0] == f"{vm}: kvmstate file, 2 vCPUs"
+    assert "  vmcb12.control.asid = 1" in every and "  vmcb12.control.asid = 2" in every
+    second = run("decode", "--vcpu", "1", str(vm)).stdout.splitlines()
+    assert "  vmcb12.control.asid = 2" in second and "  vmcb12.control.asid = 1" not in second
+    assert second[1].startswith("vcpu 1: NestedState(")
+    proc = run("decode", "--vcpu", "2", str(vm))
+    assert proc.returncode == 2
+    assert proc.stderr == f"kvmstate: error: {vm}: no vcpu 2: the file holds 2 vCPUs (0..1)\n"
+    assert run("decode", "--vcpu", "-1", str(vm)).returncode == 2
+    blob = tmp_path / "l2.bin"
+    blob.write_bytes(svm_l2().to_bytes())
+    proc = run("decode", "--vcpu", "0", str(blob))
+    assert proc.returncode == 2 and "is a nested-state blob" in proc.stderr
+
+
+@needs_script
+def test_check_a_kvmstate_file_uses_its_saved_registers(tmp_path: Path) -> None:
+    """The saved sregs are the vCPU's at KVM_SET_NESTED_STATE: EFER.SVME decides GUEST_MODE."""
+    without = kvmstate_file(tmp_path, "no-svme.kvmstate", saved_vcpu(svm_l2(asid=1), efer=0))
+    proc = run("check", "--svm", str(without))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{without} vcpu 0: KVM_SET_NESTED_STATE refuses this state")
+    assert "GUEST_MODE needs EFER.SVME set in the vCPU" in proc.stdout
+    with_svme = kvmstate_file(
+        tmp_path, "svme.kvmstate", saved_vcpu(svm_l2(asid=1), efer=vmcb.EFER_SVME)
+    )
+    proc = run("check", "--svm", "--fact", "in_smm=0", str(with_svme))
+    assert "EFER.SVME" not in proc.stdout and "efer" not in proc.stdout
+    # A --fact overrides what the file says.
+    forced = run("check", "--svm", "--fact", "efer=0", "--fact", "in_smm=0", str(with_svme))
+    assert forced.returncode == 1 and "GUEST_MODE needs EFER.SVME" in forced.stdout
+    report = json.loads(run("check", "--json", "--svm", str(with_svme)).stdout)
+    assert report["source"] == "kvmstate file"
+    (vcpu,) = report["vcpus"]
+    assert vcpu["facts"]["efer"] == vmcb.EFER_SVME and vcpu["facts"]["cr3"] == 0
+
+
+@needs_script
+def test_check_a_kvmstate_file_given_cpu_features_overrides_its_cpuid(tmp_path: Path) -> None:
+    """A CPUID without SVM in the file; --fact cpu_features says the target has it."""
+    saved = saved_vcpu(svm_l2(asid=1), efer=vmcb.EFER_SVME)
+    saved.cpuid = uapi.kvm_cpuid2.new(1)
+    saved.cpuid.items()[0].function = 0x80000001  # ECX.SVM (bit 2) clear
+    path = kvmstate_file(tmp_path, "no-svm.kvmstate", saved)
+    facts = ["--fact", "vendor=svm", "--fact", "in_smm=0"]
+    proc = run("check", *facts, str(path))
+    assert proc.returncode == 1 and "needs CPUID svm in the vCPU" in proc.stdout
+    given = run("check", *facts, "--fact", "cpu_features=svm,lm,nx,pae,pse", str(path))
+    assert "CPUID svm" not in given.stdout, given.stdout
+
+
+@needs_script
+def test_check_a_vm_file_refuses_if_any_vcpu_is_refused(tmp_path: Path) -> None:
+    svme = vmcb.EFER_SVME
+    vm = kvmstate_file(
+        tmp_path,
+        "vm.kvmstate",
+        saved_vcpu(svm_l2(asid=1), efer=svme),
+        saved_vcpu(svm_l2(asid=0), efer=svme),
+    )
+    proc = run("check", "--svm", "--fact", "in_smm=0", str(vm))
+    assert proc.returncode == 1
+    first, second = proc.stdout.split(f"{vm} vcpu 1: ")
+    assert first == f"{vm} vcpu 0: no rule of KVM_SET_NESTED_STATE known to kvmstate is broken\n"
+    assert second.startswith(
+        "KVM_SET_NESTED_STATE refuses this state (1 problem: vmcb12.control.asid)"
+    )
+    only_first = run("check", "--svm", "--fact", "in_smm=0", "--vcpu", "0", str(vm))
+    assert only_first.returncode == 0
+
+
+@needs_script
+def test_diff_whole_vcpu_states(tmp_path: Path) -> None:
+    before = saved_vcpu(None, why="KVM_CAP_NESTED_STATE is 0")
+    after = saved_vcpu(svm_l2(asid=1))
+    assert after.regs is not None and after.msrs is not None
+    after.regs.rip = 0x1000
+    after.msrs[0x174] = 0x10
+    after.msrs[0xC0000080] = 0x500
+    a = kvmstate_file(tmp_path, "a.kvmstate", before)
+    b = kvmstate_file(tmp_path, "b.kvmstate", after)
+    proc = run("diff", str(a), str(b))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "nested: absent (KVM_CAP_NESTED_STATE is 0) -> present",
+        "regs.rip: 0xfff0 -> 0x1000",
+        "msrs[0x174]: 0x0 -> 0x10",
+        "msrs[0xc0000080]: absent -> 0x500",
+    ]
+    # The nested fields, when both have a nested part; the JSON form is the same state.
+    later = saved_vcpu(svm_l2(asid=2))
+    c = kvmstate_file(tmp_path, "c.kvmstate", later)
+    j = tmp_path / "b.json"
+    j.write_text(json.dumps(snapshot.to_dict(after)))
+    assert run("diff", str(b), str(j)).stdout == "equal\n"
+    nested = run("diff", str(c), str(j))
+    assert "nested.vmcb12.control.asid: 2 -> 1" in nested.stdout.splitlines()
+    data = json.loads(run("diff", "--json", str(a), str(b)).stdout)
+    assert data["equal"] is False
+    assert data["differences"][1] == {
+        "path": "regs.rip",
+        "a": 0xFFF0,
+        "b": 0x1000,
+        "a_text": "0xfff0",
+        "b_text": "0x1000",
+    }
+
+
+@needs_script
+def test_diff_vm_files_and_blobs(tmp_path: Path) -> None:
+    one, two = saved_vcpu(svm_l2(asid=1)), saved_vcpu(svm_l2(asid=2))
+    vm_a = kvmstate_file(tmp_path, "a.kvmstate", one, one)
+    vm_b = kvmstate_file(tmp_path, "b.kvmstate", one, two)
+    single = kvmstate_file(tmp_path, "one.kvmstate", one)
+    assert run("diff", str(vm_a), str(vm_b)).stdout.splitlines() == [
+        "vcpu[1].nested.vmcb12.control.asid: 1 -> 2"
+    ]
+    assert run("diff", "--vcpu", "0", str(vm_a), str(vm_b)).stdout == "equal\n"
+    assert run("diff", "--vcpu", "1", str(vm_a), str(vm_b)).stdout.splitlines() == [
+        "nested.vmcb12.control.asid: 1 -> 2"
+    ]
+    assert run("diff", str(vm_a), str(single)).stdout.splitlines() == ["vcpus: 2 vCPUs -> 1 vCPU"]
+    # A blob against a kvmstate file: their nested states.
+    blob = tmp_path / "l2.bin"
+    blob.write_bytes(svm_l2(asid=2).to_bytes())
+    assert run("diff", str(blob), str(single)).stdout == "vmcb12.control.asid: 2 -> 1\n"
+    assert run("diff", "--vcpu", "1", str(blob), str(vm_b)).stdout == "equal\n"
+    proc = run("diff", str(blob), str(vm_b))
+    assert proc.returncode == 2
+    assert proc.stderr == f"kvmstate: error: {vm_b}: holds 2 vCPUs: choose one with --vcpu N\n"
+    plain = kvmstate_file(tmp_path, "plain.kvmstate", saved_vcpu(None, why="not offered"))
+    assert run("diff", str(blob), str(plain)).stdout == "nested: present -> absent (not offered)\n"
+
+
+@needs_script
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (snapshot.MAGIC + b"\x02\x00\x00\x00", "kvmstate file: kvmstate file format 2.0"),
+        (snapshot.MAGIC + b"\x01\x00\x00\x00", "a kvmstate file holding no vCPU"),
+        (snapshot.MAGIC + b"\x01\x00\x00\x00\x04\x00vcpu" + b"\xff" * 8, "says 18446744"),
+        (b'{"kvmstate": "1.0", "parts": {"regs": 5}}', "kvmstate JSON: regs: "),
+        (b'{"kvmstate": "1.0", "parts": {"a\\nb": 5}}', "kvmstate JSON: a\\nb: unknown part"),
+        (b'{"kvmstate": ', "starts like JSON but is not JSON"),
+        (b"{" * 100000, "starts like JSON but is not JSON"),
+        (b'{"x": "\xff"}', "not UTF-8 text"),
+        (b"[1, 2]", "truncated nested state: 6 bytes"),
+    ],
+    ids=[
+        "major-2",
+        "no-vcpu",
+        "record-too-long",
+        "bad-part",
+        "newline-in-key",
+        "cut-json",
+        "deep-json",
+        "not-utf8",
+        "json-list",
+    ],
+)
+def test_bad_kvmstate_files_are_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.kvmstate"
+    path.write_bytes(content)
+    for command in ("decode", "check", "diff"):
+        argv = [command, str(path)] + ([str(path)] if command == "diff" else [])
+        proc = run(*argv)
+        assert proc.returncode == 2, (command, proc)
+        assert proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, (command, proc.stderr)
+        assert "Traceback" not in proc.stderr

@@ -414,6 +414,10 @@ def write_cli_files(tmp: Path) -> None:
         "ok": blob(fmt=1, size=SVM_MAX_SIZE, flags=0x101),
         "flags": blob(fmt=0, flags=0xFFFF),
         "vcpufile": vfile(),
+        "vmfile": snapshot.dumps_vm([VcpuState(), VcpuState(nested=hstate(format=1))]),
+        "vcpujson": json.dumps(snapshot.to_dict(VcpuState())).encode(),
+        "badjson": b'{"kvmstate": "1.0", "parts": {"regs": {"rip": -1}}}',
+        "deepjson": b"{" * 100_000,
     }
     for name, data in files.items():
         (tmp / name).write_bytes(data)
@@ -1248,7 +1252,8 @@ for _file, _why in {
     "liar": "size field says 4224 bytes but the blob has 128",
     "trailing": "the blob has 136",
     "huge": "larger than 1048576 bytes",
-    "vcpufile": "truncated nested state",
+    "badjson": "kvmstate JSON: regs: ",
+    "deepjson": "starts like JSON but is not JSON",
     "dir": "Is a directory",
     # Refused before a read that would block (nobody writes the FIFO).
     "fifo": "Is a FIFO, not a regular file",
@@ -1267,6 +1272,16 @@ table(
         "cli('decode', '/dev/null')": "ok: refused(r, 'Is a character device')",
         "cli('check', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
         "cli('diff', tmp / 'ok', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
+        # The library's own file: its nested part, or why it has none.
+        "cli('decode', tmp / 'vcpufile')": "ok: r[0] == 0 and 'vcpu 0: no nested state' in r[1]",
+        "cli('check', tmp / 'vcpufile')": "ok: r[0] == 0 and 'no nested state to check' in r[1]",
+        "cli('diff', tmp / 'vcpufile', tmp / 'vcpujson')": "ok: r == (0, 'equal\\n', '')",
+        "cli('diff', tmp / 'vmfile', tmp / 'vcpufile')": "ok: r[0] == 1 and 'vcpus: 2' in r[1]",
+        "cli('decode', '--vcpu', '1', tmp / 'vmfile')": "ok: r[0] == 0 and 'format=SVM' in r[1]",
+        "cli('decode', '--vcpu', '2', tmp / 'vmfile')": "ok: refused(r, 'no vcpu 2')",
+        "cli('decode', '--vcpu', 'x', tmp / 'vmfile')": "ok: r[0] == 2 and 'usage:' in r[2]",
+        "cli('decode', '--vcpu', '0', tmp / 'ok')": "ok: refused(r, 'is a nested-state blob')",
+        "cli('diff', tmp / 'ok', tmp / 'vmfile')": "ok: refused(r, 'choose one with --vcpu')",
         "cli('decode', '--json', '--all', tmp / 'flags')": (
             "ok: 'hdr.vmx.pad' in json.loads(r[1])['fields']"
         ),
