@@ -70,6 +70,7 @@ from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
 from kvmstate._struct import format_value
 from kvmstate.nested import HEADER_SIZE, KNOWN_FLAGS, NestedState
+from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 __all__ = [
@@ -181,9 +182,92 @@ _BOOL_FACTS = (
     "has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57",
     "nested_svm_shared_pat",
 )  # fmt: skip
-_INT_FACTS = (
-    "maxphyaddr", "efer", "cr0", "cr3", "cr4", "nested_state_cap", "feature_control",
-)  # fmt: skip
+_U32_MAX, _INT_MAX = (1 << 32) - 1, (1 << 31) - 1
+# Integer facts and their largest value: registers and MSRs are u64, a capability a
+# non-negative C int (what KVM_CHECK_EXTENSION returns), MAXPHYADDR at most 64 bits.
+_INT_FACTS: Mapping[str, int] = MappingProxyType(
+    {
+        "maxphyaddr": 64,
+        "efer": _U64,
+        "cr0": _U64,
+        "cr3": _U64,
+        "cr4": _U64,
+        "nested_state_cap": _INT_MAX,
+        "feature_control": _U64,
+    }
+)
+
+
+def _check_fact_int(name: str, value: object, largest: int) -> int:
+    """An int fact: an int (not a bool) in 0..largest, or TypeError/ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"fact {name} must be int or None, not {value!r}")
+    if not 0 <= value <= largest:
+        top = hex(largest) if largest > _INT_MAX else str(largest)
+        shown = hex(value) if value > _INT_MAX else str(value)
+        raise ValueError(f"fact {name} is {shown}, outside 0..{top}")
+    return value
+
+
+def _check_features(features: object) -> frozenset[str]:
+    """``cpu_features``: names of :data:`CPUID_FEATURES`, as an iterable of str or a comma list.
+
+    A str is a comma-separated list (``"svm"``, ``"svm,lm,nx"``), the form
+    ``--fact cpu_features=`` takes; anything else must be an iterable of str.
+    """
+    if isinstance(features, str):
+        names = frozenset(t.strip().lower() for t in features.split(",") if t.strip())
+    else:
+        try:
+            items = list(features)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(
+                f"fact cpu_features must be a set of feature names or a comma-separated str, "
+                f"not {type(features).__name__}"
+            ) from None
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(f"fact cpu_features: a feature name must be a str, not {item!r}")
+        names = frozenset(items)
+    unknown = names - CPUID_FEATURES.keys()
+    if unknown:
+        raise ValueError(
+            f"unknown CPUID features {sorted(unknown)} (known: {sorted(CPUID_FEATURES)})"
+        )
+    return names
+
+
+def _check_version(version: object) -> tuple[int, ...]:
+    """``kernel_version``: a tuple of ints, or a release str (:func:`parse_kernel_version`)."""
+    if isinstance(version, str):
+        parsed = parse_kernel_version(version)
+        if parsed is None:
+            raise ValueError(f"fact kernel_version: {version!r} is not a kernel release like 6.1.0")
+        return parsed
+    if not isinstance(version, (tuple, list)):
+        raise TypeError(
+            f"fact kernel_version must be a tuple of ints such as (6, 1, 0) or a release str, "
+            f"not {type(version).__name__}"
+        )
+    if not version:
+        raise ValueError("fact kernel_version must not be empty")
+    for part in version:
+        if not isinstance(part, int) or isinstance(part, bool):
+            raise TypeError(f"fact kernel_version: {part!r} is not an int")
+        if part < 0:
+            raise ValueError(f"fact kernel_version: {part} is negative")
+    return tuple(version)
+
+
+def _check_vmx_msrs(msrs: object) -> Mapping[int, int]:
+    """``vmx_msrs``: u32 index -> u64 value, read-only; refused (never masked) when out of range."""
+    if not isinstance(msrs, Mapping):
+        raise TypeError(f"fact vmx_msrs must be a mapping of index to value, not {msrs!r}")
+    out: dict[int, int] = {}
+    for index, value in msrs.items():
+        _check_fact_int("vmx_msrs index", index, _U32_MAX)
+        out[index] = _check_fact_int(f"vmx_msrs[{index:#x}]", value, _U64)
+    return MappingProxyType(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +275,22 @@ class Facts:
     """What is known about the vCPU (and kernel) a state is meant for; ``None`` = unknown.
 
     Build one by hand (``Facts(has_svm=True, efer=EFER_SVME, maxphyaddr=48)``),
-    from a vCPU (:meth:`from_vcpu`) or from ``NAME=VALUE`` text
-    (:meth:`from_strings`, what ``kvmstate check --fact`` uses).
+    from a vCPU (:meth:`from_vcpu`), from a saved vCPU state (:meth:`from_state`)
+    or from ``NAME=VALUE`` text (:meth:`from_strings`, what ``kvmstate check
+    --fact`` uses).
+
+    Every field is checked when the object is made: a bool fact takes a
+    bool; an int fact an int (not a bool) within its width (registers and
+    MSRs 64 bits, ``maxphyaddr`` 0..64, ``nested_state_cap`` a non-negative C
+    int), else TypeError/ValueError naming the fact; nothing is masked.
+    Two fields also take the text forms of :meth:`from_strings`:
+    ``kernel_version`` a release string (``"6.1"`` is ``(6, 1)``,
+    ``"6.1.0-50-amd64"`` is ``(6, 1, 0)``), ``cpu_features`` a comma-separated
+    string (``"svm"`` is ``{"svm"}``, ``"svm,lm"`` is ``{"svm", "lm"}``, never
+    the letters of one name)::
+
+        >>> Facts(kernel_version="6.1", cpu_features="svm")
+        Facts(cpu_features={svm}, kernel_version=(6, 1))
     """
 
     #: The KVM module behind the vCPU: ``"vmx"`` (kvm_intel) or ``"svm"`` (kvm_amd).
@@ -237,28 +335,24 @@ class Facts:
     vmx_msrs: Mapping[int, int] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
+        if self.vendor is not None and not isinstance(self.vendor, str):
+            raise TypeError(f"fact vendor must be a str or None, not {self.vendor!r}")
         if self.vendor not in (None, "vmx", "svm"):
             raise ValueError(f"vendor must be 'vmx', 'svm' or None, not {self.vendor!r}")
-        for name in (*_BOOL_FACTS, *_INT_FACTS):
+        for name in _BOOL_FACTS:
             value = getattr(self, name)
-            kind = bool if name in _BOOL_FACTS else int
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"fact {name} must be {kind.__name__} or None, not {value!r}")
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"fact {name} must be bool or None, not {value!r}")
+        for name, largest in _INT_FACTS.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check_fact_int(name, value, largest)
         if self.cpu_features is not None:
-            features = frozenset(self.cpu_features)
-            unknown = features - CPUID_FEATURES.keys()
-            if unknown:
-                raise ValueError(
-                    f"unknown CPUID features {sorted(unknown)} (known: {sorted(CPUID_FEATURES)})"
-                )
-            object.__setattr__(self, "cpu_features", features)
-        if self.maxphyaddr is not None and not 0 <= self.maxphyaddr <= 64:
-            raise ValueError(f"maxphyaddr {self.maxphyaddr} is outside 0..64")
+            object.__setattr__(self, "cpu_features", _check_features(self.cpu_features))
         if self.kernel_version is not None:
-            object.__setattr__(self, "kernel_version", tuple(int(v) for v in self.kernel_version))
+            object.__setattr__(self, "kernel_version", _check_version(self.kernel_version))
         if self.vmx_msrs is not None:
-            msrs = {int(k): int(v) & _U64 for k, v in self.vmx_msrs.items()}
-            object.__setattr__(self, "vmx_msrs", MappingProxyType(msrs))
+            object.__setattr__(self, "vmx_msrs", _check_vmx_msrs(self.vmx_msrs))
 
     # --- reading facts -------------------------------------------------------------
 
@@ -360,6 +454,50 @@ class Facts:
         version = parse_kernel_version(os.uname().release)
         if version is not None:
             found["kernel_version"] = version
+        return cls(**found)
+
+    @classmethod
+    def from_state(cls, state: VcpuState) -> Facts:
+        """What a saved vCPU (a :class:`~kvmstate.state.VcpuState`) tells of the vCPU it restores.
+
+        :func:`kvmstate.state.restore` sets CPUID, then the sregs, then the
+        nested state, so at ``KVM_SET_NESTED_STATE`` the vCPU has the saved
+        CPUID (features, MAXPHYADDR) and registers (EFER, CR0, CR3, CR4, from
+        ``sregs`` or else ``sregs2``), and the saved VMX capability MSRs and
+        IA32_FEATURE_CONTROL where the MSRs hold them. Nothing about the target
+        machine (vendor, ``KVM_CAP_NESTED_STATE``, kernel version, ``npt``) and
+        not SMM (the vCPU events come after the nested state) is taken::
+
+            >>> Facts.from_state(kvmstate.snapshot.loads_vcpu(data)).efer
+            4096
+        """
+        if not isinstance(state, VcpuState):
+            raise TypeError(f"from_state() needs a VcpuState, not {type(state).__name__}")
+        found: dict[str, Any] = {}
+        cpuid = state.cpuid
+        if cpuid is not None:
+            table = _cpuid_table(cpuid)
+            features = frozenset(
+                name
+                for name, (leaf, sub, reg, bit) in CPUID_FEATURES.items()
+                if _cpuid_reg(table, leaf, sub, reg) >> bit & 1
+            )
+            found.update(
+                cpu_features=features,
+                has_vmx="vmx" in features,
+                has_svm="svm" in features,
+                maxphyaddr=_kvm_maxphyaddr(table),
+            )
+        sregs = state.sregs if state.sregs is not None else state.sregs2
+        if sregs is not None:
+            found.update(efer=sregs.efer, cr0=sregs.cr0, cr3=sregs.cr3, cr4=sregs.cr4)
+        msrs = state.msrs or {}
+        if found.get("has_vmx"):
+            vmx_msrs = {i: msrs[i] for i in VMX_MSRS if i in msrs}
+            if vmx_msrs:
+                found["vmx_msrs"] = vmx_msrs
+            if _MSR_IA32_FEATURE_CONTROL in msrs:
+                found["feature_control"] = msrs[_MSR_IA32_FEATURE_CONTROL]
         return cls(**found)
 
     @classmethod
@@ -2416,7 +2554,7 @@ def check(state: Any, facts: Facts | None = None) -> list[Problem]:
     kernel's order; those that depend on an unknown fact have ``certain=False``.
     An empty list means no known rule is broken.
     """
-    facts = facts if facts is not None else Facts()
+    facts = _facts_or_default(facts, "check")
     blob_len: int | None = None
     if not isinstance(state, NestedState):
         try:
@@ -2480,5 +2618,28 @@ def format_problems(problems: Iterable[Problem]) -> str:
 
 
 def explain(state: Any, facts: Facts | None = None) -> str:
-    """:func:`check`, as text for an error message; its first line sums it up."""
-    return format_problems(check(state, facts))
+    """:func:`check`, as text for an error message; its first line sums it up.
+
+    ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
+    refused with a TypeError saying how to make one (``Facts(**d)`` for typed
+    values, ``Facts.from_strings(d)`` for text), rather than guessing which::
+
+        >>> explain(state, {"vendor": "svm"})
+        Traceback (most recent call last):
+        TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+    """
+    return format_problems(check(state, _facts_or_default(facts, "explain")))
+
+
+def _facts_or_default(facts: object, caller: str) -> Facts:
+    """``facts`` as given to check/explain: a Facts, or None for no facts (TypeError otherwise)."""
+    if facts is None:
+        return Facts()
+    if isinstance(facts, Facts):
+        return facts
+    hint = (
+        " (make one with Facts(**d) for typed values or Facts.from_strings(d) for text)"
+        if isinstance(facts, Mapping)
+        else ""
+    )
+    raise TypeError(f"{caller}() needs facts as a Facts or None, not {type(facts).__name__}{hint}")

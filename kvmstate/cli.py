@@ -1,41 +1,176 @@
 """The ``kvmstate`` command (also ``python -m kvmstate``).
 
 Commands: ``info`` (what this machine's KVM offers for nested state),
-``decode FILE`` (a saved nested-state blob by field names), ``check FILE``
-(which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``. Bad input
-is one ``kvmstate: error: ...`` line and exit status 2, never a traceback.
+``decode FILE`` (a saved nested state by field names), ``check FILE``
+(which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``.
+
+A FILE is told apart by its content: a nested-state blob in the kernel's
+format, or a kvmstate file (:mod:`kvmstate.snapshot`: the binary file
+``VcpuState.to_bytes`` writes, or its JSON form). For a kvmstate file the
+commands act on each vCPU's nested part (``--vcpu N`` picks one vCPU) and
+say so when a vCPU has none; ``diff`` compares whole vCPU states.
+
+The exit status is the command's, whatever happens to its output: a reader
+that closes the pipe early (``| head -1``) ends the output quietly, a write
+that fails otherwise (a full disk) is an error. Bad input is one
+``kvmstate: error: ...`` line and exit status 2, Ctrl-C exits 130, never a
+traceback. Only regular files are read (a FIFO would block). File names
+are shown on one line, undecodable bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import dataclasses
 import json
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
 
-from kvmstate import __version__, describe
+from kvmstate import __version__, describe, snapshot, uapi
 from kvmstate import check as checks
 from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
 from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.state import PARTS, VcpuState
 from kvmstate.system import Kvm
 
 __all__ = ["main"]
 
-#: Largest file ``decode`` reads: far above any nested state (8320 bytes today).
+#: Largest nested-state blob read: far above any nested state (8320 bytes today).
 MAX_BLOB = 1 << 20
+#: Largest kvmstate file (binary or JSON) read: a VM of many vCPUs, at ~20 KiB each.
+MAX_SNAPSHOT = 1 << 26
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 _NESTED_PARAMS = {
     "kvm_intel": "/sys/module/kvm_intel/parameters/nested",
     "kvm_amd": "/sys/module/kvm_amd/parameters/nested",
 }
+_FORMS = {"file": "kvmstate file", "json": "kvmstate JSON"}
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+# --- output that never raises -------------------------------------------------------------
+
+
+class _Output:
+    """Writes to stdout and stderr that never raise, so that the status stays the command's.
+
+    A closed pipe (EPIPE) sends the rest of that stream to /dev/null, quietly,
+    as the reader asked; any other write error does too, and is remembered
+    for :func:`main` to report.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def write(self, text: str, *, err: bool = False) -> None:
+        stream = sys.stderr if err else sys.stdout
+        if stream is None:  # started with that descriptor closed
+            return
+        try:
+            stream.write(text)
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            self._failed(stream, exc, err)
+
+    def flush(self) -> None:
+        for stream, err in ((sys.stdout, False), (sys.stderr, True)):
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError) as exc:
+                    self._failed(stream, exc, err)
+
+    def _failed(self, stream: TextIO, exc: Exception, err: bool) -> None:
+        _discard(stream)
+        if not isinstance(exc, BrokenPipeError) and not err and self.failure is None:
+            self.failure = getattr(exc, "strerror", None) or str(exc)
+
+
+_OUT = _Output()
+
+
+def _discard(stream: TextIO) -> None:
+    """Point the stream's descriptor at /dev/null: what is still buffered goes nowhere.
+
+    Python flushes stdout at exit; into a closed pipe that would print
+    "Exception ignored" and change the status, into a full one it would block.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a real file (a StringIO), or closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _print(*lines: str) -> None:
+    _OUT.write("".join(f"{line}\n" for line in lines))
+
+
+def _error(message: str) -> None:
+    _OUT.write(f"kvmstate: error: {_shown(message)}\n", err=True)
+
+
+def _shown(text: str) -> str:
+    """``text`` on one printable line, with escapes.
+
+    A byte the file system name could not decode (``surrogateescape``) is
+    shown as ``\\xNN``; newlines and other control characters as Python
+    writes them (``\\n``, ``\\x1b``), so a file name can neither break the
+    one-line error rule nor send terminal escapes.
+    """
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def _escaping_streams() -> Callable[[], None]:
+    """Make stdout and stderr escape what their encoding lacks (``PYTHONIOENCODING=ascii``).
+
+    Returns a function that restores their error handlers.
+    """
+    undo: list[tuple[Callable[..., None], str]] = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None or not isinstance(errors, str) or errors == "backslashreplace":
+            continue
+        try:
+            reconfigure(errors="backslashreplace")  # flushes first
+        except (OSError, ValueError):
+            continue
+        undo.append((reconfigure, errors))
+
+    def restore() -> None:
+        for reconfigure, errors in undo:
+            with contextlib.suppress(OSError, ValueError):
+                reconfigure(errors=errors)
+
+    return restore
+
+
+# --- info ---------------------------------------------------------------------------------
 
 
 def _cpu_vendor() -> str | None:
@@ -57,7 +192,11 @@ def _read_param(path: str) -> str | None:
 
 
 def info(path: str = "/dev/kvm") -> dict[str, Any]:
-    """What ``kvmstate info`` reports, as a dict."""
+    """What ``kvmstate info`` reports, as a dict.
+
+    >>> info()["nested_state_size"]  # on AMD with nested=1
+    4224
+    """
     out: dict[str, Any] = {"device": path, "cpu_vendor": _cpu_vendor()}
     out["nested_parameter"] = {mod: _read_param(p) for mod, p in _NESTED_PARAMS.items()}
     try:
@@ -78,62 +217,257 @@ def info(path: str = "/dev/kvm") -> dict[str, Any]:
 
 
 def _print_info(data: dict[str, Any]) -> None:
-    print(f"device:               {data['device']}")
+    _print(f"device:               {_shown(data['device'])}")
     if not data["available"]:
-        print(f"  not usable: {data['error']}")
+        _print(f"  not usable: {_shown(data['error'])}")
     else:
-        print(f"KVM API version:      {data['api_version']}")
+        _print(f"KVM API version:      {data['api_version']}")
         size = data["nested_state_size"]
         fmt = f" ({data['nested_format']} format)" if data.get("nested_format") else ""
-        print(f"KVM_CAP_NESTED_STATE: {size}{fmt}")
-    print(f"CPU vendor:           {data['cpu_vendor'] or 'unknown'}")
+        _print(f"KVM_CAP_NESTED_STATE: {size}{fmt}")
+    _print(f"CPU vendor:           {data['cpu_vendor'] or 'unknown'}")
     for module, value in data["nested_parameter"].items():
         label = f"{module} nested:"
-        print(f"{label:<22}{value if value is not None else '(module not loaded)'}")
+        _print(f"{label:<22}{value if value is not None else '(module not loaded)'}")
     if data.get("missing"):
-        print(f"nested state unavailable: {data['missing']}")
+        _print(f"nested state unavailable: {data['missing']}")
 
 
-def _read_blob(path: str) -> bytes:
+# --- reading FILE arguments -----------------------------------------------------------------
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _require_regular(mode: int, name: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise CliError(f"{name}: Is a directory")
+    what = _FILE_KINDS.get(stat.S_IFMT(mode), "an unknown kind of file")
+    raise CliError(f"{name}: Is {what}, not a regular file")
+
+
+def _sniff(data: bytes) -> str:
+    """``"file"`` (the kvmstate binary file), ``"json"`` (its JSON form) or ``"nested"``.
+
+    A nested state's ``format`` field (0 or 1, a u16) puts a NUL in its
+    first four bytes, and JSON text has none, so neither form can pass for
+    the other; the KVMSTATE magic read as a header has format 0x534d.
+    """
+    if data.startswith(snapshot.MAGIC):
+        return "file"
+    if data.lstrip(b" \t\r\n")[:1] == b"{" and b"\0" not in data:
+        return "json"
+    return "nested"
+
+
+def _read_fd(fd: int, limit: int, data: bytearray) -> None:
+    """Read until EOF or until ``data`` holds more than ``limit`` bytes."""
+    while len(data) <= limit:
+        chunk = os.read(fd, min(limit + 1 - len(data), 1 << 20))
+        if not chunk:
+            return
+        data += chunk
+
+
+def _read(path: str) -> tuple[bytes, str]:
+    """A FILE argument's bytes and what :func:`_sniff` says they are (CliError if unreadable).
+
+    Only regular files: stat first, then open without blocking and check the
+    descriptor again (the name may have been replaced in between).
+    """
+    name = _shown(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BLOB + 1)
+        _require_regular(os.stat(path).st_mode, name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from None
-    except ValueError as exc:  # a NUL in the path: shown escaped, on one line
-        shown = path.replace("\0", "\\0")
-        raise CliError(f"{shown}: {exc}") from None
-    if len(data) > MAX_BLOB:
-        raise CliError(f"{path}: larger than {MAX_BLOB} bytes, not a nested state")
-    return data
+        raise CliError(f"{name}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL in the name
+        raise CliError(f"{name}: {exc}") from None
+    data = bytearray()
+    try:
+        _require_regular(os.fstat(fd).st_mode, name)
+        _read_fd(fd, MAX_BLOB, data)
+        kind = _sniff(bytes(data[:64]))
+        if len(data) > MAX_BLOB and kind != "nested":
+            _read_fd(fd, MAX_SNAPSHOT, data)
+    except OSError as exc:
+        raise CliError(f"{name}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    kind = _sniff(bytes(data))
+    if kind == "nested" and len(data) > MAX_BLOB:
+        raise CliError(f"{name}: larger than {MAX_BLOB} bytes, not a nested state")
+    if len(data) > MAX_SNAPSHOT:
+        raise CliError(f"{name}: larger than {MAX_SNAPSHOT} bytes, not a kvmstate file")
+    return bytes(data), kind
+
+
+@dataclasses.dataclass
+class _Source:
+    """A FILE argument, read: a nested-state blob (``raw``) or a kvmstate file's vCPUs."""
+
+    path: str
+    name: str  # as shown
+    form: str  # "nested state", "kvmstate file", "kvmstate JSON"
+    raw: bytes | None = None
+    vcpus: list[VcpuState] | None = None
+
+
+def _open(path: str) -> _Source:
+    data, kind = _read(path)
+    name = _shown(path)
+    if kind == "nested":
+        return _Source(path, name, "nested state", raw=data)
+    try:
+        if kind == "file":
+            vcpus = snapshot.loads_vm(data)
+        else:
+            try:
+                document = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise CliError(f"{name}: starts like JSON but is not UTF-8 text") from None
+            except (ValueError, RecursionError) as exc:
+                raise CliError(f"{name}: starts like JSON but is not JSON: {exc}") from None
+            vcpus = [snapshot.from_dict(document)]
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise CliError(f"{name}: {_FORMS[kind]}: {exc}") from None
+    if not vcpus:
+        raise CliError(f"{name}: a {_FORMS[kind]} holding no vCPU")
+    return _Source(path, name, _FORMS[kind], vcpus=vcpus)
+
+
+def _nested(source: _Source) -> NestedState:
+    """A nested-state blob's state (CliError naming the file if it is not one)."""
+    assert source.raw is not None
+    try:
+        return NestedState.from_bytes(source.raw)
+    except ValueError as exc:
+        raise CliError(f"{source.name}: {exc}") from None
 
 
 def _load_blob(path: str) -> NestedState:
-    data = _read_blob(path)
+    """A FILE that must be a nested-state blob."""
+    source = _open(path)
+    if source.raw is None:
+        raise CliError(f"{source.name}: a {source.form}, not a nested-state blob")
+    return _nested(source)
+
+
+def _count(n: int) -> str:
+    return f"{n} vCPU{'s' if n != 1 else ''}"
+
+
+def _chosen(source: _Source, index: int | None) -> list[tuple[int, VcpuState]]:
+    """The vCPUs of a kvmstate file that ``--vcpu`` selects (all of them without it)."""
+    assert source.vcpus is not None
+    if index is None:
+        return list(enumerate(source.vcpus))
+    n = len(source.vcpus)
+    if index >= n:
+        raise CliError(f"{source.name}: no vcpu {index}: the file holds {_count(n)} (0..{n - 1})")
+    return [(index, source.vcpus[index])]
+
+
+def _no_vcpu_option(args: argparse.Namespace, *sources: _Source) -> None:
+    if args.vcpu is not None and all(s.raw is not None for s in sources):
+        what = "is a nested-state blob" if len(sources) == 1 else "are nested-state blobs"
+        names = " and ".join(s.name for s in sources)
+        raise CliError(f"--vcpu: {names} {what}, not kvmstate files of vCPUs")
+
+
+def _why_absent(state: VcpuState) -> str:
+    """Why a saved vCPU has no nested state, as the file says."""
+    return state.absent.get("nested") or "the file gives no reason"
+
+
+def _vcpu_arg(text: str) -> int:
     try:
-        return NestedState.from_bytes(data)
-    except ValueError as exc:
-        raise CliError(f"{path}: {exc}") from None
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a vCPU number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a vCPU number: {text!r}")
+    return value
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    data = info(args.device)
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        _print_info(data)
-    return 0 if data["available"] else 1
+# --- decode ---------------------------------------------------------------------------------
+
+
+def _uncovered(state: NestedState, hidden: bool) -> Iterator[tuple[str, bytes]]:
+    """The bytes no field covers, as ``bytes[start:end]`` ranges (the names ``diff`` uses).
+
+    The header union past the vendor header (shown with ``hidden`` or when
+    not all zero) and the data past the last whole page (always: a blob whose
+    ``size`` ends inside a page).
+    """
+    raw = state.to_bytes()
+    vmx = state.header.format == uapi.KVM_STATE_NESTED_FORMAT_VMX
+    vendor = state.vmx if vmx else state.svm
+    start = uapi.kvm_nested_state_header.hdr.offset + ctypes.sizeof(vendor)
+    rest = raw[start:HEADER_SIZE]
+    if rest and (hidden or any(rest)):
+        yield f"bytes[{start:#x}:{HEADER_SIZE:#x}]", rest
+    pages = (state.vmcs12, state.shadow_vmcs12, state.vmcb12)
+    end = HEADER_SIZE + sum(ctypes.sizeof(p) for p in pages if p is not None)
+    if len(raw) > end:
+        yield f"bytes[{end:#x}:{len(raw):#x}]", raw[end:]
+
+
+def _decoded(state: NestedState, hidden: bool) -> dict[str, Any]:
+    out = describe.nested_state_dict(state, hidden=hidden)
+    for path, raw in _uncovered(state, hidden):
+        out["fields"][path] = raw.hex()
+    return out
+
+
+def _print_nested(state: NestedState, hidden: bool, head: str = "") -> None:
+    _print(f"{head}{state!r}")
+    for path, _raw, text in describe.nested_state_fields(state, hidden=hidden):
+        _print(f"  {path} = {text}")
+    for path, raw in _uncovered(state, hidden):
+        _print(f"  {path} = {raw.hex()}")
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    state = _load_blob(args.file)
-    if args.json:
-        print(json.dumps(describe.nested_state_dict(state), indent=2))
+    source = _open(args.file)
+    if source.raw is not None:
+        _no_vcpu_option(args, source)
+        state = _nested(source)
+        if args.json:
+            _print(json.dumps(_decoded(state, args.all), indent=2))
+        else:
+            _print_nested(state, args.all)
         return 0
-    print(repr(state))
-    for path, _raw, text in describe.nested_state_fields(state, hidden=args.all):
-        print(f"  {path} = {text}")
+    assert source.vcpus is not None
+    chosen = _chosen(source, args.vcpu)
+    if args.json:
+        vcpus: list[dict[str, Any]] = []
+        for i, vcpu in chosen:
+            entry: dict[str, Any] = {"vcpu": i, "nested": None}
+            if vcpu.nested is None:
+                entry["absent"] = _why_absent(vcpu)
+            else:
+                entry["nested"] = _decoded(vcpu.nested, args.all)
+            vcpus.append(entry)
+        report = {"source": source.form, "vcpu_count": len(source.vcpus), "vcpus": vcpus}
+        _print(json.dumps(report, indent=2))
+        return 0
+    _print(f"{source.name}: {source.form}, {_count(len(source.vcpus))}")
+    for i, vcpu in chosen:
+        if vcpu.nested is None:
+            _print(f"vcpu {i}: no nested state ({_why_absent(vcpu)})")
+        else:
+            _print_nested(vcpu.nested, args.all, head=f"vcpu {i}: ")
     return 0
+
+
+# --- check ----------------------------------------------------------------------------------
 
 
 def _facts(args: argparse.Namespace) -> checks.Facts:
@@ -154,29 +488,6 @@ def _facts(args: argparse.Namespace) -> checks.Facts:
         raise CliError(str(exc)) from None
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    data = _read_blob(args.file)
-    if len(data) < HEADER_SIZE:
-        raise CliError(
-            f"{args.file}: truncated nested state: {len(data)} bytes, "
-            f"the header alone is {HEADER_SIZE}"
-        )
-    facts = _facts(args)
-    problems = checks.check(data, facts)
-    refused = any(p.certain for p in problems)
-    if args.json:
-        report = {
-            "file": args.file,
-            "refused": refused,
-            "facts": {k: _json_fact(v) for k, v in facts.known().items()},
-            "problems": [p.to_dict() for p in problems],
-        }
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"{args.file}: {checks.format_problems(problems)}")
-    return 1 if refused or (args.strict and problems) else 0
-
-
 def _json_fact(value: Any) -> Any:
     if isinstance(value, frozenset):
         return sorted(value)
@@ -187,44 +498,337 @@ def _json_fact(value: Any) -> Any:
     return value
 
 
-def _cmd_diff(args: argparse.Namespace) -> int:
-    found = diffs.diff(_load_blob(args.a), _load_blob(args.b))
+def _json_facts(facts: checks.Facts) -> dict[str, Any]:
+    return {k: _json_fact(v) for k, v in facts.known().items()}
+
+
+def _check_raw(args: argparse.Namespace, source: _Source, facts: checks.Facts) -> int:
+    data = source.raw
+    assert data is not None
+    if len(data) < HEADER_SIZE:
+        raise CliError(
+            f"{source.name}: truncated nested state: {len(data)} bytes, "
+            f"the header alone is {HEADER_SIZE}"
+        )
+    problems = checks.check(data, facts)
+    refused = any(p.certain for p in problems)
     if args.json:
-        print(json.dumps({"equal": not found, "differences": found.to_list()}, indent=2))
-    elif found:
-        for difference in found:
-            print(difference)
+        report = {
+            "file": source.name,
+            "refused": refused,
+            "facts": _json_facts(facts),
+            "problems": [p.to_dict() for p in problems],
+        }
+        _print(json.dumps(report, indent=2))
     else:
-        print("equal")
+        _print(f"{source.name}: {checks.format_problems(problems)}")
+    return 1 if refused or (args.strict and problems) else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    source = _open(args.file)
+    given = _facts(args)
+    if source.raw is not None:
+        _no_vcpu_option(args, source)
+        return _check_raw(args, source, given)
+    results = []
+    for i, vcpu in _chosen(source, args.vcpu):
+        overrides = given.known()
+        if "cpu_features" in overrides:  # has_svm/has_vmx would outrank the given features
+            overrides.setdefault("has_svm", None)
+            overrides.setdefault("has_vmx", None)
+        try:
+            # What the saved vCPU tells of itself; what the command line says wins.
+            facts = dataclasses.replace(checks.Facts.from_state(vcpu), **overrides)
+        except (TypeError, ValueError) as exc:
+            raise CliError(f"{source.name}: vcpu {i}: {exc}") from None
+        problems = None if vcpu.nested is None else checks.check(vcpu.nested, facts)
+        results.append((i, vcpu, facts, problems))
+    refused = any(p.certain for *_, problems in results for p in problems or ())
+    unsure = any(problems for *_, problems in results)
+    if args.json:
+        vcpus = []
+        for i, vcpu, facts, problems in results:
+            entry: dict[str, Any] = {"vcpu": i, "nested": problems is not None}
+            if problems is None:
+                entry["absent"] = _why_absent(vcpu)
+            entry["refused"] = any(p.certain for p in problems or ())
+            entry["facts"] = _json_facts(facts)
+            entry["problems"] = [p.to_dict() for p in problems or ()]
+            vcpus.append(entry)
+        report = {"file": source.name, "source": source.form, "refused": refused, "vcpus": vcpus}
+        _print(json.dumps(report, indent=2))
+    else:
+        for i, vcpu, _facts_used, problems in results:
+            label = f"{source.name} vcpu {i}"
+            if problems is None:
+                _print(f"{label}: no nested state to check ({_why_absent(vcpu)})")
+            else:
+                _print(f"{label}: {checks.format_problems(problems)}")
+    return 1 if refused or (args.strict and unsure) else 0
+
+
+# --- diff -----------------------------------------------------------------------------------
+
+_PRESENT = "present"
+# Byte strings longer than this are narrowed to the range that differs.
+_NARROW = 16
+
+
+def _prefixed(found: Iterable[diffs.Difference], prefix: str) -> list[diffs.Difference]:
+    return [dataclasses.replace(d, path=prefix + d.path) for d in found]
+
+
+def _byte_range(path: str, a: bytes, b: bytes) -> diffs.Difference:
+    """The differing bytes of two byte strings, from the first to the last that differ."""
+    length = max(len(a), len(b))
+    differs = [i for i in range(length) if a[i : i + 1] != b[i : i + 1]]
+    start, end = differs[0], differs[-1] + 1
+    ra, rb = a[start:end], b[start:end]
+    return diffs.Difference(
+        f"{path}[{start:#x}:{end:#x}]", ra, rb, ra.hex() or diffs.ABSENT, rb.hex() or diffs.ABSENT
+    )
+
+
+def _narrowed(found: Iterable[diffs.Difference]) -> list[diffs.Difference]:
+    """Long byte-array fields (``lapic.regs``) as the byte range that differs."""
+    out = []
+    for d in found:
+        long_bytes = isinstance(d.a, bytes) and isinstance(d.b, bytes) and len(d.a) > _NARROW
+        out.append(_byte_range(d.path, d.a, d.b) if long_bytes else d)
+    return out
+
+
+def _presence(path: str, a: Any, b: Any, why_a: str = "", why_b: str = "") -> diffs.Difference:
+    """A part, MSR or entry that one side has and the other lacks."""
+
+    def text(value: Any, why: str) -> str:
+        if value is not None:
+            return _PRESENT
+        return f"{diffs.ABSENT} ({why})" if why else diffs.ABSENT
+
+    return diffs.Difference(
+        path,
+        None if a is None else _PRESENT,
+        None if b is None else _PRESENT,
+        text(a, why_a),
+        text(b, why_b),
+    )
+
+
+def _hex_or_absent(value: int | None) -> str:
+    return diffs.ABSENT if value is None else f"{value:#x}"
+
+
+def _diff_msrs(a: dict[int, int], b: dict[int, int]) -> list[diffs.Difference]:
+    out = []
+    for index in sorted(a.keys() | b.keys()):
+        va, vb = a.get(index), b.get(index)
+        if va != vb:
+            out.append(
+                diffs.Difference(
+                    f"msrs[{index:#x}]", va, vb, _hex_or_absent(va), _hex_or_absent(vb)
+                )
+            )
+    return out
+
+
+def _diff_cpuid(a: uapi.kvm_cpuid2, b: uapi.kvm_cpuid2) -> list[diffs.Difference]:
+    """Entry by entry, keyed ``cpuid[function,index]``, then the head's padding."""
+
+    def entries(cpuid: uapi.kvm_cpuid2) -> dict[tuple[int, int], Any]:
+        table: dict[tuple[int, int], Any] = {}
+        for entry in list(cpuid.items())[: len(cpuid)]:
+            table.setdefault((int(entry.function), int(entry.index)), entry)
+        return table
+
+    ea, eb = entries(a), entries(b)
+    out: list[diffs.Difference] = []
+    for key in sorted(ea.keys() | eb.keys()):
+        path = f"cpuid[{key[0]:#x},{key[1]}]"
+        if key not in ea or key not in eb:
+            out.append(_presence(path, ea.get(key), eb.get(key)))
+        else:
+            out += _prefixed(diffs.diff_structs(ea[key], eb[key]), f"{path}.")
+    if a.padding != b.padding:
+        out.append(
+            diffs.Difference("cpuid.padding", a.padding, b.padding, str(a.padding), str(b.padding))
+        )
+    if not out:  # the same entries, listed in another order
+        out.append(diffs.Difference("cpuid", None, None, "entries in one order", "in another"))
+    return out
+
+
+def _diff_vcpu(a: VcpuState, b: VcpuState) -> list[diffs.Difference]:
+    """Every difference between two saved vCPUs: part by part, field by field."""
+    out: list[diffs.Difference] = []
+    for part in PARTS:
+        va, vb = getattr(a, part), getattr(b, part)
+        if va is None and vb is None:
+            continue
+        if va is None or vb is None:
+            out.append(
+                _presence(
+                    part, va, vb, a.absent.get(part, "not saved"), b.absent.get(part, "not saved")
+                )
+            )
+            continue
+        ba, bb = a.part_bytes(part), b.part_bytes(part)
+        if ba == bb:
+            continue
+        if part == "nested":
+            out += _prefixed(diffs.diff(va, vb), "nested.")
+        elif part == "msrs":
+            out += _diff_msrs(va, vb)
+        elif part == "cpuid":
+            out += _diff_cpuid(va, vb)
+        elif part == "tsc_khz":
+            out.append(diffs.Difference(part, va, vb, str(va), str(vb)))
+        elif type(va) is type(vb):
+            out += _narrowed(_prefixed(diffs.diff_structs(va, vb), f"{part}."))
+        else:  # two XSAVE areas of different sizes
+            out.append(_byte_range(part, ba, bb))
+    for tag in sorted(a.extra.keys() | b.extra.keys()):
+        xa, xb = a.extra.get(tag), b.extra.get(tag)
+        if xa != xb:
+            path = f"extra[{tag}]"
+            if xa is None or xb is None:
+                out.append(_presence(path, xa, xb))
+            else:
+                out.append(_byte_range(path, xa, xb))
+    return out
+
+
+def _one_vcpu(source: _Source, index: int | None) -> tuple[int, VcpuState]:
+    assert source.vcpus is not None
+    if index is None and len(source.vcpus) > 1:
+        raise CliError(
+            f"{source.name}: holds {_count(len(source.vcpus))}: choose one with --vcpu N"
+        )
+    return _chosen(source, index)[0]
+
+
+def _diff_nested_parts(args: argparse.Namespace, a: _Source, b: _Source) -> list[diffs.Difference]:
+    """A nested-state blob against a kvmstate file's vCPU: their nested states."""
+    states: list[NestedState | None] = []
+    whys: list[str] = []
+    for source in (a, b):
+        if source.raw is not None:
+            states.append(_nested(source))
+            whys.append("")
+        else:
+            _i, vcpu = _one_vcpu(source, args.vcpu)
+            states.append(vcpu.nested)
+            whys.append(_why_absent(vcpu))
+    na, nb = states
+    if na is None or nb is None:
+        return [_presence("nested", na, nb, *whys)]
+    return list(diffs.diff(na, nb))
+
+
+def _diff_files(args: argparse.Namespace, a: _Source, b: _Source) -> list[diffs.Difference]:
+    """Two kvmstate files: vCPU by vCPU (``vcpu[i].`` paths when there are several)."""
+    assert a.vcpus is not None and b.vcpus is not None
+    if args.vcpu is not None:
+        (_, va), (_, vb) = _chosen(a, args.vcpu)[0], _chosen(b, args.vcpu)[0]
+        return _diff_vcpu(va, vb)
+    out: list[diffs.Difference] = []
+    na, nb = len(a.vcpus), len(b.vcpus)
+    if na != nb:
+        out.append(diffs.Difference("vcpus", na, nb, _count(na), _count(nb)))
+    several = max(na, nb) > 1
+    for i, (va, vb) in enumerate(zip(a.vcpus, b.vcpus, strict=False)):
+        found = _diff_vcpu(va, vb)
+        out += _prefixed(found, f"vcpu[{i}].") if several else found
+    return out
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    a, b = _open(args.a), _open(args.b)
+    found: list[diffs.Difference]
+    if a.raw is not None and b.raw is not None:
+        _no_vcpu_option(args, a, b)
+        found = list(diffs.diff(_nested(a), _nested(b)))
+    elif a.raw is not None or b.raw is not None:
+        found = _diff_nested_parts(args, a, b)
+    else:
+        found = _diff_files(args, a, b)
+    if args.json:
+        listed = [d.to_dict() for d in found]
+        _print(json.dumps({"equal": not found, "differences": listed}, indent=2))
+    elif found:
+        _print(*map(str, found))
+    else:
+        _print("equal")
     return 1 if found else 0
 
 
+# --- the parser and main ---------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, writing its help, usage and errors through :data:`_OUT` (never raising)."""
+
+    def print_usage(self, file: Any = None) -> None:
+        _OUT.write(self.format_usage(), err=file is sys.stderr)
+
+    def print_help(self, file: Any = None) -> None:
+        _OUT.write(self.format_help(), err=file is sys.stderr)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            _OUT.write(message, err=True)
+        raise SystemExit(status)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmstate",
         description="Read, check and explore KVM nested virtualization state.",
+        epilog="A FILE is a nested-state blob in the kernel's format or a kvmstate file "
+        "(VcpuState.to_bytes, kvmstate.snapshot, or its JSON form), told apart by content. "
+        "Only regular files are read. Ctrl-C exits with status 130.",
     )
-    parser.add_argument("--version", action="version", version=f"kvmstate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # Not argparse's "version" action: it writes without print_help, past _OUT.
+    parser.add_argument(
+        "--version", action="store_true", help="show program's version number and exit"
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    def vcpu_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--vcpu",
+            type=_vcpu_arg,
+            metavar="N",
+            help="in a kvmstate file of several vCPUs (a VM), only vCPU N (from 0)",
+        )
 
     p = sub.add_parser("info", help="what this machine's KVM offers for nested state")
     p.add_argument("--device", default="/dev/kvm", help="KVM device (default: /dev/kvm)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("decode", help="show a saved nested-state blob by field names")
-    p.add_argument("file", help="the blob, in the kernel's format (exactly `size` bytes)")
+    p = sub.add_parser(
+        "decode",
+        help="show a saved nested state by field names",
+        description="The nested state by field names: header, vendor header, data pages, and "
+        "any bytes no field covers. For a kvmstate file, the nested state of each vCPU.",
+    )
+    p.add_argument("file", help="a nested-state blob (exactly `size` bytes) or a kvmstate file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--all", action="store_true", help="include reserved and padding fields")
+    vcpu_option(p)
     p.set_defaults(func=_cmd_decode)
 
     p = sub.add_parser(
         "check",
         help="which rules of KVM_SET_NESTED_STATE a saved state breaks",
         description="Exit status: 0 no rule surely broken, 1 the kernel would refuse the "
-        "state (with --strict: or may refuse it), 2 the file cannot be read.",
+        "state (with --strict: or may refuse it), 2 the file cannot be read or an argument "
+        "is bad. For a kvmstate file, each vCPU's nested state is checked, with the facts "
+        "its saved CPUID, sregs and MSRs give (--fact overrides them).",
     )
-    p.add_argument("file", help="the blob, in the kernel's format (exactly `size` bytes)")
+    p.add_argument("file", help="a nested-state blob (exactly `size` bytes) or a kvmstate file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     vendor = p.add_mutually_exclusive_group()
     vendor.add_argument("--svm", action="store_true", help="the target is a kvm_amd vCPU with SVM")
@@ -242,28 +846,76 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="also fail on problems that depend on unknown facts"
     )
+    vcpu_option(p)
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("diff", help="the fields that differ between two saved states")
-    p.add_argument("a", help="the first blob")
-    p.add_argument("b", help="the second blob")
+    p = sub.add_parser(
+        "diff",
+        help="the fields that differ between two saved states",
+        description="Exit status: 0 equal, 1 different, 2 a file cannot be read. Two kvmstate "
+        "files are compared part by part (regs.rip, msrs[0x174], nested.flags...); a blob "
+        "and a kvmstate file by their nested states.",
+    )
+    p.add_argument("a", help="the first state")
+    p.add_argument("b", help="the second state")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    vcpu_option(p)
     p.set_defaults(func=_cmd_diff)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``kvmstate`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+def _cmd_info(args: argparse.Namespace) -> int:
+    data = info(args.device)
+    if args.json:
+        _print(json.dumps(data, indent=2))
+    else:
+        _print_info(data)
+    return 0 if data["available"] else 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            _print(f"kvmstate {__version__}")
+            return 0
+        if args.command is None:
+            parser.error("the following arguments are required: command")
+    except SystemExit as exc:  # --help or a usage error: argparse has printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         return int(args.func(args))
     except CliError as exc:
-        print(f"kvmstate: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
-    except BrokenPipeError:
-        # Output piped into `head`: not an error worth a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except Exception as exc:  # a bug in kvmstate: still one line, never a traceback
+        _error(f"internal error (a bug in kvmstate, please report it): {exc!r}")
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvmstate`` command; returns the exit status.
+
+    >>> main(["check", "state.bin"])  # 0: no rule broken, 1: refused, 2: bad input
+    0
+    """
+    _OUT.failure = None
+    restore = _escaping_streams()
+    try:
+        status = _run(argv)
+        _OUT.flush()  # here, not at exit: a broken pipe must not change the status
+    except KeyboardInterrupt:
+        # Quietly, and without the exit-time flush blocking on a full pipe.
+        if sys.stdout is not None:
+            _discard(sys.stdout)
+        return INTERRUPTED
+    finally:
+        restore()
+    if _OUT.failure is not None:
+        _error(f"writing the output failed: {_OUT.failure}")
+        return max(status, 2)
+    return status
 
 
 if __name__ == "__main__":

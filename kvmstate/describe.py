@@ -114,14 +114,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def nested_state_dict(state: NestedState) -> dict[str, Any]:
+def nested_state_dict(state: NestedState, *, hidden: bool = False) -> dict[str, Any]:
     """The state for JSON: ``{"fields": {path: int or hex string}, "decoded": {path: names}}``.
 
-    ``decoded`` holds the fields whose values have names (flags, formats).
+    ``decoded`` holds the fields whose values have names (flags, formats);
+    ``hidden`` includes the reserved and padding fields, as for
+    :func:`nested_state_fields`::
+
+        >>> "hdr.vmx.pad" in nested_state_dict(vmx_state, hidden=True)["fields"]
+        True
     """
     values: dict[str, Any] = {}
     decoded: dict[str, str] = {}
-    for path, raw, text in nested_state_fields(state):
+    for path, raw, text in nested_state_fields(state, hidden=hidden):
         values[path] = _jsonable(raw)
         if isinstance(raw, int) and text not in (str(raw), hex(raw)):
             decoded[path] = text

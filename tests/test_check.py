@@ -27,6 +27,7 @@ from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
 from kvmstate.check import Facts, Problem, check, explain, format_problems
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 GM, RP, GIF = NestedFlag.GUEST_MODE, NestedFlag.RUN_PENDING, NestedFlag.GIF_SET
@@ -847,6 +848,11 @@ def test_facts_from_strings() -> None:
         ([("kernel_version", "latest")], "kernel release"),
         ([("vmx_msrs", "0x48d")], "INDEX:VALUE"),
         ([("efer", "1"), ("svme", "1")], "given twice"),
+        ([("efer", "-1")], "fact efer is -1, outside 0..0xffffffffffffffff"),
+        ([("cr3", "-1")], "fact cr3 is -1"),
+        ([("cr4", str(1 << 64))], "fact cr4 is 0x10000000000000000"),
+        ([("nested_state_cap", "-5")], "fact nested_state_cap is -5, outside 0..2147483647"),
+        ([("vmx_msrs", "0x480:-1")], r"fact vmx_msrs\[0x480\] is -1"),
     ],
 )
 def test_facts_from_strings_errors(pairs: list[tuple[str, str]], message: str) -> None:
@@ -857,10 +863,115 @@ def test_facts_from_strings_errors(pairs: list[tuple[str, str]], message: str) -
 def test_facts_type_checked() -> None:
     with pytest.raises(TypeError, match="in_smm"):
         Facts(in_smm=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fact efer must be int"):
+        Facts(efer=True)
+    with pytest.raises(TypeError, match="fact cr0 must be int"):
+        Facts(cr0="0x11")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fact vendor must be a str"):
+        Facts(vendor=1)  # type: ignore[arg-type]
     assert Facts(nested_state_cap=8320).target_vendor() == "vmx"
     assert Facts(nested_state_cap=0).target_vendor() is None
     assert Facts(has_svm=True, cpu_features=frozenset()).feature("svm") is True
     assert Facts().known() == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"efer": -1}, ValueError, "fact efer is -1, outside 0..0xffffffffffffffff"),
+        ({"cr3": 1 << 64}, ValueError, "fact cr3 is 0x10000000000000000, outside"),
+        ({"feature_control": -1}, ValueError, "fact feature_control is -1"),
+        ({"nested_state_cap": -5}, ValueError, "fact nested_state_cap is -5"),
+        ({"nested_state_cap": 1 << 31}, ValueError, "fact nested_state_cap is 0x80000000"),
+        ({"maxphyaddr": 65}, ValueError, "fact maxphyaddr is 65, outside 0..64"),
+        ({"vmx_msrs": {0x480: -1}}, ValueError, r"fact vmx_msrs\[0x480\] is -1"),
+        ({"vmx_msrs": {0x480: 1 << 64}}, ValueError, r"fact vmx_msrs\[0x480\] is 0x1"),
+        ({"vmx_msrs": {-1: 0}}, ValueError, "fact vmx_msrs index is -1"),
+        ({"vmx_msrs": {0x480: True}}, TypeError, r"vmx_msrs\[0x480\] must be int"),
+        ({"vmx_msrs": [(0x480, 1)]}, TypeError, "vmx_msrs must be a mapping"),
+        ({"kernel_version": "latest"}, ValueError, "'latest' is not a kernel release"),
+        ({"kernel_version": 6.1}, TypeError, "tuple of ints such as"),
+        ({"kernel_version": ("6", "1")}, TypeError, "'6' is not an int"),
+        ({"kernel_version": (6, -1)}, ValueError, "-1 is negative"),
+        ({"kernel_version": ()}, ValueError, "must not be empty"),
+        ({"cpu_features": ["svm", 5]}, TypeError, "a feature name must be a str, not 5"),
+        ({"cpu_features": 5}, TypeError, "set of feature names or a comma-separated str"),
+        ({"cpu_features": "s,v,m"}, ValueError, r"unknown CPUID features \['m', 's', 'v'\]"),
+        ({"cpu_features": {"svm", "SVM"}}, ValueError, r"unknown CPUID features \['SVM'\]"),
+    ],
+)
+def test_facts_refuse_what_they_cannot_mean(
+    fields: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Out-of-range or mistyped facts: an error naming the fact, never a wrapped register."""
+    with pytest.raises(error, match=message):
+        Facts(**fields)
+
+
+def test_facts_take_the_text_forms_of_from_strings() -> None:
+    """A str kernel_version is a release; a str cpu_features a comma list, never its letters."""
+    assert Facts(kernel_version="6.1").kernel_version == (6, 1)
+    assert Facts(kernel_version="6.12.3-amd64").kernel_version == (6, 12, 3)
+    assert Facts(kernel_version=[6, 1, 0]).kernel_version == (6, 1, 0)
+    assert Facts(cpu_features="svm").cpu_features == frozenset({"svm"})
+    assert Facts(cpu_features="svm, LM,nx").cpu_features == frozenset({"svm", "lm", "nx"})
+    assert Facts(cpu_features="").cpu_features == frozenset()
+    assert Facts(cpu_features=["svm", "lm"]).cpu_features == frozenset({"svm", "lm"})
+    # The parsed forms behave: the 6.1 rule on AUTOIBRS, the svm feature.
+    assert Facts(cpu_features="svm").feature("svm") is True
+    assert Facts(cpu_features="svm").feature("s") is False
+    assert Facts(efer=(1 << 64) - 1).efer == (1 << 64) - 1
+    assert Facts(vmx_msrs={0x480: (1 << 64) - 1}).msr(0x480) == (1 << 64) - 1
+
+
+def test_check_and_explain_refuse_a_dict_of_facts() -> None:
+    state = svm_guest()
+    for call in (check, explain):
+        with pytest.raises(TypeError, match=r"needs facts as a Facts or None, not dict \(make one"):
+            call(state, {"vendor": "svm"})  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"not str$"):
+            call(state, "vendor=svm")  # type: ignore[arg-type]
+    assert explain(state, Facts.from_strings({"vendor": "svm"})) == explain(
+        state, Facts(vendor="svm")
+    )
+
+
+def test_facts_from_a_saved_state() -> None:
+    """What restore sets before the nested state: the saved CPUID, sregs and MSRs."""
+    assert Facts.from_state(VcpuState()) == Facts()
+    with pytest.raises(TypeError, match="from_state\\(\\) needs a VcpuState, not NoneType"):
+        Facts.from_state(None)  # type: ignore[arg-type]
+    sregs = uapi.kvm_sregs()
+    sregs.efer, sregs.cr0, sregs.cr3, sregs.cr4 = svm.EFER_SVME, 0x80000011, 0x5000, 0x20
+    cpuid = uapi.kvm_cpuid2.new(3)
+    leaves = cpuid.items()
+    leaves[0].function, leaves[0].eax = 0x80000000, 0x80000008
+    leaves[1].function, leaves[1].ecx = 0x80000001, 1 << 2  # CPUID.80000001h:ECX.SVM
+    leaves[1].edx = 1 << 29  # LM
+    leaves[2].function, leaves[2].eax = 0x80000008, 0x3028  # MAXPHYADDR 40
+    facts = Facts.from_state(VcpuState(sregs=sregs, cpuid=cpuid, msrs={0x3A: 5, 0x480: 7}))
+    assert (facts.efer, facts.cr0, facts.cr3, facts.cr4) == (
+        svm.EFER_SVME,
+        0x80000011,
+        0x5000,
+        0x20,
+    )
+    assert facts.cpu_features == frozenset({"svm", "lm"}) and facts.has_svm is True
+    assert facts.has_vmx is False and facts.maxphyaddr == 40
+    # Not the target machine's, nor SMM (the events are restored after the nested state).
+    assert facts.vendor is None and facts.kernel_version is None and facts.in_smm is None
+    assert facts.nested_state_cap is None
+    assert facts.vmx_msrs is None and facts.feature_control is None  # no VMX in its CPUID
+    # sregs2 when there is no sregs; VMX MSRs when the CPUID has VMX.
+    sregs2 = uapi.kvm_sregs2()
+    sregs2.efer = 0x500
+    vmx_cpuid = uapi.kvm_cpuid2.new(1)
+    vmx_cpuid.items()[0].function, vmx_cpuid.items()[0].ecx = 1, 1 << 5  # CPUID.1:ECX.VMX
+    facts = Facts.from_state(
+        VcpuState(sregs2=sregs2, cpuid=vmx_cpuid, msrs={0x3A: 5, 0x480: 7, 0x48D: 9})
+    )
+    assert facts.efer == 0x500 and facts.has_vmx is True and facts.maxphyaddr == 36
+    assert facts.feature_control == 5 and dict(facts.vmx_msrs or {}) == {0x48D: 9}
 
 
 class _Unreadable:

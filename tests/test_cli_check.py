@@ -153,6 +153,16 @@ def test_check_reports_an_unknown_format_as_a_problem(tmp_path: Path) -> None:
         (["--fact", "in_smm=perhaps"], ["in_smm", "yes/no"]),
         (["--fact", "vendor=arm"], ["vendor must be"]),
         (["--svm", "--fact", "vendor=vmx", "--fact", "vendor=svm"], ["given twice"]),
+        # Registers and MSRs are u64, the capability a non-negative int: nothing is wrapped.
+        (["--fact", "efer=-1"], ["fact efer is -1, outside 0..0xffffffffffffffff"]),
+        (["--fact", "cr3=-1"], ["fact cr3 is -1, outside"]),
+        (["--fact", "cr0=0x10000000000000000"], ["fact cr0 is 0x10000000000000000, outside"]),
+        (["--fact", "feature_control=-0x5"], ["fact feature_control is -5"]),
+        (["--fact", "nested_state_cap=-5"], ["fact nested_state_cap is -5, outside 0..2147483647"]),
+        (["--fact", "maxphyaddr=-1"], ["fact maxphyaddr is -1, outside 0..64"]),
+        (["--fact", "vmx_msrs=0x480:-1"], ["fact vmx_msrs[0x480] is -1"]),
+        (["--fact", "vmx_msrs=0x100000000:1"], ["fact vmx_msrs index is 0x100000000"]),
+        (["--fact", "kernel_version=6.-1"], ["kernel_version"]),
     ],
 )
 def test_check_bad_facts_are_one_error_line(

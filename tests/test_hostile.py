@@ -64,6 +64,7 @@ from typing import Any
 import pytest
 
 import kvmstate
+from kvmstate import check as checks
 from kvmstate import cli as kcli
 from kvmstate import describe, ioctls, snapshot, uapi, vmcb, vmcs12
 from kvmstate._struct import _Mixin
@@ -414,6 +415,10 @@ def write_cli_files(tmp: Path) -> None:
         "ok": blob(fmt=1, size=SVM_MAX_SIZE, flags=0x101),
         "flags": blob(fmt=0, flags=0xFFFF),
         "vcpufile": vfile(),
+        "vmfile": snapshot.dumps_vm([VcpuState(), VcpuState(nested=hstate(format=1))]),
+        "vcpujson": json.dumps(snapshot.to_dict(VcpuState())).encode(),
+        "badjson": b'{"kvmstate": "1.0", "parts": {"regs": {"rip": -1}}}',
+        "deepjson": b"{" * 100_000,
     }
     for name, data in files.items():
         (tmp / name).write_bytes(data)
@@ -1305,8 +1310,11 @@ for _file, _why in {
     "liar": "size field says 4224 bytes but the blob has 128",
     "trailing": "the blob has 136",
     "huge": "larger than 1048576 bytes",
-    "vcpufile": "truncated nested state",
+    "badjson": "kvmstate JSON: regs: ",
+    "deepjson": "starts like JSON but is not JSON",
     "dir": "Is a directory",
+    # Refused before a read that would block (nobody writes the FIFO).
+    "fifo": "Is a FIFO, not a regular file",
     "missing": "No such file",
 }.items():
     table(
@@ -1318,11 +1326,35 @@ for _file, _why in {
     )
 table(
     {
-        "cli('decode', '/dev/zero')": "ok: refused(r, 'larger than')",
-        "cli('decode', '/dev/null')": "ok: refused(r, '0 bytes')",
+        "cli('decode', '/dev/zero')": "ok: refused(r, 'Is a character device')",
+        "cli('decode', '/dev/null')": "ok: refused(r, 'Is a character device')",
+        "cli('check', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
+        "cli('diff', tmp / 'ok', tmp / 'fifo')": "ok: refused(r, 'Is a FIFO')",
+        # The library's own file: its nested part, or why it has none.
+        "cli('decode', tmp / 'vcpufile')": "ok: r[0] == 0 and 'vcpu 0: no nested state' in r[1]",
+        "cli('check', tmp / 'vcpufile')": "ok: r[0] == 0 and 'no nested state to check' in r[1]",
+        "cli('diff', tmp / 'vcpufile', tmp / 'vcpujson')": "ok: r == (0, 'equal\\n', '')",
+        "cli('diff', tmp / 'vmfile', tmp / 'vcpufile')": "ok: r[0] == 1 and 'vcpus: 2' in r[1]",
+        "cli('decode', '--vcpu', '1', tmp / 'vmfile')": "ok: r[0] == 0 and 'format=SVM' in r[1]",
+        "cli('decode', '--vcpu', '2', tmp / 'vmfile')": "ok: refused(r, 'no vcpu 2')",
+        "cli('decode', '--vcpu', 'x', tmp / 'vmfile')": "ok: r[0] == 2 and 'usage:' in r[2]",
+        "cli('decode', '--vcpu', '0', tmp / 'ok')": "ok: refused(r, 'is a nested-state blob')",
+        "cli('diff', tmp / 'ok', tmp / 'vmfile')": "ok: refused(r, 'choose one with --vcpu')",
+        "cli('decode', '--json', '--all', tmp / 'flags')": (
+            "ok: 'hdr.vmx.pad' in json.loads(r[1])['fields']"
+        ),
         "cli('decode', os.fsdecode(b'/nonexistent/\\xff.bin'))": "ok: refused(r, 'No such file')",
         "cli('decode', '--all', tmp / 'flags')": "ok: r[0] == 0 and '0xfef0' in r[1]",
         "cli('decode', '--json', tmp / 'ok')": "ok: json.loads(r[1])['fields']['size'] == 4224",
+        # Out-of-range facts are bad arguments, not negative registers.
+        "cli('check', tmp / 'ok', '--fact', 'efer=-1')": "ok: refused(r, 'fact efer is -1')",
+        "cli('check', tmp / 'ok', '--fact', 'cr3=-1')": "ok: refused(r, 'fact cr3 is -1')",
+        "cli('check', tmp / 'ok', '--fact', 'nested_state_cap=-5')": (
+            "ok: refused(r, 'fact nested_state_cap is -5')"
+        ),
+        "cli('check', tmp / 'ok', '--fact', 'efer=0x10000000000000000')": (
+            "ok: refused(r, 'fact efer is 0x10000000000000000')"
+        ),
         "cli()": "ok: r[0] == 2 and 'usage:' in r[2]",
         "cli('bogus')": "ok: r[0] == 2 and 'usage:' in r[2]",
         "cli('decode')": "ok: r[0] == 2 and 'usage:' in r[2]",
@@ -1338,6 +1370,48 @@ table(
     {
         "cli('decode', 'a\\0b')": "ok: refused(r, 'null')",
         "cli('info', '--device', 'a\\0b')": "ok: r[0] == 1",
+    },
+    kvm=False,
+)
+
+
+section("describe")
+table(
+    {
+        "describe.nested_state_dict(hstate(format=0), hidden=True)['fields']": (
+            "ok: 'hdr.vmx.pad' in r and 'hdr.vmx.flags' in r"
+        ),
+        "describe.nested_state_dict(hstate(format=0))['fields']": "ok: 'hdr.vmx.pad' not in r",
+        "describe.nested_state_dict(b'x' * 128, hidden=True)": "TypeError: expected a NestedState",
+    },
+    kvm=False,
+)
+
+section("check.Facts")
+table(
+    {
+        "C.Facts(efer=-1)": "ValueError: fact efer is -1, outside 0..0xffffffffffffffff",
+        "C.Facts(cr3=-1)": "ValueError: fact cr3 is -1",
+        "C.Facts(cr0=2**64)": "ValueError: fact cr0 is 0x10000000000000000",
+        "C.Facts(nested_state_cap=-5)": "ValueError: fact nested_state_cap is -5",
+        "C.Facts(efer=True)": "TypeError: fact efer must be int",
+        "C.Facts(efer=1.0)": "TypeError: fact efer must be int",
+        "C.Facts(vmx_msrs={0x480: -1})": "ValueError: fact vmx_msrs[0x480] is -1",
+        "C.Facts(vmx_msrs=5)": "TypeError: vmx_msrs must be a mapping",
+        "C.Facts(kernel_version='6.1')": "ok: r.kernel_version == (6, 1)",
+        "C.Facts(kernel_version='latest')": "ValueError: not a kernel release",
+        "C.Facts(kernel_version=6)": "TypeError: tuple of ints",
+        "C.Facts(cpu_features='svm')": "ok: r.cpu_features == {'svm'}",
+        "C.Facts(cpu_features=b'svm')": "TypeError: a feature name must be a str",
+        "C.Facts(cpu_features=None).cpu_features": "ok: r is None",
+        "C.Facts(vendor=b'svm')": "TypeError: vendor must be a str",
+        "C.Facts.from_strings({'efer': '-1'})": "ValueError: fact efer is -1",
+        "C.Facts.from_strings({'maxphyaddr': '65'})": "ValueError: outside 0..64",
+        "C.Facts.from_state(None)": "TypeError: needs a VcpuState",
+        "C.Facts.from_state(VS())": "ok: r == C.Facts()",
+        "C.explain(hstate(format=1), {})": "TypeError: needs facts as a Facts or None, not dict",
+        "C.check(hstate(format=1), {'vendor': 'svm'})": "TypeError: needs facts as a Facts",
+        "C.check(hstate(format=1), 'svm')": "TypeError: needs facts as a Facts or None, not str",
     },
     kvm=False,
 )
@@ -1361,6 +1435,7 @@ BASE_SCOPE: dict[str, Any] = {
     "vmcb": vmcb,
     "vmcs12": vmcs12,
     "S": snapshot,
+    "C": checks,
     "NS": NestedState,
     "VS": VcpuState,
     "Kvm": kvmstate.Kvm,
