@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests import vmx_l1
+from tests.support import vmx_l1
 
 pytestmark = pytest.mark.skipif(
     shutil.which("objdump") is None, reason="objdump is not installed (apt-get install binutils)"

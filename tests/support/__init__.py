@@ -1,0 +1,1 @@
+"""Test-side support code: guest programs and VMM helpers the tests share."""
