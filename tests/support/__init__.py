@@ -1,1 +1,1 @@
-"""Test-side support code: guest programs and VMM helpers the tests share."""
+"""Test-side machinery shared by the guest tests (L1 programs, migration)."""
