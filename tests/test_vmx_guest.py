@@ -4,7 +4,7 @@ Marked ``vmx_guest``: on a host with Debian's bochs these run inside the
 guest through ``tests/guest/run --cpu intel`` (one boot per session);
 elsewhere they skip. The states are reached for real: a fresh vCPU; VMX
 root without a current VMCS, by SET alone; and VMX root with a current
-VMCS and L2 running, by running the L1 program of tests/vmx_l1.py.
+VMCS and L2 running, by running the L1 program of tests/support/vmx_l1.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kvmstate import uapi
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
 from kvmstate.vmcs12 import VMCS12_REVISION
-from tests import vmx_l1
+from tests.support import vmx_l1
 
 pytestmark = pytest.mark.vmx_guest
 
@@ -46,7 +46,7 @@ ROOT_WITH_VMCS = HEADER_SIZE + 4096
 
 
 class L1:
-    """A vCPU running tests/vmx_l1.py's program, stopped at chosen port writes."""
+    """A vCPU running tests/support/vmx_l1.py's program, stopped at chosen port writes."""
 
     def __init__(self, kvm: kvmstate.Kvm) -> None:
         self.vm = kvm.create_vm()
