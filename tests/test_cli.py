@@ -25,7 +25,10 @@ from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from tests.kvm_fixtures import NO_KVM
 
-KVMSTATE = shutil.which("kvmstate")
+# The script of the kvmstate under test: the one installed beside this interpreter (its
+# venv need not be on PATH, where another install's script may be), else the one on PATH.
+_BESIDE = Path(sys.executable).with_name("kvmstate")
+KVMSTATE = str(_BESIDE) if _BESIDE.is_file() else shutil.which("kvmstate")
 needs_script = pytest.mark.skipif(KVMSTATE is None, reason="the kvmstate script is not installed")
 # fcntl's names for them (Python 3.10+); the values are Linux's.
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from kvmstate import vmcs12 as vmx
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
-KVMSTATE = shutil.which("kvmstate")
+# The script of the kvmstate under test: the one installed beside this interpreter (its
+# venv need not be on PATH, where another install's script may be), else the one on PATH.
+_BESIDE = Path(sys.executable).with_name("kvmstate")
+KVMSTATE = str(_BESIDE) if _BESIDE.is_file() else shutil.which("kvmstate")
 pytestmark = pytest.mark.skipif(KVMSTATE is None, reason="the kvmstate script is not installed")
 
 # What the emulated AMD guest's vCPU tells (see tests/test_check.py), as --fact options.

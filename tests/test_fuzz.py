@@ -12,7 +12,7 @@ Each target is an oracle function that raises AssertionError when a property bre
 Two engines, both bounded so that the file runs in well under a minute:
 
 * hypothesis, structure-aware (headers, records and dicts built from the formats, then
-  damaged), with explicit ``max_examples`` and ``deadline``;
+  damaged), with explicit ``max_examples`` and no per-example deadline;
 * a coverage-guided mutation loop, what atheris does, in pure Python: ``sys.settrace``
   collects the (line, next line) edges an input makes kvmstate run, and inputs that reach
   new edges join the corpus and are mutated further. Seeded, so a failure reproduces; bounded
@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -472,9 +471,10 @@ def random_json(rng: random.Random) -> Any:
 
 
 def hsettings(examples: int) -> Any:
+    # No per-example deadline: the count bounds the run, and a loaded machine is no bug.
     return settings(
         max_examples=examples * SCALE,
-        deadline=timedelta(milliseconds=1000),
+        deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 

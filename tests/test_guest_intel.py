@@ -57,8 +57,10 @@ def probe() -> subprocess.CompletedProcess[str]:
     """The one boot: a Python probe that reports what it sees and exits 7."""
     if shutil.which("bochs") is None:
         pytest.skip("bochs is not installed")
+    # The limit only stops a hung guest: a cold cache builds the saved machine first, and a
+    # loaded machine takes twice as long (see DEFAULT_TIMEOUT in tests/guest/pytest_guest.py).
     done = subprocess.run(
-        [sys.executable, str(RUN), "--cpu", "intel", "--timeout", "900", "--",
+        [sys.executable, str(RUN), "--cpu", "intel", "--timeout", "3600", "--",
          sys.executable, "-c", PROBE],
         cwd=REPO, capture_output=True, text=True, check=False,
     )  # fmt: skip

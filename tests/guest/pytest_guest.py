@@ -29,7 +29,10 @@ import pytest
 
 RUN = Path(__file__).with_name("run")
 RESULT = "KVMSTATE-RESULT "
-DEFAULT_TIMEOUT = 1200.0
+# Only against a hung guest, so generous: the Intel session took 385 s with both cores busy
+# and a warm cache, 754 s beside two other Bochs runs; a cold cache adds the saved machine's
+# build (183 s idle), and waiting for another run's build counts too.
+DEFAULT_TIMEOUT = 3600.0
 # The harness's own exit statuses (see tests/guest/run --help).
 EXIT_PREREQ, EXIT_TIMEOUT, EXIT_BOOT = 123, 124, 125
 
