@@ -380,20 +380,50 @@ class Vcpu(FdWrapper):
         self._ioctl(io.KVM_SET_CPUID2, cpuid)
 
     def get_cpuid2(self, max_entries: int | None = None) -> uapi.kvm_cpuid2:
-        """``KVM_GET_CPUID2``: the CPUID set on this vCPU (exactly its entries)."""
+        """``KVM_GET_CPUID2``: the CPUID set on this vCPU (exactly its entries).
+
+        Linux 6.12 writes the count back into ``nent``; 6.1 never does (it
+        answers E2BIG below the count and leaves ``nent`` as given above
+        it), so the count is found as the smallest ``nent`` that succeeds.
+
+        >>> vcpu.set_cpuid2(kvm.get_supported_cpuid())         # doctest: +SKIP
+        >>> len(vcpu.get_cpuid2()) == len(kvm.get_supported_cpuid())  # doctest: +SKIP
+        True
+        """
         n = max_entries or self._cpuid_entries or 256
         while True:
-            cpuid = uapi.kvm_cpuid2.new(n)
-            try:
-                # nent == the array length: the kernel writes at most that many entries.
-                self._ioctl(io.KVM_GET_CPUID2, cpuid)
-            except KvmError as exc:
-                if exc.errno != errno.E2BIG or max_entries is not None or n >= 4096:
-                    raise
-                n = max(n * 2, 256)
-                continue
-            self._cpuid_entries = cpuid.nent
-            return cpuid if cpuid.nent == n else cpuid.trimmed()
+            cpuid = self._try_get_cpuid2(n)
+            if cpuid is not None:
+                break
+            if max_entries is not None or n >= 4096:
+                raise KvmError(errno.E2BIG, f"more than {n} CPUID entries", ioctl="KVM_GET_CPUID2")
+            n = max(n * 2, 256)
+        count = cpuid.nent
+        if count == n and n > 0 and self._try_get_cpuid2(n - 1) is not None:
+            # nent came back as given: a 6.1 kernel, and fewer entries than n.
+            low, high = 0, n - 1  # the smallest count that succeeds is in [low, high]
+            while low < high:
+                mid = (low + high) // 2
+                if self._try_get_cpuid2(mid) is None:
+                    low = mid + 1
+                else:
+                    high = mid
+            count = low
+        self._cpuid_entries = count
+        cpuid.nent = count
+        return cpuid if count == n else cpuid.trimmed()
+
+    def _try_get_cpuid2(self, n: int) -> uapi.kvm_cpuid2 | None:
+        """One KVM_GET_CPUID2 with room for ``n`` entries; None on E2BIG (too few)."""
+        cpuid = uapi.kvm_cpuid2.new(n)
+        try:
+            # nent == the array length: the kernel writes at most that many entries.
+            self._ioctl(io.KVM_GET_CPUID2, cpuid)
+        except KvmError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+            return None
+        return cpuid
 
     # --- running ------------------------------------------------------------------------
 

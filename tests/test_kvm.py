@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -277,16 +278,54 @@ def test_cpuid_round_trip(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
 
 
 @pytest.mark.svm_guest
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Vcpu.get_cpuid2 takes KVM_GET_CPUID2's nent for the count, but 6.1 sets nent "
-    "only on E2BIG: the guests' vCPUs give 256 entries (their own, then zeroes), so "
-    "VcpuState.cpuid saves and restores 256",
-)
 def test_cpuid_round_trip_on_upstream_kvm(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
     """The same inside the emulated AMD guest, whose Debian kvm_amd is upstream's."""
     assert not kvm_is_pvm()
     check_cpuid_round_trip(kvm, vcpu)
+
+
+def check_cpuid_counts(kvm: kvmstate.Kvm) -> None:
+    """GET_CPUID2 gives exactly the entries set, whatever the kernel does with ``nent``."""
+    supported = kvm.get_supported_cpuid()
+    with kvm.create_vm() as vm:
+        for vcpu_id, count in enumerate((0, 1, 3, len(supported))):
+            with vm.create_vcpu(vcpu_id) as vcpu:
+                if count:
+                    table = uapi.kvm_cpuid2.new(count)
+                    for i in range(count):
+                        ctypes.memmove(
+                            ctypes.addressof(table.entries[i]),
+                            ctypes.addressof(supported.entries[i]),
+                            ctypes.sizeof(uapi.kvm_cpuid_entry2),
+                        )
+                    vcpu.set_cpuid2(table)
+                for _ in range(2):  # the second call starts from the remembered count
+                    back = vcpu.get_cpuid2()
+                    n = len(back)
+                    assert n == back.capacity()
+                    # The kernel's own count: one entry fewer is E2BIG, exactly n succeeds.
+                    if n:
+                        short = uapi.kvm_cpuid2.new(n - 1)
+                        with pytest.raises(OSError) as info:
+                            fcntl.ioctl(vcpu.fileno(), ioctls.KVM_GET_CPUID2, short)
+                        assert info.value.errno == errno.E2BIG
+                    exact = uapi.kvm_cpuid2.new(n)
+                    fcntl.ioctl(vcpu.fileno(), ioctls.KVM_GET_CPUID2, exact)
+                    assert exact.to_bytes()[8:] == back.to_bytes()[8:]
+                    if not kvm_is_pvm():  # upstream keeps exactly the entries set
+                        sent = [(e.function, e.index) for e in supported.entries[:count]]
+                        assert [(e.function, e.index) for e in back.entries] == sent
+
+
+def test_get_cpuid2_gives_the_entries_set(kvm: kvmstate.Kvm) -> None:
+    check_cpuid_counts(kvm)
+
+
+@pytest.mark.svm_guest
+def test_get_cpuid2_gives_the_entries_set_on_upstream_kvm(kvm: kvmstate.Kvm) -> None:
+    """Inside the AMD guest: 6.1's KVM_GET_CPUID2 never writes the count back."""
+    assert not kvm_is_pvm()
+    check_cpuid_counts(kvm)
 
 
 def test_cpuid_count_beyond_the_allocation_is_refused(vcpu: kvmstate.Vcpu) -> None:
