@@ -10,9 +10,11 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -343,3 +345,35 @@ def test_cpio_is_newc() -> None:
     assert len(archive) % 512 == 0
     assert b"init\0" in archive
     assert b"TRAILER!!!\0" in archive
+
+
+def _bzimage(payload: bytes) -> bytes:
+    """A bzImage as the boot protocol lays it out: one setup sector after the boot
+    sector, then the protected-mode code, the compressed kernel at payload_offset."""
+    setup_sects, offset = 1, 0x40
+    image = bytearray((setup_sects + 1) * 512 + offset)
+    image[0x1F1] = setup_sects
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, 0x20F)  # boot protocol 2.15
+    struct.pack_into("<II", image, 0x248, offset, len(payload))
+    return bytes(image) + payload + b"trailing setup data"
+
+
+ELF = b"\x7fELF" + bytes(range(256)) * 64
+
+
+@pytest.mark.parametrize("method", ["xz", "zstd"])
+def test_vmlinux_is_unpacked_from_the_bzimage_payload(tmp_path: Path, method: str) -> None:
+    """6.1's bzImage holds an xz kernel, 6.12's a zstd one followed by its 4-byte size."""
+    if method == "xz":
+        payload = lzma.compress(ELF, format=lzma.FORMAT_XZ)
+    else:
+        if shutil.which("zstd") is None:
+            pytest.skip("zstd is not installed (apt-get install -y zstd)")
+        done = subprocess.run(["zstd", "-q", "-c"], input=ELF, capture_output=True, check=True)
+        payload = done.stdout + struct.pack("<I", len(ELF))
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(_bzimage(payload))
+    assert _common._extract_vmlinux(image) == ELF
+    image.write_bytes(_bzimage(payload)[:-40])  # cut inside the payload
+    assert _common._extract_vmlinux(image) is None

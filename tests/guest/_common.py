@@ -493,14 +493,28 @@ def _unpack_kernel_tree(
     (out / "modules" / "order").write_text("".join(line + "\n" for line in lines))
     shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
     config = (tree / "boot" / f"config-{release}").read_text()
-    vmlinux = _extract_vmlinux(out / "vmlinuz")
-    if vmlinux is not None and "\nCONFIG_PVH=y\n" in config:
-        (out / "vmlinux").write_bytes(vmlinux)
+    if "\nCONFIG_PVH=y\n" in config:
+        (out / "pvh").touch()  # a vmlinux of it can boot directly: see _add_vmlinux
+        _add_vmlinux(out)
     (out / "release").write_text(release + "\n")
     shutil.rmtree(tree)
 
 
+def _add_vmlinux(entry: Path) -> None:
+    """Keep the decompressed kernel of a PVH-capable entry that lacks it: one unpacked
+    while a tool was missing (zstd) gets it once the tool is there."""
+    target = entry / "vmlinux"
+    if target.is_file() or not (entry / "pvh").is_file():
+        return
+    vmlinux = _extract_vmlinux(entry / "vmlinuz")
+    if vmlinux is not None:
+        tmp = entry / "vmlinux.tmp"
+        tmp.write_bytes(vmlinux)
+        tmp.replace(target)
+
+
 def _load_kernel(entry: Path) -> Kernel:
+    _add_vmlinux(entry)
     order = []
     for line in (entry / "modules" / "order").read_text().splitlines():
         ko, _, args = line.partition(" ")
