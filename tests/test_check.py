@@ -4,7 +4,9 @@ Offline, every rule is broken by a state that breaks that rule alone, next to
 valid baselines (VMX root, VMX with a current VMCS, VMX guest mode, SVM
 GIF-only, SVM guest mode) that pass with no problem. The tests marked
 ``svm_guest`` run inside the emulated AMD guest (tests/guest/run) and check
-that the kernel refuses a state exactly when check() finds a certain problem.
+that the kernel refuses a state exactly when check() finds a certain problem,
+on each kernel series the guests boot (6.1 and 6.12), with the answer stated
+per series where the series differ (:data:`MORE_KERNEL_ANSWERS`).
 """
 
 from __future__ import annotations

@@ -366,7 +366,7 @@ def add_libraries(tree: Tree, memo: Path) -> None:
                 tree.add(lib)
             return
     libs = sorted(_libraries([p for p in sorted(tree.files) if _elf(p)]))
-    tmp = memo.with_suffix(".tmp")
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")  # runs for two series may overlap
     tmp.write_text(json.dumps({"key": key, "libs": libs}))
     tmp.replace(memo)
     for lib in libs:
