@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import kvmstate
 from tests.guest import _common
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,16 @@ def test_inside_amd_guest() -> None:
         assert fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NESTED_STATE) == NESTED_STATE_SIZE_SVM
     finally:
         os.close(fd)
+
+
+@pytest.mark.svm_guest
+def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
+    """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
+    harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
+    more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
+    restore of a vCPU's own rate never depends on how the boot calibrated."""
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_tsc_khz(vcpu.get_tsc_khz())
 
 
 @pytest.mark.svm_guest

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import kvmstate
 from tests.guest import _common, intel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,16 @@ def test_runs_in_the_callers_checkout(probe: subprocess.CompletedProcess[str]) -
 def test_tmpdir_is_writable(probe: subprocess.CompletedProcess[str]) -> None:
     found = report(probe)
     assert str(found["tmpfile"]).startswith(str(found["tmpdir"]) + "/")
+
+
+@pytest.mark.vmx_guest
+def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
+    """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
+    harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
+    more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
+    restore of a vCPU's own rate never depends on how the boot calibrated."""
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_tsc_khz(vcpu.get_tsc_khz())
 
 
 @pytest.mark.vmx_guest

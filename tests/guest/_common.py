@@ -645,6 +645,15 @@ NONCE=none
 . /kvmstate/run.sh
 say() {{ echo "{MARKER} $NONCE $*"; }}
 fail() {{ say fail "$*"; poweroff -f; sleep 60; }}
+# Without constant_tsc (the emulated CPUs have none) KVM keeps the TSC rate of the
+# moment it loads as every vCPU's default (max_tsc_khz). The kernel refines its
+# early TSC calibration about a second after boot, then drops "tsc-early": load
+# KVM after that, or vCPUs may get a rate the host no longer has ("user requested
+# TSC rate below hardware speed"), and TSC restores then behave by boot.
+n=0
+while grep -q tsc-early /sys/devices/system/clocksource/clocksource0/available_clocksource; do
+    n=$((n + 1)); [ $n -gt 100 ] && break; sleep 0.1
+done
 while read -r ko args; do
     insmod "/modules/$ko" $args || fail "insmod $ko $args failed"
 done < /modules/order
