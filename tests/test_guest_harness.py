@@ -25,6 +25,7 @@ import pytest
 
 import kvmstate
 from tests.guest import _common
+from tests.support import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "tests" / "guest" / "run"
@@ -388,3 +389,13 @@ def test_vmlinux_is_unpacked_from_the_bzimage_payload(tmp_path: Path, method: st
     assert _common._extract_vmlinux(image) == ELF
     image.write_bytes(_bzimage(payload)[:-40])  # cut inside the payload
     assert _common._extract_vmlinux(image) is None
+
+
+def test_per_series_expectation_needs_the_running_series() -> None:
+    """tests/support/kernels.py: an expectation is looked up by the running kernel's
+    series; a series nobody worked out is an error naming the release, not a pass."""
+    here = kernels.running()
+    assert re.match(rf"{here[0]}\.{here[1]}\D", os.uname().release + " ")
+    assert kernels.by_series({here: "expected", (0, 1): "other"}) == "expected"
+    with pytest.raises(LookupError, match=re.escape(os.uname().release)):
+        kernels.by_series({(0, 1): "other"})
