@@ -10,8 +10,11 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import lzma
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,13 +23,15 @@ from typing import Any
 
 import pytest
 
+import kvmstate
 from tests.guest import _common
+from tests.support import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "tests" / "guest" / "run"
 KVM_CHECK_EXTENSION = 0xAE03
 KVM_CAP_NESTED_STATE = 157
-NESTED_STATE_SIZE_SVM = 4224  # header (128) + vmcb12 (4096), on the guest's 6.1 kernel
+NESTED_STATE_SIZE_SVM = 4224  # header (128) + vmcb12 (4096), on the guest's 6.1 and 6.12
 
 needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None,
@@ -61,6 +66,27 @@ def test_inside_amd_guest() -> None:
         assert fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NESTED_STATE) == NESTED_STATE_SIZE_SVM
     finally:
         os.close(fd)
+
+
+@pytest.mark.svm_guest
+def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
+    """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
+    harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
+    more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
+    restore of a vCPU's own rate never depends on how the boot calibrated."""
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_tsc_khz(vcpu.get_tsc_khz())
+
+
+@pytest.mark.svm_guest
+def test_guest_runs_the_kernel_series_asked_for() -> None:
+    """Run once per series: the booted kernel is of the series the test id names, and its
+    kvm_amd has nested SVM on."""
+    series = os.environ["KVMSTATE_GUEST_KERNEL"]
+    assert series in _common.KERNEL_PACKAGES
+    assert os.uname().release.startswith(series + "."), os.uname().release
+    nested = Path("/sys/module/kvm_amd/parameters/nested").read_text().strip()
+    assert nested in ("1", "Y"), nested
 
 
 # --------------------------------------------------------------------------- one probe boot
@@ -170,8 +196,10 @@ def test_pytest_plugin_reports_guest_results(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "KVMSTATE_GUEST"}
     env["PYTHONPATH"] = str(REPO)
+    # One kernel series: this test is about outcomes (per kernel: see the next test).
+    pytest_argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        [*pytest_argv, "--guest-kernel", "6.1", str(tmp_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -181,12 +209,136 @@ def test_pytest_plugin_reports_guest_results(tmp_path: Path) -> None:
     out = done.stdout
     assert done.returncode == 1, out
     assert "1 failed, 2 passed, 1 skipped" in out
-    assert "in the amd guest: a reason given inside" in out
+    assert "in the amd 6.1 guest: a reason given inside" in out
     assert "deliberately wrong" in out  # the guest's assertion text
-    assert "full amd guest output: " in out  # the log's path
+    assert "full amd 6.1 guest output: " in out  # the log's path
+    assert "[amd-6.12]" not in out  # --guest-kernel 6.1
+
+
+@needs_qemu
+def test_kernel_option_boots_the_newest_of_that_series() -> None:
+    done = harness("--kernel", "6.12", "--", "sh", "-c", 'uname -r; echo "$KVMSTATE_GUEST_KERNEL"')
+    assert done.returncode == 0, done.stderr
+    release, series = done.stdout.split()
+    assert series == "6.12"
+    assert re.fullmatch(r"6\.12\.\d+\+deb12-amd64", release), release
+    assert f"Linux {release}, running the command" in done.stderr
+
+
+@needs_qemu
+def test_pytest_plugin_runs_each_test_on_each_kernel(tmp_path: Path) -> None:
+    """One session per kernel series, each test reported per kernel."""
+    ini = "[pytest]\nmarkers =\n    svm_guest: guest\n    vmx_guest: guest\n"
+    (tmp_path / "pytest.ini").write_text(ini)
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["tests.guest.pytest_guest"]\n')
+    (tmp_path / "test_kernels.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import pytest
+
+            @pytest.mark.svm_guest
+            @pytest.mark.parametrize("n", [1])
+            def test_series(n, kvmstate_guest):
+                assert kvmstate_guest.kernel == os.environ["KVMSTATE_GUEST_KERNEL"]
+                assert os.uname().release.startswith(kvmstate_guest.kernel + ".")
+
+            @pytest.mark.svm_guest
+            def test_only_on_6_12():
+                assert os.uname().release.startswith("6.12."), "deliberately per kernel"
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KVMSTATE_GUEST"}
+    env["PYTHONPATH"] = str(REPO)
+
+    def pytest_run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return done.stdout
+
+    out = pytest_run("--co", "-q")
+    for kernel in _common.KERNEL_PACKAGES:
+        assert f"test_kernels.py::test_series[1-amd-{kernel}]" in out, out
+        assert f"test_kernels.py::test_only_on_6_12[amd-{kernel}]" in out, out
+    out = pytest_run()
+    assert "1 failed, 3 passed" in out, out
+    assert "PASSED test_kernels.py::test_only_on_6_12[amd-6.12]" in out
+    assert "FAILED test_kernels.py::test_only_on_6_12[amd-6.1]" in out
+    assert "failed in the amd 6.1 guest" in out
+    for kernel in _common.KERNEL_PACKAGES:  # one session each, named in the summary
+        assert out.count(f"kvmstate amd {kernel} guest: 2 test results") == 1, out
 
 
 # --------------------------------------------------------------------------- no boot
+
+
+def test_help_documents_the_kernel_series() -> None:
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--kernel 6.1|6.12" in done.stdout
+    assert "KVMSTATE_GUEST_KERNEL" in done.stdout
+
+
+def test_unknown_kernel_series_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--kernel", "5.10", "--", "true"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2  # argparse's usage error, before anything is prepared
+    assert "invalid choice: '5.10'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("series", "names", "newest"),
+    [
+        ("6.1", ["linux-image-6.1.0-9-amd64-unsigned", "linux-image-6.1.0-57-amd64-unsigned",
+                 "linux-image-6.1.0-57-cloud-amd64-unsigned", "linux-image-6.1.0-57-amd64"],
+         "linux-image-6.1.0-57-amd64-unsigned"),
+        ("6.12", ["linux-image-6.12.117+deb12-amd64-unsigned",
+                  "linux-image-6.12.9+deb12-amd64-unsigned",
+                  "linux-image-6.12.200+deb12-rt-amd64-unsigned",
+                  "linux-image-6.1.0-57-amd64-unsigned"],
+         "linux-image-6.12.117+deb12-amd64-unsigned"),
+    ],
+)  # fmt: skip
+def test_kernel_package_of_a_series_is_its_newest_plain_flavour(
+    series: str, names: list[str], newest: str
+) -> None:
+    pattern = _common.KERNEL_PACKAGES[series]
+    matching = [n for n in names if re.match(pattern, n)]
+    assert max(matching, key=_common._package_order) == newest
+    assert not any(re.match(pattern, n) for n in names if "cloud" in n or "-rt-" in n)
+
+
+def test_kernel_series_without_a_package_is_123_naming_the_apt_line(tmp_path: Path) -> None:
+    """apt itself, configured with no package source, knows no kernel of the series."""
+    if shutil.which("apt-cache") is None:
+        pytest.skip("apt-cache is not installed (not a Debian host)")
+    for d in ("lists/partial", "cache/archives/partial", "sources.list.d", "prefs.d"):
+        (tmp_path / "apt" / d).mkdir(parents=True)
+    (tmp_path / "apt" / "sources.list").write_text("")
+    conf = tmp_path / "apt.conf"
+    conf.write_text(
+        f'Dir::State::Lists "{tmp_path}/apt/lists";\n'
+        f'Dir::Cache "{tmp_path}/apt/cache";\n'
+        f'Dir::Etc::SourceList "{tmp_path}/apt/sources.list";\n'
+        f'Dir::Etc::SourceParts "{tmp_path}/apt/sources.list.d";\n'
+        f'Dir::Etc::PreferencesParts "{tmp_path}/apt/prefs.d";\n'
+    )
+    env = {**os.environ, "APT_CONFIG": str(conf), "KVMSTATE_GUEST_CACHE": str(tmp_path / "c")}
+    done = subprocess.run(
+        [sys.executable, str(RUN), "--kernel", "6.12", "--", "true"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    if "missing on the host" in done.stderr:
+        pytest.skip(f"guest prerequisites missing: {done.stderr.strip()}")
+    assert done.returncode == _common.EXIT_PREREQ, done.stderr
+    assert "6.12" in done.stderr
+    assert "apt-get update" in done.stderr  # the apt line to run
 
 
 def test_help_documents_exit_statuses() -> None:
@@ -219,3 +371,45 @@ def test_cpio_is_newc() -> None:
     assert len(archive) % 512 == 0
     assert b"init\0" in archive
     assert b"TRAILER!!!\0" in archive
+
+
+def _bzimage(payload: bytes) -> bytes:
+    """A bzImage as the boot protocol lays it out: one setup sector after the boot
+    sector, then the protected-mode code, the compressed kernel at payload_offset."""
+    setup_sects, offset = 1, 0x40
+    image = bytearray((setup_sects + 1) * 512 + offset)
+    image[0x1F1] = setup_sects
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, 0x20F)  # boot protocol 2.15
+    struct.pack_into("<II", image, 0x248, offset, len(payload))
+    return bytes(image) + payload + b"trailing setup data"
+
+
+ELF = b"\x7fELF" + bytes(range(256)) * 64
+
+
+@pytest.mark.parametrize("method", ["xz", "zstd"])
+def test_vmlinux_is_unpacked_from_the_bzimage_payload(tmp_path: Path, method: str) -> None:
+    """6.1's bzImage holds an xz kernel, 6.12's a zstd one followed by its 4-byte size."""
+    if method == "xz":
+        payload = lzma.compress(ELF, format=lzma.FORMAT_XZ)
+    else:
+        if shutil.which("zstd") is None:
+            pytest.skip("zstd is not installed (apt-get install -y zstd)")
+        done = subprocess.run(["zstd", "-q", "-c"], input=ELF, capture_output=True, check=True)
+        payload = done.stdout + struct.pack("<I", len(ELF))
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(_bzimage(payload))
+    assert _common._extract_vmlinux(image) == ELF
+    image.write_bytes(_bzimage(payload)[:-40])  # cut inside the payload
+    assert _common._extract_vmlinux(image) is None
+
+
+def test_per_series_expectation_needs_the_running_series() -> None:
+    """tests/support/kernels.py: an expectation is looked up by the running kernel's
+    series; a series nobody worked out is an error naming the release, not a pass."""
+    here = kernels.running()
+    assert re.match(rf"{here[0]}\.{here[1]}\D", os.uname().release + " ")
+    assert kernels.by_series({here: "expected", (0, 1): "other"}) == "expected"
+    with pytest.raises(LookupError, match=re.escape(os.uname().release)):
+        kernels.by_series({(0, 1): "other"})

@@ -12,10 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import kvmstate
 from tests.guest import _common, intel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +110,27 @@ def test_tmpdir_is_writable(probe: subprocess.CompletedProcess[str]) -> None:
     assert str(found["tmpfile"]).startswith(str(found["tmpdir"]) + "/")
 
 
+@pytest.mark.vmx_guest
+def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
+    """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
+    harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
+    more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
+    restore of a vCPU's own rate never depends on how the boot calibrated."""
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        vcpu.set_tsc_khz(vcpu.get_tsc_khz())
+
+
+@pytest.mark.vmx_guest
+def test_guest_runs_the_kernel_series_asked_for() -> None:
+    """Run once per series (in the plugin's sessions, no boot of its own): the restored
+    machine runs a kernel of the series the test id names, kvm_intel with nested VMX."""
+    series = os.environ["KVMSTATE_GUEST_KERNEL"]
+    assert series in _common.KERNEL_PACKAGES
+    assert os.uname().release.startswith(series + "."), os.uname().release
+    nested = Path("/sys/module/kvm_intel/parameters/nested").read_text().strip()
+    assert nested in ("1", "Y"), nested
+
+
 # --------------------------------------------------------------------------- on the host
 
 
@@ -170,3 +193,19 @@ def test_saved_config_is_made_restorable(tmp_path: Path) -> None:
     assert 'path="/cache/e/boot.iso"' in restored
     assert "log: /run/bochs.log" in restored
     assert "plugin_ctrl: biosdev=true, serial=true, usb_uhci=true\n" in restored
+
+
+def test_only_outdated_saved_machines_of_the_old_layout_are_pruned(tmp_path: Path) -> None:
+    """intel/snapshot-* (before one directory per kernel series) go once unused for an
+    hour; recent ones and the per-series directories stay."""
+    old, recent = tmp_path / "snapshot-0123", tmp_path / "snapshot-4567"
+    series = tmp_path / "6.12" / "snapshot-89ab"
+    for d in (old, recent, series):
+        d.mkdir(parents=True)
+        (d / "memory.ram").write_bytes(b"")
+    two_hours_ago = time.time() - 7200
+    for d in (old, series, series.parent):
+        os.utime(d, (two_hours_ago, two_hours_ago))
+    intel._prune_unversioned(tmp_path)
+    assert not old.exists()
+    assert recent.is_dir() and series.is_dir()

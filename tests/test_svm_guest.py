@@ -1,7 +1,7 @@
 """Real SVM nested state, inside the emulated AMD guest (kvm_amd nested=1).
 
 Marked ``svm_guest``: on a host with QEMU these run inside the guest
-through tests/guest/run (one boot per session); elsewhere they skip.
+through tests/guest/run (one boot per kernel series); elsewhere they skip.
 """
 
 from __future__ import annotations

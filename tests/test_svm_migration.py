@@ -8,10 +8,13 @@ every exit to the test, including right after a VMRUN whose entry is still
 pending (single-stepped). The result must be the same bit for bit, and every
 field that came back different after a restore must be one KVM is known to
 refresh (:data:`COUNTERS`, :data:`NESTED_REFRESHED`, each with its reason
-from the 6.1 sources).
+from the 6.1 sources; 6.12's say the same, except that its
+svm_copy_vmrun_state also restores DEBUGCTL and the LBR fields where the
+CPU has LBR virtualization, which the emulated CPU lacks).
 
 The tests marked ``svm_guest`` run inside tests/guest/run --cpu amd (one boot
-for all); the unmarked ones check the helpers on the host's own /dev/kvm.
+for all, per kernel series: 6.1 and 6.12); the unmarked ones check the
+helpers on the host's own /dev/kvm.
 """
 
 from __future__ import annotations

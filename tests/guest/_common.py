@@ -65,10 +65,18 @@ GUEST_PYCACHE = GUEST_SHM + "/pycache"
 FORWARDED_ENV = ("PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYENV_ROOT", "PYENV_VERSION")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-#: The Debian kernel the guests boot: the newest bookworm ABI of this flavour
-#: (``-cloud-`` lacks 9p). Its number is looked up, never pinned: the archive
-#: only keeps recent ABIs.
-KERNEL_PACKAGE_RE = r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$"
+#: The Debian kernels the guests boot, by series (``run --kernel``): the newest
+#: package of the series in this flavour (``-cloud-`` lacks 9p). bookworm names
+#: 6.1 by ABI (6.1.0-N) and its linux-6.12 (bookworm-security) by point release
+#: (6.12.N+deb12). Their numbers are looked up, never pinned: the archive only
+#: keeps recent ones.
+KERNEL_PACKAGES = {
+    "6.1": r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+    "6.12": r"^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$",
+}
+#: The series booted when none is asked for.
+DEFAULT_KERNEL = "6.1"
+KERNEL_PACKAGE_RE = KERNEL_PACKAGES[DEFAULT_KERNEL]
 
 #: Console marker; a random nonce per run keeps the command's output from faking it.
 MARKER = "KVMSTATE-GUEST"
@@ -268,12 +276,12 @@ def _apt(args: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPr
     )
 
 
-def _apt_update() -> None:
+def _apt_update(series: str) -> None:
     if os.geteuid() != 0:
         raise HarnessError(
             EXIT_PREREQ,
-            "the apt package lists know no Debian kernel package and updating them needs root"
-            "\nrun: apt-get update",
+            f"the apt package lists know no Debian kernel package of the {series} series "
+            "and updating them needs root\nrun: apt-get update",
         )
     say("updating the apt package lists (apt-get update)")
     done = _apt(["apt-get", "update"])
@@ -289,31 +297,38 @@ def _lists_stamp() -> int:
         return 0
 
 
-def _resolve_kernel_package(root: Path) -> tuple[str, str] | None:
-    """(name, version) of the newest kernel package apt knows, or None.
+def _package_order(name: str) -> tuple[int, ...]:
+    """Sort key of a kernel package name: its numbers in order (6.1.0-57 is
+    (6, 1, 0, 57), 6.12.117+deb12 is (6, 12, 117, 12)), so the newest is the largest."""
+    return tuple(int(n) for n in re.findall(r"\d+", name))
 
-    apt-cache takes ~1 s per call, so the answer is remembered until the
-    package lists change.
+
+def _resolve_kernel_package(root: Path, series: str) -> tuple[str, str] | None:
+    """(name, version) of the newest kernel package of ``series`` apt knows, or None.
+
+    apt-cache takes ~1 s per call, so the answer is remembered (per series)
+    until the package lists change.
     """
-    memo = root / "kernel-package.json"
+    pattern = KERNEL_PACKAGES[series]
+    memo = root / f"kernel-package-{series}.json"
     stamp = _lists_stamp()
     with contextlib.suppress(OSError, ValueError, KeyError):
         known = json.loads(memo.read_text())
-        if known["stamp"] == stamp and known["pattern"] == KERNEL_PACKAGE_RE:
+        if known["stamp"] == stamp and known["pattern"] == pattern:
             return str(known["name"]), str(known["version"])
-    found = _apt(["apt-cache", "search", "--names-only", KERNEL_PACKAGE_RE])
+    found = _apt(["apt-cache", "search", "--names-only", pattern])
     names = [line.split(" ", 1)[0] for line in found.stdout.splitlines() if line.strip()]
+    # --names-only also searches the names a package provides: keep real names only.
+    names = [n for n in names if re.match(pattern, n)]
     if not names:
         return None
-    name = max(names, key=lambda n: int(re.findall(r"\d+", n)[3]))  # the ABI number
+    name = max(names, key=_package_order)
     shown = _apt(["apt-cache", "show", "--no-all-versions", name])
     version = re.search(r"^Version: (\S+)$", shown.stdout, re.MULTILINE)
     if version is None:
         return None
     memo.write_text(
-        json.dumps(
-            {"stamp": stamp, "pattern": KERNEL_PACKAGE_RE, "name": name, "version": version[1]}
-        )
+        json.dumps({"stamp": stamp, "pattern": pattern, "name": name, "version": version[1]})
     )
     return name, version[1]
 
@@ -322,12 +337,12 @@ def _deb_path(root: Path, name: str, version: str) -> Path:
     return root / "debs" / f"{name}_{version.replace(':', '%3a')}_amd64.deb"
 
 
-def _download(root: Path, name: str, version: str) -> Path | None:
+def _download(root: Path, name: str, version: str, series: str) -> Path | None:
     deb = _deb_path(root, name, version)
     if deb.is_file():
         return deb
     deb.parent.mkdir(exist_ok=True)
-    say(f"downloading {name} {version} (about 70 MB, once)")
+    say(f"downloading {name} {version} (70-110 MB, once)")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         # Readable by apt's _apt sandbox user, which otherwise warns.
@@ -340,8 +355,9 @@ def _download(root: Path, name: str, version: str) -> Path | None:
         got[0].rename(deb)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Older packages of the same series only: each series keeps its newest.
     for old in deb.parent.glob("*.deb"):
-        if old != deb:
+        if old != deb and re.match(KERNEL_PACKAGES[series], old.name.split("_", 1)[0]):
             old.unlink(missing_ok=True)
     return deb
 
@@ -372,32 +388,40 @@ def _module_order(tree: Path, release: str, modules: Sequence[str], modprobe: st
     return order
 
 
-def prepare_kernel(modules: Sequence[str], params: Mapping[str, str]) -> Kernel:
-    """Download and unpack (once) the newest kernel matching :data:`KERNEL_PACKAGE_RE`,
-    keeping its image and the given modules with their dependencies.
+def prepare_kernel(
+    modules: Sequence[str], params: Mapping[str, str], series: str = DEFAULT_KERNEL
+) -> Kernel:
+    """Download and unpack (once) the newest kernel of ``series`` (a key of
+    :data:`KERNEL_PACKAGES`), keeping its image and the given modules with
+    their dependencies.
 
     ``modules`` are modprobe names (``kvm-amd``, ``9p``); ``params`` maps a
     module's name (``kvm_amd``) to its insmod parameters (``nested=1``).
     The package is fetched with ``apt-get download`` (``apt-get update`` is run
     only when apt knows no such package or the download fails), unpacked with
     ``dpkg-deb -x`` and indexed with ``depmod -b``. Without network an
-    already unpacked kernel is used. Raises 123 if no kernel can be had.
+    already unpacked kernel of the series is used. Raises 123 if no kernel
+    of the series can be had, naming the apt line to try.
     """
+    if series not in KERNEL_PACKAGES:
+        known = ", ".join(KERNEL_PACKAGES)
+        raise HarnessError(EXIT_BOOT, f"no kernel series {series!r} (known: {known})")
     tools = require_tools(
         {"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "depmod": "kmod",
          "modprobe": "kmod"}
     )  # fmt: skip
-    # The family (same modules, any kernel or format) is what pruning replaces.
-    wanted = json.dumps([sorted(modules), params], sort_keys=True).encode()
+    # The family (same series and modules, any package or format) is what pruning
+    # replaces: a new 6.12 never removes the 6.1 kernel.
+    wanted = json.dumps([series, sorted(modules), params], sort_keys=True).encode()
     family = f"kernel-{hashlib.sha256(wanted).hexdigest()[:12]}-"
     suffix = f"-f{CACHE_FORMAT}"
     with cache_lock() as root:
         for attempt in range(2):
-            resolved = _resolve_kernel_package(root)
+            resolved = _resolve_kernel_package(root, series)
             if resolved is not None:
                 name, version = resolved
                 entry = root / f"{family}{name}_{version.replace(':', '%3a')}{suffix}"
-                deb = None if entry.is_dir() else _download(root, name, version)
+                deb = None if entry.is_dir() else _download(root, name, version, series)
                 if deb is not None or entry.is_dir():
                     entry = cached_build(
                         root,
@@ -411,12 +435,13 @@ def prepare_kernel(modules: Sequence[str], params: Mapping[str, str]) -> Kernel:
                 debug(f"apt cannot give the kernel package; using {unpacked[-1]}")
                 return _load_kernel(unpacked[-1])
             if attempt == 0:
-                _apt_update()
+                _apt_update(series)
+    pattern = KERNEL_PACKAGES[series]
     raise HarnessError(
         EXIT_PREREQ,
-        "cannot download a Debian kernel package matching "
-        f"{KERNEL_PACKAGE_RE} (needs a bookworm apt source and network)"
-        "\ntry: apt-get update && apt-cache search linux-image-6.1.0",
+        f"cannot download a Debian kernel package of the {series} series matching "
+        f"{pattern} (needs a bookworm apt source, with bookworm-security for 6.12, "
+        f"and network)\ntry: apt-get update && apt-cache search --names-only '{pattern}'",
     )
 
 
@@ -468,14 +493,28 @@ def _unpack_kernel_tree(
     (out / "modules" / "order").write_text("".join(line + "\n" for line in lines))
     shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
     config = (tree / "boot" / f"config-{release}").read_text()
-    vmlinux = _extract_vmlinux(out / "vmlinuz")
-    if vmlinux is not None and "\nCONFIG_PVH=y\n" in config:
-        (out / "vmlinux").write_bytes(vmlinux)
+    if "\nCONFIG_PVH=y\n" in config:
+        (out / "pvh").touch()  # a vmlinux of it can boot directly: see _add_vmlinux
+        _add_vmlinux(out)
     (out / "release").write_text(release + "\n")
     shutil.rmtree(tree)
 
 
+def _add_vmlinux(entry: Path) -> None:
+    """Keep the decompressed kernel of a PVH-capable entry that lacks it: one unpacked
+    while a tool was missing (zstd) gets it once the tool is there."""
+    target = entry / "vmlinux"
+    if target.is_file() or not (entry / "pvh").is_file():
+        return
+    vmlinux = _extract_vmlinux(entry / "vmlinuz")
+    if vmlinux is not None:
+        tmp = entry / "vmlinux.tmp"
+        tmp.write_bytes(vmlinux)
+        tmp.replace(target)
+
+
 def _load_kernel(entry: Path) -> Kernel:
+    _add_vmlinux(entry)
     order = []
     for line in (entry / "modules" / "order").read_text().splitlines():
         ko, _, args = line.partition(" ")
@@ -489,16 +528,39 @@ def _load_kernel(entry: Path) -> Kernel:
     )
 
 
+def _bzimage_payload(data: bytes) -> bytes | None:
+    """The compressed kernel of a bzImage, per its setup header (boot protocol 2.08+:
+    ``payload_offset`` at 0x248 and ``payload_length`` at 0x24c, from the start of
+    the protected-mode code, which follows ``setup_sects`` + 1 sectors)."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None
+    (protocol,) = struct.unpack_from("<H", data, 0x206)
+    if protocol < 0x208:
+        return None
+    setup_sects = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    return data[start : start + length] if start + length <= len(data) else None
+
+
 def _extract_vmlinux(bzimage: Path) -> bytes | None:
-    """The ELF kernel inside an xz-compressed bzImage, or None."""
-    data = bzimage.read_bytes()
-    at = data.find(b"\xfd7zXZ\x00")
-    if at < 0:
+    """The ELF kernel inside an xz (6.1) or zstd (6.12) compressed bzImage, or None
+    (zstd needs the zstd tool: Python 3.11 has no zstd module)."""
+    payload = _bzimage_payload(bzimage.read_bytes())
+    if payload is None:
         return None
-    try:
-        elf = lzma.LZMADecompressor().decompress(data[at:])
-    except lzma.LZMAError:
-        return None
+    elf = b""
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        with contextlib.suppress(lzma.LZMAError):
+            elf = lzma.LZMADecompressor().decompress(payload)
+    elif payload.startswith(b"\x28\xb5\x2f\xfd"):
+        zstd = find_tool("zstd")
+        if zstd is None:
+            debug("no zstd tool (package zstd): the guest boots the compressed kernel")
+            return None
+        # The build appends the decompressed size (4 bytes) after the zstd frame.
+        done = subprocess.run([zstd, "-dcq"], input=payload[:-4], capture_output=True, check=False)
+        elf = done.stdout if done.returncode == 0 else b""
     return elf if elf[:4] == b"\x7fELF" else None
 
 
@@ -583,6 +645,15 @@ NONCE=none
 . /kvmstate/run.sh
 say() {{ echo "{MARKER} $NONCE $*"; }}
 fail() {{ say fail "$*"; poweroff -f; sleep 60; }}
+# Without constant_tsc (the emulated CPUs have none) KVM keeps the TSC rate of the
+# moment it loads as every vCPU's default (max_tsc_khz). The kernel refines its
+# early TSC calibration about a second after boot, then drops "tsc-early": load
+# KVM after that, or vCPUs may get a rate the host no longer has ("user requested
+# TSC rate below hardware speed"), and TSC restores then behave by boot.
+n=0
+while grep -q tsc-early /sys/devices/system/clocksource/clocksource0/available_clocksource; do
+    n=$((n + 1)); [ $n -gt 100 ] && break; sleep 0.1
+done
 while read -r ko args; do
     insmod "/modules/$ko" $args || fail "insmod $ko $args failed"
 done < /modules/order
@@ -628,8 +699,9 @@ def init_script(mount_root: str, extra_mounts: str = "") -> str:
     return "\n".join(part.strip("\n") for part in parts if part) + "\n"
 
 
-def guest_env(kind: str) -> dict[str, str]:
-    """The command's environment inside the guest.
+def guest_env(kind: str, series: str = DEFAULT_KERNEL) -> dict[str, str]:
+    """The command's environment inside the guest: ``KVMSTATE_GUEST`` (``kind``)
+    and ``KVMSTATE_GUEST_KERNEL`` (``series``) say where it runs.
 
     Everything that would write into the (read-only) host tree is pointed at
     the guest's tmpfs: TMPDIR, HOME, caches, pytest's cache, hypothesis's
@@ -640,6 +712,7 @@ def guest_env(kind: str) -> dict[str, str]:
     env.setdefault("PATH", DEFAULT_PATH)
     env.update(
         KVMSTATE_GUEST=kind,
+        KVMSTATE_GUEST_KERNEL=series,
         TMPDIR=GUEST_TMP,
         HOME=GUEST_HOME,
         XDG_CACHE_HOME=GUEST_HOME + "/.cache",

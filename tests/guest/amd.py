@@ -42,10 +42,11 @@ KERNEL_ARGS = (
 )
 
 
-def prepare() -> tuple[Path, Path, str]:
-    """(kernel image, base initramfs, kernel release), built once into the cache."""
+def prepare(series: str = _common.DEFAULT_KERNEL) -> tuple[Path, Path, str]:
+    """(kernel image, base initramfs, kernel release) of a kernel series, built
+    once into the cache."""
     _, busybox = _common.require_host(TOOLS)
-    kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS)
+    kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS, series)
     init = _common.init_script(MOUNT_ROOT, EXTRA_MOUNTS)
     key = _common.cache_key(str(kernel.vmlinuz.parent), _common.file_digest(busybox), init)
 
@@ -78,16 +79,16 @@ def qemu_argv(kernel: Path, initrd: Path, pycache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def main(command: list[str], timeout: float, cwd: str) -> int:
-    """Run ``command`` in ``cwd`` inside the AMD guest; return its exit status
-    or one of the harness's own (123, 124, 125)."""
+def main(command: list[str], timeout: float, cwd: str, series: str = _common.DEFAULT_KERNEL) -> int:
+    """Run ``command`` in ``cwd`` inside the AMD guest booting the newest kernel
+    of ``series``; return its exit status or one of the harness's own (123, 124, 125)."""
     try:
-        kernel, base, release = prepare()
+        kernel, base, release = prepare(series)
         pycache = _common.cache_dir() / "pycache"
         pycache.mkdir(exist_ok=True)
         _common.debug(f"kernel {release}, initramfs {base}")
         nonce = _common.new_nonce()
-        run = _common.run_initramfs(nonce, command, cwd, _common.guest_env(KIND))
+        run = _common.run_initramfs(nonce, command, cwd, _common.guest_env(KIND, series))
         with tempfile.TemporaryDirectory(prefix="kvmstate-guest-") as tmp:
             initrd = Path(tmp) / "initrd.cpio"
             initrd.write_bytes(base.read_bytes() + run)

@@ -366,7 +366,7 @@ def add_libraries(tree: Tree, memo: Path) -> None:
                 tree.add(lib)
             return
     libs = sorted(_libraries([p for p in sorted(tree.files) if _elf(p)]))
-    tmp = memo.with_suffix(".tmp")
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")  # runs for two series may overlap
     tmp.write_text(json.dumps({"key": key, "libs": libs}))
     tmp.replace(memo)
     for lib in libs:
@@ -729,17 +729,24 @@ def _make_iso(work: Path, kernel: _common.Kernel, initrd: bytes) -> None:
     shutil.rmtree(iso)
 
 
-def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
-    """The cache entry holding boot.iso and the saved machine (state/), built
-    (booted and saved, a few minutes) if its inputs changed."""
-    kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS)
-    root = _common.cache_dir() / KIND
-    root.mkdir(exist_ok=True)
+def snapshot(
+    bochs: str, busybox: Path, stable: Tree, deadline: float, series: str = _common.DEFAULT_KERNEL
+) -> Path:
+    """The cache entry holding boot.iso and the saved machine (state/) of a
+    kernel series, built (booted and saved, a few minutes) if its inputs changed.
+
+    Each series has its own directory and lock (``intel/<series>/``), so that
+    building one series' machine neither waits for nor prunes the other's.
+    """
+    kernel = _common.prepare_kernel(MODULES, MODULE_PARAMS, series)
+    top = _common.cache_dir() / KIND
+    root = top / series
+    root.mkdir(parents=True, exist_ok=True)
     init = _common.init_script(MOUNT_ROOT)
     with _lock(root / ".lock"):
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        add_libraries(stable, root / "libraries.json")
+        add_libraries(stable, top / "libraries.json")
         key = _common.cache_key(
             SNAPSHOT_FORMAT, str(kernel.vmlinuz.parent), _common.file_digest(busybox), init,
             BOCHSRC, KERNEL_ARGS, DISK_BYTES, stable.manifest(), sorted(stable.links.items()),
@@ -747,8 +754,8 @@ def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
         )  # fmt: skip
 
         def build(work: Path) -> None:
-            _common.say("building the Intel guest's saved machine (once per kernel/Python; "
-                        "boots Bochs for 2-4 minutes)")  # fmt: skip
+            _common.say(f"building the Intel guest's saved machine for {kernel.release} "
+                        "(once per kernel/Python; boots Bochs for 2-4 minutes)")  # fmt: skip
             started = time.monotonic()
             add_pytest_bytecode(stable, work)
             stable.extra[GUEST_TOOLS + "/busybox"] = str(busybox)
@@ -773,17 +780,29 @@ def snapshot(bochs: str, busybox: Path, stable: Tree, deadline: float) -> Path:
                 (work / name).unlink(missing_ok=True)
             (work / "serial.log").rename(work / "boot-console.log")
             _common.say(f"saved the Intel guest after {time.monotonic() - started:.0f} s")
+            _prune_unversioned(top)
 
         return _common.cached_build(root, f"snapshot-{key}", build, family="snapshot-")
+
+
+def _prune_unversioned(top: Path) -> None:
+    """Remove saved machines of the layout before kernel series (``intel/snapshot-*``,
+    ~400 MB each) unused for an hour, as the family pruning would have."""
+    for old in top.glob("snapshot-*"):
+        if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+            _common.debug(f"removing the outdated {old}")
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- running
 
 
-def payload(nonce: str, command: list[str], cwd: str, volatile: Tree) -> bytes:
+def payload(
+    nonce: str, command: list[str], cwd: str, volatile: Tree, series: str = _common.DEFAULT_KERNEL
+) -> bytes:
     """The transfer disk's content: a header, then (at 1 MiB) a cpio of the
     checkout, the locally installed distributions and ``/kvmstate/run.sh``."""
-    env = _common.guest_env(KIND)
+    env = _common.guest_env(KIND, series)
     # A pycache prefix would hide the shipped __pycache__ of the standard
     # library: compiling it again under emulation costs many seconds a run.
     env.pop("PYTHONPYCACHEPREFIX", None)
@@ -838,9 +857,9 @@ def restore_and_run(
     )
 
 
-def main(command: list[str], timeout: float, cwd: str) -> int:
-    """Run ``command`` in ``cwd`` inside the Intel guest; return its exit status
-    or one of the harness's own (123, 124, 125)."""
+def main(command: list[str], timeout: float, cwd: str, series: str = _common.DEFAULT_KERNEL) -> int:
+    """Run ``command`` in ``cwd`` inside the Intel guest booting the newest kernel
+    of ``series``; return its exit status or one of the harness's own (123, 124, 125)."""
     started = time.monotonic()
     deadline = started + timeout
     try:
@@ -848,9 +867,9 @@ def main(command: list[str], timeout: float, cwd: str) -> int:
         stable, volatile, missing = python_trees()
         if missing:
             _common.debug("not installed, so not in the guest: " + ", ".join(sorted(missing)))
-        entry = snapshot(bochs, busybox, stable, deadline)
+        entry = snapshot(bochs, busybox, stable, deadline, series)
         nonce = _common.new_nonce()
-        data = payload(nonce, command, cwd, volatile)
+        data = payload(nonce, command, cwd, volatile, series)
         _common.debug(f"prepared in {time.monotonic() - started:.2f} s: {entry}, "
                       f"payload {len(data) >> 10} KiB")  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="kvmstate-guest-intel-") as tmp:

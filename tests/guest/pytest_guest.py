@@ -1,15 +1,21 @@
 """pytest plugin: tests marked ``svm_guest`` / ``vmx_guest`` run inside the emulated
-AMD / Intel guest (``tests/guest/run``), whose KVM has nested virtualization.
+AMD / Intel guest (``tests/guest/run``), whose KVM has nested virtualization,
+once per guest kernel series.
 
-On the host, the first marked test of a kind boots that guest once for the
-whole session and runs there, in one pytest process, every selected test of
-that kind; each host item then reports its guest result (the test body never
+Each marked test is parametrized by target, a (vendor, kernel series) pair:
+``test_x[amd-6.1]``, ``test_x[amd-6.12]``, ``test_x[case-intel-6.12]``. On
+the host, the first test of a target boots that guest once for the whole
+session and runs there, in one pytest process, every selected test of that
+target; each host item then reports its guest result (the test body never
 runs on the host, its fixtures are not set up there). Inside a guest
-(``KVMSTATE_GUEST`` set), only the tests marked for it run, and each result is
-printed as one ``KVMSTATE-RESULT <json>`` line for the host to read.
+(``KVMSTATE_GUEST`` and ``KVMSTATE_GUEST_KERNEL`` set), the marked tests get
+only that guest's target, so node ids are the host's; the others are
+deselected, and each result is printed as one ``KVMSTATE-RESULT <json>``
+line for the host to read.
 
-A missing emulator (or harness status 123) skips the marked tests; a guest
-that times out, cannot boot or gives no result for a test fails them.
+A missing emulator (or harness status 123, e.g. no kernel package of a
+series) skips that target's tests; a guest that times out, cannot boot or
+gives no result for a test fails them.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from shutil import which
 from typing import IO, Any
 
 import pytest
+
+from . import _common
 
 RUN = Path(__file__).with_name("run")
 RESULT = "KVMSTATE-RESULT "
@@ -35,6 +44,10 @@ RESULT = "KVMSTATE-RESULT "
 DEFAULT_TIMEOUT = 3600.0
 # The harness's own exit statuses (see tests/guest/run --help).
 EXIT_PREREQ, EXIT_TIMEOUT, EXIT_BOOT = 123, 124, 125
+#: The kernel series every marked test runs on (tests/guest/run --kernel).
+KERNELS = tuple(_common.KERNEL_PACKAGES)
+#: The pseudo-fixture a marked test is parametrized by (its value: a :class:`Target`).
+PARAM = "kvmstate_guest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +64,32 @@ GUESTS = (
 )
 
 
-def guests_of(item: pytest.Item) -> tuple[Guest, ...]:
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a marked test runs: a guest and its kernel series (``run --kernel``)."""
+
+    guest: Guest
+    kernel: str
+
+    @property
+    def id(self) -> str:
+        """The test id part, e.g. ``amd-6.12``."""
+        return f"{self.guest.kind}-{self.kernel}"
+
+    @property
+    def name(self) -> str:
+        """For messages, e.g. ``amd 6.12 guest``."""
+        return f"{self.guest.kind} {self.kernel} guest"
+
+
+def guests_of(item: pytest.Item | pytest.Function | Any) -> tuple[Guest, ...]:
     return tuple(g for g in GUESTS if item.get_closest_marker(g.marker) is not None)
+
+
+def target_of(item: pytest.Item) -> Target | None:
+    callspec = getattr(item, "callspec", None)
+    target = callspec.params.get(PARAM) if callspec is not None else None
+    return target if isinstance(target, Target) else None
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,6 +100,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help=f"seconds for one guest session (boot and all its tests; default {DEFAULT_TIMEOUT:g})",
+    )
+    group.addoption(
+        "--guest-kernel",
+        action="append",
+        choices=KERNELS,
+        metavar="SERIES",
+        help=f"run the guest tests on this kernel series only (repeatable; default: all of "
+        f"{', '.join(KERNELS)})",
     )
     group.addoption(
         "--kvmstate-guest-report",
@@ -80,6 +125,29 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SESSION] = HostSession(config)
 
 
+@pytest.fixture(autouse=True)
+def kvmstate_guest(request: pytest.FixtureRequest) -> Target | None:
+    """The :class:`Target` a marked test runs on (None for other tests)."""
+    target = getattr(request, "param", None)
+    return target if isinstance(target, Target) else None
+
+
+@pytest.hookimpl(trylast=True)  # after @parametrize: the target is the id's last part
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    guests = guests_of(metafunc.definition)
+    if not guests or PARAM not in metafunc.fixturenames:
+        return
+    inside = os.environ.get("KVMSTATE_GUEST")
+    if inside:
+        kernel = os.environ.get("KVMSTATE_GUEST_KERNEL") or _common.DEFAULT_KERNEL
+        targets = [Target(g, kernel) for g in guests if g.kind == inside]
+    else:
+        kernels = metafunc.config.getoption("guest_kernel") or KERNELS
+        targets = [Target(g, k) for g in guests for k in dict.fromkeys(kernels)]
+    if targets:
+        metafunc.parametrize(PARAM, targets, ids=[t.id for t in targets])
+
+
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only selected tests go in
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
@@ -93,10 +161,10 @@ def pytest_collection_modifyitems(
             items[:] = keep
         return
     for i, item in enumerate(items):
-        guests = guests_of(item)
-        if guests and item.parent is not None:
+        target = target_of(item)
+        if target is not None and item.parent is not None:
             items[i] = GuestItem.from_parent(
-                item.parent, name=item.name, origin=item, guests=guests
+                item.parent, name=item.name, origin=item, target=target
             )
 
 
@@ -143,11 +211,12 @@ class GuestReporter:
 class GuestRun:
     """What one guest session gave: a status, results by node id, its log."""
 
-    guest: Guest
+    target: Target
     status: int
     results: dict[str, dict[str, Any]]
     log: Path | None
     message: str  #: the harness's own explanation (its kvmstate-guest: lines)
+    seconds: float = 0.0  #: the session's wall time, boot included
 
     def failed(self) -> bool:
         return self.status != 0
@@ -158,22 +227,23 @@ class GuestFailure(Exception):
 
 
 class HostSession:
-    """Boots each guest kind at most once per pytest session, on first need."""
+    """Boots each target (guest and kernel) at most once per pytest session, on first need."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.runs: dict[str, GuestRun] = {}
+        self.runs: dict[Target, GuestRun] = {}
 
-    def run(self, guest: Guest, items: list[pytest.Item]) -> GuestRun:
-        if guest.kind not in self.runs:
-            nodeids = [i.nodeid for i in items if isinstance(i, GuestItem) and guest in i.guests]
-            self.runs[guest.kind] = self._boot(guest, nodeids)
-        return self.runs[guest.kind]
+    def run(self, target: Target, items: list[pytest.Item]) -> GuestRun:
+        if target not in self.runs:
+            nodeids = [i.nodeid for i in items if isinstance(i, GuestItem) and i.target == target]
+            self.runs[target] = self._boot(target, nodeids)
+        return self.runs[target]
 
-    def _boot(self, guest: Guest, nodeids: list[str]) -> GuestRun:
+    def _boot(self, target: Target, nodeids: list[str]) -> GuestRun:
+        guest = target.guest
         if which(guest.emulator) is None:
             return GuestRun(
-                guest, EXIT_PREREQ, {}, None,
+                target, EXIT_PREREQ, {}, None,
                 f"{guest.emulator} is not installed (apt-get install -y {guest.package})",
             )  # fmt: skip
         config = self.config
@@ -182,9 +252,10 @@ class HostSession:
         if config.inipath is not None:
             command += ["-c", str(config.inipath)]
         command += ["--color=no", *nodeids]
-        argv = [sys.executable, str(RUN), "--cpu", guest.kind]
+        argv = [sys.executable, str(RUN), "--cpu", guest.kind, "--kernel", target.kernel]
         argv += ["--timeout", str(config.getoption("guest_timeout")), "--", *command]
-        fd, name = tempfile.mkstemp(prefix=f"kvmstate-guest-{guest.kind}-", suffix=".log")
+        fd, name = tempfile.mkstemp(prefix=f"kvmstate-guest-{target.id}-", suffix=".log")
+        started = time.monotonic()
         with os.fdopen(fd, "w") as log:
             log.write(f"$ cd {config.rootpath} && {subprocess.list2cmdline(argv)}\n")
             log.flush()
@@ -192,6 +263,7 @@ class HostSession:
             status = subprocess.run(
                 argv, cwd=config.rootpath, stdout=log, stderr=subprocess.STDOUT, check=False
             ).returncode
+        seconds = time.monotonic() - started
         results: dict[str, dict[str, Any]] = {}
         harness: list[str] = []
         for line in Path(name).read_text(errors="replace").splitlines():
@@ -202,31 +274,32 @@ class HostSession:
                     results[result["nodeid"]] = result
             elif line.startswith("kvmstate-guest: "):
                 harness.append(line)
-        return GuestRun(guest, status, results, Path(name), "\n".join(harness))
+        return GuestRun(target, status, results, Path(name), "\n".join(harness), seconds)
 
-    def outcome(self, item: GuestItem, guest: Guest) -> None:
-        """Report ``item``'s result in ``guest`` as this host test's outcome."""
-        run = self.run(guest, item.session.items)
-        where = f"(full {guest.kind} guest output: {run.log})"
+    def outcome(self, item: GuestItem) -> None:
+        """Report ``item``'s result in its target guest as this host test's outcome."""
+        target = item.target
+        run = self.run(target, item.session.items)
+        where = f"(full {target.name} output: {run.log})"
         if run.status == EXIT_PREREQ:
-            pytest.skip(f"{guest.kind} guest unavailable: {run.message}")
+            pytest.skip(f"{target.name} unavailable: {run.message}")
         if run.status in (EXIT_TIMEOUT, EXIT_BOOT):
             raise GuestFailure(
-                f"{guest.kind} guest failed (status {run.status}):\n{run.message}\n{where}"
+                f"{target.name} failed (status {run.status}):\n{run.message}\n{where}"
             )
         result = run.results.get(item.nodeid)
         if result is None:
             raise GuestFailure(
-                f"no result from the {guest.kind} guest for this test "
+                f"no result from the {target.name} for this test "
                 f"(guest pytest exit status {run.status})\n{_tail(run.log)}\n{where}"
             )
         if result["outcome"] == "failed":
-            raise GuestFailure(f"failed in the {guest.kind} guest:\n{result['longrepr']}\n{where}")
+            raise GuestFailure(f"failed in the {target.name}:\n{result['longrepr']}\n{where}")
         if result["outcome"] == "skipped":
             if "wasxfail" in result:
-                pytest.xfail(f"in the {guest.kind} guest: {result['wasxfail']}")
+                pytest.xfail(f"in the {target.name}: {result['wasxfail']}")
             raise pytest.skip.Exception(
-                f"in the {guest.kind} guest: {result.get('reason', '')}", _use_item_location=True
+                f"in the {target.name}: {result.get('reason', '')}", _use_item_location=True
             )
 
 
@@ -237,16 +310,15 @@ class GuestItem(pytest.Item):
     """Stands on the host for a test that runs in a guest: same node id and
     location, no fixtures, and an outcome read from the guest's result."""
 
-    def __init__(self, *, origin: pytest.Item, guests: tuple[Guest, ...], **kwargs: Any) -> None:
+    def __init__(self, *, origin: pytest.Item, target: Target, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.origin = origin
-        self.guests = guests
+        self.target = target
         self.own_markers = list(origin.own_markers)
         self.keywords.update(origin.keywords)
 
     def runtest(self) -> None:
-        for guest in self.guests:
-            self.config.stash[SESSION].outcome(self, guest)
+        self.config.stash[SESSION].outcome(self)
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.origin.reportinfo()
@@ -263,8 +335,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for run in config.stash[SESSION].runs.values():
         if run.log is None:
             continue
-        title = f"kvmstate {run.guest.kind} guest: {len(run.results)} test results"
-        title += f", status {run.status}, log {run.log}"
+        title = f"kvmstate {run.target.name}: {len(run.results)} test results"
+        title += f", status {run.status}, {run.seconds:.0f} s, log {run.log}"
         if run.failed():
             terminalreporter.section(title, sep="-")
             terminalreporter.write(run.log.read_text(errors="replace"))
