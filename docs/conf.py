@@ -56,12 +56,22 @@ autodoc_type_aliases: dict[str, str] = {}
 
 html_theme = "alabaster"
 html_title = f"kvmstate {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["kvmstate.css"]  # the layout at 1280 px and on a phone: see the file
+templates_path = ["_templates"]
 html_theme_options = {
     "description": "KVM vCPU and nested virtualization state from Python",
     "fixed_sidebar": True,
+    # Alabaster switches to its one-column layout below page_width; kvmstate.css
+    # repeats this number in its media query.
     "page_width": "1240px",
     "sidebar_width": "220px",
+    # basic.css caps the text column at 800 px, which cut long code lines at 1280 px.
+    "body_max_width": "none",
+    "body_min_width": "0",
+}
+html_sidebars = {
+    "**": ["about.html", "searchfield.html", "kvmstate-navigation.html", "relations.html"]
 }
 
 # The engineers' test guide, when it is in the tree, joins the table of contents.
