@@ -266,6 +266,43 @@ def test_layout_picture_is_the_mirrors() -> None:
     assert ">vmcb_pa<" in grid and "vmxon_pa" not in grid
 
 
+def test_grid_draws_padding_fields_as_fields_and_scales() -> None:
+    """Grey is for bytes of no field only: the VMX header's ``pad`` is a dashed box
+    with its name, and the grey starts after the VMX header; pictures have a viewBox."""
+    import ctypes
+    import xml.etree.ElementTree as ET
+
+    from kvmstate import uapi
+
+    abi = _abi()
+    ns = "{http://www.w3.org/2000/svg}"
+    cls = uapi.kvm_nested_state_header
+    svg = abi.grid_svg(cls, {"hdr": "hdr.vmx"}, "vmx")
+    root = ET.fromstring(svg)
+    pad = cls.hdr.offset + uapi.kvm_vmx_nested_state_hdr.pad.offset
+    box = None
+    pad_box = None
+    for element in root:
+        if element.tag == ns + "rect":
+            box = element
+        title = element.find(ns + "title")
+        if title is not None and title.text == f"hdr.vmx.pad: u16 at {pad:#x}":
+            pad_box = box
+    assert pad_box is not None, "no box for hdr.vmx.pad"
+    assert pad_box.get("stroke-dasharray") and pad_box.get("fill") != abi._GREY
+    # Rows are labelled with their first offset; the first grey row is the one after
+    # the VMX header, and the grey is labelled with the union it belongs to.
+    labels = {e.text: float(e.get("y", 0)) for e in root.iter(ns + "text")}
+    vmx_end = cls.hdr.offset + ctypes.sizeof(uapi.kvm_vmx_nested_state_hdr)
+    grey = min(float(r.get("y", 0)) for r in root.iter(ns + "rect") if r.get("fill") == abi._GREY)
+    row = vmx_end // 8 * 8
+    assert labels[f"{row - 8:#06x}"] < grey < labels[f"{row:#06x}"]
+    assert sum(1 for text in labels if text and text.startswith("rest of hdr (120-byte")) == 1
+    for picture in (svg, abi.layout_svg()):
+        top = ET.fromstring(picture)
+        assert top.get("viewBox") == f"0 0 {top.get('width')} {top.get('height')}"
+
+
 # --- the build --------------------------------------------------------------------------
 
 

@@ -207,8 +207,12 @@ def _size_text(row: Row) -> str:
 
 
 def table_cells(selected: list[Row], base: int | None) -> tuple[list[str], list[list[nodes.Node]]]:
-    """Header and cells of an ``abi-table`` (offsets in hex, sizes in bytes)."""
-    header = ["Offset", "Size", "Type", "Field", "Notes"]
+    """Header and cells of an ``abi-table`` (offsets in hex, sizes in bytes).
+
+    The field's name comes right after its offsets, so that a narrow window
+    shows it before the table has to scroll.
+    """
+    header = ["Offset", "Field", "Size", "Type", "Notes"]
     if base is not None:
         header.insert(1, "In blob")
     body = []
@@ -217,9 +221,9 @@ def table_cells(selected: list[Row], base: int | None) -> tuple[list[str], list[
         name = row.path.rsplit(".", 1)[-1]
         cells: list[nodes.Node] = [
             nodes.literal("", f"{row.offset:#05x}"),
+            nodes.inline("", "", nodes.Text(indent), nodes.literal("", name)),
             nodes.Text(_size_text(row)),
             nodes.Text(row.ctype),
-            nodes.inline("", "", nodes.Text(indent), nodes.literal("", name)),
             nodes.Text(row.note),
         ]
         if base is not None:
@@ -248,7 +252,7 @@ class AbiTable(SphinxDirective):
                 raise self.error(f"{cls.__name__} has no field {only!r}")
         base = self.options.get("base")
         header, body = table_cells(selected, base)
-        widths = [8, 6, 14, 26, 30] if base is None else [8, 8, 6, 14, 26, 30]
+        widths = [8, 26, 6, 14, 30] if base is None else [8, 8, 26, 6, 14, 30]
         table = _table(header, body, widths)
         caption = nodes.paragraph(
             "",
@@ -268,8 +272,8 @@ _FONT = "font-family:monospace;font-size:11px"
 
 
 def _leaves(cls: type, view: dict[str, str]) -> list[Row]:
-    """Leaf fields to draw: reserved ones left out, each union reduced to the member
-    ``view`` picks (``{"hdr": "hdr.vmx"}``), or to none."""
+    """Leaf fields to draw, reserved and padding ones included (``Row.hidden``), each
+    union reduced to the member ``view`` picks (``{"hdr": "hdr.vmx"}``), or to none."""
     all_rows = rows(cls)
     unions = {r.path for r in all_rows if r.container and r.ctype.startswith("union ")}
     out = []
@@ -280,7 +284,7 @@ def _leaves(cls: type, view: dict[str, str]) -> list[Row]:
             for i in range(1, len(parts))
             if ".".join(parts[:i]) in unions
         )
-        if chosen and not row.container and not row.hidden:
+        if chosen and not row.container:
             out.append(row)
     return out
 
@@ -288,15 +292,19 @@ def _leaves(cls: type, view: dict[str, str]) -> list[Row]:
 def grid_svg(cls: type, view: dict[str, str], title: str, per_row: int = 8) -> str:
     """An SVG byte grid of ``cls``: ``per_row`` bytes a line, one box per field.
 
-    Bytes no shown field covers (padding, the unused rest of a union) are grey.
+    Reserved and padding fields (hidden in reprs) are dashed boxes with their
+    name; only bytes that no field of the view covers (the rest of a union
+    whose other member is drawn) are grey, labelled with the union.
     """
     size = ctypes.sizeof(cls)
     cell, height, left, top = 64, 22, 56, 34
     lines = (size + per_row - 1) // per_row
     width = left + per_row * cell + 2
+    total_height = top + lines * height + 4
+    # A viewBox lets the page's CSS scale the picture down with a narrow column.
     svg = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{top + lines * height + 4}" role="img" aria-label="{html.escape(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_height}" '
+        f'viewBox="0 0 {width} {total_height}" role="img" aria-label="{html.escape(title)}">',
         f'<text x="0" y="14" style="{_FONT};font-weight:bold">{html.escape(title)}</text>',
     ]
     for b in range(per_row):
@@ -307,8 +315,10 @@ def grid_svg(cls: type, view: dict[str, str], title: str, per_row: int = 8) -> s
         svg.append(f'<text x="0" y="{y}" style="{_FONT}">{line * per_row:#06x}</text>')
     covered = [False] * size
     members = tuple(m + "." for m in view.values())
-    for i, row in enumerate(_leaves(cls, view)):
-        colour = _COLOURS[i % len(_COLOURS)]
+    shown_fields = [r for r in _leaves(cls, view) if not r.hidden]
+    for row in _leaves(cls, view):
+        colour = "#ffffff" if row.hidden else _COLOURS[shown_fields.index(row) % len(_COLOURS)]
+        dash = ' stroke-dasharray="4 3"' if row.hidden else ""
         label = row.path
         for member in members:
             label = label.removeprefix(member)
@@ -323,18 +333,21 @@ def grid_svg(cls: type, view: dict[str, str], title: str, per_row: int = 8) -> s
             x, y = left + col * cell, top + line * height
             svg.append(
                 f'<rect x="{x}" y="{y}" width="{run * cell}" height="{height}" '
-                f'fill="{colour}" stroke="#555"/>'
+                f'fill="{colour}" stroke="#555"{dash}/>'
             )
             if first or run * cell >= 120:
                 text = label if first else f"({label})"
                 shown = text if len(text) * 7 <= run * cell - 4 else text[: max(1, run * 9 - 2)]
+                style = _FONT + (";fill:#555;font-style:italic" if row.hidden else "")
                 svg.append(
                     f'<text x="{x + run * cell / 2}" y="{y + 15}" text-anchor="middle" '
-                    f'style="{_FONT}"><title>{html.escape(row.path)}: {row.ctype} at '
+                    f'style="{style}"><title>{html.escape(row.path)}: {row.ctype} at '
                     f"{row.offset:#x}</title>{html.escape(shown)}</text>"
                 )
             first = False
             pos += run
+    unions = [r for r in rows(cls) if r.container and r.ctype.startswith("union ")]
+    labelled: set[str] = set()
     pos = 0
     while pos < size:
         if covered[pos]:
@@ -349,6 +362,14 @@ def grid_svg(cls: type, view: dict[str, str], title: str, per_row: int = 8) -> s
             f'<rect x="{x}" y="{y}" width="{run * cell}" height="{height}" '
             f'fill="{_GREY}" stroke="#bbb"/>'
         )
+        owner = next((u for u in unions if u.offset <= pos < u.offset + u.size), None)
+        if owner is not None and owner.path not in labelled and run * cell >= 240:
+            labelled.add(owner.path)
+            text = f"rest of {owner.path} ({owner.size}-byte union): no field"
+            svg.append(
+                f'<text x="{x + run * cell / 2}" y="{y + 15}" text-anchor="middle" '
+                f'style="{_FONT};fill:#666">{html.escape(text)}</text>'
+            )
         pos += run
     svg.append("</svg>")
     return "\n".join(svg)
@@ -362,6 +383,7 @@ class Segment:
     start: int
     end: int
     colour: str
+    padding: bool = False  #: a reserved or padding field: drawn dashed, like the grids'
 
 
 def layout_segments() -> dict[str, list[Segment]]:
@@ -380,11 +402,14 @@ def layout_segments() -> dict[str, list[Segment]]:
     page = data + uapi.kvm_svm_nested_state_data.vmcb12.offset
     save = page + vmcb.vmcb.save.offset
     save_end = save + ctypes.sizeof(vmcb.vmcb_save_area)
+    # The mirror's padding after the save area, to the end of the page (zero in a blob).
+    rest = vmcb.vmcb._fields_[-1][0]
+    assert page + getattr(vmcb.vmcb, rest).offset == save_end
     svm = [
         Segment("header", 0, data, _COLOURS[0]),
         Segment("vmcb12.control", page, page + vmcb.vmcb.control.size, _COLOURS[3]),
         Segment("vmcb12.save", save, save_end, _COLOURS[4]),
-        Segment("vmcb12.zero", save_end, page + ctypes.sizeof(vmcb.vmcb), _GREY),
+        Segment(f"vmcb12.{rest}", save_end, page + ctypes.sizeof(vmcb.vmcb), "#ffffff", True),
     ]
     return {"VMX (format 0)": vmx, "SVM (format 1)": svm}
 
@@ -395,9 +420,11 @@ def layout_svg() -> str:
     total = max(s[-1].end for s in layouts.values())
     left, width, minimum, bar, gap = 120, 640, 64, 30, 78
     svg_height = 24 + len(layouts) * (bar + gap)
+    svg_width = left + width + 60
     svg = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" '
-        f'height="{svg_height}" role="img" aria-label="kvm_nested_state layouts">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_width}" height="{svg_height}" '
+        f'viewBox="0 0 {svg_width} {svg_height}" role="img" '
+        'aria-label="kvm_nested_state layouts">'
     ]
     for i, (title, segments) in enumerate(layouts.items()):
         y = 24 + i * (bar + gap)
@@ -411,15 +438,17 @@ def layout_svg() -> str:
             if group:
                 span = groups.setdefault(group, [x, x])
                 span[1] = x + w
+            dash = ' stroke-dasharray="4 3"' if seg.padding else ""
             svg.append(
                 f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar}" '
-                f'fill="{seg.colour}" stroke="#555"><title>{seg.name}: {seg.start:#x}-'
+                f'fill="{seg.colour}" stroke="#555"{dash}><title>{seg.name}: {seg.start:#x}-'
                 f"{seg.end:#x} ({seg.end - seg.start} bytes)</title></rect>"
             )
             if w >= 7 * len(short) + 4:
+                style = _FONT + (";fill:#555;font-style:italic" if seg.padding else "")
                 svg.append(
                     f'<text x="{x + w / 2:.1f}" y="{y + 19}" text-anchor="middle" '
-                    f'style="{_FONT}">{html.escape(short)}</text>'
+                    f'style="{style}">{html.escape(short)}</text>'
                 )
             svg.append(
                 f'<text x="{x + 2:.1f}" y="{y + bar + 14}" style="{_FONT}">{seg.start:#x}</text>'
