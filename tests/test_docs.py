@@ -1,6 +1,17 @@
 """The documentation's examples, run as printed, and the documentation build.
 
-Every fenced block of ``docs/*.md`` that holds ``>>>`` lines is a doctest.
+Two kinds of fenced block in ``docs/*.md`` are examples:
+
+- a block holding ``>>>`` lines is a doctest;
+- a ``console`` block with a ``$ kvmstate ...`` command and output is a
+  shell session: each ``$ `` line (a ``\\`` at its end continues it on the
+  next line) runs in ``/bin/sh``, and what it writes, standard output and
+  standard error together, must be the lines under it up to the next
+  ``$ ``. ``kvmstate`` there is the package under test (this tree, run by
+  this Python), and ``$?`` is the previous command's exit status. A block
+  of commands without output, or without a ``kvmstate`` command, is an
+  instruction (installing, running the tests), not an example: not run.
+
 An HTML comment on the line before a block says what it needs::
 
     <!-- doctest: kvm -->                  /dev/kvm (any KVM, nested or not)
@@ -8,11 +19,13 @@ An HTML comment on the line before a block says what it needs::
     <!-- doctest: svm-guest -->            a KVM with nested SVM: the emulated AMD guest
     <!-- doctest: requires=IPython -->     an importable module
 
-A page's blocks run in order in one namespace, like a REPL session: on the
-host, the blocks with no need plus (where /dev/kvm opens) the ``kvm`` ones,
-``no-nested`` ones included where the KVM has no nesting; in the AMD guest,
-all of the page's blocks but the ``no-nested`` ones. So a block may use
-names from earlier blocks that run wherever it runs.
+A page's blocks run in order in one session, like a terminal beside a REPL:
+one Python namespace, and one scratch folder that is the working directory
+of both, so that a file the Python writes is there for the next command.
+On the host they are the blocks with no need plus (where /dev/kvm opens)
+the ``kvm`` ones, ``no-nested`` ones included where the KVM has no
+nesting; in the AMD guest, all of the page's blocks but the ``no-nested``
+ones. So a block may use what earlier blocks made that run wherever it runs.
 """
 
 from __future__ import annotations
@@ -22,8 +35,12 @@ import importlib.util
 import itertools
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +50,25 @@ import pytest
 import kvmstate
 from tests.kvm_fixtures import NO_KVM
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+BUILD = DOCS / "_build"
 PAGES = sorted(DOCS.glob("*.md"))
 NEEDS = frozenset({"kvm", "no-nested", "svm-guest"})
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
 OPTIONS = doctest.ELLIPSIS
+#: Seconds one shell command of an example may take (the guest's Python starts slowly).
+COMMAND_TIMEOUT = 300
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``$ `` line of a console block and the output printed under it."""
+
+    line: int  #: 1-based line of the ``$`` in the page
+    text: str  #: the command, continuation lines included
+    want: str  #: the expected output, every line ending in a newline
 
 
 @dataclass(frozen=True)
@@ -50,6 +80,36 @@ class Block:
     text: str
     needs: frozenset[str]
     modules: tuple[str, ...]
+    shell: bool = False  #: a console session rather than a doctest
+
+
+def parse_console(text: str, first_line: int) -> list[Command]:
+    """The ``$ `` commands of a console block, each with the output under it."""
+    out: list[Command] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("$ "):
+            raise ValueError(f"line {first_line + i}: output before the first command")
+        start = i
+        command = lines[i][2:]
+        while command.endswith("\\") and i + 1 < len(lines):
+            i += 1
+            command += "\n" + lines[i]
+        i += 1
+        want: list[str] = []
+        while i < len(lines) and not lines[i].startswith("$ "):
+            want.append(lines[i] + "\n")
+            i += 1
+        out.append(Command(first_line + start, command, "".join(want)))
+    return out
+
+
+def _is_kvmstate_session(info: str, body: list[str]) -> bool:
+    language = info.strip().split(" ")[0] if info.strip() else ""
+    if language != "console" or not any(b.startswith("$ kvmstate") for b in body):
+        return False
+    return any(b and not b.startswith("$ ") for b in body)  # output: an example
 
 
 def _marker(line: str, where: str) -> tuple[frozenset[str], tuple[str, ...]]:
@@ -84,10 +144,12 @@ def blocks(path: Path) -> list[Block]:
         while end < len(lines) and not lines[end].strip().startswith(fence):
             end += 1
         body = lines[start:end]
-        if any(b.lstrip().startswith(">>>") for b in body):
+        shell = _is_kvmstate_session(match["info"], body)
+        if shell or any(b.lstrip().startswith(">>>") for b in body):
             before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
             needs, modules = _marker(before, f"{path.name}:{i}")
-            out.append(Block(path.name, start + 1, "\n".join(body) + "\n", needs, modules))
+            text = "\n".join(body) + "\n"
+            out.append(Block(path.name, start + 1, text, needs, modules, shell))
         i = end + 1
     return out
 
@@ -101,26 +163,93 @@ def _close_descriptors(globs: dict[str, object]) -> None:
                 value.close()
 
 
-def run_page(page: str, chosen: list[Block]) -> doctest.TestResults:
-    """Run ``chosen`` blocks as one session; fail with doctest's report on a mismatch."""
-    parser = doctest.DocTestParser()
-    examples: list[doctest.Example] = []
-    for block in chosen:
-        for example in parser.get_examples(block.text, f"{page}:{block.line}"):
-            example.lineno += block.line - 1
-            examples.append(example)
-    globs: dict[str, object] = {"__name__": f"docs.{page}"}
-    test = doctest.DocTest(examples, globs, page, str(DOCS / page), 0, None)
-    output: list[str] = []
-    runner = doctest.DocTestRunner(verbose=False, optionflags=OPTIONS)
+@contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(folder)
     try:
-        runner.run(test, out=output.append, clear_globs=False)
+        yield
     finally:
-        _close_descriptors(globs)
-    result = runner.summarize(verbose=False)
-    assert result.failed == 0, "".join(output)
-    assert result.attempted == len(examples)
-    return result
+        os.chdir(before)
+
+
+class Session:
+    """A page's examples run in order: one namespace, one folder, one ``$?``."""
+
+    def __init__(self, page: str, folder: Path) -> None:
+        self.page = page
+        self.folder = folder
+        self.globs: dict[str, object] = {"__name__": f"docs.{page}"}
+        self.runner = doctest.DocTestRunner(verbose=False, optionflags=OPTIONS)
+        self.report: list[str] = []
+        self.examples = 0
+        self.status = 0
+        # `kvmstate` in the commands is this tree's, whatever is installed on PATH.
+        python = shlex.quote(sys.executable)
+        self.prelude = f'kvmstate() {{ {python} -m kvmstate "$@"; }}\n'
+        self.env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+        self.checker = doctest.OutputChecker()
+
+    def run_python(self, block: Block) -> None:
+        parser = doctest.DocTestParser()
+        examples = parser.get_examples(block.text, f"{self.page}:{block.line}")
+        for example in examples:
+            example.lineno += block.line - 1
+        test = doctest.DocTest(examples, self.globs, self.page, str(DOCS / self.page), 0, None)
+        self.runner.run(test, out=self.report.append, clear_globs=False)
+        self.globs = test.globs  # DocTest works on a copy: the next block sees this one's names
+        self.examples += len(examples)
+
+    def run_shell(self, block: Block) -> None:
+        for command in parse_console(block.text, block.line):
+            script = f"{self.prelude}(exit {self.status})\n{command.text}\n"
+            done = subprocess.run(
+                ["/bin/sh", "-c", script],
+                cwd=self.folder,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+            self.status = done.returncode
+            self.examples += 1
+            if not self.checker.check_output(command.want, done.stdout, OPTIONS):
+                example = doctest.Example(command.text, command.want)
+                self.report.append(
+                    f'File "{DOCS / self.page}", line {command.line}, in {self.page}\n'
+                    f"Failed command:\n    $ {command.text}\n"
+                    + self.checker.output_difference(example, done.stdout, OPTIONS)
+                )
+                self.runner.failures += 1  # counted with the doctests' failures
+
+    def run(self, chosen: list[Block]) -> None:
+        try:
+            with _working_directory(self.folder):
+                for block in chosen:
+                    if block.shell:
+                        self.run_shell(block)
+                    else:
+                        self.run_python(block)
+        finally:
+            _close_descriptors(self.globs)
+        assert self.runner.failures == 0, "".join(self.report)
+
+
+def run_page(page: str, chosen: list[Block], folder: Path) -> int:
+    """Run ``chosen`` blocks of ``page`` as one session in ``folder``; the examples run."""
+    session = Session(page, folder)
+    session.run(chosen)
+    assert session.examples == sum(_count(b) for b in chosen)
+    return session.examples
+
+
+def _count(block: Block) -> int:
+    if block.shell:
+        return len(parse_console(block.text, block.line))
+    return len(doctest.DocTestParser().get_examples(block.text))
 
 
 def _runnable_modules(block: Block) -> bool:
@@ -134,19 +263,21 @@ GUEST_PAGES = [page for page, found in ALL.items() if any("svm-guest" in b.needs
 
 def test_docs_have_examples() -> None:
     assert "quickstart.md" in WITH_EXAMPLES and GUEST_PAGES
+    # The command line's page is shown, and checked, as shell sessions.
+    assert any(b.shell for b in ALL["cli.md"])
 
 
 @pytest.mark.parametrize("page", WITH_EXAMPLES)
-def test_examples_without_kvm(page: str) -> None:
+def test_examples_without_kvm(page: str, tmp_path: Path) -> None:
     """The blocks that need nothing: they run everywhere."""
     chosen = [b for b in ALL[page] if not b.needs and _runnable_modules(b)]
     if not chosen:
         pytest.skip(f"{page}: every example needs a KVM")
-    run_page(page, chosen)
+    run_page(page, chosen, tmp_path)
 
 
 @pytest.mark.parametrize("page", WITH_EXAMPLES)
-def test_examples_with_kvm(page: str) -> None:
+def test_examples_with_kvm(page: str, tmp_path: Path) -> None:
     """Those blocks plus the ``kvm`` ones, against this machine's /dev/kvm."""
     if not any("kvm" in b.needs for b in ALL[page]):
         pytest.skip(f"{page}: no example needs /dev/kvm")
@@ -160,7 +291,7 @@ def test_examples_with_kvm(page: str) -> None:
         and not (nested and "no-nested" in b.needs)
         and _runnable_modules(b)
     ]
-    run_page(page, chosen)
+    run_page(page, chosen, tmp_path)
 
 
 def _nested_state_size() -> int:
@@ -179,12 +310,13 @@ def _why_no_nested_svm() -> str | None:
 
 @pytest.mark.svm_guest
 @pytest.mark.parametrize("page", GUEST_PAGES)
-def test_examples_in_svm_guest(page: str) -> None:
+def test_examples_in_svm_guest(page: str, tmp_path: Path) -> None:
     """Every block of the page, in a KVM with nested SVM (the emulated AMD guest)."""
     why = _why_no_nested_svm()
     if why is not None:
         pytest.skip(why)
-    run_page(page, [b for b in ALL[page] if "no-nested" not in b.needs and _runnable_modules(b)])
+    chosen = [b for b in ALL[page] if "no-nested" not in b.needs and _runnable_modules(b)]
+    run_page(page, chosen, tmp_path)
 
 
 def test_markers_are_known() -> None:
@@ -194,6 +326,73 @@ def test_markers_are_known() -> None:
         frozenset({"svm-guest"}),
         ("IPython",),
     )
+
+
+# --- the shell-session runner ------------------------------------------------------------
+
+
+def _page(tmp_path: Path, text: str) -> list[Block]:
+    path = tmp_path / "page.md"
+    path.write_text(text)
+    return blocks(path)
+
+
+def test_console_blocks_are_parsed_as_commands_and_output() -> None:
+    commands = parse_console("$ kvmstate a \\\n  --b\none\n\ntwo\n$ echo $?\n0\n", 10)
+    assert commands == [
+        Command(10, "kvmstate a \\\n  --b", "one\n\ntwo\n"),
+        Command(15, "echo $?", "0\n"),
+    ]
+    with pytest.raises(ValueError, match="line 3: output before the first command"):
+        parse_console("stray\n$ kvmstate info\n", 3)
+
+
+def test_only_kvmstate_sessions_are_run(tmp_path: Path) -> None:
+    found = _page(
+        tmp_path,
+        "```console\n$ python3 -m pip install kvmstate\n```\n\n"
+        "```console\n$ python3 -m pip install .\n$ kvmstate info\n```\n\n"
+        "```sh\n$ kvmstate info\n```\n\n"
+        "<!-- doctest: svm-guest -->\n```console\n$ kvmstate info\nx\n```\n",
+    )
+    assert [(b.line, b.shell, b.needs) for b in found] == [(16, True, frozenset({"svm-guest"}))]
+
+
+def test_a_shell_session_runs_in_one_folder_with_status_and_pipes(tmp_path: Path) -> None:
+    found = _page(
+        tmp_path,
+        "```pycon\n>>> from pathlib import Path\n"
+        ">>> _ = Path('made.txt').write_text('hi\\n')\n```\n"
+        "```console\n"
+        "$ cat made.txt\nhi\n"
+        "$ kvmstate decode made.txt 2>&1 | cut -c1-25\nkvmstate: error: made.txt\n"
+        "$ kvmstate decode made.txt 2>/dev/null\n$ echo $? \\\n  more\n2 more\n"
+        "```\n",
+    )
+    folder = tmp_path / "run"
+    folder.mkdir()
+    assert run_page("page.md", found, folder) == 6  # 2 doctest lines, 4 commands
+
+
+def test_the_kvmstate_of_a_session_is_this_tree() -> None:
+    session = Session("page.md", ROOT)
+    where = "import kvmstate; print(kvmstate.__file__)"
+    script = session.prelude + f"kvmstate --version; {shlex.quote(sys.executable)} -c '{where}'"
+    done = subprocess.run(
+        ["/bin/sh", "-c", script], env=session.env, capture_output=True, text=True, check=True
+    )
+    version, path = done.stdout.splitlines()
+    assert version == f"kvmstate {kvmstate.__version__}"
+    assert path == str(ROOT / "kvmstate" / "__init__.py")
+
+
+def test_a_wrong_shell_output_fails_with_both_outputs(tmp_path: Path) -> None:
+    found = _page(tmp_path, "```console\n$ kvmstate decode nothing.bin\nall fine\n```\n")
+    with pytest.raises(AssertionError) as caught:
+        run_page("page.md", found, tmp_path)
+    report = str(caught.value)
+    assert "$ kvmstate decode nothing.bin" in report and "all fine" in report
+    assert "kvmstate: error: nothing.bin" in report
 
 
 # --- the generated byte maps ------------------------------------------------------------
@@ -305,16 +504,33 @@ def test_grid_draws_padding_fields_as_fields_and_scales() -> None:
 
 # --- the build --------------------------------------------------------------------------
 
+_BUILT: dict[str, subprocess.CompletedProcess[str]] = {}
 
-def test_docs_build_without_warnings(tmp_path: Path) -> None:
-    """``sphinx -W``: a broken reference, a bad directive or a docstring autodoc
-    cannot parse fails here (and in CI, where the docs extra is installed)."""
+
+def built_html() -> Path:
+    """``docs/_build/html``, built from scratch with ``sphinx -W`` once per test session
+    (tests/test_docs_browser.py renders it); skips where the docs toolchain is missing."""
     missing = [m for m in ("sphinx", "myst_parser") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[docs]')")
-    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
-    command += ["-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html")]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    html = BUILD / "html"
+    if "html" not in _BUILT:
+        # From scratch: no page of an earlier build may be left to pass or fail for it.
+        shutil.rmtree(html, ignore_errors=True)
+        command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b", "html"]
+        command += ["-d", str(BUILD / "doctrees"), str(DOCS), str(html)]
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        _BUILT["html"] = subprocess.run(
+            command, capture_output=True, text=True, env=env, check=False
+        )
+    done = _BUILT["html"]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "html" / "abi.html").exists()
+    return html
+
+
+def test_docs_build_without_warnings() -> None:
+    """``sphinx -W``: a broken reference, a bad directive or a docstring autodoc
+    cannot parse fails here (and in CI, where the docs extra is installed)."""
+    html = built_html()
+    assert (html / "abi.html").exists()
+    assert (html / "_static" / "kvmstate.css").exists()
