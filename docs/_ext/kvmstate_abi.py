@@ -124,7 +124,8 @@ def _note(cls: type, name: str) -> str:
     key = (cls.__name__, name)
     if key in uapi.NEWER_FIELDS:
         # The description opens with the release that brought the field ("Linux 7.2: ...").
-        parts.append(f"newer than the 6.1 header ({uapi.NEWER_FIELDS[key].split(':')[0]})")
+        release = uapi.NEWER_FIELDS[key].split(":")[0]
+        parts.append(f"new in {release}: not in the 6.1 or 6.12 header, which leave it 0")
     if cls is vmcs12.vmcs12 and name in vmcs12.NEWER_FIELDS:
         parts.append("6.18 (CET); zero before")
     if key in vmcb.LINUX_6_1_NAMES:
