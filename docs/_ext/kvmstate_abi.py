@@ -657,7 +657,7 @@ _DOCTEST_MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
 _MARK_TEXT = {
     "kvm": "Needs /dev/kvm.",
     "no-nested": "Output of a KVM without nested support.",
-    "svm-guest": "In the AMD guest: needs a KVM with nested SVM.",
+    "svm-guest": "Needs a KVM with nested SVM (run in the test suite's emulated AMD machine).",
 }
 
 
