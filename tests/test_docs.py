@@ -33,6 +33,7 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import itertools
+import json
 import os
 import re
 import shlex
@@ -534,3 +535,252 @@ def test_docs_build_without_warnings() -> None:
     html = built_html()
     assert (html / "abi.html").exists()
     assert (html / "_static" / "kvmstate.css").exists()
+    # The schema is offered for download from the format's page.
+    assert list(html.glob("_downloads/*/snapshot.schema.json"))
+
+
+# --- the JSON form's schema (docs/snapshot.schema.json) ----------------------------------
+
+SCHEMA = DOCS / "snapshot.schema.json"
+#: The JSON Schema keywords the schema may use: those validate() checks, and annotations.
+_CHECKED = frozenset(
+    {
+        "$ref",
+        "type",
+        "enum",
+        "properties",
+        "required",
+        "additionalProperties",
+        "propertyNames",
+        "items",
+        "minItems",
+        "maxItems",
+        "pattern",
+        "minimum",
+        "maximum",
+        "anyOf",
+        "oneOf",
+    }
+)
+_ANNOTATIONS = frozenset({"$schema", "$defs", "title", "description"})
+_TYPES: dict[str, Any] = {
+    "object": dict,
+    "array": list,
+    "string": str,
+    "integer": int,
+}
+
+
+def validate(
+    value: Any, schema: dict[str, Any], root: dict[str, Any], where: str = "$"
+) -> list[str]:
+    """Why ``value`` does not match ``schema`` (draft 2020-12 semantics), or nothing.
+
+    Only the keywords in :data:`_CHECKED` are known; a schema using any other
+    keyword is refused (ValueError) rather than half-checked.
+    """
+    unknown = set(schema) - _CHECKED - _ANNOTATIONS
+    if unknown:
+        raise ValueError(f"{where}: keywords this validator does not check: {sorted(unknown)}")
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/$defs/"):
+            raise ValueError(f"{where}: only local #/$defs/ references, not {ref!r}")
+        referenced = validate(value, root["$defs"][ref[len("#/$defs/") :]], root, where)
+        if referenced:
+            return referenced
+    if "type" in schema:
+        kind = _TYPES[schema["type"]]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return [f"{where}: {type(value).__name__}, not {schema['type']}"]
+    if "enum" in schema and not any(value == e and type(value) is type(e) for e in schema["enum"]):
+        return [f"{where}: {value!r} is not one of {schema['enum']}"]
+    errors: list[str] = []
+    if isinstance(value, dict):
+        for key in schema.get("required", ()):
+            if key not in value:
+                errors.append(f"{where}: no {key!r}")
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            if "propertyNames" in schema:
+                errors += validate(key, schema["propertyNames"], root, f"{where} key {key!r}")
+            if key in properties:
+                errors += validate(item, properties[key], root, f"{where}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: unexpected {key!r}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += validate(item, schema["additionalProperties"], root, f"{where}.{key}")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{where}: {len(value)} items, fewer than {schema['minItems']}")
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            errors.append(f"{where}: {len(value)} items, more than {schema['maxItems']}")
+        if "items" in schema:
+            for i, item in enumerate(value):
+                errors += validate(item, schema["items"], root, f"{where}[{i}]")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value[:40]!r} does not match {schema['pattern']}")
+    number = isinstance(value, int) and not isinstance(value, bool)
+    if number and not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        errors.append(
+            f"{where}: {value} is outside {schema.get('minimum')}..{schema.get('maximum')}"
+        )
+    for keyword, wanted in (("anyOf", "at least one"), ("oneOf", "exactly one")):
+        if keyword in schema:
+            matched = [not validate(value, s, root, where) for s in schema[keyword]]
+            if sum(matched) == 0 or (keyword == "oneOf" and sum(matched) != 1):
+                errors.append(f"{where}: matches {sum(matched)} of {keyword}, not {wanted}")
+    return errors
+
+
+def _schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(SCHEMA.read_text())
+    return loaded
+
+
+def _schema_errors(document: Any) -> list[str]:
+    schema = _schema()
+    return validate(document, schema, schema)
+
+
+def test_validator_checks_what_it_claims() -> None:
+    root = {
+        "$defs": {"u8": {"type": "integer", "minimum": 0, "maximum": 255}},
+        "type": "object",
+        "required": ["a"],
+        "additionalProperties": False,
+        "properties": {
+            "a": {"$ref": "#/$defs/u8"},
+            "b": {"type": "array", "items": {"type": "string", "pattern": "^x+$"}, "maxItems": 2},
+            "c": {"oneOf": [{"type": "integer"}, {"enum": [1, "one"]}]},
+        },
+    }
+    assert validate({"a": 7, "b": ["x", "xx"], "c": "one"}, root, root) == []
+    assert validate({"a": 256}, root, root) == ["$.a: 256 is outside 0..255"]
+    assert validate({"a": True}, root, root) == ["$.a: bool, not integer"]
+    assert validate({"b": ["y"], "d": 1}, root, root) == [
+        "$: no 'a'",
+        "$.b[0]: 'y' does not match ^x+$",
+        "$: unexpected 'd'",
+    ]
+    assert validate({"a": 1, "c": 1}, root, root) == ["$.c: matches 2 of oneOf, not exactly one"]
+    assert validate({"a": 1, "b": ["x"] * 3}, root, root) == ["$.b: 3 items, more than 2"]
+    with pytest.raises(ValueError, match="does not check: \\['const'\\]"):
+        validate(1, {"const": 1}, {})
+
+
+def _nested_examples() -> list[kvmstate.NestedState]:
+    """Nested states of every shape to_dict writes: header only, each data page, a size
+    that ends inside a page (data_raw), non-zero union bytes past the vendor header."""
+    from kvmstate import vmcb
+
+    out = []
+    vmxon = kvmstate.NestedState(128)
+    vmxon.format, vmxon.size = kvmstate.NestedFormat.VMX, 128
+    vmxon.vmx.vmxon_pa, vmxon.vmx.vmcs12_pa = 0x3000, 2**64 - 1
+    out.append(vmxon)
+    for size in (4224, 8320, 4224 + 100):
+        vmx = kvmstate.NestedState(size)
+        vmx.format, vmx.size = kvmstate.NestedFormat.VMX, size
+        vmx.vmx.vmxon_pa, vmx.vmx.vmcs12_pa = 0x3000, 0x4000
+        out.append(vmx)
+    l2 = kvmstate.NestedState(4224)
+    l2.format, l2.size = kvmstate.NestedFormat.SVM, 4224
+    l2.flags = kvmstate.NestedFlag.GUEST_MODE | kvmstate.NestedFlag.GIF_SET
+    l2.svm.vmcb_pa, l2.svm.gpat = 0x10000, 0x0007040600070406
+    page = l2.vmcb12
+    assert page is not None
+    page.control.set_intercept(vmcb.Intercept.VMRUN)
+    page.save.efer = vmcb.EFER_SVME
+    out.append(l2)
+    gif = kvmstate.NestedState(128)
+    gif.format, gif.size, gif.flags = kvmstate.NestedFormat.SVM, 128, kvmstate.NestedFlag.GIF_SET
+    gif.header.hdr.pad[100] = 0xAB  # a byte no vendor header names
+    out.append(gif)
+    return out
+
+
+def _states_without_kvm() -> list[Any]:
+    from kvmstate import snapshot, uapi
+
+    states = [
+        snapshot.loads_vcpu(snapshot.dumps_vcpu(_minimal_state(n))) for n in _nested_examples()
+    ]
+    cpuid = uapi.kvm_cpuid2.new(2)
+    cpuid.padding = 5  # written as {"padding": 5, "entries": [...]}
+    plain = _minimal_state(None)
+    plain.cpuid = cpuid
+    plain.msrs = {0x10: 1, 0xC0000080: 0x500}
+    plain.tsc_khz = 2_000_000
+    plain.absent = {"nested": "KVM_CAP_NESTED_STATE is 0"}
+    plain.extra = {"future.part": b"\x01\x02"}
+    return [*states, plain]
+
+
+def _minimal_state(nested: kvmstate.NestedState | None) -> Any:
+    from kvmstate import state, uapi
+
+    regs = uapi.kvm_regs()
+    regs.rip = 0xFFF0
+    return state.VcpuState(regs=regs, sregs=uapi.kvm_sregs(), nested=nested)
+
+
+def test_schema_accepts_the_json_form_of_every_kind_of_state() -> None:
+    from kvmstate import snapshot
+
+    for state in _states_without_kvm():
+        document = json.loads(json.dumps(snapshot.to_dict(state)))
+        assert _schema_errors(document) == [], document.get("parts", {}).get("nested")
+
+
+def test_schema_accepts_a_real_vcpus_json_form(vm: kvmstate.Vm, kvm: kvmstate.Kvm) -> None:
+    """Everything this machine's KVM saves, LAPIC (in-kernel irqchip) and CPUID included."""
+    from kvmstate import snapshot
+
+    vm.create_irqchip()
+    with vm.create_vcpu(0) as vcpu:
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        saved = vcpu.save_state()
+        saved.fpu = vcpu.get_fpu()
+    document = json.loads(json.dumps(snapshot.to_dict(saved)))
+    assert {"regs", "sregs", "msrs", "cpuid", "lapic", "fpu"} <= set(document["parts"])
+    assert document["parts"]["cpuid"], "no CPUID entries to check"
+    assert _schema_errors(document) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "bad", "error"),
+    [
+        (("kvmstate",), "2.0", "does not match"),
+        (("parts", "msrs"), {"0x010": 1}, "does not match"),
+        (("parts", "msrs"), {"0x10": -1}, "outside"),
+        (("parts", "regs", "rip"), "0xfff0", "not integer"),
+        (("parts", "nested", "hdr_raw"), "00" * 119, "does not match"),
+        (("parts", "nested", "format"), 2, "is not one of"),
+        (("parts", "nested", "svm", "flags"), 0, "unexpected 'flags'"),
+        (("parts", "cpuid"), {"padding": 0, "entries": []}, "matches 0 of oneOf"),
+        (("parts", "lapic"), {"regs": "00"}, "does not match"),
+        (("absent", "lapic"), 1, "not string"),
+    ],
+)
+def test_schema_refuses_what_from_dict_refuses(path: tuple[str, ...], bad: Any, error: str) -> None:
+    """Each change breaks the document for kvmstate's own reader, and for the schema."""
+    from kvmstate import snapshot
+
+    states = _states_without_kvm()
+    l2, plain = states[4], states[-1]
+    assert l2.nested is not None and l2.nested.vmcb12 is not None
+    l2.cpuid = plain.cpuid
+    document = json.loads(json.dumps(snapshot.to_dict(l2)))
+    document["parts"]["lapic"] = {"regs": "00" * 1024}
+    document["absent"] = {}
+    assert _schema_errors(document) == []
+    snapshot.from_dict(document)
+    target = document
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = bad
+    errors = _schema_errors(document)
+    assert errors and any(error in e for e in errors), errors
+    with pytest.raises((ValueError, TypeError)):
+        snapshot.from_dict(document)
