@@ -30,6 +30,7 @@ ones. So a block may use what earlier blocks made that run wherever it runs.
 
 from __future__ import annotations
 
+import atexit
 import doctest
 import importlib.util
 import itertools
@@ -40,6 +41,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +55,6 @@ from tests.kvm_fixtures import NO_KVM
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-BUILD = DOCS / "_build"
 PAGES = sorted(DOCS.glob("*.md"))
 NEEDS = frozenset({"kvm", "no-nested", "svm-guest"})
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
@@ -505,26 +506,29 @@ def test_grid_draws_padding_fields_as_fields_and_scales() -> None:
 
 # --- the build --------------------------------------------------------------------------
 
-_BUILT: dict[str, subprocess.CompletedProcess[str]] = {}
+_BUILT: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}
 
 
 def built_html() -> Path:
-    """``docs/_build/html``, built from scratch with ``sphinx -W`` once per test session
-    (tests/test_docs_browser.py renders it); skips where the docs toolchain is missing."""
+    """The HTML docs, built with ``sphinx -W`` once per test session into a fresh
+    temporary folder (tests/test_docs_browser.py renders the same build); skips
+    where the docs toolchain is missing.
+
+    Not into docs/_build: the Intel guest copies the checkout onto a 64 MiB disk,
+    and the build, doctrees included, is a quarter of that.
+    """
     missing = [m for m in ("sphinx", "myst_parser") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[docs]')")
-    html = BUILD / "html"
     if "html" not in _BUILT:
-        # From scratch: no page of an earlier build may be left to pass or fail for it.
-        shutil.rmtree(html, ignore_errors=True)
-        command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b", "html"]
-        command += ["-d", str(BUILD / "doctrees"), str(DOCS), str(html)]
+        out = Path(tempfile.mkdtemp(prefix="kvmstate-docs-"))
+        atexit.register(shutil.rmtree, out, ignore_errors=True)
+        command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
+        command += ["-d", str(out / "doctrees"), str(DOCS), str(out / "html")]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        _BUILT["html"] = subprocess.run(
-            command, capture_output=True, text=True, env=env, check=False
-        )
-    done = _BUILT["html"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        _BUILT["html"] = (out / "html", done)
+    html, done = _BUILT["html"]
     assert done.returncode == 0, done.stdout + done.stderr
     return html
 
