@@ -147,7 +147,8 @@ echo "payload unpacked"
 #: Directory names never copied from the checkout (VCS data, caches, builds).
 CHECKOUT_SKIP = frozenset(
     {".git", ".hg", ".svn", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
-     ".hypothesis", ".tox", ".nox", ".venv", "venv", "node_modules", ".eggs", "build", "dist"}
+     ".hypothesis", ".tox", ".nox", ".venv", "venv", "node_modules", ".eggs", "build", "dist",
+     "_build"}
 )  # fmt: skip
 
 #: Standard library parts the tests never use (tests, GUI, build config, ...).
