@@ -155,6 +155,7 @@ VMX_FACTS = Facts(
     in_smm=False,
     evmcs_enabled=False,
     la57=False,
+    host_la57=False,
     kernel_version=(6, 12, 0),
     nested_state_cap=VMX_MAX_SIZE,
     vmx_msrs=VMX_MSRS,
@@ -666,7 +667,9 @@ def test_quirk_fact_parses_from_text() -> None:
          _or("vmcs12.pin_based_vm_exec_control",
              vmx.PIN_BASED_VIRTUAL_NMIS | vmx.PIN_BASED_NMI_EXITING),
          ("vmx_msrs",), "vmx_msrs"),
-        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("la57",), "la57"),
+        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("host_la57",), "host_la57"),
+        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("kernel_version", "host_la57"),
+         "kernel_version"),
         ("vmx_guest", _all(_SHADOW, _set("size", VMX_MAX_SIZE),
                            _set("shadow_vmcs12.hdr.revision_id", vmx.VMCS12_REVISION),
                            _set("shadow_vmcs12.hdr.shadow_vmcs", 1)),
@@ -707,11 +710,82 @@ def test_la57_decides_canonical_addresses() -> None:
     state = vmx_guest()
     assert state.vmcs12 is not None
     state.vmcs12.host_gs_base = 1 << 50  # canonical with 57-bit addresses only
-    (p,) = check(state, VMX_FACTS)  # la57=False
+    (p,) = check(state, VMX_FACTS)  # la57=False, host_la57=False
     assert p.certain and p.field == "vmcs12.host_gs_base"
-    assert check(state, dataclasses.replace(VMX_FACTS, la57=True)) == []
+    assert check(state, dataclasses.replace(VMX_FACTS, host_la57=True)) == []
     state.vmcs12.host_gs_base = 1 << 60  # canonical nowhere
-    assert [p.certain for p in check(state, dataclasses.replace(VMX_FACTS, la57=None))] == [True]
+    unknown = dataclasses.replace(VMX_FACTS, la57=None, host_la57=None)
+    assert [p.certain for p in check(state, unknown)] == [True]
+
+
+# Linux 6.1 (vmx/nested.c nested_vmx_check_host_state, x86.h is_noncanonical_address) checks
+# every host address at the vCPU's CR4.LA57; 6.12 checks the SYSENTER MSRs and the bases at
+# KVM's LA57 (is_noncanonical_msr/base_address -> max_host_virt_addr_bits) and HOST_RIP at
+# the vCPU's (vcpu_virt_addr_bits).
+@pytest.mark.parametrize(
+    ("field", "version", "vcpu_la57", "host_la57", "refused"),
+    [
+        ("host_gs_base", (6, 1, 0), False, True, True),
+        ("host_gs_base", (6, 1, 0), True, False, False),
+        ("host_gs_base", (6, 12, 0), False, True, False),
+        ("host_gs_base", (6, 12, 0), True, False, True),
+        ("host_ia32_sysenter_esp", (6, 12, 0), True, False, True),
+        ("host_rip", (6, 12, 0), False, True, True),
+        ("host_rip", (6, 12, 0), True, False, False),
+    ],
+)
+def test_canonical_checks_split_between_vcpu_and_kvm_in_6_12(
+    field: str, version: tuple[int, ...], vcpu_la57: bool, host_la57: bool, refused: bool
+) -> None:
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vm_exit_controls |= vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE
+    setattr(state.vmcs12, field, 0x00FF_0000_0000_0000)  # canonical at 57 bits only
+    facts = dataclasses.replace(
+        VMX_FACTS, kernel_version=version, la57=vcpu_la57, host_la57=host_la57
+    )
+    found = [p for p in check(state, facts) if p.field == f"vmcs12.{field}"]
+    assert all(p.certain for p in found)
+    assert bool(found) == refused, [str(p) for p in found]
+
+
+def test_vcpu_la57_comes_from_cr4_when_not_given() -> None:
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vm_exit_controls |= vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE
+    state.vmcs12.host_rip = 1 << 50
+
+    def rip(facts: Facts) -> list[Problem]:
+        return [p for p in check(state, facts) if p.field == "vmcs12.host_rip"]
+
+    assert rip(dataclasses.replace(VMX_FACTS, la57=None, cr4=L1_CR4 | 0x1000)) == []  # LA57
+    assert [p.certain for p in rip(dataclasses.replace(VMX_FACTS, la57=None))] == [True]
+    (p,) = rip(dataclasses.replace(VMX_FACTS, la57=None, cr4=None))
+    assert not p.certain and p.needs is not None and "la57" in p.needs
+
+
+@pytest.mark.parametrize(
+    ("version", "lam", "refused"),
+    [((6, 1, 0), True, True), ((6, 1, 0), False, True), ((6, 12, 0), True, False),
+     ((6, 12, 0), False, True)],
+)  # fmt: skip
+def test_cr3_lam_bits_by_kernel_version(version: tuple[int, ...], lam: bool, refused: bool) -> None:
+    """cpuid.h kvm_vcpu_is_legal_cr3 (6.12) masks LAM_U48/U57 with CPUID LAM; 6.1's
+    kvm_vcpu_is_illegal_gpa keeps them, and bit 61 is beyond any MAXPHYADDR."""
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.host_cr3 = L1_CR3 | 1 << 61
+    features = VMX_FACTS.cpu_features or frozenset()
+    facts = dataclasses.replace(
+        VMX_FACTS, kernel_version=version, cpu_features=features | {"lam"} if lam else features
+    )
+    found = check(state, facts)
+    assert all(p.certain for p in found)
+    assert bool(found) == refused, [str(p) for p in found]
+    if lam:  # a kernel between the two, or unknown: the version decides
+        for between in (None, (6, 6, 0)):
+            (p,) = check(state, dataclasses.replace(facts, kernel_version=between))
+            assert not p.certain and p.needs == "kernel_version"
 
 
 def test_addresses_below_4g_need_no_maxphyaddr() -> None:

@@ -91,7 +91,8 @@ def fields(vendor: str) -> tuple[Field, ...]:
     """The fields a mutation may change, by vendor: the header's, then vmcb12's or vmcs12's.
 
     ``format`` and ``size`` stay out (other tests cover them; a wrong size only
-    moves where the kernel reads). The vmcs12 revision and shadow bit (``vmcs12.hdr``) are in: SET checks them.
+    moves where the kernel reads). The vmcs12 revision and shadow bit
+    (``vmcs12.hdr``) are in: SET checks them.
     """
     header = [f for f in _walk(kvm_nested_state_header, 0, "") if f.name == "flags"]
     if vendor == "svm":
@@ -273,7 +274,9 @@ def assert_good(tally: Tally, capsys: pytest.CaptureFixture[str]) -> None:
         print("\n" + tally.summary())
         for line in tally.wrong[:20]:
             print("  wrong:", line)
-    assert not tally.unnamed, "undecided without the deciding fact:\n" + "\n".join(tally.unnamed[:10])
+    assert not tally.unnamed, "undecided without the deciding fact:\n" + "\n".join(
+        tally.unnamed[:10]
+    )
     assert not tally.wrong, f"{tally.summary()}\n" + "\n".join(tally.wrong[:30])
     assert tally.share >= TARGET, tally.summary()
 

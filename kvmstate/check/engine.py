@@ -40,6 +40,7 @@ GIF = int(NestedFlag.GIF_SET)
 
 # Addresses below 2^32 are legal for any vCPU, none at or above 2^52 is (see the module doc).
 _SURELY_LEGAL_BITS = 32
+_CR4_LA57 = 1 << 12
 _ARCH_MAX_PHYS_BITS = 52
 
 # Kernel sources the rules cite.
@@ -161,10 +162,39 @@ class Ctx:
             return None
         return True if v[:2] <= (6, 12) else None
 
-    def noncanonical(self, value: int) -> bool | None:
-        """Not canonical: at 57 bits with LA57, at 48 without; unknown LA57 decides only
-        the addresses canonical at 48 bits (fine) or not even at 57 (broken)."""
-        la57 = self.facts.la57
+    def vcpu_la57(self) -> bool | None:
+        """The vCPU's CR4.LA57: the ``la57`` fact, else the bit in the ``cr4`` fact."""
+        if self.facts.la57 is not None:
+            return self.facts.la57
+        cr4 = self.facts.cr4
+        return None if cr4 is None else bool(cr4 & _CR4_LA57)
+
+    def la57_for(self, msr: bool) -> tuple[bool | None, str]:
+        """Whether the check is at 57 bits, and the fact that decides it when unknown.
+
+        ``msr``: an MSR address or a segment/table base, which 6.12 checks against
+        KVM's own LA57 (``is_noncanonical_msr_address``/``_base_address``) and 6.1
+        against the vCPU's CR4.LA57 (``is_noncanonical_address``), like every other
+        address in both.
+        """
+        vcpu = self.vcpu_la57()
+        if not msr:
+            return vcpu, "la57 (or cr4)"
+        newer = self.newer_rule()
+        if newer is False:
+            return vcpu, "la57 (or cr4)"
+        host = self.facts.host_la57
+        if newer is True:
+            return host, "host_la57"
+        if vcpu is not None and vcpu == host:
+            return vcpu, "kernel_version"
+        return None, "kernel_version (6.1: la57, 6.12: host_la57)"
+
+    def noncanonical(self, value: int, msr: bool = False) -> bool | None:
+        """Not canonical: at 57 bits with LA57, at 48 without (see :meth:`la57_for`); an
+        unknown LA57 decides only addresses canonical at 48 bits (fine) or not even at 57
+        (broken)."""
+        la57, _ = self.la57_for(msr)
         if la57 is not None:
             return not _canonical(value, 57 if la57 else 48)
         if _canonical(value, 48):

@@ -90,13 +90,14 @@ def vmx_host_state(c: Ctx) -> None:
     ia32e = bool(exit_ctl & vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE)
     for name in _HOST_ADDRESSES:
         value = int(getattr(v, name))
+        msr = name != "host_rip"  # 6.12: MSR addresses and bases vs HOST_RIP
         c.report(
-            c.noncanonical(value),
+            c.noncanonical(value, msr),
             f"vmcs12.{name}",
             value,
             f"{name} must be a canonical address",
-            src,
-            "la57",
+            src + (" (6.12: is_noncanonical_msr/base_address)" if msr else ""),
+            c.la57_for(msr)[1],
         )
     if exit_ctl & vmx.VM_EXIT_LOAD_IA32_PAT:
         c.report(
@@ -270,12 +271,12 @@ def vmx_guest_state(c: Ctx) -> None:
     if entry & vmx.VM_ENTRY_LOAD_BNDCFGS:
         bnd = int(v.guest_bndcfgs)
         c.report(
-            any_of(bool(bnd & _BNDCFGS_RSVD), c.noncanonical(bnd & ~0xFFF)),
+            any_of(bool(bnd & _BNDCFGS_RSVD), c.noncanonical(bnd & ~0xFFF, msr=True)),
             "vmcs12.guest_bndcfgs",
             bnd,
             "BNDCFGS bits 11:2 are reserved and its base must be canonical",
-            src,
-            "la57",
+            src + " (6.12: is_noncanonical_msr_address)",
+            c.la57_for(True)[1],
         )
     activity = int(v.guest_activity_state)
     c.report(
