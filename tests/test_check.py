@@ -31,6 +31,7 @@ from kvmstate.check import Facts, Problem, check, engine, explain, format_proble
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
+from tests.kvm_fixtures import needs_kvm
 from tests.support import kernels
 
 GM, RP, GIF = NestedFlag.GUEST_MODE, NestedFlag.RUN_PENDING, NestedFlag.GIF_SET
@@ -695,6 +696,110 @@ def test_unknown_fact_gives_an_undecided_problem_naming_it(
     undecided = [p for p in problems if needs in (p.needs or "")]
     assert undecided, [str(p) for p in problems]
     assert all(needs in str(p) and "undecided" in str(p) for p in undecided)
+
+
+# --- guest memory: the VMCS link pointer's page ------------------------------------------------
+
+LINK = 0x8000  # where _SHADOW puts the link pointer
+
+
+def _shadow_state() -> NestedState:
+    state = vmx_guest()
+    _SHADOW(state)
+    state.size = VMX_MAX_SIZE
+    assert state.shadow_vmcs12 is not None
+    state.shadow_vmcs12.hdr.revision_id = vmx.VMCS12_REVISION
+    state.shadow_vmcs12.hdr.shadow_vmcs = 1
+    return state
+
+
+def _page(revision: int, shadow: int) -> bytes:
+    """A 4 KiB guest page whose first u32 is a VMCS header (SDM: revision in bits 30:0,
+    the shadow-VMCS indicator in bit 31)."""
+    return (revision | shadow << 31).to_bytes(4, "little") + bytes(4092)
+
+
+@pytest.mark.parametrize(
+    ("regions", "refused", "words"),
+    [
+        ([(LINK, _page(vmx.VMCS12_REVISION, 1))], False, ""),
+        ([(0, bytes(LINK) + _page(vmx.VMCS12_REVISION, 1))], False, ""),  # inside a region
+        ([(LINK, _page(vmx.VMCS12_REVISION + 1, 1))], True, "revision"),
+        ([(LINK, _page(vmx.VMCS12_REVISION, 0))], True, "shadow bit 0"),
+        ([(0, bytes(LINK))], True, "not in guest memory"),  # ends right below the page
+        ([(LINK, bytes(4095))], True, "not in guest memory"),  # a page cut short
+        ([], True, "not in guest memory"),
+    ],
+)
+def test_link_pointer_page_is_decided_by_guest_memory(
+    regions: list[tuple[int, bytes]], refused: bool, words: str
+) -> None:
+    state = _shadow_state()
+    problems = check(state, VMX_FACTS, memory=checks.Regions(regions))
+    assert all(p.certain for p in problems), [str(p) for p in problems]
+    assert [p.field for p in problems] == (["vmcs12.vmcs_link_pointer"] if refused else [])
+    assert all(words in p.rule for p in problems)
+
+
+def test_link_pointer_page_without_memory_is_undecided() -> None:
+    (p,) = check(_shadow_state(), VMX_FACTS)
+    assert not p.certain and p.needs is not None and "memory" in p.needs
+
+
+def test_link_pointer_shadow_bit_follows_the_control() -> None:
+    """Without SHADOW_VMCS in vmcs12, the page's shadow bit must be clear."""
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vmcs_link_pointer = LINK
+    ordinary = checks.Regions([(LINK, _page(vmx.VMCS12_REVISION, 0))])
+    assert check(state, VMX_FACTS, memory=ordinary) == []
+    shadow = checks.Regions([(LINK, _page(vmx.VMCS12_REVISION, 1))])
+    assert [p.certain for p in check(state, VMX_FACTS, memory=shadow)] == [True]
+
+
+def test_memory_is_read_only_where_the_kernel_reads_it() -> None:
+    """An unaligned link pointer is refused before any read; VMX root state reads nothing."""
+    reads: list[tuple[int, int]] = []
+
+    class Spy:
+        def read_physical(self, gpa: int, size: int) -> bytes | None:
+            reads.append((gpa, size))
+            return None
+
+    state = _shadow_state()
+    assert state.vmcs12 is not None
+    state.vmcs12.vmcs_link_pointer = LINK + 8
+    assert [p.rule_id for p in certain(check(state, VMX_FACTS, memory=Spy()))] == [
+        "vmx_guest_state"
+    ]
+    check(vmx_root(), VMX_FACTS, memory=Spy())
+    assert reads == []
+    check(_shadow_state(), VMX_FACTS, memory=Spy())
+    assert reads == [(LINK, 4096)]  # VMCS12_SIZE, as kvm_gfn_to_hva_cache_init maps
+
+
+def test_bad_memory_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="read_physical"):
+        check(vmx_guest(), VMX_FACTS, memory=b"\0" * 4096)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="guest-physical address"):
+        checks.Regions([(-1, b"")])
+    with pytest.raises(TypeError, match="buffer"):
+        checks.Regions([(0, 4096)])
+    assert checks.Regions([(0, b"ab")]).read_physical(-1, 1) is None
+
+
+@needs_kvm
+def test_regions_from_a_vm_read_its_memory_as_it_is() -> None:
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0x10000, 0x4000)
+        memory = checks.Regions.from_vm(vm, {0: mem})
+        mem[0x1000:0x1004] = b"\x01\x02\x03\x04"
+        assert memory.read_physical(0x11000, 4) == b"\x01\x02\x03\x04"  # read when asked
+        assert memory.read_physical(0x13FFF, 2) is None  # past the slot's end
+        with pytest.raises(ValueError, match="slot 3"):
+            checks.Regions.from_vm(vm, {3: mem})
+        with pytest.raises(ValueError, match="shorter"):
+            checks.Regions.from_vm(vm, {0: b"\0" * 16})
 
 
 def test_smm_guest_mode_and_guest_mode_exclude_each_other() -> None:
@@ -1370,7 +1475,7 @@ def test_intel_kernel_refuses_what_check_finds(intel_vcpu: Callable[..., kvmstat
         vcpu = intel_vcpu(**setup)
         try:
             answer, problems = _agree(
-                vcpu, state, frozenset({"guest memory (not visible to kvmstate)"})
+                vcpu, state, frozenset({"guest memory (check's memory argument)"})
             )
             assert answer != 0
             assert case.rule_id in {p.rule_id for p in problems if p.certain}

@@ -17,6 +17,7 @@ from kvmstate import uapi
 from kvmstate import vmcs12 as vmx
 from kvmstate._struct import format_value
 from kvmstate.check.facts import Facts
+from kvmstate.check.memory import GuestMemory
 from kvmstate.check.problem import Problem
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
@@ -63,9 +64,16 @@ LIB = "kvmstate: Vcpu.set_nested_state (the kernel reads `size` bytes)"
 class Ctx:
     """The state, the facts and the problems found so far, with the kernel's helpers."""
 
-    def __init__(self, state: NestedState, facts: Facts, blob_len: int | None) -> None:
+    def __init__(
+        self,
+        state: NestedState,
+        facts: Facts,
+        blob_len: int | None,
+        memory: GuestMemory | None = None,
+    ) -> None:
         self.state = state
         self.facts = facts
+        self.memory = memory
         self.blob_len = blob_len
         h = state.header
         self.flags = int(h.flags)
@@ -281,9 +289,11 @@ def in_svm_vmcb(c: Ctx) -> bool:
     return in_svm_guest(c) and c.size >= VMCB_MIN and c.vmcb is not None
 
 
-def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
+def run(
+    rules: Iterable[ScopedRule], state: Any, facts: Facts, memory: GuestMemory | None = None
+) -> list[Problem]:
     """Apply ``rules`` in order to ``state`` (a NestedState or bytes): what
-    :func:`kvmstate.check.check` does once it has the facts and the rule table."""
+    :func:`kvmstate.check.check` does once it has the facts, the memory and the rule table."""
     blob_len: int | None = None
     if not isinstance(state, NestedState):
         try:
@@ -301,7 +311,7 @@ def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
         except ValueError as exc:
             return [Problem("size", len(raw), str(exc), LIB, rule_id="size_within_data")]
         ctypes.memmove(ctypes.addressof(state._storage), raw, len(raw))
-    c = Ctx(state, facts, blob_len)
+    c = Ctx(state, facts, blob_len, memory)
     for scope, rule in rules:
         c.rule_id = rule.__name__
         try:
