@@ -30,6 +30,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -37,7 +38,7 @@ import kvmstate
 from kvmstate import ioctls
 from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as v12
-from kvmstate.check import Facts, Problem, check
+from kvmstate.check import Facts, Problem, Regions, check
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, kvm_nested_state_header
 from tests.test_check import svm_guest
@@ -251,8 +252,10 @@ def judge(tally: Tally, seed: int, changes: Sequence[Change], answer: int,
 
 
 def fuzz(vcpu: kvmstate.Vcpu, base: NestedState, vendor: str, count: int, seed: int,
-         facts: Facts, restore: Callable[[], None]) -> Tally:  # fmt: skip
-    """``count`` mutations of ``base``, each judged, ``restore`` run after each."""
+         facts: Facts, restore: Callable[[], None],
+         memory: Regions | None = None) -> Tally:  # fmt: skip
+    """``count`` mutations of ``base``, each judged (check() gets ``memory``), ``restore``
+    run after each."""
     kernel = os.uname().release
     tally = Tally(vendor, kernel)
     data = base.to_bytes()[: int(base.size)]
@@ -261,7 +264,7 @@ def fuzz(vcpu: kvmstate.Vcpu, base: NestedState, vendor: str, count: int, seed: 
         case_seed = seed * 1_000_003 + i
         mutated, changes = mutate(data, vendor, case_seed)
         answer = kernel_set(vcpu, mutated)
-        problems = check(mutated, facts)
+        problems = check(mutated, facts, memory=memory)
         judge(tally, case_seed, changes, answer, problems)
         restore()
     tally.seconds = time.monotonic() - start
@@ -382,26 +385,107 @@ def _restorer(vcpu: kvmstate.Vcpu, base: NestedState, sregs: object) -> Callable
     return restore
 
 
-@pytest.mark.vmx_guest
-def test_vmx_fuzz_against_kvm_intel(capsys: pytest.CaptureFixture[str]) -> None:
+@dataclasses.dataclass
+class InL2:
+    """A vCPU stopped in a running L2, with its real nested state and guest memory."""
+
+    vcpu: kvmstate.Vcpu
+    base: NestedState
+    restore: Callable[[], None]
+    memory: Regions
+    facts: Facts
+    ram: list[tuple[int, Any]]  #: (guest-physical address, the mmap behind it)
+
+
+@pytest.fixture(scope="module")
+def vmx_in_l2() -> Iterator[InL2]:
+    """The L1 of tests/support/vmx_l1.py run to its first exit from an L2 with VMCS shadowing
+    on: the vmcs12 has SHADOW_VMCS and a link pointer to the shadow VMCS L1 wrote."""
     from tests import test_vmx_migration as mig
+    from tests.support import vmx_l1
 
     with kvmstate.Kvm() as kvm:
         if not kvm.nested_state_size:
             pytest.skip("this KVM has no nested state (KVM_CAP_NESTED_STATE is 0)")
         exits = mig.model(False)
-        first_l2 = next(i for i, e in enumerate(exits) if e.guest_mode and not e.shadow)
+        stage = next(i for i, e in enumerate(exits) if e.guest_mode and e.shadow)
         run = mig.Run(kvm)
         try:
-            run.run(until=first_l2)
+            run.run(until=stage)
             vcpu = run.vcpu
             vcpu.complete_io()
             base = vcpu.get_nested_state()
             assert base.flags & NestedFlag.GUEST_MODE and base.vmcs12 is not None
+            assert base.vmcs12.vmcs_link_pointer == vmx_l1.GPA.SHADOW_VMCS
+            memory = Regions.from_vm(run.machine.vm, dict(enumerate(run.machine.memory)))
+            layout = run.machine.layout.memory
+            ram = [(gpa, mem) for (gpa, _), mem in zip(layout, run.machine.memory, strict=True)]
             sregs = vcpu.get_sregs()
-            facts = Facts.from_vcpu(vcpu)
-            tally = fuzz(vcpu, base, "vmx", COUNTS["vmx"], SEED, facts,
-                         _restorer(vcpu, base, sregs))  # fmt: skip
+            restore = _restorer(vcpu, base, sregs)
+            yield InL2(vcpu, base, restore, memory, Facts.from_vcpu(vcpu), ram)
         finally:
             run.close()
+
+
+@pytest.mark.vmx_guest
+def test_vmx_fuzz_against_kvm_intel(vmx_in_l2: InL2, capsys: pytest.CaptureFixture[str]) -> None:
+    r = vmx_in_l2
+    tally = fuzz(r.vcpu, r.base, "vmx", COUNTS["vmx"], SEED, r.facts, r.restore, r.memory)
     assert_good(tally, capsys)
+
+
+@pytest.mark.vmx_guest
+def test_vmx_link_pointer_page_agrees_with_guest_memory(vmx_in_l2: InL2) -> None:
+    """nested_vmx_check_vmcs_link_ptr reads the page at the link pointer: the real shadow
+    VMCS passes; L1's code page (no VMCS header), a page outside guest memory and the
+    shadow VMCS with its shadow bit cleared in memory are refused; check() with the VM's
+    memory says the same each time, and without memory says it cannot know."""
+    from tests.support.vmx_l1 import GPA
+
+    r = vmx_in_l2
+    shadow_page = GPA.SHADOW_VMCS
+    outside = 1 << 32  # below any MAXPHYADDR, above the VM's memory
+    failures = []
+    for name, link, clear_bit, refused in (
+        ("the shadow VMCS", shadow_page, False, False),
+        ("L1's page directory", GPA.PAGE_DIR, False, True),
+        ("no memory slot", outside, False, True),
+        ("shadow bit cleared in memory", shadow_page, True, True),
+    ):
+        state = r.base.copy()
+        assert state.vmcs12 is not None
+        state.vmcs12.vmcs_link_pointer = link
+        data = state.to_bytes()[: int(state.size)]
+        page = r.memory.read_physical(shadow_page, 4)
+        assert page is not None
+        saved_header = int.from_bytes(page, "little")
+        if clear_bit:
+            _write_u32(r.ram, shadow_page, saved_header & 0x7FFF_FFFF)
+        try:
+            answer = kernel_set(r.vcpu, data)
+            problems = check(data, r.facts, memory=r.memory)
+            blind = check(data, r.facts)
+        finally:
+            _write_u32(r.ram, shadow_page, saved_header)
+            r.restore()
+        found = [p for p in problems if p.field == "vmcs12.vmcs_link_pointer"]
+        if (
+            (answer != 0) != refused
+            or bool(found) != refused
+            or not all(p.certain for p in problems)
+        ):
+            failures.append(f"{name}: kernel {answer}, check {[str(p) for p in problems]}")
+        if link != outside and not any(
+            not p.certain and "memory" in (p.needs or "") for p in blind
+        ):
+            failures.append(f"{name}: without memory: {[str(p) for p in blind]}")
+    assert not failures, "\n".join(failures)
+
+
+def _write_u32(ram: list[tuple[int, Any]], gpa: int, value: int) -> None:
+    """Write guest memory through the VM's own mmap (which Regions reads)."""
+    for base, mem in ram:
+        if base <= gpa < base + len(mem):
+            mem[gpa - base : gpa - base + 4] = value.to_bytes(4, "little")
+            return
+    raise AssertionError(f"{gpa:#x} is not in guest memory")

@@ -30,7 +30,12 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
 
 * ``V_NMI_ENABLE`` in vmcb12 needs the NMI intercept in 6.12, not in 6.1;
 * EFER.AUTOIBRS and CR4.LAM_SUP are reserved in 6.1 and need their CPUID
-  feature in 6.12, which also ignores CR3's LAM bits 61-62 with LAM;
+  feature in 6.12, which also ignores CR3's LAM bits 61-62 with CPUID LAM
+  (``kvm_vcpu_is_legal_cr3``; 6.1's ``kvm_vcpu_is_illegal_gpa`` never does);
+* vmcs12's host SYSENTER_ESP/EIP, FS/GS/GDTR/IDTR/TR bases and guest BNDCFGS
+  are canonical at the vCPU's CR4.LA57 in 6.1 (``is_noncanonical_address``)
+  and at KVM's own LA57 in 6.12 (``is_noncanonical_msr_address``,
+  ``_base_address``: ``Facts.host_la57``); HOST_RIP at the vCPU's in both;
 * with EFER.SVME clear in the vCPU, 6.1 and 6.12 alike accept only flags
   == GIF_SET (a clear GIF too is refused): 6.12's svm_set_nested_state has
   the same test as 6.1's, so any kernel that accepts flags 0 there is newer
