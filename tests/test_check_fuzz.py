@@ -264,6 +264,8 @@ def fuzz(vcpu: kvmstate.Vcpu, base: NestedState, vendor: str, count: int, seed: 
         case_seed = seed * 1_000_003 + i
         mutated, changes = mutate(data, vendor, case_seed)
         answer = kernel_set(vcpu, mutated)
+        # check() after the kernel, on the memory the kernel read: a SET on a vCPU in guest
+        # mode first writes KVM's cached shadow vmcs12 back to guest memory.
         problems = check(mutated, facts, memory=memory)
         judge(tally, case_seed, changes, answer, problems)
         restore()
@@ -460,6 +462,13 @@ def test_vmx_link_pointer_page_agrees_with_guest_memory(vmx_in_l2: InL2) -> None
         assert page is not None
         saved_header = int.from_bytes(page, "little")
         if clear_bit:
+            # Leave guest mode first: a SET on a vCPU in guest mode writes the shadow vmcs12
+            # KVM caches back to the link pointer's page (vmx_leave_nested ->
+            # nested_flush_cached_shadow_vmcs12), which would undo the change below. A
+            # migration target is a fresh vCPU, which has nothing to write back.
+            root = r.base.copy()
+            root.flags = NestedFlag(0)
+            assert kernel_set(r.vcpu, root.to_bytes()[: int(root.size)]) == 0
             _write_u32(r.ram, shadow_page, saved_header & 0x7FFF_FFFF)
         try:
             answer = kernel_set(r.vcpu, data)

@@ -7,6 +7,12 @@ revision must be VMCS12_REVISION and its shadow bit must equal the vmcs12's
 "VMCS shadowing" control). Without memory that rule is undecided; give
 :func:`~kvmstate.check.check` a :class:`GuestMemory` and it is decided.
 
+The memory is the target's as it will be at SET. A migration target is a fresh
+vCPU; a vCPU already in guest mode with VMCS shadowing first writes the shadow
+vmcs12 KVM caches back to the link pointer's page when a SET takes it out of
+guest mode (``vmx_leave_nested`` -> ``nested_flush_cached_shadow_vmcs12``), so
+for such a vCPU read the memory after that, not before.
+
 Anything with a ``read_physical(gpa, size)`` method is a GuestMemory, so a
 VM-snapshot object can be one directly; :class:`Regions` makes one from the
 host buffers that back guest memory, such as the mmaps that
