@@ -1193,6 +1193,18 @@ def test_from_vcpu_reads_cpuid(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
     assert facts.maxphyaddr is not None and 32 <= facts.maxphyaddr <= 52
 
 
+def test_from_vcpu_reads_kvms_own_la57(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
+    """host_la57 is KVM_GET_SUPPORTED_CPUID's leaf 7.0 ECX bit 16 (SDM: LA57), which 6.12's
+    kvm_cpu_cap_has(X86_FEATURE_LA57) reflects; the vCPU's own CPUID does not matter."""
+    supported = kvm.get_supported_cpuid()
+    leaf7 = [
+        e for e in list(supported.items())[: len(supported)] if (e.function, e.index) == (7, 0)
+    ]
+    want = bool(leaf7 and leaf7[0].ecx & 1 << 16)
+    assert Facts.from_vcpu(vcpu).host_la57 is want
+    assert Facts.from_vcpu(_Unreadable()).host_la57 is None  # no VM, no Kvm to ask
+
+
 # --- the kernel agrees (inside the emulated AMD guest) ---------------------------------------
 
 
