@@ -1024,7 +1024,7 @@ def _header_only(state: VcpuState) -> bool:
 
 
 def _to_ch(
-    args: argparse.Namespace, template: _Source, chosen: list[tuple[int, VcpuState]]
+    args: argparse.Namespace, template: _Source, chosen: list[tuple[int, VcpuState]], name: str
 ) -> bytes:
     snap = template.document
     assert isinstance(snap, cloud_hypervisor.Snapshot)
@@ -1038,12 +1038,12 @@ def _to_ch(
         except ValueError as exc:
             if _header_only(state) and args.header_only is None:
                 raise CliError(
-                    f"vcpu {i}: a header-only nested state ({state.nested!r}) that Cloud "
+                    f"{name}: vcpu {i}: a header-only nested state ({state.nested!r}) that Cloud "
                     "Hypervisor would drop (it stores null for 128 bytes or less): "
                     "--header-only keep writes the buffer (Cloud Hypervisor restores it), "
                     "--header-only drop writes null as Cloud Hypervisor does"
                 ) from None
-            raise CliError(f"vcpu {i}: {exc}") from None
+            raise CliError(f"{name}: vcpu {i}: {exc}") from None
         snap = cloud_hypervisor.Snapshot(data, template.name)
     return bytes(snap.data)
 
@@ -1064,7 +1064,7 @@ def _to_qemu(template: _Source, chosen: list[tuple[int, VcpuState]]) -> bytes:
         raise CliError(f"{exc}") from None
 
 
-def _to_crosvm(template: _Source | None, chosen: list[tuple[int, VcpuState]]) -> bytes:
+def _to_crosvm(template: _Source | None, chosen: list[tuple[int, VcpuState]], name: str) -> bytes:
     ((i, state),) = chosen
     try:
         if template is None:
@@ -1075,7 +1075,7 @@ def _to_crosvm(template: _Source | None, chosen: list[tuple[int, VcpuState]]) ->
             raise CliError(f"{template.name}: holds vcpu {snap.vcpu_id}, not vcpu {i}")
         return snap.with_vcpu(state)
     except ValueError as exc:
-        raise CliError(f"vcpu {i}: {exc}") from None
+        raise CliError(f"{name}: vcpu {i}: {exc}") from None
 
 
 def _encode(
@@ -1099,12 +1099,12 @@ def _encode(
         return (json.dumps(snapshot.to_dict(chosen[0][1]), indent=2) + "\n").encode()
     if to == "ch":
         assert template is not None
-        return _to_ch(args, template, chosen)
+        return _to_ch(args, template, chosen, source.name)
     if to == "qemu":
         assert template is not None
         return _to_qemu(template, chosen)
     _single(args, source, chosen)
-    return _to_crosvm(template, chosen)
+    return _to_crosvm(template, chosen, source.name)
 
 
 def _read_back(args: argparse.Namespace, data: bytes, name: str) -> dict[int, VcpuState]:
@@ -1198,7 +1198,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     template = _template(args, source) if args.to in _TEMPLATED else None
     chosen = _inputs(args, source, template)
     data = _encode(args, source, template, chosen)
-    lost = _lost(args, chosen, _read_back(args, data, _shown(args.output)))
+    back = _read_back(args, data, _shown(args.output))
+    lost = _lost(args, chosen, back)
     what = "; ".join(f"vcpu {i}: {', '.join(parts)}" for i, parts in lost.items())
     if lost and not args.lossy:
         raise CliError(
@@ -1218,7 +1219,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if lost:
         _OUT.write(f"kvmstate: not carried (--lossy): {what}\n", err=True)
     for i, state in chosen:
-        if args.to == "ch" and _header_only(state) and args.header_only != "keep":
+        if args.to == "ch" and _header_only(state) and back[i].nested is None:
             how = "dropped (--header-only drop)" if args.header_only else "a fresh vCPU's"
             _print(
                 f"  vcpu {i}: header-only nested state ({how}) stored as null, as Cloud "

@@ -24,11 +24,14 @@ import pytest
 import kvmstate
 from kvmstate import uapi, vmcb
 from kvmstate.check import Facts
+from kvmstate.formats import qemu
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 from tests.support import qemu_payload, qemu_streams, vmm_files
 from tests.test_cli import needs_script, run
+from tests.test_qemu_stream import GuestRun, counter, resume
+from tests.test_qemu_stream import guest_run as guest_run  # the fixture: QEMU in the AMD guest
 
 CAP = qemu_streams.capture()
 VMCB_PA = CAP["payload"]["VMCB"]
@@ -496,6 +499,7 @@ def test_a_facts_field_without_a_parser_parses_by_its_type() -> None:
         [("tdp_mmu", "yes"), ("vmcs12_revision", "0x11"), ("quirks", "a, b"),
          ("firmware", "1.16"), ("limits", "0x10:0x20")]
     )  # fmt: skip
+    assert isinstance(facts, Later)  # from_strings builds the class it is called on
     assert (facts.tdp_mmu, facts.vmcs12_revision, facts.firmware) == (True, 0x11, (1, 16))
     assert facts.quirks == frozenset({"a", "b"}) and facts.limits == {0x10: 0x20}
     with pytest.raises(ValueError, match=r"fact vmcs12_revision='ten'"):
@@ -517,3 +521,60 @@ def test_sniffing_and_from(tmp_path: Path, stream: str) -> None:
         run("decode", "--from", "kernel", stream), f"unknown nested state format {0x4D56}"
     )
     assert qemu_payload.VMCB == VMCB_PA  # the capture's constants are the payload's
+
+
+# --- inside the AMD guest: a real stream, changed with the command, run on by QEMU -------------
+
+#: arch/x86/include/uapi/asm/svm.h: the exit code of an intercepted IN/OUT.
+SVM_EXIT_IOIO = 0x7B
+
+
+@needs_script
+@pytest.mark.svm_guest
+def test_real_stream_through_the_command_runs_on(guest_run: GuestRun, tmp_path: Path) -> None:
+    source = str(guest_run.source)
+    data = guest_run.source.read_bytes()
+    decoded = run("decode", source)
+    assert decoded.returncode == 0, decoded.stderr
+    assert decoded.stdout.startswith(f"{source}: QEMU migration stream, 1 vCPU\n")
+    assert (
+        f"vcpu 0: NestedState(format=SVM, flags=GUEST_MODE|GIF_SET, size={SVM_MAX_SIZE}, "
+        f"vmcb_pa={qemu_payload.VMCB:#x})"
+    ) in decoded.stdout
+    assert "  vmcb12.control.asid = 1\n" in decoded.stdout
+    assert "  hdr.svm.gpat = absent (" in decoded.stdout
+    checked = run("check", "--svm", "--fact", "in_smm=0", source)
+    assert checked.returncode == 0, checked.stdout
+    # Kernel bytes and back: the same stream, byte for byte.
+    blob = tmp_path / "nested.bin"
+    assert run("convert", source, str(blob), "--to", "kernel").returncode == 0
+    raw = blob.read_bytes()
+    assert struct.unpack_from("<HHIQ", raw) == (0x101, 1, SVM_MAX_SIZE, qemu_payload.VMCB)
+    assert data.count(raw[HEADER_SIZE:]) == 1  # QEMU's vmcb12 page, as it sent it
+    same = tmp_path / "same.mig"
+    assert (
+        run("convert", str(blob), str(same), "--to", "qemu", "--template", source).returncode == 0
+    )
+    assert same.read_bytes() == data
+    # vmcb12 gains the IOIO intercept: L2's next OUT exits to L1, which says so, goes on.
+    state = NestedState.from_bytes(raw)
+    assert state.vmcb12 is not None
+    state.vmcb12.control.set_intercept(vmcb.INTERCEPT_IOIO_PROT)
+    blob.write_bytes(state.to_bytes())
+    changed = tmp_path / "changed.mig"
+    proc = run("convert", str(blob), str(changed), "--to", "qemu", "--template", source)
+    assert proc.returncode == 0, proc.stderr
+    assert run("diff", source, str(changed)).stdout == (
+        f"nested.vmcb12.control.intercepts[3]: 0 -> {1 << 27:#x}\n"
+    )
+    saved = counter(qemu.read(data))
+    console, after = resume(guest_run, changed.read_bytes(), "cli-changed")
+    exits = re.findall(r"L1 exit ([0-9a-f]{8}) next ([0-9a-f]{8})\n", console)
+    assert len(exits) == 1 and int(exits[0][0], 16) == SVM_EXIT_IOIO, console
+    after_exit = console[console.index("L1 exit") :]
+    counts = [int(c, 16) for c in re.findall(r"L2 ([0-9a-f]{8})\n", after_exit)]
+    assert counts and all(c > saved for c in counts), (saved, counts)
+    # The stream QEMU wrote after running on: still in L2, one exit counted by L1.
+    later = write(tmp_path, "later.mig", after)
+    assert "flags=GUEST_MODE|GIF_SET" in run("decode", later).stdout
+    print(f"timings {guest_run.timings}")
