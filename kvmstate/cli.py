@@ -368,13 +368,16 @@ def _read(path: str, kind: str | None = None) -> tuple[bytes, str, str]:
         if kind is None:
             kind = _sniff(bytes(data[:_SNIFF]))
         limit = _LIMITS[kind]
-        if len(data) > MAX_BLOB and limit > MAX_BLOB:
+        # A file that says it is too large is refused unread; the read stops at the limit
+        # too, for one that grows meanwhile.
+        too_large = os.fstat(fd).st_size > limit
+        if len(data) > MAX_BLOB and limit > MAX_BLOB and not too_large:
             _read_fd(fd, limit, data)
     except OSError as exc:
         raise CliError(f"{name}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    if len(data) > limit:
+    if too_large or len(data) > limit:
         what = "a nested state" if kind == "kernel" else f"read as a {KINDS[kind]}"
         raise CliError(f"{name}: larger than {limit} bytes, the most {what} holds")
     return bytes(data), kind, name
@@ -1218,6 +1221,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     if lost:
         _OUT.write(f"kvmstate: not carried (--lossy): {what}\n", err=True)
+    if args.to == "kvmstate":  # a kvmstate file numbers its vCPUs by position
+        moved = [f"vcpu {i} is vcpu {n}" for n, (i, _) in enumerate(chosen) if i != n]
+        if moved:
+            _print(f"  numbered by position in the file: {', '.join(moved)}")
     for i, state in chosen:
         if args.to == "ch" and _header_only(state) and back[i].nested is None:
             how = "dropped (--header-only drop)" if args.header_only else "a fresh vCPU's"

@@ -362,10 +362,13 @@ def test_cloud_hypervisor_decode_check_diff(tmp_path: Path, saved: Saved) -> Non
     assert run("decode", "--vcpu", "1", str(tmp_path)).stdout.startswith(f"{doc}: Cloud")
     checked = run("check", "--svm", doc).stdout
     assert f"{doc} vcpu 1: no nested state to check (nested_state is null" in checked
-    # KVM's own answer for vCPU 0's CPUID decides the SVM feature rule, not --svm.
+    # The file's CPUID (KVM's supported one) decides the SVM feature, not --svm.
     report = json.loads(run("check", "--json", "--svm", doc, "--vcpu", "0").stdout)
-    cpuid_svm = Facts.from_state(saved.states[0]).has_svm
-    assert report["vcpus"][0]["facts"]["has_svm"] is cpuid_svm
+    cpuid = saved.states[0].cpuid
+    assert cpuid is not None
+    ecx = [e.ecx for e in cpuid.items() if e.function == 0x8000_0001]
+    assert report["vcpus"][0]["facts"]["has_svm"] is bool(ecx and ecx[0] >> 2 & 1)  # CPUID.SVM
+    assert report["vcpus"][0]["facts"]["vendor"] == "svm"  # what no file says
     saved_file = str(tmp_path / "vm.kvmstate")
     assert run("convert", doc, saved_file, "--to", "kvmstate").returncode == 0
     assert run("diff", doc, saved_file).stdout == "equal\n"
@@ -461,7 +464,10 @@ def test_crosvm_fragments(tmp_path: Path, saved: Saved) -> None:
     assert "  note: " in proc.stdout  # apic_base lives in the irqchip fragment
     one_line_error(run("decode", "--vcpu", "0", fragment), "no vcpu 0", "(1)")
     middle = str(tmp_path / "v.kvmstate")
-    assert run("convert", fragment, middle, "--to", "kvmstate").returncode == 0
+    proc = run("convert", fragment, middle, "--to", "kvmstate")
+    assert proc.returncode == 0 and proc.stdout.endswith(
+        "  numbered by position in the file: vcpu 1 is vcpu 0\n"
+    )
     for extra in ([], ["--template", fragment]):
         out = str(tmp_path / "out")
         proc = run("convert", middle, out, "--to", "crosvm", "--vcpu", "0", *extra)
@@ -578,3 +584,19 @@ def test_real_stream_through_the_command_runs_on(guest_run: GuestRun, tmp_path: 
     later = write(tmp_path, "later.mig", after)
     assert "flags=GUEST_MODE|GIF_SET" in run("decode", later).stdout
     print(f"timings {guest_run.timings}")
+
+
+@needs_script
+def test_files_larger_than_their_kind_holds_are_refused_unread(tmp_path: Path) -> None:
+    from kvmstate import cli
+    from kvmstate.formats import cloud_hypervisor
+
+    for name, head, limit in (
+        ("big.mig", b"QEVM\0\0\0\x03", cli.MAX_STREAM),
+        ("big.json", b'{"snapshots":{"cpu-manager":{}}}', cloud_hypervisor.MAX_FILE_SIZE),
+    ):
+        path = tmp_path / name
+        with path.open("wb") as f:  # sparse: no disk space, and never read
+            f.write(head)
+            f.truncate(limit + 1)
+        one_line_error(run("decode", str(path)), "larger than", str(limit))
