@@ -271,7 +271,7 @@ KINDS = {
 #: Largest QEMU migration stream read whole (its VM description is at the end): a stream
 #: carries the guest's RAM, so this is a VM of about a GiB of touched memory.
 MAX_STREAM = 1 << 30
-# The most each kind may hold, checked before parsing (the readers check again).
+# The most each kind may hold, checked before a file is read whole and parsed.
 _LIMITS = {
     "kernel": MAX_BLOB,
     "kvmstate": MAX_SNAPSHOT,
