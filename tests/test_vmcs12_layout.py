@@ -33,9 +33,8 @@ from kvmstate.uapi import NestedFormat
 SRC = Path("/usr/src")
 # The versions this module is written against; any other linux-source tarball is checked too.
 WANTED = ("6.1", "6.12")
-FOUND = sorted(
-    p.name[len("linux-source-") : -len(".tar.xz")] for p in SRC.glob("linux-source-*.tar.xz")
-)
+FOUND = sorted(p.name[len("linux-source-"):-len(".tar.xz")]
+               for p in SRC.glob("linux-source-*.tar.xz"))
 VERSIONS = sorted(set(WANTED) | set(FOUND), key=lambda v: tuple(int(x) for x in v.split(".")))
 # The version the module's names follow (constants renamed later than it are not its concern).
 REFERENCE = "6.12"
@@ -70,17 +69,9 @@ def _extract(tarball: Path, dest: Path) -> dict[str, str]:
     texts: dict[str, str] = {}
     if shutil.which("tar"):
         subprocess.run(
-            [
-                "tar",
-                "-xJf",
-                str(tarball),
-                "-C",
-                str(dest),
-                "--wildcards",
-                *(f"*{path}" for path in wanted),
-            ],
-            capture_output=True,
-            check=False,  # a header missing from an old tree is reported below
+            ["tar", "-xJf", str(tarball), "-C", str(dest), "--wildcards",
+             *(f"*{path}" for path in wanted)],
+            capture_output=True, check=False,  # a header missing from an old tree is reported below
         )
         for path in dest.rglob("*.h"):
             for suffix, key in wanted.items():
@@ -99,24 +90,20 @@ def _extract(tarball: Path, dest: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def kernel_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     """version -> header key -> text, for every linux-source tarball present (in parallel)."""
-    jobs = {
-        v: (SRC / f"linux-source-{v}.tar.xz", tmp_path_factory.mktemp(f"linux-{v}")) for v in FOUND
-    }
+    jobs = {v: (SRC / f"linux-source-{v}.tar.xz", tmp_path_factory.mktemp(f"linux-{v}"))
+            for v in FOUND}
     with ThreadPoolExecutor() as pool:
         futures = {v: pool.submit(_extract, *args) for v, args in jobs.items()}
         return {v: f.result() for v, f in futures.items()}
 
 
 @pytest.fixture(params=VERSIONS)
-def source(
-    request: pytest.FixtureRequest, kernel_sources: dict[str, dict[str, str]]
-) -> tuple[str, dict[str, str]]:
+def source(request: pytest.FixtureRequest,
+           kernel_sources: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
     version: str = request.param
     if version not in kernel_sources:
-        pytest.skip(
-            f"/usr/src/linux-source-{version}.tar.xz missing "
-            f"(apt-get install linux-source-{version})"
-        )
+        pytest.skip(f"/usr/src/linux-source-{version}.tar.xz missing "
+                    f"(apt-get install linux-source-{version})")
     texts = kernel_sources[version]
     missing = sorted(set(HEADERS) - set(texts))
     assert not missing, f"linux-source-{version} lacks {[HEADERS[k] for k in missing]}"
@@ -149,24 +136,19 @@ def defines(text: str) -> dict[str, str]:
 
 
 _OPS: dict[type, Callable[[int, int], int]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.BitAnd: operator.and_,
-    ast.LShift: operator.lshift,
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.BitAnd: operator.and_, ast.LShift: operator.lshift,
 }
 
 
 def _arith(expr: str) -> int:
     """Evaluate an integer expression of literals, + - * & << and parentheses."""
-
     def walk(node: ast.AST) -> int:
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.left), walk(node.right))
         raise ValueError(f"unsupported C expression: {expr!r}")
-
     return walk(ast.parse(expr.strip(), mode="eval").body)
 
 
@@ -218,9 +200,8 @@ def _bits(desc: Any) -> tuple[int, int] | None:
 
 def mirror_fields(cls: type[ctypes.Structure]) -> dict[str, tuple[int, int]]:
     """name -> (offset, size) of a mirror's fields."""
-    return {
-        name: (getattr(cls, name).offset, ctypes.sizeof(ctype)) for name, ctype, *_ in cls._fields_
-    }
+    return {name: (getattr(cls, name).offset, ctypes.sizeof(ctype))
+            for name, ctype, *_ in cls._fields_}
 
 
 MIRROR = mirror_fields(m.vmcs12)
@@ -235,11 +216,9 @@ def test_check_offsets(source: tuple[str, dict[str, str]]) -> None:
     pinned = check_offsets(texts["vmcs12"])
     assert len(pinned) > 100, f"{version}: only {len(pinned)} CHECK_OFFSETs parsed"
     problems = [f"{name}: not mirrored" for name in pinned if name not in MIRROR]
-    problems += [
-        f"{name}: mirror at {MIRROR[name][0]}, {version} pins {offset}"
-        for name, offset in pinned.items()
-        if name in MIRROR and MIRROR[name][0] != offset
-    ]
+    problems += [f"{name}: mirror at {MIRROR[name][0]}, {version} pins {offset}"
+                 for name, offset in pinned.items()
+                 if name in MIRROR and MIRROR[name][0] != offset]
     assert problems == [], version
 
 
@@ -283,36 +262,24 @@ def _c_struct(text: str, pattern: str) -> str:
 
 def c_layout(texts: dict[str, str], workdir: Path) -> dict[str, Any]:
     """gcc compiles the kernel's struct vmcs12, gdb reads its layout back."""
-    code = "\n".join(
-        [
-            "typedef unsigned short u16;",
-            "typedef unsigned int u32;",
-            "typedef unsigned long long u64;",
-            "typedef u64 natural_width;",
-            "#define __packed __attribute__((__packed__))",
-            _c_struct(texts["vmcs"], r"struct\s+vmcs_hdr"),
-            _c_struct(texts["vmcs12"], r"struct\s+__packed\s+vmcs12"),
-            "struct vmcs12 oracle_instance;",
-        ]
-    )
+    code = "\n".join([
+        "typedef unsigned short u16;",
+        "typedef unsigned int u32;",
+        "typedef unsigned long long u64;",
+        "typedef u64 natural_width;",
+        "#define __packed __attribute__((__packed__))",
+        _c_struct(texts["vmcs"], r"struct\s+vmcs_hdr"),
+        _c_struct(texts["vmcs12"], r"struct\s+__packed\s+vmcs12"),
+        "struct vmcs12 oracle_instance;",
+    ])
     (workdir / "vmcs12.c").write_text(code + "\n")
     (workdir / "layout.py").write_text(_GDB)
-    subprocess.run(
-        ["gcc", "-g", "-O0", "-c", "vmcs12.c", "-o", "vmcs12.o"],
-        cwd=workdir,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    out = subprocess.run(
-        ["gdb", "-batch", "-nx", "-ex", "source layout.py", "vmcs12.o"],
-        cwd=workdir,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    subprocess.run(["gcc", "-g", "-O0", "-c", "vmcs12.c", "-o", "vmcs12.o"],
+                   cwd=workdir, check=True, capture_output=True, text=True)
+    out = subprocess.run(["gdb", "-batch", "-nx", "-ex", "source layout.py", "vmcs12.o"],
+                         cwd=workdir, check=True, capture_output=True, text=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("LAYOUT "))
-    return json.loads(line[len("LAYOUT ") :])  # type: ignore[no-any-return]
+    return json.loads(line[len("LAYOUT "):])  # type: ignore[no-any-return]
 
 
 def compare_layout(layout: dict[str, Any]) -> list[str]:
@@ -330,9 +297,8 @@ def compare_layout(layout: dict[str, Any]) -> list[str]:
             continue
         if name.startswith("padding") and offset + size == end:
             # Newer kernels filled the front of this padding: those fields must tile the gap.
-            inside = sorted(
-                (o, n) for n, (o, sz) in MIRROR.items() if start <= o and o + sz <= offset
-            )
+            inside = sorted((o, n) for n, (o, sz) in MIRROR.items()
+                            if start <= o and o + sz <= offset)
             cursor = start
             for o, n in inside:
                 if n not in m.NEWER_FIELDS or o != cursor:
@@ -359,7 +325,8 @@ def compare_layout(layout: dict[str, Any]) -> list[str]:
     return problems
 
 
-def test_layout_against_gcc(source: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+def test_layout_against_gcc(source: tuple[str, dict[str, str]],
+                            tmp_path: Path) -> None:
     version, texts = source
     for tool in ("gcc", "gdb"):
         if shutil.which(tool) is None:
@@ -369,9 +336,8 @@ def test_layout_against_gcc(source: tuple[str, dict[str, str]], tmp_path: Path) 
     assert compare_layout(layout) == [], version
     # Every pinned offset is where gcc put the field (the list and the struct agree).
     c_offsets = {f["name"]: f["offset"] for f in layout["fields"]}
-    assert {n: c_offsets.get(n) for n in check_offsets(texts["vmcs12"])} == check_offsets(
-        texts["vmcs12"]
-    )
+    assert {n: c_offsets.get(n) for n in check_offsets(texts["vmcs12"])} == \
+        check_offsets(texts["vmcs12"])
 
 
 def test_mirror_bitfields_exist() -> None:
@@ -384,11 +350,8 @@ def test_mirror_bitfields_exist() -> None:
 
 
 def _module_constants(prefixes: tuple[str, ...]) -> dict[str, int]:
-    return {
-        n: v
-        for n, v in vars(m).items()
-        if n.startswith(prefixes) and isinstance(v, int) and n.isupper()
-    }
+    return {n: v for n, v in vars(m).items()
+            if n.startswith(prefixes) and isinstance(v, int) and n.isupper()}
 
 
 def test_constants_match_vmx_h(source: tuple[str, dict[str, str]]) -> None:
@@ -411,22 +374,15 @@ def test_constants_match_vmx_h(source: tuple[str, dict[str, str]]) -> None:
 def test_views_match_constants() -> None:
     for view, prefix in VIEWS.items():
         members = {prefix + str(member.name): int(member) for member in view}
-        assert members == {
-            n: v
-            for n, v in _module_constants((prefix,)).items()
-            if not n.endswith("ALWAYSON_WITHOUT_TRUE_MSR")
-        }, view.__name__
+        assert members == {n: v for n, v in _module_constants((prefix,)).items()
+                           if not n.endswith("ALWAYSON_WITHOUT_TRUE_MSR")}, view.__name__
     assert set(m.vmcs12._flags_) <= set(m.vmcs12.field_names())
 
 
 def test_all_is_complete() -> None:
-    public = {
-        n
-        for n, v in vars(m).items()
-        if not n.startswith("_")
-        and getattr(v, "__module__", m.__name__) == m.__name__
-        and not isinstance(v, type(m))
-    }
+    public = {n for n, v in vars(m).items()
+              if not n.startswith("_") and getattr(v, "__module__", m.__name__) == m.__name__
+              and not isinstance(v, type(m))}
     assert set(m.__all__) == public
 
 
@@ -436,7 +392,8 @@ def test_all_is_complete() -> None:
 def test_repr_names_fields_and_decodes_controls() -> None:
     v = m.vmcs12.new()
     v.guest_rip = 0xFFFFFFFF81000000
-    v.cpu_based_vm_exec_control = m.CPU_BASED_HLT_EXITING | m.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
+    v.cpu_based_vm_exec_control = (m.CPU_BASED_HLT_EXITING
+                                   | m.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS)
     v.secondary_vm_exec_control = m.SECONDARY_EXEC_ENABLE_EPT | m.SECONDARY_EXEC_SHADOW_VMCS
     v.pin_based_vm_exec_control = m.PIN_BASED_VMX_PREEMPTION_TIMER | (1 << 30)
     v.vm_entry_controls = m.VM_ENTRY_IA32E_MODE
@@ -466,10 +423,12 @@ def test_repr_names_fields_and_decodes_controls() -> None:
 
 def test_repr_hides_padding() -> None:
     text = repr(m.vmcs12())
-    for hidden in ("padding", "padding64", "paddingl", "padding32", "padding_tail", "dead_space"):
+    for hidden in ("padding", "padding64", "paddingl", "padding32", "padding_tail",
+                   "dead_space"):
         assert f" {hidden}=" not in text
         assert hidden in m.vmcs12._hidden_
-    assert all(n in m.vmcs12._hidden_ for n in m.vmcs12.field_names() if n.startswith("padding"))
+    assert all(n in m.vmcs12._hidden_ for n in m.vmcs12.field_names()
+               if n.startswith("padding"))
     assert "padding_tail" in m.vmcs12().to_dict()  # hidden from repr, not from data
 
 
@@ -489,7 +448,6 @@ def test_pretty_printer_one_field_per_line() -> None:
 
         def group(self, *_: Any) -> Any:
             import contextlib
-
             return contextlib.nullcontext()
 
     p = Printer()
@@ -515,7 +473,7 @@ def test_from_buffer_round_trip() -> None:
     v.guest_pml_index = 511
     # A view: the page holds the writes, at the mirror's offsets.
     desc = m.vmcs12.guest_rip
-    assert int.from_bytes(page[desc.offset : desc.offset + desc.size], "little") == 0xFFF0
+    assert int.from_bytes(page[desc.offset:desc.offset + desc.size], "little") == 0xFFF0
     assert int.from_bytes(page[:4], "little") == m.VMCS12_REVISION | 1 << 31
     copy = m.vmcs12.from_bytes(bytes(page))
     assert copy == v and copy.to_bytes() == bytes(page)
@@ -534,6 +492,6 @@ def test_view_of_a_nested_state_page() -> None:
         v.hdr.revision_id = m.VMCS12_REVISION
         v.guest_cr3 = 0x1000
     data = state.to_bytes()
-    first = data[HEADER_SIZE : HEADER_SIZE + m.VMCS12_SIZE]
+    first = data[HEADER_SIZE:HEADER_SIZE + m.VMCS12_SIZE]
     assert m.vmcs12.from_bytes(first).guest_cr3 == 0x1000
-    assert data[HEADER_SIZE + m.VMCS12_SIZE :] == first
+    assert data[HEADER_SIZE + m.VMCS12_SIZE:] == first
