@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -424,8 +425,8 @@ class Facts:
                     value = _parse_msrs(text)
                 elif name not in names:
                     raise KeyError(name)
-                else:  # pragma: no cover - every field has a parser above
-                    raise ValueError("no parser")
+                else:  # a field without a parser of its own: by its annotation
+                    value = _parse_as(typing.get_type_hints(cls)[name], text)
             except KeyError:
                 raise ValueError(
                     f"unknown fact {name!r} (known: {', '.join(sorted(names | {'svme'}))})"
@@ -439,6 +440,31 @@ class Facts:
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ValueError(str(exc)) from None
+
+
+def _parse_as(hint: Any, text: str) -> Any:
+    """``text`` as a value of the Facts field type ``hint`` (``X | None``).
+
+    So that a field added to :class:`Facts` is settable from the command line
+    before anyone writes it a parser: bools, ints, strs, tuples of ints
+    (dotted), sets of strs (comma list), int-to-int mappings (INDEX:VALUE).
+    """
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    kind = kinds[0] if len(kinds) == 1 else hint
+    origin = typing.get_origin(kind) or kind
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is int:
+        return int(text, 0)
+    if kind is str:
+        return text
+    if origin is tuple:
+        return tuple(int(part, 0) for part in text.split("."))
+    if origin in (frozenset, set):
+        return frozenset(t.strip() for t in text.split(",") if t.strip())
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        return _parse_msrs(text)
+    raise ValueError(f"no text form for a fact of type {hint}")
 
 
 def parse_kernel_version(release: str) -> tuple[int, ...] | None:
