@@ -16,6 +16,7 @@ from kvmstate.errors import (
     NestedStateRejectedError,
     NestedStateTooLargeError,
     NestedStateUnavailableError,
+    StateError,
     UnsupportedKvmError,
 )
 from kvmstate.nested import NestedState
@@ -35,6 +36,7 @@ __all__ = [
     "NestedStateRejectedError",
     "NestedStateTooLargeError",
     "NestedStateUnavailableError",
+    "StateError",
     "UnsupportedKvmError",
     "Vcpu",
     "Vm",

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kvmstate import uapi
-from kvmstate._struct import Struct, _as_bytes, _check_int
+from kvmstate._struct import Struct, as_bytes, check_uint, to_jsonable
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.state import PARTS, VcpuState
 
@@ -317,14 +317,6 @@ def loads_vcpu(data: bytes | bytearray | memoryview) -> VcpuState:
 # --- named dict / JSON form ----------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _nested_dict(state: NestedState) -> dict[str, Any]:
@@ -337,15 +329,15 @@ def _nested_dict(state: NestedState) -> dict[str, Any]:
         "hdr_raw": bytes(h.hdr.pad).hex(),
     }
     if h.format == uapi.KVM_STATE_NESTED_FORMAT_VMX:
-        out["vmx"] = _jsonable(h.hdr.vmx.to_dict())
+        out["vmx"] = to_jsonable(h.hdr.vmx.to_dict())
     elif h.format == uapi.KVM_STATE_NESTED_FORMAT_SVM:
-        out["svm"] = _jsonable(h.hdr.svm.to_dict())
+        out["svm"] = to_jsonable(h.hdr.svm.to_dict())
     pages = (state.size - HEADER_SIZE) // 4096
     named = {"vmcs12": state.vmcs12, "shadow_vmcs12": state.shadow_vmcs12, "vmcb12": state.vmcb12}
     covered = 0
     for name, view in named.items():
         if view is not None:
-            out[name] = _jsonable(view.to_dict())
+            out[name] = to_jsonable(view.to_dict())
             covered += 1
     rest = state.to_bytes()[HEADER_SIZE + covered * 4096 :]
     if rest or covered != pages:
@@ -369,12 +361,12 @@ def _nested_from_dict(d: Any, where: str) -> NestedState:
         raise ValueError(f"{where}: unknown keys {unknown}, missing {missing}")
     header = uapi.kvm_nested_state_header()
     # Checked, never wrapped by ctypes: u16 flags and format, u32 size, no bools.
-    header.flags = _check_int(d["flags"], 16, f"{where}.flags")
-    header.format = _check_int(d["format"], 16, f"{where}.format")
-    header.size = _check_int(d["size"], 32, f"{where}.size")
+    header.flags = check_uint(d["flags"], 16, f"{where}.flags")
+    header.format = check_uint(d["format"], 16, f"{where}.format")
+    header.size = check_uint(d["size"], 32, f"{where}.size")
     # Exactly the 120-byte union: a shorter hdr_raw must never be read past.
     hdr_size = ctypes.sizeof(header.hdr)
-    raw = _as_bytes(d["hdr_raw"], hdr_size, f"{where}.hdr_raw")
+    raw = as_bytes(d["hdr_raw"], hdr_size, f"{where}.hdr_raw")
     ctypes.memmove(ctypes.addressof(header.hdr), raw, hdr_size)
     for vendor in ("vmx", "svm"):
         if vendor in d:
@@ -413,9 +405,9 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     parts: dict[str, Any] = {}
     for part, value in state.parts().items():
         if part in _FIXED:
-            parts[part] = _jsonable(value.to_dict())
+            parts[part] = to_jsonable(value.to_dict())
         elif part == "cpuid":
-            entries = [_jsonable(e.to_dict()) for e in value.items()]
+            entries = [to_jsonable(e.to_dict()) for e in value.items()]
             # kvm_cpuid2.padding (u32) is kept when set: {"padding": n, "entries": [...]}.
             parts[part] = (
                 {"padding": value.padding, "entries": entries} if value.padding else entries

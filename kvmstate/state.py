@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as _io
 from kvmstate import uapi
-from kvmstate.errors import KvmError, NestedStateUnavailableError
+from kvmstate.errors import KvmError, NestedStateUnavailableError, StateError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
 from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
+from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, VMX_CAPABILITY_MSRS
 
 if TYPE_CHECKING:
     from kvmstate.vcpu import Vcpu
@@ -60,11 +61,9 @@ __all__ = [
     "save",
 ]
 
-MSR_IA32_FEATURE_CONTROL = 0x3A
-# IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
-# vCPU is in VMX operation (vmx_set_vmx_msr: -EBUSY), so they go before nested state.
-_VMX_CAPABILITY_MSRS = range(0x480, 0x492)
-_EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *_VMX_CAPABILITY_MSRS})
+# KVM refuses to change the VMX capability MSRs once the vCPU is in VMX operation
+# (vmx_set_vmx_msr: -EBUSY), and VMXON needs IA32_FEATURE_CONTROL: both before nested state.
+_EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *VMX_CAPABILITY_MSRS})
 
 #: Every part of a :class:`VcpuState`, in restore order.
 PARTS = (
@@ -100,16 +99,6 @@ _PART_TYPES: dict[str, type[Any]] = {
     "cpuid": uapi.kvm_cpuid2,
     "nested": NestedState,
 }
-
-
-class StateError(KvmError):
-    """Saving or restoring one part of a vCPU failed; ``part`` names it, errno is kept."""
-
-    def __init__(self, part: str, exc: OSError) -> None:
-        ioctl = getattr(exc, "ioctl", None)
-        super().__init__(exc.errno, f"{part}: {exc.strerror}", ioctl=ioctl)
-        self.part = part
-        self.result = getattr(exc, "result", None)
 
 
 @dataclasses.dataclass(eq=False)

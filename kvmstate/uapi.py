@@ -1238,7 +1238,7 @@ class kvm_run_system_event(Struct):
     _flags_ = {"type": SystemEvent}
     _hidden_ = frozenset({"u"})
 
-    def _shown_fields(self) -> list[str]:
+    def shown_fields(self) -> list[str]:
         # The union by its C names; flags (the pre-ndata name) is data[0].
         return ["type", "ndata", "data"]
 
@@ -1447,7 +1447,7 @@ class kvm_run(Struct):
             return "emulation_failure"
         return member
 
-    def _shown_fields(self) -> list[str]:
+    def shown_fields(self) -> list[str]:
         member = self.exit_member()
         shown = [*_RUN_HEAD, *([member] if member else []), "kvm_valid_regs", "kvm_dirty_regs"]
         if self.kvm_valid_regs or self.kvm_dirty_regs:

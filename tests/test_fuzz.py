@@ -54,7 +54,7 @@ from hypothesis import strategies as st
 import kvmstate
 from kvmstate import cli as kcli
 from kvmstate import describe, snapshot, uapi, vmcb, vmcs12
-from kvmstate._struct import _Mixin
+from kvmstate._struct import Mirror
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 
@@ -167,7 +167,7 @@ MIRRORS = [
     c
     for m in (uapi, vmcb, vmcs12)
     for n, c in vars(m).items()
-    if inspect.isclass(c) and issubclass(c, _Mixin) and c.__module__ == m.__name__ and n[0] != "_"
+    if inspect.isclass(c) and issubclass(c, Mirror) and c.__module__ == m.__name__ and n[0] != "_"
 ]
 
 

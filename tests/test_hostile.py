@@ -67,7 +67,7 @@ import kvmstate
 from kvmstate import check as checks
 from kvmstate import cli as kcli
 from kvmstate import describe, ioctls, snapshot, uapi, vmcb, vmcs12
-from kvmstate._struct import _Mixin
+from kvmstate._struct import Mirror
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState, check_for_set
 from kvmstate.state import StateError, VcpuState
@@ -1077,7 +1077,7 @@ MIRRORS = {
     f"{m.__name__.rsplit('.', 1)[1]}.{n}": c
     for m in (uapi, vmcb, vmcs12)
     for n, c in vars(m).items()
-    if inspect.isclass(c) and issubclass(c, _Mixin) and c.__module__ == m.__name__ and n[0] != "_"
+    if inspect.isclass(c) and issubclass(c, Mirror) and c.__module__ == m.__name__ and n[0] != "_"
 }
 for _name, _cls in MIRRORS.items():
     _n = ctypes.sizeof(_cls)

@@ -27,7 +27,7 @@ INVALID_GPA = U64
 
 #: Size of ``struct vmcs12`` as C packs it (998 bytes): what vmx_set_nested_state
 #: copies and compares ``size`` with, not the 4096-byte page it lives in.
-VMCS12_C_SIZE = vmx._C_SIZE
+VMCS12_C_SIZE = vmx.VMCS12_C_SIZE
 VMCS12_MIN = HEADER_SIZE + VMCS12_C_SIZE  # 1126
 # The shadow vmcs12 starts after the whole first page.
 SHADOW_MIN = HEADER_SIZE + uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE + VMCS12_C_SIZE  # 5222
