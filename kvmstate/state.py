@@ -36,12 +36,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import fcntl
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as _io
 from kvmstate import uapi
+from kvmstate._fd import raw_ioctl
 from kvmstate.errors import KvmError, NestedStateUnavailableError, StateError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
@@ -403,7 +403,7 @@ def save(vcpu: Vcpu) -> VcpuState:
         obj = cls()
         try:
             # Each structure is the size its GET request encodes (xsave: KVM_CAP_XSAVE2).
-            fcntl.ioctl(fd, get, obj)
+            raw_ioctl(fd, get, obj)
         except OSError as exc:
             if exc.errno in absent:
                 why = f"{IOCTL_NAMES[get]}: {exc.strerror}"
@@ -470,7 +470,7 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
                 vcpu.set_lapic(obj)  # names a missing irqchip
             else:
                 # At least the size the kernel reads (checked just above).
-                fcntl.ioctl(fd, set_request, obj)
+                raw_ioctl(fd, set_request, obj)
         except KvmError as exc:
             raise StateError(part, exc) from None
         except OSError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import struct
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl, raw_ioctl
 from kvmstate.errors import (
     KvmError,
     NestedStateRejectedError,
@@ -621,7 +620,7 @@ class Vcpu(FdWrapper):
         storage = state._storage
         _SIZE.pack_into(storage, 4, capacity)
         try:
-            fcntl.ioctl(fd, _GET_NESTED, storage)
+            raw_ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
             wanted = state.size
             if exc.errno == errno.E2BIG and wanted > capacity:
@@ -643,7 +642,7 @@ class Vcpu(FdWrapper):
         check_for_set(state)
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = fcntl.ioctl(self.fileno(), _SET_NESTED, state._storage)
+            result = raw_ioctl(self.fileno(), _SET_NESTED, state._storage)
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
