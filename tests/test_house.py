@@ -73,3 +73,89 @@ def test_to_jsonable_walks_containers() -> None:
 
     given = {"raw": b"\x01\xff", "kind": [NestedFormat.SVM, (Colour.RED, bytearray(b"\x02"))]}
     assert to_jsonable(given) == {"raw": "01ff", "kind": [1, [3, "02"]]}
+
+
+# --- step 4: one table of parts, save.py, the native format ----------------------------------
+
+
+def test_every_fixed_part_row_names_ioctls_of_its_own_size() -> None:
+    import ctypes
+
+    from kvmstate.ioctls import IOCTL_NAMES
+
+    for name, row in state.PART_TABLE.items():
+        assert IOCTL_NAMES[row.get].startswith("KVM_GET_"), name
+        assert IOCTL_NAMES[row.set].startswith("KVM_SET_"), name
+        if row.codec == "fixed":
+            # _IOC's size field (bits 16-29) is the structure the kernel copies.
+            assert (row.get >> 16) & 0x3FFF == ctypes.sizeof(row.type), name
+            assert (row.set >> 16) & 0x3FFF == ctypes.sizeof(row.type), name
+        if row.capability is not None:
+            assert isinstance(getattr(kvmstate.uapi, row.capability), int), name
+    assert tuple(state.PART_TABLE) == state.PARTS
+    assert state.PARTS[0] == "cpuid" and state.PARTS.index("sregs") < state.PARTS.index("nested")
+
+
+def test_state_save_and_restore_moved_to_save_with_a_warning() -> None:
+    from kvmstate import save
+
+    for name in ("save", "restore"):
+        with pytest.warns(DeprecationWarning, match=f"kvmstate.save.{name}"):
+            moved = getattr(state, name)
+        assert moved is getattr(save, name)
+    with pytest.raises(AttributeError):
+        state.no_such_name  # noqa: B018
+
+
+def test_snapshot_reexports_the_native_format() -> None:
+    from kvmstate import snapshot
+    from kvmstate.formats import native
+
+    for name in native.__all__:
+        assert getattr(snapshot, name) is getattr(native, name), name
+    empty = state.VcpuState(tsc_khz=1000)
+    assert snapshot.loads_vcpu(empty.to_bytes()) == empty
+    assert native.dumps_vcpu(empty)[12:] != b""  # header, then records
+
+
+# --- step 5: values handed down at creation ---------------------------------------------------
+
+
+def _kvm_or_skip() -> kvmstate.Kvm:
+    try:
+        return kvmstate.Kvm()
+    except OSError as exc:
+        pytest.skip(f"/dev/kvm cannot be opened: {exc}")
+
+
+class _NoParent:
+    """Stands where a vCPU's VM was: any use of it fails the test."""
+
+    closed = False
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the vCPU reached back to its VM for {name!r}")
+
+
+def test_a_vcpu_works_without_reaching_back_to_its_vm() -> None:
+    with _kvm_or_skip() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        assert vcpu.msr_index_list == tuple(kvm.get_msr_index_list())
+        assert vcpu.nested_state_size == kvm.nested_state_size
+        vcpu.vm = _NoParent()
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        saved = vcpu.save_state()
+        vcpu.restore_state(saved)
+        assert vcpu.save_state().regs == saved.regs
+        assert len(vcpu.kvm_run.to_bytes()) > 0  # mapped with the size handed down
+        vcpu.vm = vm  # so that closing is ordinary
+
+
+def test_a_borrowed_vcpu_still_asks_dev_kvm() -> None:
+    with _kvm_or_skip() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        borrowed = kvmstate.Vcpu.borrow(vcpu.fileno())
+        assert borrowed.nested_state_size == kvm.nested_state_size
+        assert borrowed.msr_index_list is None  # so save_state says a Kvm is needed
+        with pytest.raises(ValueError, match="borrowed"):
+            borrowed.save_state()
+        borrowed.close()
+        assert not vcpu.closed

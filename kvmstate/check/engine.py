@@ -9,7 +9,6 @@ concatenates the tables in the kernel's order and :func:`run` applies them.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -270,7 +269,7 @@ def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
             state = NestedState(len(raw))
         except ValueError as exc:
             return [Problem("size", len(raw), str(exc), LIB, rule_id="size_within_data")]
-        ctypes.memmove(ctypes.addressof(state._storage), raw, len(raw))
+        state.buffer[: len(raw)] = raw
     c = Ctx(state, facts, blob_len)
     for scope, rule in rules:
         c.rule_id = rule.__name__
