@@ -36,7 +36,7 @@ from kvmstate import __version__, describe, snapshot, uapi
 from kvmstate import check as checks
 from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
-from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.nested import HEADER_SIZE, NestedState, vendor_of_capability
 from kvmstate.state import PARTS, VcpuState
 from kvmstate.system import Kvm
 
@@ -210,7 +210,8 @@ def info(path: str = "/dev/kvm") -> dict[str, Any]:
         out["api_version"] = kvm.api_version
         size = kvm.nested_state_size
         out["nested_state_size"] = size
-        out["nested_format"] = {8320: "VMX", 4224: "SVM"}.get(size)
+        vendor = vendor_of_capability(size)
+        out["nested_format"] = None if vendor is None else vendor.upper()
         if size == 0:
             out["missing"] = NestedStateUnavailableError.HINT
     return out

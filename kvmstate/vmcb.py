@@ -50,11 +50,12 @@ import ctypes
 import enum
 from typing import NamedTuple
 
+from kvmstate import x86 as _x86
 from kvmstate._struct import Struct, Union
 from kvmstate.uapi import KVM_STATE_NESTED_SVM_VMCB_SIZE
 
-# Architectural bits, defined once in x86 and kept here, where they were first named.
-from kvmstate.x86 import (
+# Architectural bits, defined once in x86 and still importable from here (see __all__).
+from kvmstate.x86 import (  # noqa: F401
     EFER_AUTOIBRS,
     EFER_FFXSR,
     EFER_LMA,
@@ -86,14 +87,6 @@ from kvmstate.x86 import (
 
 __all__ = [
     "AVIC_ENABLE_MASK",
-    "EFER_AUTOIBRS",
-    "EFER_FFXSR",
-    "EFER_LMA",
-    "EFER_LME",
-    "EFER_LMSLE",
-    "EFER_NX",
-    "EFER_SCE",
-    "EFER_SVME",
     "INTERCEPT_CLGI",
     "INTERCEPT_CR",
     "INTERCEPT_DR",
@@ -182,24 +175,6 @@ __all__ = [
     "V_NMI_PENDING_MASK",
     "V_TPR_MASK",
     "X2APIC_MODE_MASK",
-    "X86_CR0_AM",
-    "X86_CR0_CD",
-    "X86_CR0_EM",
-    "X86_CR0_ET",
-    "X86_CR0_MP",
-    "X86_CR0_NE",
-    "X86_CR0_NW",
-    "X86_CR0_PE",
-    "X86_CR0_PG",
-    "X86_CR0_TS",
-    "X86_CR0_WP",
-    "X86_CR4_PAE",
-    "X86_EFLAGS_FIXED",
-    "X86_EFLAGS_IOPL",
-    "X86_EFLAGS_VM",
-    "Cr0",
-    "Cr4",
-    "Efer",
     "Event",
     "EventInjFlag",
     "EventType",
@@ -208,7 +183,6 @@ __all__ = [
     "Intercept",
     "InterceptWord",
     "NestedCtl",
-    "Rflags",
     "SegAttrib",
     "SvmExit",
     "TlbControl",
@@ -222,6 +196,8 @@ __all__ = [
     "vmcb_save_area",
     "vmcb_seg",
 ]
+# The architectural names it re-exports from x86 (CR0, CR4, EFER, RFLAGS; not the MSRs).
+__all__ += [n for n in _x86.__all__ if n[:4] != "MSR_" and n != "VMX_CAPABILITY_MSRS"]
 
 _u8 = ctypes.c_uint8
 _u16 = ctypes.c_uint16

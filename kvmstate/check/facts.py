@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kvmstate import uapi, x86
+from kvmstate.nested import vendor_of_capability
 from kvmstate.state import VcpuState
 
 U64 = (1 << 64) - 1  # the largest u64: registers and MSRs
@@ -257,7 +258,7 @@ class Facts:
         """``"vmx"``/``"svm"`` from :attr:`vendor`, else from :attr:`nested_state_cap`."""
         if self.vendor is not None:
             return self.vendor
-        return {8320: "vmx", 4224: "svm"}.get(self.nested_state_cap or 0)
+        return vendor_of_capability(self.nested_state_cap)
 
     def msr(self, index: int) -> int | None:
         """A VMX capability MSR from :attr:`vmx_msrs`, None if unknown."""
@@ -323,7 +324,7 @@ class Facts:
         try:
             cap = int(vcpu.nested_state_size)
             found["nested_state_cap"] = cap
-            vendor = {8320: "vmx", 4224: "svm"}.get(cap)
+            vendor = vendor_of_capability(cap)
             if vendor:
                 found["vendor"] = vendor
         except (OSError, ValueError):
