@@ -105,8 +105,6 @@ def vcpu_state_fields(state: VcpuState, *, hidden: bool = False) -> Iterator[tup
         yield f"absent.{part}", why, why
 
 
-
-
 def nested_state_dict(state: NestedState, *, hidden: bool = False) -> dict[str, Any]:
     """The state for JSON: ``{"fields": {path: int or hex string}, "decoded": {path: names}}``.
 

@@ -91,8 +91,6 @@ class Differences(list[Difference]):
         return [d.to_dict() for d in self]
 
 
-
-
 def _unit(path: str) -> str | None:
     for unit in _UNITS:
         if path == unit or path.startswith(unit + "."):
