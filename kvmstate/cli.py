@@ -5,7 +5,7 @@ Commands: ``info`` (what this machine's KVM offers for nested state),
 (which rules of KVM_SET_NESTED_STATE it breaks) and ``diff A B``.
 
 A FILE is told apart by its content: a nested-state blob in the kernel's
-format, or a kvmstate file (:mod:`kvmstate.snapshot`: the binary file
+format, or a kvmstate file (:mod:`kvmstate.formats.native`: the binary file
 ``VcpuState.to_bytes`` writes, or its JSON form). For a kvmstate file the
 commands act on each vCPU's nested part (``--vcpu N`` picks one vCPU) and
 say so when a vCPU has none; ``diff`` compares whole vCPU states.

@@ -1,6 +1,6 @@
 """kvmstate's own formats for vCPU state: a versioned binary file, and a named dict/JSON form.
 
-(:mod:`kvmstate.snapshot`, the name this module had, re-exports it unchanged.)
+(``kvmstate.snapshot``, the name this module had, re-exports it unchanged.)
 
 Binary format, version 1.0 (all integers little-endian)::
 
