@@ -7,7 +7,7 @@ Commands: ``info`` (what this machine's KVM offers for nested state),
 
 A FILE is told apart by its content (``--from`` forces a kind): a
 nested-state blob in the kernel's format, a kvmstate file
-(:mod:`kvmstate.snapshot`: the binary file ``VcpuState.to_bytes`` writes,
+(:mod:`kvmstate.formats.native`: the binary file ``VcpuState.to_bytes`` writes,
 or its JSON form), a QEMU migration stream, a Cloud Hypervisor
 ``state.json`` (or its snapshot directory) or a crosvm ``vcpu<N>``
 fragment (:mod:`kvmstate.formats`). For the files of vCPUs the commands act
@@ -44,7 +44,7 @@ from kvmstate import check as checks
 from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
 from kvmstate.formats import cloud_hypervisor, crosvm, qemu
-from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.nested import HEADER_SIZE, NestedState, vendor_of_capability
 from kvmstate.state import PARTS, VcpuState
 from kvmstate.system import Kvm
 
@@ -217,7 +217,8 @@ def info(path: str = "/dev/kvm") -> dict[str, Any]:
         out["api_version"] = kvm.api_version
         size = kvm.nested_state_size
         out["nested_state_size"] = size
-        out["nested_format"] = {8320: "VMX", 4224: "SVM"}.get(size)
+        vendor = vendor_of_capability(size)
+        out["nested_format"] = None if vendor is None else vendor.upper()
         if size == 0:
             out["missing"] = NestedStateUnavailableError.HINT
     return out
