@@ -41,7 +41,7 @@ from kvmstate import vmcs12 as v12
 from kvmstate.check import Facts, Problem, Regions, check
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, kvm_nested_state_header
-from tests.test_check import svm_guest
+from tests.support.states import svm_guest
 
 #: The least share of mutations where check() and the kernel must agree (undecided ones
 #: count as not agreeing); no certain verdict may be wrong whatever the share.
