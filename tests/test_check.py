@@ -31,6 +31,7 @@ from kvmstate.check import Facts, Problem, check, engine, explain, format_proble
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag
+from tests.kvm_fixtures import needs_kvm
 from tests.support import kernels
 from tests.support.states import (
     INVALID,
@@ -86,6 +87,7 @@ VMX_FACTS = Facts(
     in_smm=False,
     evmcs_enabled=False,
     la57=False,
+    host_la57=False,
     kernel_version=(6, 12, 0),
     nested_state_cap=VMX_MAX_SIZE,
     vmx_msrs=VMX_MSRS,
@@ -597,7 +599,9 @@ def test_quirk_fact_parses_from_text() -> None:
          _or("vmcs12.pin_based_vm_exec_control",
              vmx.PIN_BASED_VIRTUAL_NMIS | vmx.PIN_BASED_NMI_EXITING),
          ("vmx_msrs",), "vmx_msrs"),
-        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("la57",), "la57"),
+        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("host_la57",), "host_la57"),
+        ("vmx_guest", _set("vmcs12.host_fs_base", 1 << 50), ("kernel_version", "host_la57"),
+         "kernel_version"),
         ("vmx_guest", _all(_SHADOW, _set("size", VMX_MAX_SIZE),
                            _set("shadow_vmcs12.hdr.revision_id", vmx.VMCS12_REVISION),
                            _set("shadow_vmcs12.hdr.shadow_vmcs", 1)),
@@ -625,6 +629,110 @@ def test_unknown_fact_gives_an_undecided_problem_naming_it(
     assert all(needs in str(p) and "undecided" in str(p) for p in undecided)
 
 
+# --- guest memory: the VMCS link pointer's page ------------------------------------------------
+
+LINK = 0x8000  # where _SHADOW puts the link pointer
+
+
+def _shadow_state() -> NestedState:
+    state = vmx_guest()
+    _SHADOW(state)
+    state.size = VMX_MAX_SIZE
+    assert state.shadow_vmcs12 is not None
+    state.shadow_vmcs12.hdr.revision_id = vmx.VMCS12_REVISION
+    state.shadow_vmcs12.hdr.shadow_vmcs = 1
+    return state
+
+
+def _page(revision: int, shadow: int) -> bytes:
+    """A 4 KiB guest page whose first u32 is a VMCS header (SDM: revision in bits 30:0,
+    the shadow-VMCS indicator in bit 31)."""
+    return (revision | shadow << 31).to_bytes(4, "little") + bytes(4092)
+
+
+@pytest.mark.parametrize(
+    ("regions", "refused", "words"),
+    [
+        ([(LINK, _page(vmx.VMCS12_REVISION, 1))], False, ""),
+        ([(0, bytes(LINK) + _page(vmx.VMCS12_REVISION, 1))], False, ""),  # inside a region
+        ([(LINK, _page(vmx.VMCS12_REVISION + 1, 1))], True, "revision"),
+        ([(LINK, _page(vmx.VMCS12_REVISION, 0))], True, "shadow bit 0"),
+        ([(0, bytes(LINK))], True, "not in guest memory"),  # ends right below the page
+        ([(LINK, bytes(4095))], True, "not in guest memory"),  # a page cut short
+        ([], True, "not in guest memory"),
+    ],
+)
+def test_link_pointer_page_is_decided_by_guest_memory(
+    regions: list[tuple[int, bytes]], refused: bool, words: str
+) -> None:
+    state = _shadow_state()
+    problems = check(state, VMX_FACTS, memory=checks.Regions(regions))
+    assert all(p.certain for p in problems), [str(p) for p in problems]
+    assert [p.field for p in problems] == (["vmcs12.vmcs_link_pointer"] if refused else [])
+    assert all(words in p.rule for p in problems)
+
+
+def test_link_pointer_page_without_memory_is_undecided() -> None:
+    (p,) = check(_shadow_state(), VMX_FACTS)
+    assert not p.certain and p.needs is not None and "memory" in p.needs
+
+
+def test_link_pointer_shadow_bit_follows_the_control() -> None:
+    """Without SHADOW_VMCS in vmcs12, the page's shadow bit must be clear."""
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vmcs_link_pointer = LINK
+    ordinary = checks.Regions([(LINK, _page(vmx.VMCS12_REVISION, 0))])
+    assert check(state, VMX_FACTS, memory=ordinary) == []
+    shadow = checks.Regions([(LINK, _page(vmx.VMCS12_REVISION, 1))])
+    assert [p.certain for p in check(state, VMX_FACTS, memory=shadow)] == [True]
+
+
+def test_memory_is_read_only_where_the_kernel_reads_it() -> None:
+    """An unaligned link pointer is refused before any read; VMX root state reads nothing."""
+    reads: list[tuple[int, int]] = []
+
+    class Spy:
+        def read_physical(self, gpa: int, size: int) -> bytes | None:
+            reads.append((gpa, size))
+            return None
+
+    state = _shadow_state()
+    assert state.vmcs12 is not None
+    state.vmcs12.vmcs_link_pointer = LINK + 8
+    assert [p.rule_id for p in certain(check(state, VMX_FACTS, memory=Spy()))] == [
+        "vmx_guest_state"
+    ]
+    check(vmx_root(), VMX_FACTS, memory=Spy())
+    assert reads == []
+    check(_shadow_state(), VMX_FACTS, memory=Spy())
+    assert reads == [(LINK, 4096)]  # VMCS12_SIZE, as kvm_gfn_to_hva_cache_init maps
+
+
+def test_bad_memory_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="read_physical"):
+        check(vmx_guest(), VMX_FACTS, memory=b"\0" * 4096)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="guest-physical address"):
+        checks.Regions([(-1, b"")])
+    with pytest.raises(TypeError, match="buffer"):
+        checks.Regions([(0, 4096)])
+    assert checks.Regions([(0, b"ab")]).read_physical(-1, 1) is None
+
+
+@needs_kvm
+def test_regions_from_a_vm_read_its_memory_as_it_is() -> None:
+    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm:
+        mem = vm.add_memory(0x10000, 0x4000)
+        memory = checks.Regions.from_vm(vm, {0: mem})
+        mem[0x1000:0x1004] = b"\x01\x02\x03\x04"
+        assert memory.read_physical(0x11000, 4) == b"\x01\x02\x03\x04"  # read when asked
+        assert memory.read_physical(0x13FFF, 2) is None  # past the slot's end
+        with pytest.raises(ValueError, match="slot 3"):
+            checks.Regions.from_vm(vm, {3: mem})
+        with pytest.raises(ValueError, match="shorter"):
+            checks.Regions.from_vm(vm, {0: b"\0" * 16})
+
+
 def test_smm_guest_mode_and_guest_mode_exclude_each_other() -> None:
     state = vmx_root()
     state.vmx.smm.flags = uapi.KVM_STATE_NESTED_SMM_GUEST_MODE | uapi.KVM_STATE_NESTED_SMM_VMXON
@@ -638,11 +746,82 @@ def test_la57_decides_canonical_addresses() -> None:
     state = vmx_guest()
     assert state.vmcs12 is not None
     state.vmcs12.host_gs_base = 1 << 50  # canonical with 57-bit addresses only
-    (p,) = check(state, VMX_FACTS)  # la57=False
+    (p,) = check(state, VMX_FACTS)  # la57=False, host_la57=False
     assert p.certain and p.field == "vmcs12.host_gs_base"
-    assert check(state, dataclasses.replace(VMX_FACTS, la57=True)) == []
+    assert check(state, dataclasses.replace(VMX_FACTS, host_la57=True)) == []
     state.vmcs12.host_gs_base = 1 << 60  # canonical nowhere
-    assert [p.certain for p in check(state, dataclasses.replace(VMX_FACTS, la57=None))] == [True]
+    unknown = dataclasses.replace(VMX_FACTS, la57=None, host_la57=None)
+    assert [p.certain for p in check(state, unknown)] == [True]
+
+
+# Linux 6.1 (vmx/nested.c nested_vmx_check_host_state, x86.h is_noncanonical_address) checks
+# every host address at the vCPU's CR4.LA57; 6.12 checks the SYSENTER MSRs and the bases at
+# KVM's LA57 (is_noncanonical_msr/base_address -> max_host_virt_addr_bits) and HOST_RIP at
+# the vCPU's (vcpu_virt_addr_bits).
+@pytest.mark.parametrize(
+    ("field", "version", "vcpu_la57", "host_la57", "refused"),
+    [
+        ("host_gs_base", (6, 1, 0), False, True, True),
+        ("host_gs_base", (6, 1, 0), True, False, False),
+        ("host_gs_base", (6, 12, 0), False, True, False),
+        ("host_gs_base", (6, 12, 0), True, False, True),
+        ("host_ia32_sysenter_esp", (6, 12, 0), True, False, True),
+        ("host_rip", (6, 12, 0), False, True, True),
+        ("host_rip", (6, 12, 0), True, False, False),
+    ],
+)
+def test_canonical_checks_split_between_vcpu_and_kvm_in_6_12(
+    field: str, version: tuple[int, ...], vcpu_la57: bool, host_la57: bool, refused: bool
+) -> None:
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vm_exit_controls |= vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE
+    setattr(state.vmcs12, field, 0x00FF_0000_0000_0000)  # canonical at 57 bits only
+    facts = dataclasses.replace(
+        VMX_FACTS, kernel_version=version, la57=vcpu_la57, host_la57=host_la57
+    )
+    found = [p for p in check(state, facts) if p.field == f"vmcs12.{field}"]
+    assert all(p.certain for p in found)
+    assert bool(found) == refused, [str(p) for p in found]
+
+
+def test_vcpu_la57_comes_from_cr4_when_not_given() -> None:
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.vm_exit_controls |= vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE
+    state.vmcs12.host_rip = 1 << 50
+
+    def rip(facts: Facts) -> list[Problem]:
+        return [p for p in check(state, facts) if p.field == "vmcs12.host_rip"]
+
+    assert rip(dataclasses.replace(VMX_FACTS, la57=None, cr4=L1_CR4 | 0x1000)) == []  # LA57
+    assert [p.certain for p in rip(dataclasses.replace(VMX_FACTS, la57=None))] == [True]
+    (p,) = rip(dataclasses.replace(VMX_FACTS, la57=None, cr4=None))
+    assert not p.certain and p.needs is not None and "la57" in p.needs
+
+
+@pytest.mark.parametrize(
+    ("version", "lam", "refused"),
+    [((6, 1, 0), True, True), ((6, 1, 0), False, True), ((6, 12, 0), True, False),
+     ((6, 12, 0), False, True)],
+)  # fmt: skip
+def test_cr3_lam_bits_by_kernel_version(version: tuple[int, ...], lam: bool, refused: bool) -> None:
+    """cpuid.h kvm_vcpu_is_legal_cr3 (6.12) masks LAM_U48/U57 with CPUID LAM; 6.1's
+    kvm_vcpu_is_illegal_gpa keeps them, and bit 61 is beyond any MAXPHYADDR."""
+    state = vmx_guest()
+    assert state.vmcs12 is not None
+    state.vmcs12.host_cr3 = L1_CR3 | 1 << 61
+    features = VMX_FACTS.cpu_features or frozenset()
+    facts = dataclasses.replace(
+        VMX_FACTS, kernel_version=version, cpu_features=features | {"lam"} if lam else features
+    )
+    found = check(state, facts)
+    assert all(p.certain for p in found)
+    assert bool(found) == refused, [str(p) for p in found]
+    if lam:  # a kernel between the two, or unknown: the version decides
+        for between in (None, (6, 6, 0)):
+            (p,) = check(state, dataclasses.replace(facts, kernel_version=between))
+            assert not p.certain and p.needs == "kernel_version"
 
 
 def test_addresses_below_4g_need_no_maxphyaddr() -> None:
@@ -945,6 +1124,18 @@ def test_from_vcpu_reads_cpuid(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
     assert facts.maxphyaddr is not None and 32 <= facts.maxphyaddr <= 52
 
 
+def test_from_vcpu_reads_kvms_own_la57(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> None:
+    """host_la57 is KVM_GET_SUPPORTED_CPUID's leaf 7.0 ECX bit 16 (SDM: LA57), which 6.12's
+    kvm_cpu_cap_has(X86_FEATURE_LA57) reflects; the vCPU's own CPUID does not matter."""
+    supported = kvm.get_supported_cpuid()
+    leaf7 = [
+        e for e in list(supported.items())[: len(supported)] if (e.function, e.index) == (7, 0)
+    ]
+    want = bool(leaf7 and leaf7[0].ecx & 1 << 16)
+    assert Facts.from_vcpu(vcpu).host_la57 is want
+    assert Facts.from_vcpu(_Unreadable()).host_la57 is None  # no VM, no Kvm to ask
+
+
 # --- the kernel agrees (inside the emulated AMD guest) ---------------------------------------
 
 
@@ -1227,7 +1418,7 @@ def test_intel_kernel_refuses_what_check_finds(intel_vcpu: Callable[..., kvmstat
         vcpu = intel_vcpu(**setup)
         try:
             answer, problems = _agree(
-                vcpu, state, frozenset({"guest memory (not visible to kvmstate)"})
+                vcpu, state, frozenset({"guest memory (check's memory argument)"})
             )
             assert answer != 0
             assert case.rule_id in {p.rule_id for p in problems if p.certain}

@@ -10,7 +10,8 @@ sentence and the kernel function it comes from. :func:`explain` turns them
 into text for an error message.
 
 Many rules depend on the vCPU the state is restored into (its CPUID, EFER,
-SMM, MAXPHYADDR...) or on the kernel's version. Those go in :class:`Facts`;
+SMM, MAXPHYADDR...), on the kernel's version or on guest memory. The facts go
+in :class:`Facts`, the memory in a :class:`GuestMemory` (:class:`Regions`);
 :meth:`Facts.from_vcpu` reads what a vCPU lets one read. A rule whose
 verdict hangs on a fact that is not known is reported with
 ``certain=False`` and names the fact that would decide it, rather than
@@ -29,7 +30,12 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
 
 * ``V_NMI_ENABLE`` in vmcb12 needs the NMI intercept in 6.12, not in 6.1;
 * EFER.AUTOIBRS and CR4.LAM_SUP are reserved in 6.1 and need their CPUID
-  feature in 6.12, which also ignores CR3's LAM bits 61-62 with LAM;
+  feature in 6.12, which also ignores CR3's LAM bits 61-62 with CPUID LAM
+  (``kvm_vcpu_is_legal_cr3``; 6.1's ``kvm_vcpu_is_illegal_gpa`` never does);
+* vmcs12's host SYSENTER_ESP/EIP, FS/GS/GDTR/IDTR/TR bases and guest BNDCFGS
+  are canonical at the vCPU's CR4.LA57 in 6.1 (``is_noncanonical_address``)
+  and at KVM's own LA57 in 6.12 (``is_noncanonical_msr_address``,
+  ``_base_address``: ``Facts.host_la57``); HOST_RIP at the vCPU's in both;
 * with EFER.SVME clear in the vCPU, 6.1 and 6.12 alike accept only flags
   == GIF_SET (a clear GIF too is refused): 6.12's svm_set_nested_state has
   the same test as 6.1's, so any kernel that accepts flags 0 there is newer
@@ -48,9 +54,11 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
 Not checked, because SET does not check it or nothing here can know it:
 vmcb12's ``event_inj`` (neither version validates it), vmcs12's
 ``launch_state`` and host address-space size (VMLAUNCH/VMRESUME check them,
-SET does not), eVMCS control checks (Hyper-V CPUID), and guest memory (the
-VMCS link pointer's page is read at SET: reported undecided; vmcb12, the
-bitmaps and the like are read at the next KVM_RUN).
+SET does not), eVMCS control checks (Hyper-V CPUID), and guest memory read after SET: the
+VMCS link pointer's page is read at SET (decided with ``memory``, undecided
+without), but vmcb12's MSRPM and the VMX virtual-APIC and MSR-bitmap pages are
+read at the next KVM_RUN (``*_get_nested_state_pages``) and the I/O bitmaps and
+IOPM only at L2 exits, so no SET verdict depends on them.
 
 The package is split by domain: :mod:`~kvmstate.check.facts` (what is known of
 the target), :mod:`~kvmstate.check.problem` (what a broken rule reports),
@@ -70,6 +78,7 @@ from typing import Any
 from kvmstate.check import generic, svm, vmx, vmx_state
 from kvmstate.check.engine import INVALID_GPA, VMCS12_C_SIZE, Ctx, ScopedRule, run
 from kvmstate.check.facts import CPUID_FEATURES, VMX_MSRS, Facts, parse_kernel_version
+from kvmstate.check.memory import GuestMemory, Regions
 from kvmstate.check.problem import Problem, format_problems
 
 __all__ = [
@@ -79,7 +88,9 @@ __all__ = [
     "VMCS12_C_SIZE",
     "VMX_MSRS",
     "Facts",
+    "GuestMemory",
     "Problem",
+    "Regions",
     "check",
     "explain",
     "format_problems",
@@ -94,18 +105,26 @@ _SCOPED_RULES: tuple[ScopedRule, ...] = generic.RULES + vmx.RULES + vmx_state.RU
 RULES: tuple[Callable[[Ctx], None], ...] = tuple(rule for _, rule in _SCOPED_RULES)
 
 
-def check(state: Any, facts: Facts | None = None) -> list[Problem]:
+def check(
+    state: Any, facts: Facts | None = None, memory: GuestMemory | None = None
+) -> list[Problem]:
     """Every rule of KVM_SET_NESTED_STATE that ``state`` breaks, decidable from it and ``facts``.
 
     ``state`` is a :class:`~kvmstate.nested.NestedState` or the bytes of a saved
     state (then ``size`` must also match their length). Problems come in the
     kernel's order; those that depend on an unknown fact have ``certain=False``.
-    An empty list means no known rule is broken.
+    An empty list means no known rule is broken. ``memory`` (a
+    :class:`~kvmstate.check.memory.GuestMemory`, such as
+    :class:`~kvmstate.check.memory.Regions`) is the target's guest memory as it
+    will be at SET: with it, the rule that reads guest memory (the VMCS link
+    pointer's page) is decided rather than undecided::
+
+        >>> check(state, facts, memory=Regions([(0, bytes(guest_ram))]))
     """
-    return run(_SCOPED_RULES, state, _facts_or_default(facts, "check"))
+    return run(_SCOPED_RULES, state, _facts_or_default(facts, "check"), _memory(memory))
 
 
-def explain(state: Any, facts: Facts | None = None) -> str:
+def explain(state: Any, facts: Facts | None = None, memory: GuestMemory | None = None) -> str:
     """:func:`check`, as text for an error message; its first line sums it up.
 
     ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
@@ -116,7 +135,17 @@ def explain(state: Any, facts: Facts | None = None) -> str:
         Traceback (most recent call last):
         TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
     """
-    return format_problems(check(state, _facts_or_default(facts, "explain")))
+    return format_problems(check(state, _facts_or_default(facts, "explain"), memory))
+
+
+def _memory(memory: object) -> GuestMemory | None:
+    """``memory`` as given to check: None or a GuestMemory (TypeError otherwise)."""
+    if memory is None or isinstance(memory, GuestMemory):
+        return memory
+    raise TypeError(
+        f"check() needs memory as an object with read_physical(gpa, size) (such as "
+        f"Regions) or None, not {type(memory).__name__}"
+    )
 
 
 def _facts_or_default(facts: object, caller: str) -> Facts:

@@ -16,6 +16,7 @@ from kvmstate import uapi
 from kvmstate import vmcs12 as vmx
 from kvmstate._struct import format_value
 from kvmstate.check.facts import Facts
+from kvmstate.check.memory import GuestMemory
 from kvmstate.check.problem import Problem
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
@@ -39,6 +40,7 @@ GIF = int(NestedFlag.GIF_SET)
 
 # Addresses below 2^32 are legal for any vCPU, none at or above 2^52 is (see the module doc).
 _SURELY_LEGAL_BITS = 32
+_CR4_LA57 = 1 << 12
 _ARCH_MAX_PHYS_BITS = 52
 
 # Kernel sources the rules cite.
@@ -61,9 +63,16 @@ LIB = "kvmstate: Vcpu.set_nested_state (the kernel reads `size` bytes)"
 class Ctx:
     """The state, the facts and the problems found so far, with the kernel's helpers."""
 
-    def __init__(self, state: NestedState, facts: Facts, blob_len: int | None) -> None:
+    def __init__(
+        self,
+        state: NestedState,
+        facts: Facts,
+        blob_len: int | None,
+        memory: GuestMemory | None = None,
+    ) -> None:
         self.state = state
         self.facts = facts
+        self.memory = memory
         self.blob_len = blob_len
         h = state.header
         self.flags = int(h.flags)
@@ -160,10 +169,39 @@ class Ctx:
             return None
         return True if v[:2] <= (6, 12) else None
 
-    def noncanonical(self, value: int) -> bool | None:
-        """Not canonical: at 57 bits with LA57, at 48 without; unknown LA57 decides only
-        the addresses canonical at 48 bits (fine) or not even at 57 (broken)."""
-        la57 = self.facts.la57
+    def vcpu_la57(self) -> bool | None:
+        """The vCPU's CR4.LA57: the ``la57`` fact, else the bit in the ``cr4`` fact."""
+        if self.facts.la57 is not None:
+            return self.facts.la57
+        cr4 = self.facts.cr4
+        return None if cr4 is None else bool(cr4 & _CR4_LA57)
+
+    def la57_for(self, msr: bool) -> tuple[bool | None, str]:
+        """Whether the check is at 57 bits, and the fact that decides it when unknown.
+
+        ``msr``: an MSR address or a segment/table base, which 6.12 checks against
+        KVM's own LA57 (``is_noncanonical_msr_address``/``_base_address``) and 6.1
+        against the vCPU's CR4.LA57 (``is_noncanonical_address``), like every other
+        address in both.
+        """
+        vcpu = self.vcpu_la57()
+        if not msr:
+            return vcpu, "la57 (or cr4)"
+        newer = self.newer_rule()
+        if newer is False:
+            return vcpu, "la57 (or cr4)"
+        host = self.facts.host_la57
+        if newer is True:
+            return host, "host_la57"
+        if vcpu is not None and vcpu == host:
+            return vcpu, "kernel_version"
+        return None, "kernel_version (6.1: la57, 6.12: host_la57)"
+
+    def noncanonical(self, value: int, msr: bool = False) -> bool | None:
+        """Not canonical: at 57 bits with LA57, at 48 without (see :meth:`la57_for`); an
+        unknown LA57 decides only addresses canonical at 48 bits (fine) or not even at 57
+        (broken)."""
+        la57, _ = self.la57_for(msr)
         if la57 is not None:
             return not _canonical(value, 57 if la57 else 48)
         if _canonical(value, 48):
@@ -250,9 +288,11 @@ def in_svm_vmcb(c: Ctx) -> bool:
     return in_svm_guest(c) and c.size >= VMCB_MIN and c.vmcb is not None
 
 
-def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
+def run(
+    rules: Iterable[ScopedRule], state: Any, facts: Facts, memory: GuestMemory | None = None
+) -> list[Problem]:
     """Apply ``rules`` in order to ``state`` (a NestedState or bytes): what
-    :func:`kvmstate.check.check` does once it has the facts and the rule table."""
+    :func:`kvmstate.check.check` does once it has the facts, the memory and the rule table."""
     blob_len: int | None = None
     if not isinstance(state, NestedState):
         try:
@@ -270,7 +310,7 @@ def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
         except ValueError as exc:
             return [Problem("size", len(raw), str(exc), LIB, rule_id="size_within_data")]
         state.buffer[: len(raw)] = raw
-    c = Ctx(state, facts, blob_len)
+    c = Ctx(state, facts, blob_len, memory)
     for scope, rule in rules:
         c.rule_id = rule.__name__
         try:

@@ -69,7 +69,7 @@ VMX_MSRS: Mapping[int, str] = MappingProxyType(
 
 _BOOL_FACTS = (
     "has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57",
-    "nested_svm_shared_pat",
+    "host_la57", "nested_svm_shared_pat",
 )  # fmt: skip
 _U32_MAX, _INT_MAX = (1 << 32) - 1, (1 << 31) - 1
 # Integer facts and their largest value: registers and MSRs are u64, a capability a
@@ -206,9 +206,15 @@ class Facts:
     evmcs_enabled: bool | None = None
     #: kvm_amd's ``npt`` parameter: nested paging, which NP_ENABLE in vmcb12 needs.
     npt_enabled: bool | None = None
-    #: Whether 57-bit linear addresses are canonical here: the vCPU's CR4.LA57 in 6.1,
-    #: the host's 5-level paging for MSR and base addresses in 6.12.
+    #: The vCPU's CR4.LA57: whether an address is canonical at 57 bits rather than 48 for
+    #: every canonical check in 6.1, and for HOST_RIP in 6.12 (``vcpu_virt_addr_bits``).
+    #: When None, the bit is taken from :attr:`cr4` if that is known.
     la57: bool | None = None
+    #: Whether KVM offers LA57 (KVM_GET_SUPPORTED_CPUID 7.0:ECX[16], ``kvm_cpu_cap_has``):
+    #: 6.12 checks MSR addresses and segment/table bases (vmcs12's SYSENTER_ESP/EIP, FS/GS/
+    #: GDTR/IDTR/TR bases, BNDCFGS) at 57 bits with it (``max_host_virt_addr_bits``), 6.1
+    #: ignores it (it uses the vCPU's CR4.LA57 for them too).
+    host_la57: bool | None = None
     #: The kernel's version, e.g. ``(6, 1, 0)`` (rules that differ between versions).
     kernel_version: tuple[int, ...] | None = None
     #: KVM_CAP_NESTED_STATE: 0 without nesting, 8320 on kvm_intel, 4224 on kvm_amd.
@@ -297,8 +303,10 @@ class Facts:
         sregs (EFER, CR0, CR3, CR4), vCPU events (SMM), ``KVM_CAP_NESTED_STATE``,
         the VMX capability MSRs and IA32_FEATURE_CONTROL when the CPUID has
         VMX, kvm_amd's ``npt`` parameter, and this machine's kernel version.
-        Not readable, so left None: eVMCS enablement, LA57 canonicality and
-        whether the VM disabled ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT``.
+        KVM's own LA57 (``host_la57``) comes from KVM_GET_SUPPORTED_CPUID
+        when the vCPU's VM knows its :class:`~kvmstate.system.Kvm`. Not readable,
+        so left None: eVMCS enablement and whether the VM disabled
+        ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT``.
         """
         found: dict[str, Any] = {}
         try:
@@ -337,6 +345,14 @@ class Facts:
             control = _read_msrs(vcpu, [x86.MSR_IA32_FEATURE_CONTROL])
             if control:
                 found["feature_control"] = control[x86.MSR_IA32_FEATURE_CONTROL]
+        kvm = getattr(getattr(vcpu, "vm", None), "kvm", None)
+        if kvm is not None:
+            try:
+                supported = _cpuid_table(kvm.get_supported_cpuid())
+                leaf, sub, reg, bit = CPUID_FEATURES["la57"]
+                found["host_la57"] = bool(_cpuid_reg(supported, leaf, sub, reg) >> bit & 1)
+            except (OSError, ValueError):
+                pass
         npt = _read_bool_param("/sys/module/kvm_amd/parameters/npt")
         if npt is not None:
             found["npt_enabled"] = npt

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvmstate import x86
-from kvmstate.check.engine import U64, Ctx, flag_names
+from kvmstate.check.engine import U64, Ctx, all_of, flag_names
 
 # --- CR0, CR4, EFER, CR3 and PAT, as the kernel checks them for L2 and the VMCB ---
 
@@ -192,17 +192,25 @@ def pat_invalid(value: int) -> bool:
 
 
 def cr3_rule(c: Ctx, field: str, value: int, source: str) -> None:
-    """kvm_vcpu_is_legal_cr3: no bit at or above MAXPHYADDR (6.12 first drops LAM bits 61-62
-    when the vCPU has LAM)."""
+    """kvm_vcpu_is_legal_cr3: no bit at or above MAXPHYADDR. 6.12 (cpuid.h) first drops the
+    LAM bits 61-62 when the vCPU's CPUID has LAM; 6.1 (kvm_vcpu_is_illegal_gpa) never does,
+    and as no MAXPHYADDR exceeds 52 those bits are then always illegal."""
     lam_bits = value & (3 << 61)
-    if lam_bits and c.feature("lam") is not False:
+    if lam_bits:
+        newer, lam = c.newer_rule(), c.feature("lam")
+        masked = all_of(newer, lam)
+        needs = " and ".join(
+            name for name, known in (("kernel_version", newer), ("cpu_features", lam))
+            if known is None
+        )  # fmt: skip
         c.report(
-            None,
+            None if masked is None else not masked,
             field,
             value,
-            "CR3 bits 61-62 are legal only with LAM (6.12 and CPUID LAM)",
-            source,
-            "kernel_version and cpu_features",
+            "CR3 bits 61-62 (LAM_U57, LAM_U48) are legal only with LAM: 6.12 with CPUID LAM "
+            "ignores them, 6.1 never does",
+            source + " -> kvm_vcpu_is_legal_cr3 (6.12; kvm_vcpu_is_illegal_gpa in 6.1)",
+            needs or "kernel_version",
         )
         value &= ~lam_bits
     c.report(

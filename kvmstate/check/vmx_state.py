@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from kvmstate import uapi, x86
 from kvmstate import vmcs12 as vmx
-from kvmstate import x86
 from kvmstate.check.engine import (
     INVALID_GPA,
     RP,
@@ -90,13 +90,14 @@ def vmx_host_state(c: Ctx) -> None:
     ia32e = bool(exit_ctl & vmx.VM_EXIT_HOST_ADDR_SPACE_SIZE)
     for name in _HOST_ADDRESSES:
         value = int(getattr(v, name))
+        msr = name != "host_rip"  # 6.12: MSR addresses and bases vs HOST_RIP
         c.report(
-            c.noncanonical(value),
+            c.noncanonical(value, msr),
             f"vmcs12.{name}",
             value,
             f"{name} must be a canonical address",
-            src,
-            "la57",
+            src + (" (6.12: is_noncanonical_msr/base_address)" if msr else ""),
+            c.la57_for(msr)[1],
         )
     if exit_ctl & vmx.VM_EXIT_LOAD_IA32_PAT:
         c.report(
@@ -227,16 +228,8 @@ def vmx_guest_state(c: Ctx) -> None:
     link = int(v.vmcs_link_pointer)
     if link != INVALID_GPA:
         c.page_rule("vmcs12.vmcs_link_pointer", link, src, "the VMCS link pointer")
-        c.report(
-            None,
-            "vmcs12.vmcs_link_pointer",
-            link,
-            "the page at the link pointer is read from guest memory: it must be mapped and "
-            f"hold a VMCS header with revision {vmx.VMCS12_REVISION:#x} and the shadow bit "
-            "equal to SHADOW_VMCS",
-            src + " -> nested_vmx_check_vmcs_link_ptr",
-            "guest memory (not visible to kvmstate)",
-        )
+        if c.bad_page(link) is False:
+            _link_page(c, v, link, src + " -> nested_vmx_check_vmcs_link_ptr")
     if entry & vmx.VM_ENTRY_LOAD_IA32_PERF_GLOBAL_CTRL:
         value = int(v.guest_ia32_perf_global_ctrl)
         _perf_global_ctrl(c, "vmcs12.guest_ia32_perf_global_ctrl", value, src)
@@ -270,12 +263,12 @@ def vmx_guest_state(c: Ctx) -> None:
     if entry & vmx.VM_ENTRY_LOAD_BNDCFGS:
         bnd = int(v.guest_bndcfgs)
         c.report(
-            any_of(bool(bnd & _BNDCFGS_RSVD), c.noncanonical(bnd & ~0xFFF)),
+            any_of(bool(bnd & _BNDCFGS_RSVD), c.noncanonical(bnd & ~0xFFF, msr=True)),
             "vmcs12.guest_bndcfgs",
             bnd,
             "BNDCFGS bits 11:2 are reserved and its base must be canonical",
-            src,
-            "la57",
+            src + " (6.12: is_noncanonical_msr_address)",
+            c.la57_for(True)[1],
         )
     activity = int(v.guest_activity_state)
     c.report(
@@ -284,6 +277,43 @@ def vmx_guest_state(c: Ctx) -> None:
         activity,
         "the activity state must be ACTIVE, HLT or WAIT_SIPI",
         src + " -> nested_check_guest_non_reg_state",
+    )
+
+
+_NEEDS_MEMORY = "guest memory (check's memory argument)"
+
+
+def _link_page(c: Ctx, v: vmx.vmcs12, link: int, source: str) -> None:
+    """nested_vmx_check_vmcs_link_ptr (6.1 and 6.12): the 4 KiB page at the link pointer is
+    in guest memory (kvm_gfn_to_hva_cache_init over VMCS12_SIZE) and its header has
+    VMCS12_REVISION and the shadow bit equal to the vmcs12's SHADOW_VMCS control."""
+    shadow = c.has2(vmx.SECONDARY_EXEC_SHADOW_VMCS)
+    rule = (
+        "the page at the link pointer is read from guest memory: it must be mapped and "
+        f"hold a VMCS header with revision {vmx.VMCS12_REVISION:#x} and the shadow bit "
+        f"{int(shadow)} (as SHADOW_VMCS)"
+    )
+    if c.memory is None:
+        c.report(None, "vmcs12.vmcs_link_pointer", link, rule, source, _NEEDS_MEMORY)
+        return
+    page = c.memory.read_physical(link, uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE)
+    if page is None:
+        c.report(
+            True,
+            "vmcs12.vmcs_link_pointer",
+            link,
+            "the page at the link pointer is not in guest memory (no memory slot holds it)",
+            source,
+        )
+        return
+    header = int.from_bytes(page[:4], "little")
+    revision, shadow_bit = header & 0x7FFF_FFFF, bool(header >> 31)
+    c.report(
+        revision != vmx.VMCS12_REVISION or shadow_bit != shadow,
+        "vmcs12.vmcs_link_pointer",
+        link,
+        f"{rule}; guest memory holds revision {revision:#x}, shadow bit {int(shadow_bit)}",
+        source,
     )
 
 
