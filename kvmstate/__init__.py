@@ -25,8 +25,8 @@ reads the imports and holds the package to this list):
 * ``kvmstate.check.generic``, ``kvmstate.check.registers`` - the rules every state meets,
   and the register checks both vendors share;
 * ``kvmstate.check.engine`` - the context, scopes and loop the rules run in;
-* ``kvmstate.check.facts``, ``kvmstate.check.problem`` - what is known of the target,
-  and what a broken rule reports;
+* ``kvmstate.check.facts``, ``kvmstate.check.problem``, ``kvmstate.check.memory`` - what
+  is known of the target, what a broken rule reports, the target's guest memory;
 * ``kvmstate.state`` - :class:`~kvmstate.state.VcpuState` and its table of parts;
 * ``kvmstate.nested`` - :class:`NestedState`, nested state in an aligned buffer;
 * ``kvmstate._fd`` - the file descriptor base and the only two paths into the kernel;
