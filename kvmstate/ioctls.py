@@ -121,6 +121,24 @@ IOCTLS: dict[str, int] = {
     "KVM_SET_NESTED_STATE": _IOW(_K, 0xBF, uapi.NESTED_STATE_HEADER_SIZE),
 }
 
+# The VM's devices and clock, and vCPU events (issue 14: the VM snapshot needs them).
+IOCTLS.update(
+    {
+        "KVM_GET_IRQCHIP": _IOWR(_K, 0x62, uapi.kvm_irqchip),
+        # _IOR in <linux/kvm.h> although the kernel only reads it: the number is what counts.
+        "KVM_SET_IRQCHIP": _IOR(_K, 0x63, uapi.kvm_irqchip),
+        "KVM_CREATE_PIT2": _IOW(_K, 0x77, uapi.kvm_pit_config),
+        "KVM_SET_CLOCK": _IOW(_K, 0x7B, uapi.kvm_clock_data),
+        "KVM_GET_CLOCK": _IOR(_K, 0x7C, uapi.kvm_clock_data),
+        "KVM_GET_PIT2": _IOR(_K, 0x9F, uapi.kvm_pit_state2),
+        "KVM_SET_PIT2": _IOW(_K, 0xA0, uapi.kvm_pit_state2),
+        "KVM_ENABLE_CAP": _IOW(_K, 0xA3, uapi.kvm_enable_cap),
+        "KVM_INTERRUPT": _IOW(_K, 0x86, uapi.kvm_interrupt),
+        "KVM_NMI": _IO(_K, 0x9A),
+        "KVM_SET_GUEST_DEBUG": _IOW(_K, 0x9B, uapi.kvm_guest_debug),
+    }
+)
+
 #: Request number -> kernel name, for error messages.
 IOCTL_NAMES: dict[int, str] = {v: k for k, v in IOCTLS.items()}
 
@@ -168,5 +186,16 @@ KVM_GET_SREGS2: int
 KVM_SET_SREGS2: int
 KVM_GET_XSAVE2: int
 KVM_SET_NESTED_STATE: int
+KVM_GET_IRQCHIP: int
+KVM_SET_IRQCHIP: int
+KVM_CREATE_PIT2: int
+KVM_SET_CLOCK: int
+KVM_GET_CLOCK: int
+KVM_GET_PIT2: int
+KVM_SET_PIT2: int
+KVM_ENABLE_CAP: int
+KVM_INTERRUPT: int
+KVM_NMI: int
+KVM_SET_GUEST_DEBUG: int
 
 __all__ += list(IOCTLS)
