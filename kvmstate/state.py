@@ -14,10 +14,16 @@ Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
    state with VMXON needs VMX enabled in the first (QEMU's
    ``kvm_put_msr_feature_control``), and KVM refuses to change the others
    once the vCPU is in VMX operation (``vmx_set_vmx_msr``: EBUSY).
-3. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
+3. ``tsc_khz``, then IA32_TSC (MSR 0x10): the TSC is scaled by the rate,
+   and ``KVM_SET_NESTED_STATE`` starts L2's VMX preemption timer from the
+   saved deadline and the vCPU's TSC at that moment
+   (``vmx_calc_preemption_timer_value``): on a new vCPU, whose TSC starts
+   near 0, a TSC written after nested state would make the timer late by
+   the whole saved TSC. The kernel's selftests (``vcpu_load_state``) also
+   put MSRs before nested state.
+4. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
    ``KVM_SET_NESTED_STATE`` (svm/vmx ``set_nested_state`` check them).
-4. ``nested``.
-5. ``tsc_khz``: before the TSC MSR, which is scaled by it.
+5. ``nested``.
 6. ``regs``, then ``xsave`` (or ``fpu``) and ``xcrs``.
 7. ``lapic``: before MSRs, as IA32_TSC_DEADLINE only takes in TSC-deadline
    timer mode.
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MSR_IA32_FEATURE_CONTROL",
+    "MSR_IA32_TSC",
     "PARTS",
     "StateError",
     "VcpuState",
@@ -61,12 +68,14 @@ __all__ = [
 ]
 
 MSR_IA32_FEATURE_CONTROL = 0x3A
+MSR_IA32_TSC = 0x10
 # IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
 # vCPU is in VMX operation (vmx_set_vmx_msr: -EBUSY), so they go before nested state.
 _VMX_CAPABILITY_MSRS = range(0x480, 0x492)
 _EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *_VMX_CAPABILITY_MSRS})
 
-#: Every part of a :class:`VcpuState`, in restore order.
+#: Every part of a :class:`VcpuState`, in restore order but for ``tsc_khz``, which
+#: :func:`restore` writes before ``sregs`` (with IA32_TSC); files and reprs keep this order.
 PARTS = (
     "cpuid",
     "sregs",
@@ -495,10 +504,6 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     early = {i: msrs.pop(i) for i in sorted(msrs) if i in _EARLY_MSRS}
     if early:
         put("msrs", lambda: _put_msrs(vcpu, early))
-    put_fixed("sregs")
-    put_fixed("sregs2")
-    if s.nested is not None:
-        put("nested", lambda: vcpu.set_nested_state(s.nested))
     if s.tsc_khz is not None:
         # Set even when KVM_GET_TSC_KHZ already reads the rate: after a refused set it
         # reports the refused rate (docs/quirks.md), which must not pass for restored.
@@ -508,6 +513,14 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
             hint = " (set the state's tsc_khz to None to keep this vCPU's rate)"
             error = KvmError(exc.errno, f"{exc.strerror}{hint}", ioctl=getattr(exc, "ioctl", None))
             raise StateError("tsc_khz", error) from None
+    if MSR_IA32_TSC in msrs:
+        # Before nested state, at the rate just set: L2's preemption timer starts from it.
+        tsc = {MSR_IA32_TSC: msrs.pop(MSR_IA32_TSC)}
+        put("msrs", lambda: _put_msrs(vcpu, tsc))
+    put_fixed("sregs")
+    put_fixed("sregs2")
+    if s.nested is not None:
+        put("nested", lambda: vcpu.set_nested_state(s.nested))
     put_fixed("regs")
     put_fixed("xsave" if s.xsave is not None else "fpu")
     put_fixed("xcrs")
