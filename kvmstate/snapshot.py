@@ -1,17 +1,18 @@
 """Lasting formats for vCPU state: a versioned binary file, and a named dict/JSON form.
 
-Binary format, version 1.0 (all integers little-endian)::
+Binary format, version 1.1 (all integers little-endian)::
 
     file    = magic major minor record*
     magic   = "KVMSTATE"                          8 bytes
-    major   = u16    1: readers refuse a larger major version
-    minor   = u16    0: additions a 1.x reader may skip (and keeps)
+    major   = u16    1: readers refuse another major version
+    minor   = u16    0 for vCPU files, 1 with VM records: additions a 1.x
+                     reader may skip
     record  = taglen:u16 tag:taglen bytes length:u64 payload:length bytes
 
 A file holds one ``vcpu`` record per vCPU (one for :func:`dumps_vcpu`,
 any number for :func:`dumps_vm`) and an optional ``meta`` record (UTF-8
-JSON: writer, kernel release). A ``vcpu`` payload is itself a sequence of
-records, one per part, each payload the kernel's own bytes:
+JSON: writer, format, kernel release). A ``vcpu`` payload is itself a
+sequence of records, one per part, each payload the kernel's own bytes:
 
 =========== =====================================================
 tag         payload
@@ -34,6 +35,31 @@ writes them back unchanged. Unknown top-level records (beside ``vcpu`` and
 :class:`VcpuState` has no place for them.
 Every length is checked against what is left before anything is parsed;
 malformed input raises ValueError naming the record.
+
+A VM snapshot (:class:`~kvmstate.vmstate.VmState`, version 1.1) adds
+top-level records, in this order (a reader takes them in any order):
+
+=========== =====================================================
+tag         payload
+=========== =====================================================
+vm          UTF-8 JSON: ``{"layout": {...}, "absent": {...}}``;
+            the layout has ``slots`` (``slot``,
+            ``guest_phys_addr``, ``size``), ``vcpu_ids``,
+            ``tss_addr``, ``identity_map_addr``, ``irqchip``
+            (bool), ``split_irqchip`` (pins), ``pit`` (flags)
+clock       ``struct kvm_clock_data``
+irqchip     ``struct kvm_irqchip``, one per chip (PIC master,
+            PIC slave, IOAPIC; ``chip_id`` inside)
+pit2        ``struct kvm_pit_state2``
+vcpu        as above, one per vCPU in ``vcpu_ids`` order
+memory      ``slot:u32 reserved:u32 guest_phys_addr:u64`` then
+            the slot's ``size`` bytes; one per slot, last
+=========== =====================================================
+
+A 1.0 reader skips these records and reads the vCPUs (:func:`loads_vm`).
+A VM reader refuses a file without ``vm`` (a vCPU file), a memory record
+whose slot, address or size differs from the layout, a slot without
+one, and a vCPU count other than the layout's, each naming it.
 """
 
 from __future__ import annotations
@@ -66,6 +92,8 @@ __all__ = [
 MAGIC = b"KVMSTATE"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
+#: The minor version a file with VM records (a :class:`~kvmstate.vmstate.VmState`) has.
+VM_FORMAT_MINOR = 1
 _HEAD = struct.Struct("<8sHH")
 _TAG_RE = re.compile(rb"[a-z0-9_.]{1,64}\Z")
 # A separator that cannot be a tag: extra bytes after a known part are kept as "part/trailing".
@@ -258,14 +286,14 @@ def _decode_vcpu(payload: memoryview, where: str, base: int) -> VcpuState:
     return state
 
 
-def _header() -> bytes:
-    return _HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+def _header(minor: int = FORMAT_MINOR) -> bytes:
+    return _HEAD.pack(MAGIC, FORMAT_MAJOR, minor)
 
 
-def _meta() -> bytes:
+def _meta(minor: int = FORMAT_MINOR) -> bytes:
     meta = {
         "writer": "kvmstate",
-        "format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",
+        "format": f"{FORMAT_MAJOR}.{minor}",
         "kernel": os.uname().release,
     }
     return _record("meta", json.dumps(meta, sort_keys=True).encode())
@@ -546,3 +574,254 @@ def from_dict(data: dict[str, Any]) -> VcpuState:
             raise ValueError(f"{part}: {exc!r}") from None
     _check_trailing(state)
     return state
+
+
+# --- whole VMs (format 1.1: VM records beside the vcpu ones) ------------------------------
+#
+# A VM snapshot file adds, after ``meta``, one ``vm`` record (UTF-8 JSON: the layout and
+# the parts the VM had none of), ``clock`` (kvm_clock_data), one ``irqchip`` per chip
+# (kvm_irqchip, its chip_id inside), ``pit2`` (kvm_pit_state2), the ``vcpu`` records
+# in layout order, and last one ``memory`` record per slot:
+#
+#     memory = slot:u32 reserved:u32 guest_phys_addr:u64 bytes:(size of the slot)
+#
+# A 1.0 reader skips the VM records (unknown top-level records) and sees the vCPUs.
+
+_MEMORY_HEAD = struct.Struct("<IIQ")
+_VM_FIXED: dict[str, type[Struct]] = {
+    "clock": uapi.kvm_clock_data,
+    "irqchip": uapi.kvm_irqchip,
+    "pit2": uapi.kvm_pit_state2,
+}
+
+
+def _record_head(tag: str, length: int) -> bytes:
+    raw = tag.encode()
+    return struct.pack("<H", len(raw)) + raw + struct.pack("<Q", length)
+
+
+def _vm_records(state: Any) -> list[bytes]:
+    """Every record of a VM file but the memory contents, in file order (checked first)."""
+    state.check()
+    vm = {"layout": state.layout.to_json(), "absent": dict(state.absent)}
+    out = [_record("vm", json.dumps(vm, sort_keys=True).encode())]
+    if state.clock is not None:
+        out.append(_record("clock", state.clock.to_bytes()))
+    for _, chip in sorted(state.irqchip.items()):
+        out.append(_record("irqchip", chip.to_bytes()))
+    if state.pit is not None:
+        out.append(_record("pit2", state.pit.to_bytes()))
+    out += [_record("vcpu", _encode_vcpu(s)) for s in state.vcpus]
+    return out
+
+
+def _memory_head(slot: Any) -> bytes:
+    payload = _MEMORY_HEAD.size + slot.size
+    return _record_head("memory", payload) + _MEMORY_HEAD.pack(slot.slot, 0, slot.guest_phys_addr)
+
+
+def dumps_vm_state(state: Any) -> bytes:
+    """Encode a :class:`~kvmstate.vmstate.VmState` as one file (see above; memory last)."""
+    chunks = [_header(VM_FORMAT_MINOR), _meta(VM_FORMAT_MINOR), *_vm_records(state)]
+    for slot, data in zip(state.layout.slots, state.memory, strict=True):
+        chunks += [_memory_head(slot), bytes(memoryview(data).cast("B"))]
+    return b"".join(chunks)
+
+
+def write_vm_state(file: Any, state: Any) -> int:
+    """Write a VM snapshot to a binary file; memory goes from its buffers, uncopied."""
+    n = 0
+    for chunk in [_header(VM_FORMAT_MINOR), _meta(VM_FORMAT_MINOR), *_vm_records(state)]:
+        n += file.write(chunk)
+    for slot, data in zip(state.layout.slots, state.memory, strict=True):
+        n += file.write(_memory_head(slot))
+        n += file.write(memoryview(data).cast("B"))
+    return n
+
+
+class _VmReader:
+    """Builds a VmState from the records of a VM file, in any order, checking as it goes."""
+
+    def __init__(self) -> None:
+        self.vm: dict[str, Any] | None = None
+        self.clock: Any = None
+        self.pit: Any = None
+        self.irqchip: dict[int, Any] = {}
+        self.vcpus: list[VcpuState] = []
+        self.memory: dict[int, tuple[int, Any]] = {}
+
+    def record(self, tag: str, payload: memoryview, offset: int) -> None:
+        where = f"{tag} record at byte {offset}"
+        if tag == "vm":
+            if self.vm is not None:
+                raise ValueError(f"{where}: a second vm record")
+            try:
+                vm = json.loads(bytes(payload).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                raise ValueError(f"{where}: not JSON") from None
+            if not isinstance(vm, dict) or "layout" not in vm:
+                raise ValueError(f"{where}: expected a JSON object with 'layout'")
+            self.vm = vm
+        elif tag in _VM_FIXED:
+            cls = _VM_FIXED[tag]
+            if len(payload) != ctypes.sizeof(cls):
+                raise ValueError(
+                    f"{where}: {len(payload)} bytes, {cls.__name__} is {ctypes.sizeof(cls)}"
+                )
+            obj = cls.from_bytes(payload)
+            if tag == "irqchip":
+                chip_id = int(obj.chip_id)
+                if chip_id in self.irqchip or chip_id >= uapi.KVM_NR_IRQCHIPS:
+                    raise ValueError(f"{where}: chip {chip_id} twice or unknown")
+                self.irqchip[chip_id] = obj
+            elif getattr(self, "pit" if tag == "pit2" else tag) is not None:
+                raise ValueError(f"{where}: a second {tag} record")
+            else:
+                setattr(self, "pit" if tag == "pit2" else tag, obj)
+        elif tag == "vcpu":
+            body = offset + 2 + len(tag) + 8
+            self.vcpus.append(_decode_vcpu(payload, f"vcpu {len(self.vcpus)}", body))
+
+    def memory_head(self, head: bytes, length: int, offset: int) -> int:
+        """The slot number of a memory record whose first 16 bytes are ``head``."""
+        if length < _MEMORY_HEAD.size:
+            raise ValueError(f"memory record at byte {offset}: {length} bytes, no slot header")
+        slot = _MEMORY_HEAD.unpack(head)[0]
+        if slot in self.memory:
+            raise ValueError(f"memory record at byte {offset}: slot {slot} twice")
+        return int(slot)
+
+    def finish(self) -> Any:
+        from kvmstate.vmstate import VmLayout, VmState
+
+        if self.vm is None:
+            raise ValueError(
+                "not a VM snapshot: the file has no 'vm' record (a vCPU file? use loads_vm)"
+            )
+        layout = VmLayout.from_json(self.vm["layout"])
+        absent = self.vm.get("absent", {})
+        if not isinstance(absent, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+        ):
+            raise ValueError("vm.absent: expected a JSON object of strings")
+        images = []
+        for s in layout.slots:
+            got = self.memory.get(s.slot)
+            if got is None:
+                raise ValueError(f"memory: the file has no contents for {s} (truncated?)")
+            gpa, data = got
+            if gpa != s.guest_phys_addr or memoryview(data).nbytes != s.size:
+                raise ValueError(
+                    f"memory: {s}, but the record holds {memoryview(data).nbytes} bytes at {gpa:#x}"
+                )
+            images.append(data)
+        extra = sorted(self.memory.keys() - {s.slot for s in layout.slots})
+        if extra:
+            raise ValueError(f"memory: records for slots {extra}, which the layout lacks")
+        if len(self.vcpus) != len(layout.vcpu_ids):
+            raise ValueError(
+                f"vcpus: the file holds {len(self.vcpus)} vCPU records, its layout says "
+                f"{len(layout.vcpu_ids)} (truncated?)"
+            )
+        state = VmState(layout, images, self.vcpus, self.clock, self.irqchip, self.pit, absent)
+        state.check()
+        return state
+
+
+def _check_head(head: bytes | memoryview, size: int) -> None:
+    if size < _HEAD.size:
+        raise ValueError(f"not a kvmstate file: {size} bytes, the header alone is 12")
+    magic, major, minor = _HEAD.unpack_from(head)
+    if magic != MAGIC:
+        raise ValueError(f"not a kvmstate file (magic {bytes(magic)!r})")
+    if major != FORMAT_MAJOR:
+        raise ValueError(
+            f"kvmstate file format {major}.{minor} is not readable by this kvmstate "
+            f"(it reads {FORMAT_MAJOR}.x)"
+        )
+
+
+def loads_vm_state(data: bytes | bytearray | memoryview) -> Any:
+    """Decode :func:`dumps_vm_state` output; the memory images are views of ``data``."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(f"expected bytes-like data, not {type(data).__name__}") from None
+    _check_head(view, len(view))
+    reader = _VmReader()
+    for tag, payload, offset in _records(view[_HEAD.size :], "file", _HEAD.size):
+        if tag == "memory":
+            slot = reader.memory_head(bytes(payload[: _MEMORY_HEAD.size]), len(payload), offset)
+            gpa = _MEMORY_HEAD.unpack_from(payload)[2]
+            reader.memory[slot] = (gpa, payload[_MEMORY_HEAD.size :])
+        else:
+            reader.record(tag, payload, offset)
+    return reader.finish()
+
+
+def _read(file: Any, n: int, what: str, offset: int) -> bytes:
+    data = file.read(n)
+    if len(data) != n:
+        raise ValueError(f"file: truncated {what} at byte {offset}")
+    return bytes(data)
+
+
+def read_vm_state(file: Any) -> Any:
+    """Read a VM snapshot from a seekable binary file; memory with ``readinto`` (one copy).
+
+    Every record length is checked against the bytes the file has left
+    before anything is read or allocated: a truncated file is a ValueError
+    naming the record, never a short image.
+    """
+    start = file.tell()
+    size = file.seek(0, os.SEEK_END) - start
+    file.seek(start)
+    head = file.read(_HEAD.size)
+    _check_head(head, size if len(head) == _HEAD.size else len(head))
+    reader = _VmReader()
+    pos = _HEAD.size
+    while pos < size:
+        offset = pos
+        (taglen,) = struct.unpack("<H", _read(file, 2, "record header", offset))
+        if size - pos - 2 < taglen + 8:
+            raise ValueError(f"file: truncated record header at byte {offset}")
+        tag = _read(file, taglen, "record header", offset)
+        if not _TAG_RE.match(tag):
+            raise ValueError(f"file: invalid record tag {tag[:64]!r} at byte {offset}")
+        (length,) = struct.unpack("<Q", _read(file, 8, "record header", offset))
+        pos += 2 + taglen + 8
+        if length > size - pos:
+            raise ValueError(
+                f"file: record {tag.decode()!r} at byte {offset} says {length} bytes, "
+                f"only {size - pos} remain"
+            )
+        name = tag.decode()
+        if name == "memory":
+            head16 = _read(file, min(length, _MEMORY_HEAD.size), "memory record", offset)
+            slot = reader.memory_head(head16, length, offset)
+            gpa = _MEMORY_HEAD.unpack(head16)[2]
+            image = bytearray(length - _MEMORY_HEAD.size)
+            view = memoryview(image)
+            got = 0
+            while got < len(image):  # readinto may return less than asked (pipes, signals)
+                n = file.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"file: truncated memory record at byte {offset}")
+                got += n
+            reader.memory[slot] = (gpa, image)
+        elif name in ("vm", "clock", "irqchip", "pit2", "vcpu"):
+            payload = _read(file, length, f"{name} record", offset)
+            reader.record(name, memoryview(payload), offset)
+        else:
+            file.seek(length, os.SEEK_CUR)  # a record a newer minor version added
+        pos += length
+    return reader.finish()
+
+
+__all__ += [
+    "VM_FORMAT_MINOR",
+    "dumps_vm_state",
+    "loads_vm_state",
+    "read_vm_state",
+    "write_vm_state",
+]

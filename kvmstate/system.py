@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
 from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg
 from kvmstate.errors import KvmError, UnsupportedKvmError
 from kvmstate.vm import Vm
+
+if TYPE_CHECKING:
+    from kvmstate.vmstate import VmState
 
 __all__ = ["DEFAULT_PATH", "Kvm"]
 
@@ -63,6 +67,17 @@ class Kvm(FdWrapper):
         """``KVM_CREATE_VM``: a new VM, owned by the returned :class:`~kvmstate.vm.Vm`."""
         fd = self._ioctl(io.KVM_CREATE_VM, int_arg(machine_type))
         return Vm(fd, kvm=self)
+
+    def restore_vm(self, state: VmState) -> Vm:
+        """A new VM built with ``state``'s layout and ``state`` restored into it
+        (:func:`kvmstate.vmstate.restore_new`; its vCPUs are :attr:`Vm.vcpus`).
+
+        >>> new = kvm.restore_vm(VmState.load("vm.kvmstate"))    # doctest: +SKIP
+        >>> new.vcpus[0].run()                                   # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        return vmstate.restore_new(self, state)
 
     def get_supported_cpuid(self, max_entries: int = _CPUID_ENTRIES) -> uapi.kvm_cpuid2:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import errno
 import mmap
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
@@ -17,6 +16,7 @@ from kvmstate.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from kvmstate.system import Kvm
+    from kvmstate.vmstate import VmState
 
 __all__ = ["Vm"]
 
@@ -39,7 +39,7 @@ class Vm(FdWrapper):
         self._regions: dict[int, tuple[int, int]] = {}
         # What was set up through this wrapper, so a VM snapshot can build the same VM again.
         self._setup: dict[str, int] = {}
-        self._vcpus: list[weakref.ref[Vcpu]] = []
+        self._vcpus: list[Vcpu] = []
 
     def check_extension(self, capability: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM (per-VM answers where KVM has them)."""
@@ -49,15 +49,14 @@ class Vm(FdWrapper):
         """``KVM_CREATE_VCPU``: a new vCPU, owned by the returned :class:`Vcpu`."""
         fd = self._ioctl(io.KVM_CREATE_VCPU, int_arg(vcpu_id))
         vcpu = Vcpu(fd, vm=self, vcpu_id=vcpu_id)
-        # Weakly held: a VM snapshot saves them; closing one is the caller's choice.
-        self._vcpus.append(weakref.ref(vcpu))
+        # Held for Vm.vcpus (a VM snapshot saves them); closing one is the caller's choice.
+        self._vcpus.append(vcpu)
         return vcpu
 
     @property
     def vcpus(self) -> list[Vcpu]:
         """The vCPUs :meth:`create_vcpu` made that are still open, in creation order."""
-        alive = (ref() for ref in self._vcpus)
-        return [v for v in alive if v is not None and not v.closed]
+        return [v for v in self._vcpus if not v.closed]
 
     def memory(self, slot: int) -> mmap.mmap:
         """The host memory :meth:`add_memory` mapped for ``slot`` (KeyError if none)."""
@@ -295,6 +294,30 @@ class Vm(FdWrapper):
         adds the wall-clock time elapsed since ``realtime`` (a saved clock keeps counting)."""
         # Exactly a kvm_clock_data, the size the request encodes; the kernel only reads it.
         self._ioctl(io.KVM_SET_CLOCK, _exact(data, uapi.kvm_clock_data, "clock"))
+
+    # --- the whole VM (kvmstate.vmstate does the work) -----------------------------------
+
+    def save_state(self, vcpus: Any = None) -> VmState:
+        """The whole VM: memory, clock, devices and every vCPU (:mod:`kvmstate.vmstate`).
+
+        ``vcpus`` are this VM's :class:`Vcpu` objects (by default those made by
+        :meth:`create_vcpu` and not closed), saved in that order.
+
+        >>> state = vm.save_state()                              # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        return vmstate.save(self, vcpus)
+
+    def restore_state(self, state: VmState, vcpus: Any = None) -> None:
+        """Write a :class:`~kvmstate.vmstate.VmState` into this VM, which must have been
+        built with the same layout (see :mod:`kvmstate.vmstate`); checked before any write.
+
+        >>> new.restore_state(state)                             # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        vmstate.restore(self, state, vcpus)
 
     def _release(self) -> None:
         memory, self._memory = self._memory, {}
