@@ -76,6 +76,7 @@ from kvmstate import uapi
 from kvmstate._struct import Struct, _as_bytes, _check_int
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.state import PARTS, VcpuState
+from kvmstate.vmstate import VmLayout, VmState, new_image
 
 __all__ = [
     "FORMAT_MAJOR",
@@ -692,8 +693,6 @@ class _VmReader:
         return int(slot)
 
     def finish(self) -> Any:
-        from kvmstate.vmstate import VmLayout, VmState
-
         if self.vm is None:
             raise ValueError(
                 "not a VM snapshot: the file has no 'vm' record (a vCPU file? use loads_vm)"
@@ -800,7 +799,7 @@ def read_vm_state(file: Any) -> Any:
             head16 = _read(file, min(length, _MEMORY_HEAD.size), "memory record", offset)
             slot = reader.memory_head(head16, length, offset)
             gpa = _MEMORY_HEAD.unpack(head16)[2]
-            image = bytearray(length - _MEMORY_HEAD.size)
+            image = new_image(length - _MEMORY_HEAD.size) if length > _MEMORY_HEAD.size else b""
             view = memoryview(image)
             got = 0
             while got < len(image):  # readinto may return less than asked (pipes, signals)

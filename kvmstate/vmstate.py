@@ -44,6 +44,7 @@ vCPUs) is closed: never left half-restored and in use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -68,6 +69,8 @@ __all__ = [
     "VmMismatchError",
     "VmRestoreError",
     "VmState",
+    "copy_image",
+    "new_image",
     "restore",
     "restore_new",
     "save",
@@ -298,7 +301,7 @@ class VmState:
     """
 
     layout: VmLayout
-    memory: list[bytes | bytearray | memoryview]
+    memory: list[bytes | bytearray | memoryview | mmap.mmap]
     vcpus: list[VcpuState]
     clock: uapi.kvm_clock_data | None = None
     irqchip: dict[int, uapi.kvm_irqchip] = dataclasses.field(default_factory=dict)
@@ -397,6 +400,26 @@ class VmState:
         return f"VmState({', '.join(parts)})"
 
 
+def new_image(size: int) -> mmap.mmap:
+    """Fresh private memory for a slot's image: an anonymous mapping with transparent huge
+    pages asked for, so that filling it takes one page fault per 2 MiB, not per 4 KiB.
+
+    >>> image = new_image(0x10000); len(image)
+    65536
+    """
+    image = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no madvise or no THP: small pages
+        image.madvise(mmap.MADV_HUGEPAGE)
+    return image
+
+
+def copy_image(memory: mmap.mmap) -> mmap.mmap:
+    """A copy of a slot's memory in :func:`new_image` memory: one memcpy, no Python loop."""
+    image = new_image(len(memory))
+    image[:] = memory
+    return image
+
+
 def _vendor(cpuid: uapi.kvm_cpuid2) -> str | None:
     for entry in cpuid.items()[: len(cpuid)]:
         if entry.function == 0:
@@ -437,8 +460,7 @@ def save(vm: Vm, vcpus: Sequence[Vcpu] | None = None) -> VmState:
         state.pit = vm.get_pit2()
     else:
         state.absent["pit"] = "no in-kernel PIT (Vm.create_pit2)"
-    # One copy per slot, of the whole mapping at once (bytes() of the mmap: a memcpy).
-    state.memory = [bytes(vm.memory(s.slot)) for s in layout.slots]
+    state.memory = [copy_image(vm.memory(s.slot)) for s in layout.slots]
     state.vcpus = [save_vcpu(vcpu) for vcpu in vcpus]
     return state
 
