@@ -601,6 +601,17 @@ def test_never_migrated_run_gives_the_models_checksum(kvm: kvmstate.Kvm) -> None
         run.close()
 
 
+def print_table(run: Run) -> None:
+    """The stage table (``pytest -s`` shows it): each stage once, with what KVM refreshed."""
+    rows: dict[tuple[str, int, str, str], set[str]] = {}
+    for r in run.records:
+        rows.setdefault((r.stage, r.size, r.flags, r.vmx_flags), set()).update(r.changes)
+    print(f"\nVMX ({run.migrations} migrations)")
+    print(f"| stage | nested size | flags | vmx flags | came back different |\n|{' --- |' * 5}")
+    for (stage, size, flags, vmx_flags), changes in rows.items():
+        print(f"| {stage} | {size} | {flags} | {vmx_flags} | {', '.join(sorted(changes))} |")
+
+
 def expired_timer(index: int) -> bool:
     """Whether exit ``index`` of ``model(True)`` is the entry pending with a timer of 0."""
     exits = model(True)
@@ -616,6 +627,7 @@ def test_migrated_at_every_exit_gives_the_same_checksum(kvm: kvmstate.Kvm) -> No
         finish(run)
     finally:
         run.close()
+    print_table(run)
     stages = {r.stage for r in run.records}
     sizes = {r.size for r in run.records}
     assert {HEADER_SIZE, ROOT_WITH_VMCS, VMX_MAX_SIZE} <= sizes
