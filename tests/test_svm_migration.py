@@ -53,7 +53,8 @@ COUNTERS = {
     "msrs[0x40000010]": "hyperv.c kvm_hv_get_msr: HV VP_RUNTIME is the calling thread's CPU "
     "time plus the restored offset, so it counts while the test runs",
     "msrs[0x40000020]": "hyperv.c: HV TIME_REF_COUNT ignores host writes "
-    "(kvm_hv_set_msr_pw); get_time_ref_counter reads the new VM's kvmclock",
+    "(kvm_hv_set_msr_pw); get_time_ref_counter reads the kvmclock, which KVM_SET_CLOCK "
+    "restores with the time since the save added: it runs on",
 }
 # Nested-state fields KVM refreshes, with the one stage where they differ in these runs:
 NESTED_REFRESHED = {

@@ -77,9 +77,9 @@ REFRESHED = {
         "(current_task_runtime_100ns): it grows while the vCPU's thread runs"
     ),
     f"msrs[{HV_X64_MSR_TIME_REF_COUNT:#x}]": (
-        "Hyper-V's reference counter is the VM's kvmclock (get_time_ref_counter), which a new "
-        "VM starts again unless KVM_SET_CLOCK restores it (VM state this helper does not "
-        "carry); KVM ignores host writes to it, and lists it even without Hyper-V in CPUID"
+        "Hyper-V's reference counter is the VM's kvmclock (get_time_ref_counter), which the "
+        "VM snapshot's KVM_SET_CLOCK restores with the time since the save added: it runs on; "
+        "KVM ignores host writes to it, and lists it even without Hyper-V in CPUID"
     ),
     "nested.vmcs12.vmx_preemption_timer_value": (
         "in guest mode with 'save preemption timer value' and no entry pending, "
