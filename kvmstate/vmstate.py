@@ -45,35 +45,44 @@ vCPUs) is closed: never left half-restored and in use.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import json
 import mmap
 import os
+import struct
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, TypeAlias
 
-from kvmstate import uapi
+from kvmstate import records, uapi
 from kvmstate.errors import KvmError
+from kvmstate.save import restore as restore_vcpu
+from kvmstate.save import save as save_vcpu
 from kvmstate.state import VcpuState
-from kvmstate.state import restore as restore_vcpu
-from kvmstate.state import save as save_vcpu
 
-if TYPE_CHECKING:
-    from kvmstate.system import Kvm
-    from kvmstate.vcpu import Vcpu
-    from kvmstate.vm import Vm
+# The VM, its vCPUs and the Kvm are anything with the wrappers' methods: this module
+# sits below them (kvmstate.vm calls it with itself), like kvmstate.save below a vCPU.
+Kvm: TypeAlias = Any
+Vm: TypeAlias = Any
+Vcpu: TypeAlias = Any
 
 __all__ = [
     "IRQCHIPS",
+    "VM_FORMAT_MINOR",
     "MemorySlot",
     "VmLayout",
     "VmMismatchError",
     "VmRestoreError",
     "VmState",
     "copy_image",
+    "dumps_vm_state",
+    "loads_vm_state",
     "new_image",
+    "read_vm_state",
     "restore",
     "restore_new",
     "save",
+    "write_vm_state",
 ]
 
 #: The chips of an in-kernel irqchip, in save and restore order.
@@ -355,25 +364,18 @@ class VmState:
                 raise TypeError(f"{name}: expected {kind.__name__}, not {type(value).__name__}")
 
     def to_bytes(self) -> bytes:
-        """The KVMSTATE file format with VM records (:func:`kvmstate.snapshot.dumps_vm_state`)."""
-        from kvmstate.snapshot import dumps_vm_state
-
-        data: bytes = dumps_vm_state(self)
-        return data
+        """The KVMSTATE file format with VM records (:func:`dumps_vm_state`)."""
+        return dumps_vm_state(self)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VmState:
         """Parse :meth:`to_bytes` output; ValueError for a truncated, foreign or vCPU-only file."""
-        from kvmstate.snapshot import loads_vm_state
-
         state: VmState = loads_vm_state(data)
         return state
 
     def write(self, file: str | os.PathLike[str] | BinaryIO) -> int:
         """Write the file format to a path or a binary file, memory straight from its buffers
         (no copy of it in Python); returns the bytes written."""
-        from kvmstate.snapshot import write_vm_state
-
         if isinstance(file, (str, os.PathLike)):
             with open(file, "wb") as f:
                 return write_vm_state(f, self)
@@ -383,8 +385,6 @@ class VmState:
     def load(cls, file: str | os.PathLike[str] | BinaryIO) -> VmState:
         """Read a file written by :meth:`write` (memory with ``readinto``, one copy);
         every length is checked against the file's size before anything is allocated."""
-        from kvmstate.snapshot import read_vm_state
-
         if isinstance(file, (str, os.PathLike)):
             with open(file, "rb") as f:
                 state: VmState = read_vm_state(f)
@@ -547,3 +547,260 @@ def _host_vendor(vm: Vm) -> str | None:
     if kvm is None or kvm.closed:
         return None
     return _supported_vendor(kvm)
+
+
+# --- whole VMs (format 1.1: VM records beside the vcpu ones) ------------------------------
+#
+# A VM snapshot file adds, after ``meta``, one ``vm`` record (UTF-8 JSON: the layout and
+# the parts the VM had none of), ``clock`` (kvm_clock_data), one ``irqchip`` per chip
+# (kvm_irqchip, its chip_id inside), ``pit2`` (kvm_pit_state2), the ``vcpu`` records
+# in layout order, and last one ``memory`` record per slot:
+#
+#     memory = slot:u32 reserved:u32 guest_phys_addr:u64 bytes:(size of the slot)
+#
+# A 1.0 reader skips the VM records (unknown top-level records) and sees the vCPUs.
+
+#: The minor version a file with VM records has (vCPU-only files stay 1.0).
+VM_FORMAT_MINOR = 1
+_MEMORY_HEAD = struct.Struct("<IIQ")
+_VM_FIXED: dict[str, Any] = {
+    "clock": uapi.kvm_clock_data,
+    "irqchip": uapi.kvm_irqchip,
+    "pit2": uapi.kvm_pit_state2,
+}
+
+
+def _record_head(tag: str, length: int) -> bytes:
+    raw = tag.encode()
+    return struct.pack("<H", len(raw)) + raw + struct.pack("<Q", length)
+
+
+def _vm_records(state: Any) -> list[bytes]:
+    """Every record of a VM file but the memory contents, in file order (checked first)."""
+    state.check()
+    vm = {"layout": state.layout.to_json(), "absent": dict(state.absent)}
+    out = [records.record("vm", json.dumps(vm, sort_keys=True).encode())]
+    if state.clock is not None:
+        out.append(records.record("clock", state.clock.to_bytes()))
+    for _, chip in sorted(state.irqchip.items()):
+        out.append(records.record("irqchip", chip.to_bytes()))
+    if state.pit is not None:
+        out.append(records.record("pit2", state.pit.to_bytes()))
+    out += [s.to_record() for s in state.vcpus]
+    return out
+
+
+def _memory_head(slot: Any) -> bytes:
+    payload = _MEMORY_HEAD.size + slot.size
+    return _record_head("memory", payload) + _MEMORY_HEAD.pack(slot.slot, 0, slot.guest_phys_addr)
+
+
+def dumps_vm_state(state: Any) -> bytes:
+    """Encode a :class:`~kvmstate.vmstate.VmState` as one file (see above; memory last)."""
+    chunks = [_vm_header(), _vm_meta(), *_vm_records(state)]
+    for slot, data in zip(state.layout.slots, state.memory, strict=True):
+        chunks += [_memory_head(slot), bytes(memoryview(data).cast("B"))]
+    return b"".join(chunks)
+
+
+def write_vm_state(file: Any, state: Any) -> int:
+    """Write a VM snapshot to a binary file; memory goes from its buffers, uncopied."""
+    n = 0
+    for chunk in [_vm_header(), _vm_meta(), *_vm_records(state)]:
+        n += file.write(chunk)
+    for slot, data in zip(state.layout.slots, state.memory, strict=True):
+        n += file.write(_memory_head(slot))
+        n += file.write(memoryview(data).cast("B"))
+    return n
+
+
+class _VmReader:
+    """Builds a VmState from the records of a VM file, in any order, checking as it goes."""
+
+    def __init__(self) -> None:
+        self.vm: dict[str, Any] | None = None
+        self.clock: Any = None
+        self.pit: Any = None
+        self.irqchip: dict[int, Any] = {}
+        self.vcpus: list[VcpuState] = []
+        self.memory: dict[int, tuple[int, Any]] = {}
+
+    def record(self, tag: str, payload: memoryview, offset: int) -> None:
+        where = f"{tag} record at byte {offset}"
+        if tag == "vm":
+            if self.vm is not None:
+                raise ValueError(f"{where}: a second vm record")
+            try:
+                vm = json.loads(bytes(payload).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                raise ValueError(f"{where}: not JSON") from None
+            if not isinstance(vm, dict) or "layout" not in vm:
+                raise ValueError(f"{where}: expected a JSON object with 'layout'")
+            self.vm = vm
+        elif tag in _VM_FIXED:
+            cls = _VM_FIXED[tag]
+            if len(payload) != ctypes.sizeof(cls):
+                raise ValueError(
+                    f"{where}: {len(payload)} bytes, {cls.__name__} is {ctypes.sizeof(cls)}"
+                )
+            obj = cls.from_bytes(payload)
+            if tag == "irqchip":
+                chip_id = int(obj.chip_id)
+                if chip_id in self.irqchip or chip_id >= uapi.KVM_NR_IRQCHIPS:
+                    raise ValueError(f"{where}: chip {chip_id} twice or unknown")
+                self.irqchip[chip_id] = obj
+            elif getattr(self, "pit" if tag == "pit2" else tag) is not None:
+                raise ValueError(f"{where}: a second {tag} record")
+            else:
+                setattr(self, "pit" if tag == "pit2" else tag, obj)
+        elif tag == "vcpu":
+            body = offset + 2 + len(tag) + 8
+            self.vcpus.append(VcpuState.from_record(payload, f"vcpu {len(self.vcpus)}", body))
+
+    def memory_head(self, head: bytes, length: int, offset: int) -> int:
+        """The slot number of a memory record whose first 16 bytes are ``head``."""
+        if length < _MEMORY_HEAD.size:
+            raise ValueError(f"memory record at byte {offset}: {length} bytes, no slot header")
+        slot = _MEMORY_HEAD.unpack(head)[0]
+        if slot in self.memory:
+            raise ValueError(f"memory record at byte {offset}: slot {slot} twice")
+        return int(slot)
+
+    def finish(self) -> Any:
+        if self.vm is None:
+            raise ValueError(
+                "not a VM snapshot: the file has no 'vm' record (a vCPU file? use loads_vm)"
+            )
+        layout = VmLayout.from_json(self.vm["layout"])
+        absent = self.vm.get("absent", {})
+        if not isinstance(absent, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+        ):
+            raise ValueError("vm.absent: expected a JSON object of strings")
+        images = []
+        for s in layout.slots:
+            got = self.memory.get(s.slot)
+            if got is None:
+                raise ValueError(f"memory: the file has no contents for {s} (truncated?)")
+            gpa, data = got
+            if gpa != s.guest_phys_addr or memoryview(data).nbytes != s.size:
+                raise ValueError(
+                    f"memory: {s}, but the record holds {memoryview(data).nbytes} bytes at {gpa:#x}"
+                )
+            images.append(data)
+        extra = sorted(self.memory.keys() - {s.slot for s in layout.slots})
+        if extra:
+            raise ValueError(f"memory: records for slots {extra}, which the layout lacks")
+        if len(self.vcpus) != len(layout.vcpu_ids):
+            raise ValueError(
+                f"vcpus: the file holds {len(self.vcpus)} vCPU records, its layout says "
+                f"{len(layout.vcpu_ids)} (truncated?)"
+            )
+        state = VmState(layout, images, self.vcpus, self.clock, self.irqchip, self.pit, absent)
+        state.check()
+        return state
+
+
+def _check_head(head: bytes | memoryview, size: int) -> None:
+    if size < records.HEAD.size:
+        raise ValueError(f"not a kvmstate file: {size} bytes, the header alone is 12")
+    magic, major, minor = records.HEAD.unpack_from(head)
+    if magic != records.MAGIC:
+        raise ValueError(f"not a kvmstate file (magic {bytes(magic)!r})")
+    if major != records.FORMAT_MAJOR:
+        raise ValueError(
+            f"kvmstate file format {major}.{minor} is not readable by this kvmstate "
+            f"(it reads {records.FORMAT_MAJOR}.x)"
+        )
+
+
+def loads_vm_state(data: bytes | bytearray | memoryview) -> Any:
+    """Decode :func:`dumps_vm_state` output; the memory images are views of ``data``."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(f"expected bytes-like data, not {type(data).__name__}") from None
+    _check_head(view, len(view))
+    reader = _VmReader()
+    for tag, payload, offset in records.iter_records(
+        view[records.HEAD.size :], "file", records.HEAD.size
+    ):
+        if tag == "memory":
+            slot = reader.memory_head(bytes(payload[: _MEMORY_HEAD.size]), len(payload), offset)
+            gpa = _MEMORY_HEAD.unpack_from(payload)[2]
+            reader.memory[slot] = (gpa, payload[_MEMORY_HEAD.size :])
+        else:
+            reader.record(tag, payload, offset)
+    return reader.finish()
+
+
+def _read(file: Any, n: int, what: str, offset: int) -> bytes:
+    data = file.read(n)
+    if len(data) != n:
+        raise ValueError(f"file: truncated {what} at byte {offset}")
+    return bytes(data)
+
+
+def read_vm_state(file: Any) -> Any:
+    """Read a VM snapshot from a seekable binary file; memory with ``readinto`` (one copy).
+
+    Every record length is checked against the bytes the file has left
+    before anything is read or allocated: a truncated file is a ValueError
+    naming the record, never a short image.
+    """
+    start = file.tell()
+    size = file.seek(0, os.SEEK_END) - start
+    file.seek(start)
+    head = file.read(records.HEAD.size)
+    _check_head(head, size if len(head) == records.HEAD.size else len(head))
+    reader = _VmReader()
+    pos = records.HEAD.size
+    while pos < size:
+        offset = pos
+        (taglen,) = struct.unpack("<H", _read(file, 2, "record header", offset))
+        if size - pos - 2 < taglen + 8:
+            raise ValueError(f"file: truncated record header at byte {offset}")
+        tag = _read(file, taglen, "record header", offset)
+        if not records.TAG_RE.match(tag):
+            raise ValueError(f"file: invalid record tag {tag[:64]!r} at byte {offset}")
+        (length,) = struct.unpack("<Q", _read(file, 8, "record header", offset))
+        pos += 2 + taglen + 8
+        if length > size - pos:
+            raise ValueError(
+                f"file: record {tag.decode()!r} at byte {offset} says {length} bytes, "
+                f"only {size - pos} remain"
+            )
+        name = tag.decode()
+        if name == "memory":
+            head16 = _read(file, min(length, _MEMORY_HEAD.size), "memory record", offset)
+            slot = reader.memory_head(head16, length, offset)
+            gpa = _MEMORY_HEAD.unpack(head16)[2]
+            image = new_image(length - _MEMORY_HEAD.size) if length > _MEMORY_HEAD.size else b""
+            view = memoryview(image)
+            got = 0
+            while got < len(image):  # readinto may return less than asked (pipes, signals)
+                n = file.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"file: truncated memory record at byte {offset}")
+                got += n
+            reader.memory[slot] = (gpa, image)
+        elif name in ("vm", "clock", "irqchip", "pit2", "vcpu"):
+            payload = _read(file, length, f"{name} record", offset)
+            reader.record(name, memoryview(payload), offset)
+        else:
+            file.seek(length, os.SEEK_CUR)  # a record a newer minor version added
+        pos += length
+    return reader.finish()
+
+
+def _vm_header() -> bytes:
+    return records.HEAD.pack(records.MAGIC, records.FORMAT_MAJOR, VM_FORMAT_MINOR)
+
+
+def _vm_meta() -> bytes:
+    meta = {
+        "writer": "kvmstate",
+        "format": f"{records.FORMAT_MAJOR}.{VM_FORMAT_MINOR}",
+        "kernel": os.uname().release,
+    }
+    return records.record("meta", json.dumps(meta, sort_keys=True).encode())

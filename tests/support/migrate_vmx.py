@@ -29,8 +29,9 @@ from collections.abc import Iterator
 
 import kvmstate
 import kvmstate.diff
-from kvmstate.state import MSR_IA32_TSC, PARTS, VcpuState
+from kvmstate.state import PARTS, VcpuState
 from kvmstate.vmstate import VmState
+from kvmstate.x86 import MSR_IA32_TSC
 
 __all__ = [
     "MSR_IA32_TSC",
