@@ -123,6 +123,20 @@ KVM_GET_XSAVE2 = _IOR(_K, 0xCF, uapi.kvm_xsave)
 KVM_GET_NESTED_STATE = _IOWR(_K, 0xBE, uapi.NESTED_STATE_HEADER_SIZE)
 KVM_SET_NESTED_STATE = _IOW(_K, 0xBF, uapi.NESTED_STATE_HEADER_SIZE)
 
+# The VM's devices and clock, and vCPU events (issue 14: the VM snapshot needs them).
+KVM_GET_IRQCHIP = _IOWR(_K, 0x62, uapi.kvm_irqchip)
+# _IOR in <linux/kvm.h> although the kernel only reads it: the number is what counts.
+KVM_SET_IRQCHIP = _IOR(_K, 0x63, uapi.kvm_irqchip)
+KVM_CREATE_PIT2 = _IOW(_K, 0x77, uapi.kvm_pit_config)
+KVM_SET_CLOCK = _IOW(_K, 0x7B, uapi.kvm_clock_data)
+KVM_GET_CLOCK = _IOR(_K, 0x7C, uapi.kvm_clock_data)
+KVM_GET_PIT2 = _IOR(_K, 0x9F, uapi.kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(_K, 0xA0, uapi.kvm_pit_state2)
+KVM_ENABLE_CAP = _IOW(_K, 0xA3, uapi.kvm_enable_cap)
+KVM_INTERRUPT = _IOW(_K, 0x86, uapi.kvm_interrupt)
+KVM_NMI = _IO(_K, 0x9A)
+KVM_SET_GUEST_DEBUG = _IOW(_K, 0x9B, uapi.kvm_guest_debug)
+
 #: Every ioctl the library issues, by kernel name: the constants above, collected.
 IOCTLS: dict[str, int] = {
     name: value for name, value in list(globals().items()) if name.startswith("KVM_")

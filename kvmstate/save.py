@@ -7,7 +7,8 @@ XSAVE area's size, the LAPIC's missing irqchip) are handled by name here, the
 others by their row alone. The vCPU is anything with :class:`~kvmstate.vcpu.Vcpu`'s
 methods: this module sits below the wrappers, which call it.
 
-Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
+Restore order, and why (close to QEMU's ``kvm_arch_put_registers``, but with
+the TSC before nested state):
 
 1. ``cpuid``: KVM validates EFER, CR4, XCR0 and MSRs against the guest's
    CPUID, and nested state needs VMX/SVM in it.
@@ -16,10 +17,16 @@ Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
    state with VMXON needs VMX enabled in the first (QEMU's
    ``kvm_put_msr_feature_control``), and KVM refuses to change the others
    once the vCPU is in VMX operation (``vmx_set_vmx_msr``: EBUSY).
-3. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
+3. ``tsc_khz``, then IA32_TSC (MSR 0x10): the TSC is scaled by the rate,
+   and ``KVM_SET_NESTED_STATE`` starts L2's VMX preemption timer from the
+   saved deadline and the vCPU's TSC at that moment
+   (``vmx_calc_preemption_timer_value``): on a new vCPU, whose TSC starts
+   near 0, a TSC written after nested state would make the timer late by
+   the whole saved TSC. The kernel's selftests (``vcpu_load_state``) also
+   put MSRs before nested state.
+4. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
    ``KVM_SET_NESTED_STATE`` (svm/vmx ``set_nested_state`` check them).
-4. ``nested``.
-5. ``tsc_khz``: before the TSC MSR, which is scaled by it.
+5. ``nested``.
 6. ``regs``, then ``xsave`` (or ``fpu``) and ``xcrs``.
 7. ``lapic``: before MSRs, as IA32_TSC_DEADLINE only takes in TSC-deadline
    timer mode.
@@ -49,7 +56,7 @@ from kvmstate import uapi
 from kvmstate._fd import raw_ioctl
 from kvmstate.errors import KvmError, NestedStateUnavailableError, StateError
 from kvmstate.state import PART_TABLE, PARTS, Part, VcpuState
-from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, VMX_CAPABILITY_MSRS
+from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, MSR_IA32_TSC, VMX_CAPABILITY_MSRS
 
 __all__ = ["EARLY_MSRS", "restore", "save"]
 
@@ -194,14 +201,18 @@ def restore(vcpu: Any, state: VcpuState) -> None:
     early = {i: msrs.pop(i) for i in sorted(msrs) if i in EARLY_MSRS}
     if early:
         put("msrs", lambda: _put_msrs(vcpu, early))
+    if s.tsc_khz is not None:
+        _restore_tsc_khz(vcpu, s.tsc_khz)
+    if MSR_IA32_TSC in msrs:
+        # Before nested state, at the rate just set: L2's preemption timer starts from it.
+        tsc = {MSR_IA32_TSC: msrs.pop(MSR_IA32_TSC)}
+        put("msrs", lambda: _put_msrs(vcpu, tsc))
     for part in PARTS:
         value = getattr(s, part)
-        if value is None or part == "cpuid":
+        if value is None or part in ("cpuid", "tsc_khz"):
             continue
         if part == "nested":
             put("nested", lambda: vcpu.set_nested_state(s.nested))
-        elif part == "tsc_khz":
-            _restore_tsc_khz(vcpu, value)
         elif part == "msrs":
             if msrs:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
                 put("msrs", lambda: _put_msrs(vcpu, msrs))

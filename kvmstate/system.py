@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
 from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg
 from kvmstate.errors import KvmError, UnsupportedKvmError
 from kvmstate.vm import Vm
+
+if TYPE_CHECKING:
+    from kvmstate.vmstate import VmState
 
 __all__ = ["DEFAULT_PATH", "Kvm"]
 
@@ -72,6 +76,18 @@ class Kvm(FdWrapper):
         return Vm(
             fd, kvm=self, nested_state_size=nested, vcpu_mmap_size=mmap_size, msr_index_list=msrs
         )
+
+    def restore_vm(self, state: VmState) -> Vm:
+        """A new VM built with ``state``'s layout and ``state`` restored into it
+        (:func:`kvmstate.vmstate.restore_new`; its vCPUs are :attr:`Vm.vcpus`).
+
+        >>> new = kvm.restore_vm(VmState.load("vm.kvmstate"))    # doctest: +SKIP
+        >>> new.vcpus[0].run()                                   # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        vm: Vm = vmstate.restore_new(self, state)
+        return vm
 
     def get_supported_cpuid(self, max_entries: int = _CPUID_ENTRIES) -> uapi.kvm_cpuid2:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""

@@ -1532,3 +1532,282 @@ class kvm_run(Struct):
 
 
 assert ctypes.sizeof(kvm_run_exit) == 256
+
+
+# --- VM devices, the VM clock and vCPU events (issue 14) ----------------------------------
+# Kept in one block (additive): the VM snapshot (kvmstate.vmstate) saves what these carry.
+
+KVM_CAP_SET_TSS_ADDR = 4
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_PIT2 = 33
+KVM_CAP_PIT_STATE2 = 35
+KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_SPLIT_IRQCHIP = 121
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+KVM_NR_IRQCHIPS = 3
+KVM_IOAPIC_NUM_PINS = 24
+
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_PIT_FLAGS_HPET_LEGACY = 0x00000001
+KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x00000002
+
+KVM_CLOCK_TSC_STABLE = 2
+KVM_CLOCK_REALTIME = 1 << 2
+KVM_CLOCK_HOST_TSC = 1 << 3
+
+KVM_GUESTDBG_ENABLE = 0x00000001
+KVM_GUESTDBG_SINGLESTEP = 0x00000002
+KVM_GUESTDBG_USE_SW_BP = 0x00010000
+KVM_GUESTDBG_USE_HW_BP = 0x00020000
+KVM_GUESTDBG_INJECT_DB = 0x00040000
+KVM_GUESTDBG_INJECT_BP = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ = 0x00100000
+
+
+class ClockFlag(enum.IntFlag):
+    """``kvm_clock_data.flags`` (``KVM_CLOCK_*``)."""
+
+    TSC_STABLE = KVM_CLOCK_TSC_STABLE
+    REALTIME = KVM_CLOCK_REALTIME
+    HOST_TSC = KVM_CLOCK_HOST_TSC
+
+
+class IrqchipId(enum.IntEnum):
+    """``kvm_irqchip.chip_id`` (``KVM_IRQCHIP_*``)."""
+
+    PIC_MASTER = KVM_IRQCHIP_PIC_MASTER
+    PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE
+    IOAPIC = KVM_IRQCHIP_IOAPIC
+
+
+class PitFlag(enum.IntFlag):
+    """``kvm_pit_state2.flags`` (``KVM_PIT_FLAGS_*``)."""
+
+    HPET_LEGACY = KVM_PIT_FLAGS_HPET_LEGACY
+    SPEAKER_DATA_ON = KVM_PIT_FLAGS_SPEAKER_DATA_ON
+
+
+class GuestDebugFlag(enum.IntFlag):
+    """``kvm_guest_debug.control`` (``KVM_GUESTDBG_*``)."""
+
+    ENABLE = KVM_GUESTDBG_ENABLE
+    SINGLESTEP = KVM_GUESTDBG_SINGLESTEP
+    USE_SW_BP = KVM_GUESTDBG_USE_SW_BP
+    USE_HW_BP = KVM_GUESTDBG_USE_HW_BP
+    INJECT_DB = KVM_GUESTDBG_INJECT_DB
+    INJECT_BP = KVM_GUESTDBG_INJECT_BP
+    BLOCKIRQ = KVM_GUESTDBG_BLOCKIRQ
+
+
+class kvm_clock_data(Struct):
+    """``KVM_GET_CLOCK`` / ``KVM_SET_CLOCK``: the VM's kvmclock in ns (and, with
+    ``KVM_CLOCK_REALTIME`` / ``HOST_TSC``, the host's wall clock and TSC at that instant)."""
+
+    _fields_ = [
+        ("clock", _u64),
+        ("flags", _u32),
+        ("pad0", _u32),
+        ("realtime", _u64),
+        ("host_tsc", _u64),
+        ("pad", _u32 * 4),
+    ]
+    _flags_ = {"flags": ClockFlag}
+    _hidden_ = frozenset({"pad0", "pad"})
+
+
+class kvm_pic_state(Struct):
+    """One 8259 PIC (``kvm_irqchip.chip.pic``): its registers and init sequence state."""
+
+    _fields_ = [
+        ("last_irr", _u8),
+        ("irr", _u8),
+        ("imr", _u8),
+        ("isr", _u8),
+        ("priority_add", _u8),
+        ("irq_base", _u8),
+        ("read_reg_select", _u8),
+        ("poll", _u8),
+        ("special_mask", _u8),
+        ("init_state", _u8),
+        ("auto_eoi", _u8),
+        ("rotate_on_auto_eoi", _u8),
+        ("special_fully_nested_mode", _u8),
+        ("init4", _u8),
+        ("elcr", _u8),
+        ("elcr_mask", _u8),
+    ]
+
+
+class kvm_ioapic_redirtbl_fields(Struct):
+    """One IOAPIC redirection entry by field (C: an anonymous struct ``fields``)."""
+
+    _fields_ = [
+        ("vector", _u8),
+        ("delivery_mode", _u8, 3),
+        ("dest_mode", _u8, 1),
+        ("delivery_status", _u8, 1),
+        ("polarity", _u8, 1),
+        ("remote_irr", _u8, 1),
+        ("trig_mode", _u8, 1),
+        ("mask", _u8, 1),
+        ("reserve", _u8, 7),
+        ("reserved", _u8 * 4),
+        ("dest_id", _u8),
+    ]
+    _hidden_ = frozenset({"reserve", "reserved"})
+
+
+class kvm_ioapic_redirtbl(Union):
+    """One IOAPIC redirection entry: the 64 bits, or :class:`kvm_ioapic_redirtbl_fields`."""
+
+    _fields_ = [("bits", _u64), ("fields", kvm_ioapic_redirtbl_fields)]
+
+
+class kvm_ioapic_state(Struct):
+    """The IOAPIC (``kvm_irqchip.chip.ioapic``): base, id, IRR and 24 redirection entries."""
+
+    _fields_ = [
+        ("base_address", _u64),
+        ("ioregsel", _u32),
+        ("id", _u32),
+        ("irr", _u32),
+        ("pad", _u32),
+        ("redirtbl", kvm_ioapic_redirtbl * KVM_IOAPIC_NUM_PINS),
+    ]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_irqchip_chip(Union):
+    """``kvm_irqchip.chip``: 512 bytes, a PIC or the IOAPIC by ``chip_id``."""
+
+    _fields_ = [("dummy", _u8 * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+class kvm_irqchip(Struct):
+    """``KVM_GET_IRQCHIP`` / ``KVM_SET_IRQCHIP``: one chip of the in-kernel irqchip.
+
+    >>> chip = kvm_irqchip(chip_id=KVM_IRQCHIP_IOAPIC)
+    >>> chip.chip.ioapic.redirtbl[0].fields.mask
+    0
+    """
+
+    _fields_ = [("chip_id", _u32), ("pad", _u32), ("chip", kvm_irqchip_chip)]
+    _flags_ = {"chip_id": IrqchipId}
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_pit_config(Struct):
+    """``KVM_CREATE_PIT2``: ``flags`` (``KVM_PIT_SPEAKER_DUMMY``)."""
+
+    _fields_ = [("flags", _u32), ("pad", _u32 * 15)]
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_pit_channel_state(Struct):
+    """One 8254 PIT channel: count, latches, mode, and when the count was loaded (ns)."""
+
+    _fields_ = [
+        ("count", _u32),
+        ("latched_count", _u16),
+        ("count_latched", _u8),
+        ("status_latched", _u8),
+        ("status", _u8),
+        ("read_state", _u8),
+        ("write_state", _u8),
+        ("write_latch", _u8),
+        ("rw_mode", _u8),
+        ("mode", _u8),
+        ("bcd", _u8),
+        ("gate", _u8),
+        # __s64 in C (a ktime in ns); unsigned here like every mirror's integers, so the
+        # dict form (unsigned only) keeps all 64 bits: the same bytes either way.
+        ("count_load_time", _u64),
+    ]
+
+
+class kvm_pit_state2(Struct):
+    """``KVM_GET_PIT2`` / ``KVM_SET_PIT2``: the three PIT channels and ``flags``."""
+
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", _u32),
+        ("reserved", _u32 * 9),
+    ]
+    _flags_ = {"flags": PitFlag}
+    _hidden_ = frozenset({"reserved"})
+
+
+class kvm_guest_debug_arch(Struct):
+    """``kvm_guest_debug.arch`` (x86): DR0-DR7 for hardware breakpoints."""
+
+    _fields_ = [("debugreg", _u64 * 8)]
+
+
+class kvm_guest_debug(Struct):
+    """``KVM_SET_GUEST_DEBUG``: ``control`` (``KVM_GUESTDBG_*``) and the debug registers."""
+
+    _fields_ = [("control", _u32), ("pad", _u32), ("arch", kvm_guest_debug_arch)]
+    _flags_ = {"control": GuestDebugFlag}
+    _hidden_ = frozenset({"pad"})
+
+
+class kvm_enable_cap(Struct):
+    """``KVM_ENABLE_CAP`` (VM or vCPU): a capability and its four arguments."""
+
+    _fields_ = [("cap", _u32), ("flags", _u32), ("args", _u64 * 4), ("pad", _u8 * 64)]
+    _decimal_ = frozenset({"cap"})
+    _hidden_ = frozenset({"pad"})
+
+    @classmethod
+    def build(cls, cap: int, *args: int, flags: int = 0) -> kvm_enable_cap:
+        """One filled in and checked: u32 ``cap`` and ``flags``, at most four u64 ``args``
+        (TypeError/ValueError naming the field; ctypes would wrap them).
+
+        >>> kvm_enable_cap.build(KVM_CAP_SPLIT_IRQCHIP, 24).args[0]
+        24
+        """
+        if len(args) > 4:
+            raise ValueError(f"KVM_ENABLE_CAP takes at most 4 arguments, not {len(args)}")
+        fields = [("cap", cap, 32), ("flags", flags, 32)]
+        fields += [(f"args[{i}]", a, 64) for i, a in enumerate(args)]
+        for name, value, bits in fields:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if not 0 <= value < 1 << bits:
+                raise ValueError(f"{name} {value:#x} does not fit in {bits} bits")
+        out = cls(cap=cap, flags=flags)
+        for i, arg in enumerate(args):
+            out.args[i] = arg
+        return out
+
+
+class kvm_interrupt(Struct):
+    """``KVM_INTERRUPT``: the vector of an external interrupt (userspace irqchip)."""
+
+    _fields_ = [("irq", _u32)]
+
+
+__all__ += [
+    "ClockFlag",
+    "GuestDebugFlag",
+    "IrqchipId",
+    "PitFlag",
+    "kvm_clock_data",
+    "kvm_enable_cap",
+    "kvm_guest_debug",
+    "kvm_guest_debug_arch",
+    "kvm_interrupt",
+    "kvm_ioapic_redirtbl",
+    "kvm_ioapic_redirtbl_fields",
+    "kvm_ioapic_state",
+    "kvm_irqchip",
+    "kvm_irqchip_chip",
+    "kvm_pic_state",
+    "kvm_pit_channel_state",
+    "kvm_pit_config",
+    "kvm_pit_state2",
+]

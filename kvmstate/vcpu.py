@@ -685,6 +685,59 @@ class Vcpu(FdWrapper):
             )
         return self.kvm_error(exc, name)
 
+    # --- events and debugging (issue 14) --------------------------------------------------
+
+    def nmi(self) -> None:
+        """``KVM_NMI``: queue an NMI; KVM delivers it (or exits to L1) at the next :meth:`run`.
+
+        >>> vcpu.nmi(); vcpu.get_vcpu_events().nmi.pending       # doctest: +SKIP
+        1
+        """
+        self._ioctl(io.KVM_NMI)
+
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT``: an external interrupt of ``vector`` for the next :meth:`run`
+        (no in-kernel irqchip, or a split one: then an ExtINT through the LAPIC).
+
+        With a split irqchip KVM holds it where no GET ioctl reports it: do
+        not save the vCPU between this call and the next run.
+
+        >>> vcpu.interrupt(0x41)                                 # doctest: +SKIP
+        """
+        if not isinstance(vector, int) or isinstance(vector, bool):
+            raise TypeError(f"vector must be an int, not {type(vector).__name__}")
+        if not 0 <= vector < uapi.KVM_NR_INTERRUPTS:
+            raise ValueError(f"vector {vector} is out of range (0..255)")
+        # A kvm_interrupt, the size KVM_INTERRUPT encodes; the kernel only reads it.
+        self._ioctl(io.KVM_INTERRUPT, uapi.kvm_interrupt(irq=vector))
+
+    def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
+        """``KVM_SET_GUEST_DEBUG``: ``control`` is ``KVM_GUESTDBG_*`` (0 turns it off);
+        ``debugreg`` up to eight DR0-DR7 values for hardware breakpoints.
+
+        >>> step = uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP
+        >>> vcpu.set_guest_debug(step)                           # doctest: +SKIP
+        >>> vcpu.run(), vcpu.kvm_run.debug.arch.pc               # doctest: +SKIP
+        (<ExitReason.DEBUG: 4>, 4097)
+        """
+        arg = uapi.kvm_guest_debug(control=_u32(control, "control"))
+        regs = list(debugreg)
+        if len(regs) > 8:
+            raise ValueError(f"debugreg: at most 8 values (DR0-DR7), not {len(regs)}")
+        for i, value in enumerate(regs):
+            arg.arch.debugreg[i] = _u64(value, f"debugreg[{i}]")
+        # A kvm_guest_debug, the size KVM_SET_GUEST_DEBUG encodes; the kernel only reads it.
+        self._ioctl(io.KVM_SET_GUEST_DEBUG, arg)
+
+    def enable_cap(self, capability: int, *args: int, flags: int = 0) -> int:
+        """``KVM_ENABLE_CAP`` on this vCPU (per-vCPU capabilities such as Hyper-V SynIC).
+
+        >>> vcpu.enable_cap(123)  # KVM_CAP_HYPERV_SYNIC          # doctest: +SKIP
+        """
+        cap = uapi.kvm_enable_cap.build(capability, *args, flags=flags)
+        # A kvm_enable_cap, the size KVM_ENABLE_CAP encodes; the kernel only reads it.
+        return self._ioctl(io.KVM_ENABLE_CAP, cap)
+
     # --- whole-vCPU state ----------------------------------------------------------------
 
     @property
@@ -759,6 +812,22 @@ def _no_lapic(exc: KvmError) -> KvmError:
         "irqchip, made by Vm.create_irqchip() before the vCPUs are created",
         ioctl=exc.ioctl,
     )
+
+
+def _u64(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
+        raise ValueError(f"{name} {value:#x} does not fit in 64 bits")
+    return value
+
+
+def _u32(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF_FFFF:
+        raise ValueError(f"{name} {value:#x} does not fit in 32 bits")
+    return value
 
 
 def _exact(obj: object, kind: type[Any]) -> Any:

@@ -7,13 +7,16 @@ import ctypes
 import errno
 import mmap
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
 from kvmstate._fd import FdWrapper, int_arg
 from kvmstate.errors import KvmError
 from kvmstate.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from kvmstate.vmstate import VmState
 
 __all__ = ["Vm"]
 
@@ -60,6 +63,9 @@ class Vm(FdWrapper):
         self._memory: dict[int, mmap.mmap] = {}
         # slot -> (guest_phys_addr, memory_size) of every region set through this wrapper.
         self._regions: dict[int, tuple[int, int]] = {}
+        # What was set up through this wrapper, so a VM snapshot can build the same VM again.
+        self._setup: dict[str, int] = {}
+        self._vcpus: list[Vcpu] = []
 
     def check_extension(self, capability: int) -> int:
         """``KVM_CHECK_EXTENSION`` on the VM (per-VM answers where KVM has them)."""
@@ -68,7 +74,7 @@ class Vm(FdWrapper):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a new vCPU, owned by the returned :class:`Vcpu`."""
         fd = self._ioctl(io.KVM_CREATE_VCPU, int_arg(vcpu_id))
-        return Vcpu(
+        vcpu = Vcpu(
             fd,
             vm=self,
             vcpu_id=vcpu_id,
@@ -76,6 +82,9 @@ class Vm(FdWrapper):
             mmap_size=self.vcpu_mmap_size,
             msr_index_list=self.msr_index_list,
         )
+        # Held for Vm.vcpus (a VM snapshot saves them); closing one is the caller's choice.
+        self._vcpus.append(vcpu)
+        return vcpu
 
     def _capabilities_for_vcpus(self) -> dict[int, int]:
         """What each vCPU asks of its VM, asked once: a vCPU never reaches back for it."""
@@ -85,6 +94,18 @@ class Vm(FdWrapper):
                 caps[uapi.KVM_CAP_NESTED_STATE] = self.nested_state_size
             self._vcpu_caps = caps
         return dict(self._vcpu_caps)
+
+    @property
+    def vcpus(self) -> list[Vcpu]:
+        """The vCPUs :meth:`create_vcpu` made that are still open, in creation order."""
+        return [v for v in self._vcpus if not v.closed]
+
+    def memory(self, slot: int) -> mmap.mmap:
+        """The host memory :meth:`add_memory` mapped for ``slot`` (KeyError if none)."""
+        try:
+            return self._memory[slot]
+        except KeyError:
+            raise KeyError(f"slot {slot} has no memory mapped by add_memory") from None
 
     def set_user_memory_region(
         self,
@@ -209,10 +230,136 @@ class Vm(FdWrapper):
                 "of guest-physical space below that, e.g. 0x7fffd000"
             )
         self._ioctl(io.KVM_SET_TSS_ADDR, int_arg(address))
+        self._setup["tss_addr"] = address
 
     def create_irqchip(self) -> None:
         """``KVM_CREATE_IRQCHIP``: in-kernel PIC, IOAPIC and LAPICs."""
         self._ioctl(io.KVM_CREATE_IRQCHIP)
+        self._setup["irqchip"] = 1
+
+    # --- the VM's devices and clock (issue 14) --------------------------------------------
+
+    @property
+    def setup(self) -> dict[str, int]:
+        """What was set up through this wrapper (a copy): ``tss_addr``,
+        ``identity_map_addr``, ``irqchip`` (1), ``split_irqchip`` (its IOAPIC pins),
+        ``pit`` (the ``KVM_CREATE_PIT2`` flags). A VM snapshot repeats them.
+
+        >>> vm.create_irqchip(); vm.setup                       # doctest: +SKIP
+        {'irqchip': 1}
+        """
+        return dict(self._setup)
+
+    def enable_cap(self, capability: int, *args: int, flags: int = 0) -> int:
+        """``KVM_ENABLE_CAP`` on the VM with up to four u64 arguments; the kernel's answer.
+
+        >>> vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, 24)        # doctest: +SKIP
+        0
+        """
+        cap = uapi.kvm_enable_cap.build(capability, *args, flags=flags)
+        # A kvm_enable_cap, the size KVM_ENABLE_CAP encodes; the kernel only reads it.
+        return self._ioctl(io.KVM_ENABLE_CAP, cap)
+
+    def enable_split_irqchip(self, pins: int = uapi.KVM_IOAPIC_NUM_PINS) -> None:
+        """``KVM_CAP_SPLIT_IRQCHIP``: in-kernel LAPICs, the PIC and IOAPIC left to userspace
+        (``pins`` IOAPIC routes); before any vCPU. :meth:`Vcpu.interrupt
+        <kvmstate.vcpu.Vcpu.interrupt>` then delivers an ExtINT.
+
+        >>> vm.enable_split_irqchip(24)                          # doctest: +SKIP
+        """
+        self.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, _uint(pins, 32, "pins"))
+        self._setup["split_irqchip"] = pins
+
+    def set_identity_map_addr(self, address: int) -> None:
+        """``KVM_SET_IDENTITY_MAP_ADDR``: the EPT identity-map page (Intel), before any vCPU.
+
+        >>> vm.set_identity_map_addr(0xFEFFC000)                 # doctest: +SKIP
+        """
+        # A u64 the kernel copies from the pointer: exactly what it reads.
+        self._ioctl(io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(_uint(address, 64, "address")))
+        self._setup["identity_map_addr"] = address
+
+    def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
+        """``KVM_GET_IRQCHIP`` of one chip: ``KVM_IRQCHIP_PIC_MASTER``, ``PIC_SLAVE`` or ``IOAPIC``.
+
+        ENXIO (a :class:`KvmError`) without :meth:`create_irqchip`.
+
+        >>> vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC).chip.ioapic.base_address  # doctest: +SKIP
+        4273995776
+        """
+        chip = uapi.kvm_irqchip(chip_id=_uint(chip_id, 32, "chip_id"))
+        # The whole kvm_irqchip (520 bytes), the size KVM_GET_IRQCHIP encodes and copies back.
+        self._ioctl(io.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
+        """``KVM_SET_IRQCHIP``: one chip, as :meth:`get_irqchip` gave it (``chip_id`` inside)."""
+        # Exactly a kvm_irqchip, the size the request encodes; the kernel only reads it.
+        self._ioctl(io.KVM_SET_IRQCHIP, _exact(chip, uapi.kvm_irqchip, "chip"))
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """``KVM_CREATE_PIT2``: the in-kernel 8254 PIT (after :meth:`create_irqchip`).
+
+        >>> vm.create_pit2()                                     # doctest: +SKIP
+        """
+        config = uapi.kvm_pit_config(flags=_uint(flags, 32, "flags"))
+        # A kvm_pit_config, the size KVM_CREATE_PIT2 encodes; the kernel only reads it.
+        self._ioctl(io.KVM_CREATE_PIT2, config)
+        self._setup["pit"] = flags
+
+    def get_pit2(self) -> uapi.kvm_pit_state2:
+        """``KVM_GET_PIT2``: the three PIT channels (ENXIO without :meth:`create_pit2`)."""
+        pit = uapi.kvm_pit_state2()
+        # A kvm_pit_state2, the size KVM_GET_PIT2 encodes and the kernel writes.
+        self._ioctl(io.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: uapi.kvm_pit_state2) -> None:
+        """``KVM_SET_PIT2``: the PIT as :meth:`get_pit2` gave it."""
+        # Exactly a kvm_pit_state2, the size the request encodes; the kernel only reads it.
+        self._ioctl(io.KVM_SET_PIT2, _exact(pit, uapi.kvm_pit_state2, "pit"))
+
+    def get_clock(self) -> uapi.kvm_clock_data:
+        """``KVM_GET_CLOCK``: the VM's kvmclock (ns), with the host's realtime and TSC
+        where ``flags`` says so.
+
+        >>> vm.get_clock().clock                                 # doctest: +SKIP
+        123456789
+        """
+        data = uapi.kvm_clock_data()
+        # A kvm_clock_data, the size KVM_GET_CLOCK encodes and the kernel writes.
+        self._ioctl(io.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: uapi.kvm_clock_data) -> None:
+        """``KVM_SET_CLOCK``: set the kvmclock; with ``KVM_CLOCK_REALTIME`` in ``flags`` KVM
+        adds the wall-clock time elapsed since ``realtime`` (a saved clock keeps counting)."""
+        # Exactly a kvm_clock_data, the size the request encodes; the kernel only reads it.
+        self._ioctl(io.KVM_SET_CLOCK, _exact(data, uapi.kvm_clock_data, "clock"))
+
+    # --- the whole VM (kvmstate.vmstate does the work) -----------------------------------
+
+    def save_state(self, vcpus: Any = None) -> VmState:
+        """The whole VM: memory, clock, devices and every vCPU (:mod:`kvmstate.vmstate`).
+
+        ``vcpus`` are this VM's :class:`Vcpu` objects (by default those made by
+        :meth:`create_vcpu` and not closed), saved in that order.
+
+        >>> state = vm.save_state()                              # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        return vmstate.save(self, vcpus)
+
+    def restore_state(self, state: VmState, vcpus: Any = None) -> None:
+        """Write a :class:`~kvmstate.vmstate.VmState` into this VM, which must have been
+        built with the same layout (see :mod:`kvmstate.vmstate`); checked before any write.
+
+        >>> new.restore_state(state)                             # doctest: +SKIP
+        """
+        from kvmstate import vmstate
+
+        vmstate.restore(self, state, vcpus)
 
     def _release(self) -> None:
         memory, self._memory = self._memory, {}
@@ -220,6 +367,13 @@ class Vm(FdWrapper):
             # A caller may still hold a view; then the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 mem.close()
+
+
+def _exact(obj: object, kind: type[Any], name: str) -> Any:
+    """``obj`` must be exactly ``kind`` (the size the ioctl encodes): TypeError naming it."""
+    if type(obj) is not kind:
+        raise TypeError(f"{name}: expected {kind.__name__}, not {type(obj).__name__}")
+    return obj
 
 
 def _uint_type(value: object, name: str) -> int:

@@ -55,6 +55,18 @@ MIRRORS: dict[str, Any] = {
     "struct kvm_debugregs": uapi.kvm_debugregs,
     "struct kvm_mp_state": uapi.kvm_mp_state,
     "struct kvm_lapic_state": uapi.kvm_lapic_state,
+    # The VM snapshot's devices and clock, and the vCPU event ioctls (issue 14).
+    "struct kvm_clock_data": uapi.kvm_clock_data,
+    "struct kvm_pic_state": uapi.kvm_pic_state,
+    "struct kvm_ioapic_state": uapi.kvm_ioapic_state,
+    "struct kvm_irqchip": uapi.kvm_irqchip,
+    "struct kvm_pit_config": uapi.kvm_pit_config,
+    "struct kvm_pit_channel_state": uapi.kvm_pit_channel_state,
+    "struct kvm_pit_state2": uapi.kvm_pit_state2,
+    "struct kvm_guest_debug_arch": uapi.kvm_guest_debug_arch,
+    "struct kvm_guest_debug": uapi.kvm_guest_debug,
+    "struct kvm_enable_cap": uapi.kvm_enable_cap,
+    "struct kvm_interrupt": uapi.kvm_interrupt,
 }
 PARTIAL: frozenset[str] = frozenset()
 EXTRA = frozenset(f"{s}.{f}" for s, f in uapi.NEWER_FIELDS)

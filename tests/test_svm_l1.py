@@ -2,8 +2,7 @@
 
 Every instruction's bytes must disassemble to exactly the text the assembler
 wrote next to them; the VMCB the program would build is then replayed from
-objdump's own decoding and read back by field name. The KVM_SET_GUEST_DEBUG
-mirrors of tests/support/guest_debug.py are checked against gcc.
+objdump's own decoding and read back by field name.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ import pytest
 
 from kvmstate import vmcb
 from kvmstate.vmcb import Intercept
-from tests import ctypes_oracle as oracle
-from tests.support import guest_debug, svm_l1
+from tests.support import svm_l1
 
 
 def objdump(code: bytes, workdir: Path) -> dict[int, str]:
@@ -217,30 +215,3 @@ def test_assembler_refuses_what_it_cannot_encode() -> None:
     a.label("far")
     with pytest.raises(ValueError, match="short jump"):
         a.build()
-
-
-# --- tests/support/guest_debug.py against the C headers -----------------------------------------
-
-_no_oracle = oracle.tools_missing() or (
-    None if Path("/usr/include/linux/kvm.h").exists() else "<linux/kvm.h> is missing"
-)
-needs_oracle = pytest.mark.skipif(bool(_no_oracle), reason=str(_no_oracle))
-DEBUG_MIRRORS = {
-    "struct kvm_guest_debug": guest_debug.kvm_guest_debug,
-    "struct kvm_guest_debug_arch": guest_debug.kvm_guest_debug_arch,
-    "struct kvm_debug_exit_arch": guest_debug.kvm_debug_exit_arch,
-}
-
-
-@needs_oracle
-def test_guest_debug_mirrors_match_c(tmp_path: Path) -> None:
-    layouts = oracle.c_layouts("#include <linux/kvm.h>\n", list(DEBUG_MIRRORS), tmp_path)
-    for name, cls in DEBUG_MIRRORS.items():
-        assert oracle.compare(cls, layouts[name]) == [], name
-
-
-@needs_oracle
-def test_guest_debug_numbers_match_c(tmp_path: Path) -> None:
-    names = ["KVM_SET_GUEST_DEBUG", "KVM_GUESTDBG_ENABLE", "KVM_GUESTDBG_SINGLESTEP"]
-    values = oracle.c_constants("#include <linux/kvm.h>\n", names, tmp_path)
-    assert values == {name: getattr(guest_debug, name) for name in names}

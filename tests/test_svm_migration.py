@@ -20,8 +20,12 @@ helpers on the host's own /dev/kvm.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +34,8 @@ from kvmstate import uapi
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag
 from kvmstate.vmcb import SvmExit
-from tests.support import guest_debug, migrate, svm_l1
+from kvmstate.vmstate import VmState
+from tests.support import migrate, svm_l1
 from tests.support.migrate import Machine
 
 LAYOUT = [(0, svm_l1.MEMORY)]
@@ -38,6 +43,7 @@ MASK = 0xFFFF_FFFF
 GIF, GUEST = NestedFlag.GIF_SET, NestedFlag.GUEST_MODE | NestedFlag.GIF_SET
 PENDING = NestedFlag.GUEST_MODE | NestedFlag.RUN_PENDING | NestedFlag.GIF_SET
 MSR_IA32_TSC = 0x10
+STEP = uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP
 
 # What comes back different after restoring into a new VM, each with its reason in the
 # Linux 6.1 sources. Counters and clocks may differ at any stop (the TSC always does):
@@ -47,7 +53,8 @@ COUNTERS = {
     "msrs[0x40000010]": "hyperv.c kvm_hv_get_msr: HV VP_RUNTIME is the calling thread's CPU "
     "time plus the restored offset, so it counts while the test runs",
     "msrs[0x40000020]": "hyperv.c: HV TIME_REF_COUNT ignores host writes "
-    "(kvm_hv_set_msr_pw); get_time_ref_counter reads the new VM's kvmclock",
+    "(kvm_hv_set_msr_pw); get_time_ref_counter reads the kvmclock, which KVM_SET_CLOCK "
+    "restores with the time since the save added: it runs on",
 }
 # Nested-state fields KVM refreshes, with the one stage where they differ in these runs:
 NESTED_REFRESHED = {
@@ -147,7 +154,7 @@ def next_stop(vcpu: kvmstate.Vcpu) -> Stop:
             return Stop(handling(value), port, value)
         raise AssertionError(f"L1 stopped on port {port:#x} with {value:#x} (see svm_l1's ports)")
     if reason == uapi.ExitReason.DEBUG:
-        return Stop(ENTRY_PENDING, value=guest_debug.debug_exit(vcpu).pc)
+        return Stop(ENTRY_PENDING, value=vcpu.kvm_run.debug.arch.pc)
     if reason == uapi.ExitReason.HLT:
         return Stop(HALTED)
     raise AssertionError(f"unexpected exit {reason!r} at rip {vcpu.get_regs().rip:#x}")
@@ -195,11 +202,10 @@ def run_l1(kvm: kvmstate.Kvm, npt: bool, *, migrating: bool, limit: int = 200) -
             if stop.port == svm_l1.PORT_RESULT:
                 result = stop.value
             if migrating:
-                guest_debug.set_guest_debug(
-                    machine.vcpus[0], 0
-                )  # migrate the state, not the debugger
+                machine.vcpus[0].set_guest_debug(0)  # migrate the state, not the debugger
                 moved = migrate.migrate(machine)
                 machine = moved.machine
+                assert set(moved.vm_refreshed) <= {"clock"}, moved.vm_refreshed
                 nested = moved.saved[0].nested
                 assert nested is not None
                 rows.append(Row(stop, nested, moved.refreshed[0].paths()))
@@ -209,8 +215,7 @@ def run_l1(kvm: kvmstate.Kvm, npt: bool, *, migrating: bool, limit: int = 200) -
                 # Finish the OUT first: its completion moves RIP onto the VMRUN, and a
                 # single-step armed before it would stop right after the OUT instead.
                 machine.vcpus[0].complete_io()
-                control = guest_debug.KVM_GUESTDBG_ENABLE | guest_debug.KVM_GUESTDBG_SINGLESTEP
-                guest_debug.set_guest_debug(machine.vcpus[0], control)
+                machine.vcpus[0].set_guest_debug(STEP)
         else:
             raise AssertionError(f"no end after {limit} stops: {[s.label for s in stops[-5:]]}")
         assert result is not None, "L1 never reported a result"
@@ -287,6 +292,71 @@ def test_unmigrated_run_passes_every_stage(runs: Runs, npt: bool) -> None:
     assert labels.count(L2_TO_USERSPACE) == svm_l1.ROUNDS
     assert labels.count(STAGE_LABELS[svm_l1.Stage.EVENT_PENDING]) == 1
     assert ENTRY_PENDING not in labels  # nothing single-steps this run
+
+
+# --- (c) saved to a file, finished in a new process --------------------------------------------
+
+FILE_STOP = 2  # saved at L1's second L2_TO_USERSPACE stop: L2 in guest mode, mid-run
+
+
+def save_to_file(path: str) -> None:
+    """In a first process: run the nested-paging L1 to :data:`FILE_STOP`, save the VM."""
+    with kvmstate.Kvm() as kvm:
+        machine = boot(kvm, True)
+        try:
+            seen = 0
+            while seen < FILE_STOP:
+                seen += next_stop(machine.vcpus[0]).label == L2_TO_USERSPACE
+            machine.vm.save_state(machine.vcpus).write(path)
+        finally:
+            machine.close()
+
+
+def finish_from_file(path: str) -> None:
+    """In a second process: restore from ``path``, run to the end, print what L1 logged."""
+    with kvmstate.Kvm() as kvm:
+        machine = Machine(kvm, LAYOUT, vm=kvm.restore_vm(VmState.load(path)))
+        try:
+            result = None
+            while (stop := next_stop(machine.vcpus[0])).label != HALTED:
+                if stop.port == svm_l1.PORT_RESULT:
+                    result = stop.value
+            io_count, round_count = machine.read_u32(svm_l1.IO_COUNT, 2)
+            logs = {
+                "result": result,
+                "io_log": machine.read_u32(svm_l1.IO_LOG, io_count),
+                "round_log": machine.read_u32(svm_l1.ROUND_LOG, round_count),
+                "event_count": machine.read_u32(svm_l1.EVENT_COUNT)[0],
+            }
+            print("KVMSTATE-FINISHED " + json.dumps(logs))
+        finally:
+            machine.close()
+
+
+@pytest.mark.svm_guest
+def test_a_vm_saved_to_a_file_finishes_in_a_new_process(tmp_path: Path) -> None:
+    path = str(tmp_path / "l1.kvmstate")
+    out = ""
+    for step in (f"save_to_file({path!r})", f"finish_from_file({path!r})"):
+        # Each step in its own process: the second has only the file.
+        child = subprocess.run(
+            [sys.executable, "-c", f"from tests.test_svm_migration import *; {step}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert child.returncode == 0, f"{step}:\n{child.stdout}\n{child.stderr}"
+        out = child.stdout
+        if step.startswith("save"):
+            nested = VmState.load(path).vcpus[0].nested
+            assert nested is not None and nested.size == SVM_MAX_SIZE
+            assert nested.flags == GUEST  # saved with L2 running
+    line = next(x for x in out.splitlines() if x.startswith("KVMSTATE-FINISHED "))
+    logs = json.loads(line.split(" ", 1)[1])
+    want = expected()
+    assert logs["result"] == want.result  # bit for bit, as a run never saved
+    assert logs["io_log"] == want.hashes and logs["round_log"] == want.accumulators
+    assert logs["event_count"] == 1
 
 
 # --- (b) migrated at every stop -------------------------------------------------------------------
@@ -431,6 +501,7 @@ def test_migrate_carries_memory_and_registers_into_a_new_vm(kvm: kvmstate.Kvm) -
             assert moved.saved[0].regs is not None and moved.saved[0].regs.rip == 0x1009
             unexplained = set(moved.refreshed[0].paths()) - COUNTERS.keys()
             assert not unexplained
+            assert moved.vm_refreshed in ([], ["clock"])  # memory came back the same
         assert seen == [1, 2, 3, 4, 5]  # the count went on in each new VM's memory
         assert machine.memory(COUNTER, 1)[0] == 5
     finally:
@@ -470,16 +541,13 @@ def test_single_step_stops_after_each_instruction(kvm: kvmstate.Kvm) -> None:
     machine = real_mode_machine(kvm)
     vcpu = machine.vcpus[0]
     try:
-        with pytest.raises(ValueError, match="not KVM_EXIT_DEBUG"):
-            guest_debug.debug_exit(vcpu)
-        control = guest_debug.KVM_GUESTDBG_ENABLE | guest_debug.KVM_GUESTDBG_SINGLESTEP
-        guest_debug.set_guest_debug(vcpu, control)
+        vcpu.set_guest_debug(STEP)
         pcs = []
         for _ in range(2):
             assert vcpu.run() == uapi.ExitReason.DEBUG
-            pcs.append(guest_debug.debug_exit(vcpu).pc)
+            pcs.append(vcpu.kvm_run.debug.arch.pc)
         assert pcs == [0x1004, 0x1007]  # after the 4-byte inc, after the 3-byte mov
-        guest_debug.set_guest_debug(vcpu, 0)
+        vcpu.set_guest_debug(0)
         assert vcpu.run() == uapi.ExitReason.IO  # off again: runs to the next exit
     finally:
         machine.close()

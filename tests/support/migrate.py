@@ -1,16 +1,15 @@
-"""Migrate a test VM into a new one through kvmstate's public vCPU API, field by field.
+"""Migrate a test VM into a new one through kvmstate's public VM snapshot.
 
 :class:`Machine` is a VM the tests made with the library (``Kvm.create_vm``,
-``Vm.add_memory``, ``Vm.create_vcpu``) plus what kvmstate does not keep in
-public: the memory layout, so that the same VM can be built again. It stands
-in for the VM-level snapshot the library does not have yet (issue 14); when
-it does, :func:`migrate` is the one call to replace.
-
-:func:`migrate` does what the kernel's ``state_test.c`` does: complete any
-pending I/O, save every vCPU (``Vcpu.save_state``), copy guest memory, close
-the VM, build a new one with the same layout, restore (``Vcpu.restore_state``:
-CPUID first, and so on), then save again and name every field that came back
-different (:class:`Migration.refreshed`), so a test can say which fields KVM
+``Vm.add_memory``, ``Vm.create_vcpu``) plus views of its memory by guest
+address. :func:`migrate` does what the kernel's ``state_test.c`` does,
+through the library's VM-level calls: ``Vm.save_state`` (pending I/O
+completed, memory, clock, every vCPU with its nested state read last),
+the file format (``VmState.to_bytes`` / ``from_bytes``, as through a file
+or a socket), the old VM closed, ``Kvm.restore_vm`` (a new VM of the same
+layout, restored in the documented order), then a fresh save of every
+vCPU, naming every field that came back different
+(:class:`Migration.refreshed`), so a test can say which fields KVM
 refreshes instead of hiding them.
 """
 
@@ -24,6 +23,7 @@ import kvmstate
 import kvmstate.diff
 from kvmstate.diff import Difference, Differences
 from kvmstate.state import PARTS, VcpuState
+from kvmstate.vmstate import VmState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +46,24 @@ class Machine:
     """
 
     def __init__(
-        self, kvm: kvmstate.Kvm, layout: Sequence[tuple[int, int]], vcpus: int = 1
+        self,
+        kvm: kvmstate.Kvm,
+        layout: Sequence[tuple[int, int]],
+        vcpus: int = 1,
+        *,
+        vm: kvmstate.Vm | None = None,
     ) -> None:
         if vcpus < 1:
             raise ValueError("a machine needs at least one vCPU")
         self.kvm = kvm
         self.layout = [(int(gpa), int(size)) for gpa, size in layout]
+        if vm is not None:  # one Kvm.restore_vm built with this layout
+            self.vm = vm
+            self.regions = [
+                Region(slot, gpa, vm.memory(slot)) for slot, (gpa, _) in enumerate(self.layout)
+            ]
+            self.vcpus = vm.vcpus
+            return
         self.vm = kvm.create_vm()
         try:
             self.regions = [
@@ -92,37 +104,45 @@ class Migration:
     #: per vCPU: every field whose fresh GET after restore differs from the saved one,
     #: prefixed by its part (``nested.vmcb12.save.dr6``, ``msrs[0x10]``, ``regs.rip``).
     refreshed: list[Differences]
+    #: the whole VM snapshot, as saved
+    state: VmState | None = None
+    #: VM-level parts a fresh read gives back differently (``clock``, ``memory slot 0``)
+    vm_refreshed: list[str] = dataclasses.field(default_factory=list)
 
 
-def migrate(old: Machine) -> Migration:
+def migrate(old: Machine, *, through_bytes: bool = True) -> Migration:
     """Save ``old`` whole, close it, restore into a new VM of the same layout, compare.
 
-    ``old`` is closed afterwards (also when restoring fails)::
+    ``old`` is closed afterwards (also when saving fails); with ``through_bytes``
+    the snapshot goes through the KVMSTATE file format on the way::
 
         moved = migrate(machine)
         machine = moved.machine  # runs on from where the old one stopped
         print(moved.refreshed[0])  # e.g. msrs[0x10]: 0x5e3a... -> 0x61c0...
     """
     try:
-        for vcpu in old.vcpus:
-            vcpu.complete_io()  # finishes a pending I/O exit; nothing else runs
-        saved = [vcpu.save_state() for vcpu in old.vcpus]
-        contents = [bytes(region.memory) for region in old.regions]  # one memcpy per slot
+        state = old.vm.save_state(old.vcpus)
     finally:
         old.close()
-    new = Machine(old.kvm, old.layout, len(saved))
+    moved = VmState.from_bytes(state.to_bytes()) if through_bytes else state
+    vm = old.kvm.restore_vm(moved)
+    new = Machine(old.kvm, old.layout, len(state.vcpus), vm=vm)
     try:
-        for region, data in zip(new.regions, contents, strict=True):
-            region.memory[:] = data
-        for vcpu, state in zip(new.vcpus, saved, strict=True):
-            vcpu.restore_state(state)
         refreshed = [
-            compare(state, vcpu.save_state()) for vcpu, state in zip(new.vcpus, saved, strict=True)
+            compare(saved, vcpu.save_state())
+            for vcpu, saved in zip(new.vcpus, state.vcpus, strict=True)
         ]
+        vm_refreshed = [
+            f"memory slot {region.slot}"
+            for region, data in zip(new.regions, state.memory, strict=True)
+            if region.memory[:] != bytes(data)
+        ]
+        if state.clock is not None and vm.get_clock().clock != state.clock.clock:
+            vm_refreshed.append("clock")  # the kvmclock counts on in the new VM
     except BaseException:
         new.close()
         raise
-    return Migration(new, saved, refreshed)
+    return Migration(new, state.vcpus, refreshed, state, vm_refreshed)
 
 
 def compare(before: VcpuState, after: VcpuState) -> Differences:

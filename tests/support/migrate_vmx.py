@@ -1,4 +1,4 @@
-"""Live migration of a whole VM for the VMX tests, through kvmstate's public vCPU API.
+"""Live migration of a whole VM for the VMX tests, through kvmstate's public VM snapshot.
 
 What a VMM does to move a VM, and what ``tests/test_vmx_migration.py``
 does at every exit of its nested guest::
@@ -6,43 +6,34 @@ does at every exit of its nested guest::
     new, done = migrate(kvm, machine)   # machine is closed; new runs on
     done.changes                        # what KVM gave back differently, by field
 
-:func:`save` completes a pending I/O exit on each vCPU
-(:meth:`~kvmstate.vcpu.Vcpu.complete_io`: the KVM API documentation says
-the state is only consistent then), saves each vCPU
-(:meth:`~kvmstate.vcpu.Vcpu.save_state`) and copies guest memory. The
-source VM is then closed, and :func:`restore` builds a new VM with the same
-:class:`Layout`, writes the memory back first (``KVM_SET_NESTED_STATE``
-reads guest memory: the page at the VMCS link pointer must already hold the
-shadow VMCS) and then each vCPU (:meth:`~kvmstate.vcpu.Vcpu.restore_state`).
+:func:`save` is ``Vm.save_state``: pending I/O completed on each vCPU
+(the KVM API documentation says the state is only consistent then), the
+clock, guest memory, and each vCPU with its nested state read last. The
+source VM is then closed, and :func:`restore` is ``Kvm.restore_vm``: a new
+VM with the same layout (memory slots, ``KVM_SET_TSS_ADDR``,
+``KVM_SET_IDENTITY_MAP_ADDR``, a split irqchip, repeated from what the
+library recorded), memory written back first (``KVM_SET_NESTED_STATE``
+reads guest memory: the page at the VMCS link pointer must already hold
+the shadow VMCS), then each vCPU in the library's restore order (IA32_TSC
+before the nested state, so L2's preemption timer keeps its deadline).
 :func:`migrate` also saves the new vCPUs again and lists, with
 :func:`compare`, every field whose value came back different, so that a
 test can name each one KVM refreshes instead of hiding it.
-
-This is test code standing in for a VM-level snapshot API, which kvmstate
-does not have yet; what it has to do by hand is what such an API needs:
-the VM's layout (memory slots, ``KVM_SET_TSS_ADDR``,
-``KVM_SET_IDENTITY_MAP_ADDR``, a split irqchip), and three ioctls the
-library does not wrap (``KVM_ENABLE_CAP``, ``KVM_NMI``, ``KVM_INTERRUPT``).
-Their structures and numbers here are checked against the C headers in
-``tests/test_vmx_migration.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import fcntl
 import mmap
 from collections.abc import Iterator
 
 import kvmstate
 import kvmstate.diff
-from kvmstate import ioctls, uapi
 from kvmstate.state import PARTS, VcpuState
+from kvmstate.vmstate import VmState
+from kvmstate.x86 import MSR_IA32_TSC
 
 __all__ = [
-    "IOCTLS",
-    "KVM_CAP_SPLIT_IRQCHIP",
     "MSR_IA32_TSC",
     "Change",
     "Layout",
@@ -50,72 +41,10 @@ __all__ = [
     "Migration",
     "Snapshot",
     "compare",
-    "enable_split_irqchip",
-    "inject_interrupt",
-    "inject_nmi",
-    "kvm_enable_cap",
-    "kvm_interrupt",
     "migrate",
     "restore",
     "save",
 ]
-
-KVM_CAP_SPLIT_IRQCHIP = 121
-MSR_IA32_TSC = 0x10
-
-
-class kvm_enable_cap(ctypes.Structure):
-    """``struct kvm_enable_cap`` (``KVM_ENABLE_CAP``)."""
-
-    _fields_ = [
-        ("cap", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("args", ctypes.c_uint64 * 4),
-        ("pad", ctypes.c_uint8 * 64),
-    ]
-
-
-class kvm_interrupt(ctypes.Structure):
-    """``struct kvm_interrupt`` (``KVM_INTERRUPT``)."""
-
-    _fields_ = [("irq", ctypes.c_uint32)]
-
-
-def _ioc(write: bool, nr: int, size: int) -> int:
-    """asm-generic ``_IOC`` for KVMIO: _IOW when ``write``, else _IO (size 0)."""
-    return (1 << 30 if write else 0) | size << 16 | uapi.KVMIO << 8 | nr
-
-
-#: The ioctls kvmstate does not issue (yet), by kernel name.
-IOCTLS = {
-    "KVM_ENABLE_CAP": _ioc(True, 0xA3, ctypes.sizeof(kvm_enable_cap)),
-    "KVM_NMI": _ioc(False, 0x9A, 0),
-    "KVM_INTERRUPT": _ioc(True, 0x86, ctypes.sizeof(kvm_interrupt)),
-}
-
-
-def enable_split_irqchip(vm: kvmstate.Vm, pins: int) -> None:
-    """``KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)``: in-kernel LAPICs, the PIC and IOAPIC in
-    userspace (so ``KVM_INTERRUPT`` delivers an ExtINT); before any vCPU exists."""
-    cap = kvm_enable_cap(cap=KVM_CAP_SPLIT_IRQCHIP)
-    cap.args[0] = pins
-    # The structure is the size KVM_ENABLE_CAP encodes; the kernel only reads it.
-    fcntl.ioctl(vm.fileno(), IOCTLS["KVM_ENABLE_CAP"], cap)
-
-
-def inject_nmi(vcpu: kvmstate.Vcpu) -> None:
-    """``KVM_NMI``: queue an NMI; KVM delivers it (or exits to L1) at the next ``KVM_RUN``."""
-    fcntl.ioctl(vcpu.fileno(), IOCTLS["KVM_NMI"])
-
-
-def inject_interrupt(vcpu: kvmstate.Vcpu, vector: int) -> None:
-    """``KVM_INTERRUPT``: with a split irqchip, an ExtINT of ``vector`` for the next ``KVM_RUN``.
-
-    KVM keeps it in ``pending_external_vector``, which no GET ioctl reports:
-    a VMM must not save the vCPU between this call and the next run.
-    """
-    # The structure is the size KVM_INTERRUPT encodes; the kernel only reads it.
-    fcntl.ioctl(vcpu.fileno(), IOCTLS["KVM_INTERRUPT"], kvm_interrupt(irq=vector))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,21 +63,27 @@ class Layout:
 
 
 class Machine:
-    """A VM built from a :class:`Layout`: the VM, its memory (by slot) and its vCPUs."""
+    """A VM built from a :class:`Layout`: the VM, its memory (by slot) and its vCPUs.
 
-    def __init__(self, kvm: kvmstate.Kvm, layout: Layout) -> None:
+    ``vm``: a VM ``Kvm.restore_vm`` already built with this layout.
+    """
+
+    def __init__(self, kvm: kvmstate.Kvm, layout: Layout, vm: kvmstate.Vm | None = None) -> None:
         self.layout = layout
+        if vm is not None:
+            self.vm = vm
+            self.memory: list[mmap.mmap] = [vm.memory(slot) for slot in range(len(layout.memory))]
+            self.vcpus = vm.vcpus
+            return
         self.vm = kvm.create_vm()
         try:
             if layout.tss_addr is not None:
                 self.vm.set_tss_addr(layout.tss_addr)
             if layout.identity_map_addr is not None:
-                # A u64 the kernel copies from the pointer: exactly what KVM reads.
-                address = ctypes.c_uint64(layout.identity_map_addr)
-                fcntl.ioctl(self.vm.fileno(), ioctls.KVM_SET_IDENTITY_MAP_ADDR, address)
+                self.vm.set_identity_map_addr(layout.identity_map_addr)
             if layout.split_irqchip_pins is not None:
-                enable_split_irqchip(self.vm, layout.split_irqchip_pins)
-            self.memory: list[mmap.mmap] = [
+                self.vm.enable_split_irqchip(layout.split_irqchip_pins)
+            self.memory = [
                 self.vm.add_memory(gpa, size, slot=slot)
                 for slot, (gpa, size) in enumerate(layout.memory)
             ]
@@ -172,52 +107,32 @@ class Machine:
 
 @dataclasses.dataclass
 class Snapshot:
-    """A saved VM: its layout, every vCPU's state and a copy of every memory slot."""
+    """A saved VM (the library's :class:`~kvmstate.vmstate.VmState`) and the test's layout."""
 
     layout: Layout
-    vcpus: list[VcpuState]
-    memory: list[bytes]
+    state: VmState
+
+    @property
+    def vcpus(self) -> list[VcpuState]:
+        return self.state.vcpus
+
+    @property
+    def memory(self) -> list[bytes]:
+        return [bytes(m) for m in self.state.memory]
 
     def through_bytes(self) -> Snapshot:
-        """The same snapshot after a trip through kvmstate's vCPU file format."""
-        states = [VcpuState.from_bytes(s.to_bytes()) for s in self.vcpus]
-        return Snapshot(self.layout, states, list(self.memory))
+        """The same snapshot after a trip through kvmstate's file format (VM records)."""
+        return Snapshot(self.layout, VmState.from_bytes(self.state.to_bytes()))
 
 
 def save(machine: Machine) -> Snapshot:
-    """Complete pending I/O, save every vCPU and copy guest memory (see the module doc)."""
-    states = []
-    for vcpu in machine.vcpus:
-        if vcpu.kvm_run.exit_reason in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_MMIO):
-            vcpu.complete_io()
-        states.append(vcpu.save_state())
-    memory = [bytes(m) for m in machine.memory]
-    return Snapshot(machine.layout, states, memory)
+    """``Vm.save_state``: pending I/O completed, every part saved (see the module doc)."""
+    return Snapshot(machine.layout, machine.vm.save_state(machine.vcpus))
 
 
-def restore(kvm: kvmstate.Kvm, snapshot: Snapshot, *, tsc_first: bool = True) -> Machine:
-    """A new VM from ``snapshot``: memory first, then each vCPU's state.
-
-    With ``tsc_first`` (the default) IA32_TSC is written before
-    :meth:`~kvmstate.vcpu.Vcpu.restore_state`, which writes it only after the
-    nested state. KVM_SET_NESTED_STATE starts L2's VMX preemption timer from
-    the saved deadline and the vCPU's TSC at that moment
-    (``vmx_calc_preemption_timer_value``); on a new vCPU, whose TSC starts
-    at 0, the timer would fire late by the whole saved TSC. The kernel's own
-    selftests (``vcpu_load_state``) also put MSRs before nested state.
-    """
-    machine = Machine(kvm, snapshot.layout)
-    try:
-        for mem, data in zip(machine.memory, snapshot.memory, strict=True):
-            mem[:] = data
-        for vcpu, state in zip(machine.vcpus, snapshot.vcpus, strict=True):
-            if tsc_first and state.msrs is not None and MSR_IA32_TSC in state.msrs:
-                vcpu.set_msrs({MSR_IA32_TSC: state.msrs[MSR_IA32_TSC]})
-            vcpu.restore_state(state)
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+def restore(kvm: kvmstate.Kvm, snapshot: Snapshot) -> Machine:
+    """``Kvm.restore_vm``: a new VM of the snapshot's layout, every part restored."""
+    return Machine(kvm, snapshot.layout, kvm.restore_vm(snapshot.state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,18 +194,19 @@ class Migration:
 
 
 def migrate(
-    kvm: kvmstate.Kvm, machine: Machine, *, through_bytes: bool = True, tsc_first: bool = True
+    kvm: kvmstate.Kvm, machine: Machine, *, through_bytes: bool = True
 ) -> tuple[Machine, Migration]:
     """Save ``machine``, close it, restore into a new VM and compare a fresh save.
 
-    With ``through_bytes`` the vCPU states go through the file format on
-    the way (as they would through a file or a socket); ``tsc_first`` is
-    :func:`restore`'s.
+    With ``through_bytes`` the whole VM snapshot goes through the file format
+    on the way (as it would through a file or a socket).
     """
-    snapshot = save(machine)
-    machine.close()
+    try:
+        snapshot = save(machine)
+    finally:
+        machine.close()
     moved = snapshot.through_bytes() if through_bytes else snapshot
-    new = restore(kvm, moved, tsc_first=tsc_first)
+    new = restore(kvm, moved)
     fresh = [vcpu.save_state() for vcpu in new.vcpus]
     changes = [
         change
