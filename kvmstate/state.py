@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,14 @@ from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState
+from kvmstate.preflight import (
+    DroppedMsrWarning,
+    Preflight,
+    PreflightError,
+    Target,
+    drop_summary,
+    preflight,
+)
 from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 
 if TYPE_CHECKING:
@@ -448,9 +457,27 @@ def save(vcpu: Vcpu) -> VcpuState:
     return state
 
 
-def restore(vcpu: Vcpu, state: VcpuState) -> None:
-    """Write ``state`` into ``vcpu`` in the order the module docstring gives."""
+def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Preflight:
+    """Write ``state`` into ``vcpu`` in the order the module docstring gives.
+
+    First :func:`kvmstate.preflight.preflight` against this vCPU: if it
+    would refuse anything, :class:`~kvmstate.preflight.PreflightError`
+    (nothing written). MSRs this kernel does not know are dropped where the
+    policy allows (``drop_msrs=False``: refused), with a
+    :class:`~kvmstate.preflight.DroppedMsrWarning`; the report is returned.
+    """
     s = state
+    if s.msrs is not None:
+        _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
+    report = preflight(s, _target(vcpu), drop_msrs=drop_msrs)
+    if not report.ok:
+        raise PreflightError(report)
+    if report.dropped:
+        warnings.warn(
+            f"MSRs this kernel does not know, dropped: {drop_summary(report.dropped)}",
+            DroppedMsrWarning,
+            stacklevel=3,
+        )
     plan = {step[0]: step for step in _plan(vcpu)}
     fd = vcpu.fileno()
 
@@ -487,11 +514,9 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
         except OSError as exc:
             raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
 
-    if s.msrs is not None:
-        _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
-    msrs = dict(s.msrs or {})
+    msrs = dict(report.msrs)
     early = {i: msrs.pop(i) for i in sorted(msrs) if i in _EARLY_MSRS}
     if early:
         put("msrs", lambda: _put_msrs(vcpu, early))
@@ -517,3 +542,12 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     put_fixed("events")
     put_fixed("mp_state")
     put_fixed("debugregs")
+    return report
+
+
+def _target(vcpu: Vcpu) -> Target:
+    """What this vCPU accepts; a borrowed vCPU (no Kvm) is checked only for its own facts."""
+    try:
+        return Target.from_vcpu(vcpu)
+    except ValueError:
+        return Target(nested_state_size=vcpu.nested_state_size)
