@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import kvmstate
+from kvmstate import snapshot
 from kvmstate.nested import SVM_MAX_SIZE, NestedState
 from kvmstate.preflight import (
     REQUIRED_MSRS,
@@ -27,6 +32,9 @@ from kvmstate.preflight import (
 )
 from kvmstate.state import MSR_IA32_FEATURE_CONTROL, VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
+
+_BESIDE = Path(sys.executable).with_name("kvmstate")
+KVMSTATE = str(_BESIDE) if _BESIDE.is_file() else shutil.which("kvmstate")
 
 MSR_IA32_TSC, MSR_LSTAR, MSR_SYSENTER_EIP, MSR_PAT = 0x10, 0xC0000082, 0x176, 0x277
 # IA32_FIXED_CTR0 (a PMU counter) and HV_X64_MSR_TSC_INVARIANT_CONTROL (Hyper-V): the two
@@ -224,3 +232,42 @@ def test_bad_target_files_are_value_errors(data: object, match: str) -> None:
         Target.from_json(json.dumps(data))
     with pytest.raises(ValueError, match="not JSON"):
         Target.from_json(b"\xff")
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    if KVMSTATE is None:
+        pytest.skip("the kvmstate script is not installed")
+    return subprocess.run([KVMSTATE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_check_with_the_target_file(
+    machine: Callable[[], kvmstate.Vcpu], tmp_path: Path, kvm: kvmstate.Kvm
+) -> None:
+    made = run("target")
+    assert made.returncode == 0, made.stderr
+    target = Target.from_json(made.stdout)
+    assert target == Target.from_vcpu(machine())  # the same kernel, the same facts
+    state = machine().save_state()
+    path = tmp_path / "state.bin"
+    path.write_bytes(snapshot.dumps_vcpu(state))
+    (tmp_path / "here.json").write_text(made.stdout)
+    ok = run("check", str(path), "--target", str(tmp_path / "here.json"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "the target takes every part" in ok.stdout
+
+    # A kernel that does not list SYSENTER_EIP: refused, the rule named.
+    other = unlisted(target, MSR_SYSENTER_EIP)
+    (tmp_path / "other.json").write_text(json.dumps(other.to_dict()))
+    refused = run("check", str(path), "--target", str(tmp_path / "other.json"), "--json")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    (entry,) = json.loads(refused.stdout)["vcpus"]
+    assert entry["refused"] and entry["preflight"]["refusals"][0]["rule"] == (
+        "msr-unknown-required"
+    )
+    (tmp_path / "bad.json").write_text('{"format": "kvmstate-target-1", "msrs": 5}')
+    bad = run("check", str(path), "--target", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "msrs: expected a list" in bad.stderr
+    assert "Traceback" not in bad.stderr
