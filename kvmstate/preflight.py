@@ -221,6 +221,7 @@ class Preflight:
 # KVM_SET_CPUID2 refuses more entries than KVM_MAX_CPUID_ENTRIES (E2BIG), and a
 # virtual-address width other than 48 or 57 bits (kvm_check_cpuid; 0 means "not given").
 _MAX_CPUID_ENTRIES = 256
+_TSC_TOLERANCE_PPM = 250  # kvm's tsc_tolerance_ppm default
 _VADDR_BITS = (0, 48, 57)
 
 
@@ -253,6 +254,9 @@ class Target:
     #: KVM_CAP_TSC_CONTROL, and the rate a new vCPU gets (the host's).
     tsc_control: bool | None = None
     tsc_khz: int | None = None
+    #: kvm's ``tsc_tolerance_ppm`` parameter: a rate this close to the host's is taken
+    #: as it (None: KVM's default, 250).
+    tsc_tolerance_ppm: int | None = None
     #: kvm_amd's ``npt`` parameter (a fact the nested-state rules use).
     npt: bool | None = None
 
@@ -282,6 +286,7 @@ class Target:
             xcrs=bool(kvm.check_extension(uapi.KVM_CAP_XCRS)),
             tsc_control=bool(vm.check_extension(uapi.KVM_CAP_TSC_CONTROL)),
             tsc_khz=khz,
+            tsc_tolerance_ppm=_read_int_param("/sys/module/kvm/parameters/tsc_tolerance_ppm"),
             npt=_read_param("/sys/module/kvm_amd/parameters/npt"),
         )
 
@@ -336,7 +341,7 @@ def _parse_field(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, not {value!r}")
         return value
-    if key in ("nested_state_size", "xsave_size", "tsc_khz"):
+    if key in ("nested_state_size", "xsave_size", "tsc_khz", "tsc_tolerance_ppm"):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
             raise ValueError(f"expected an integer 0..2**32-1, not {value!r}")
         return value
@@ -350,6 +355,14 @@ def _u(item: Any, bits: int) -> int:
     if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < 1 << bits:
         raise ValueError(f"{item!r} is not a {bits}-bit number")
     return number
+
+
+def _read_int_param(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_param(path: str) -> bool | None:
@@ -430,20 +443,21 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
             )
     if state.xcrs is not None and target.xcrs is False:
         refuse(Finding("xcrs", "xcrs-unsupported", "the target has no KVM_CAP_XCRS"))
-    if (
-        type(state.tsc_khz) is int
-        and target.tsc_control is False
-        and target.tsc_khz is not None
-        and state.tsc_khz < target.tsc_khz
-    ):
-        refuse(
-            Finding(
-                "tsc_khz",
-                "tsc-rate",
-                f"{state.tsc_khz} kHz is below the target's {target.tsc_khz} kHz and it "
-                "cannot scale the TSC (KVM_CAP_TSC_CONTROL is 0)",
+    if type(state.tsc_khz) is int and target.tsc_control is False and target.tsc_khz:
+        # kvm_set_tsc_khz: a rate within tsc_tolerance_ppm of the host's is the host's;
+        # without TSC scaling a higher one is caught up with, a lower one refused.
+        ppm = _TSC_TOLERANCE_PPM if target.tsc_tolerance_ppm is None else target.tsc_tolerance_ppm
+        lowest = target.tsc_khz * (1_000_000 - ppm) // 1_000_000
+        if state.tsc_khz < lowest:
+            refuse(
+                Finding(
+                    "tsc_khz",
+                    "tsc-rate",
+                    f"{state.tsc_khz} kHz is below the target's {target.tsc_khz} kHz (less "
+                    f"{ppm} ppm: {lowest}) and it cannot scale the TSC (KVM_CAP_TSC_CONTROL "
+                    "is 0)",
+                )
             )
-        )
     if isinstance(state.cpuid, uapi.kvm_cpuid2):
         _cpuid(state.cpuid, refuse)
     return report

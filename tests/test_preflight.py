@@ -201,6 +201,25 @@ def test_cpuid_the_kernel_refuses_is_named(machine: Callable[[], kvmstate.Vcpu])
     assert info.value.errno == 22
 
 
+def test_tsc_rate_rule_agrees_with_the_kernel(machine: Callable[[], kvmstate.Vcpu]) -> None:
+    source = machine()
+    target = Target.from_vcpu(machine())
+    if target.tsc_control is not False or not target.tsc_khz:
+        pytest.skip("this KVM scales the TSC (KVM_CAP_TSC_CONTROL): every rate is taken")
+    state = source.save_state()
+    # Just below the host's rate, within tsc_tolerance_ppm: the kernel takes it as the host's.
+    state.tsc_khz = target.tsc_khz - 1
+    assert preflight(state, target).ok
+    machine().restore_state(state)
+    # A tenth below: the kernel refuses it, so the pre-flight must, before anything is written.
+    state.tsc_khz = target.tsc_khz * 9 // 10
+    (finding,) = preflight(state, target).refusals
+    assert finding.rule == "tsc-rate"
+    with pytest.raises(OSError) as info:
+        machine().set_tsc_khz(state.tsc_khz)
+    assert info.value.errno == 22
+
+
 def test_unknown_facts_are_not_checked(machine: Callable[[], kvmstate.Vcpu]) -> None:
     state = machine().save_state()
     report = preflight(state, Target())
