@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import json
 import os
 from collections.abc import Mapping
@@ -52,8 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvmstate import uapi
 from kvmstate.errors import KvmError
-from kvmstate.nested import NestedState
-from kvmstate.uapi import NestedFormat
+from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.uapi import NestedFlag, NestedFormat
 
 if TYPE_CHECKING:
     from kvmstate.state import VcpuState
@@ -64,7 +63,6 @@ __all__ = [
     "DroppedMsrWarning",
     "Finding",
     "Preflight",
-    "PreflightError",
     "Target",
     "drop_summary",
     "msr_policy",
@@ -163,23 +161,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.part}: {self.message} [{self.rule}]"
-
-
-class PreflightError(KvmError):
-    """The target vCPU would refuse the state; nothing was written.
-
-    errno is EINVAL (what the refusing ioctl would have returned);
-    ``findings`` lists every refusal, ``report`` is the whole :class:`Preflight`.
-    """
-
-    def __init__(self, report: Preflight) -> None:
-        lines = "; ".join(str(f) for f in report.refusals)
-        super().__init__(errno.EINVAL, f"the target would refuse this state: {lines}")
-        self.report = report
-        self.findings = report.refusals
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (PreflightError, (self.report,))
 
 
 @dataclasses.dataclass
@@ -387,7 +368,7 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
 
         report = preflight(state, Target.from_vcpu(vcpu))
         if not report.ok:
-            raise PreflightError(report)
+            print("\n".join(report.lines()))  # restore_state raises PreflightError
     """
     report = Preflight()
     refuse = report.refusals.append
@@ -443,19 +424,26 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
             )
     if state.xcrs is not None and target.xcrs is False:
         refuse(Finding("xcrs", "xcrs-unsupported", "the target has no KVM_CAP_XCRS"))
-    if type(state.tsc_khz) is int and target.tsc_control is False and target.tsc_khz:
+    khz = state.tsc_khz
+    # A rate that is no u32 is left to restore, which names it (ValueError).
+    if (
+        type(khz) is int
+        and 0 <= khz <= 0xFFFF_FFFF
+        and target.tsc_control is False
+        and target.tsc_khz
+    ):
         # kvm_set_tsc_khz: a rate within tsc_tolerance_ppm of the host's is the host's;
         # without TSC scaling a higher one is caught up with, a lower one refused.
         ppm = _TSC_TOLERANCE_PPM if target.tsc_tolerance_ppm is None else target.tsc_tolerance_ppm
         lowest = target.tsc_khz * (1_000_000 - ppm) // 1_000_000
-        if state.tsc_khz < lowest:
+        if khz < lowest:
             refuse(
                 Finding(
                     "tsc_khz",
                     "tsc-rate",
-                    f"{state.tsc_khz} kHz is below the target's {target.tsc_khz} kHz (less "
-                    f"{ppm} ppm: {lowest}) and it cannot scale the TSC (KVM_CAP_TSC_CONTROL "
-                    "is 0)",
+                    f"{khz} kHz is below the target's {target.tsc_khz} kHz (less {ppm} ppm: "
+                    f"{lowest}) and it cannot scale the TSC (KVM_CAP_TSC_CONTROL is 0; set the "
+                    "state's tsc_khz to None to keep the target's rate)",
                 )
             )
     if isinstance(state.cpuid, uapi.kvm_cpuid2):
@@ -490,8 +478,18 @@ def _nested(state: VcpuState, target: Target, refuse: Any) -> None:
     nested = state.nested
     if not isinstance(nested, NestedState) or target.nested_state_size is None:
         return
+    # Header only, GIF_SET or nothing, no VMXON: the state of a vCPU that never used
+    # nesting. Some kernels without KVM_CAP_NESTED_STATE take it, so it is no refusal.
+    idle = (
+        nested.size <= HEADER_SIZE
+        and nested.flags & ~NestedFlag.GIF_SET == 0
+        and (nested.format != NestedFormat.VMX or nested.vmx.vmxon_pa == (1 << 64) - 1)
+    )
     if target.nested_state_size == 0:
-        refuse(Finding("nested", "nested-unsupported", "the target has no KVM_CAP_NESTED_STATE"))
+        if not idle:
+            refuse(
+                Finding("nested", "nested-unsupported", "the target has no KVM_CAP_NESTED_STATE")
+            )
         return
     want = {"vmx": NestedFormat.VMX, "svm": NestedFormat.SVM}.get(target.vendor or "")
     if want is not None and nested.format != want:

@@ -45,15 +45,8 @@ from kvmstate import ioctls as _io
 from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.ioctls import IOCTL_NAMES
-from kvmstate.nested import NestedState
-from kvmstate.preflight import (
-    DroppedMsrWarning,
-    Preflight,
-    PreflightError,
-    Target,
-    drop_summary,
-    preflight,
-)
+from kvmstate.nested import NestedState, check_for_set
+from kvmstate.preflight import DroppedMsrWarning, Preflight, Target, drop_summary, preflight
 from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 
 if TYPE_CHECKING:
@@ -62,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MSR_IA32_FEATURE_CONTROL",
     "PARTS",
+    "PreflightError",
     "StateError",
     "VcpuState",
     "msr_lines",
@@ -119,6 +113,27 @@ class StateError(KvmError):
         super().__init__(exc.errno, f"{part}: {exc.strerror}", ioctl=ioctl)
         self.part = part
         self.result = getattr(exc, "result", None)
+
+
+class PreflightError(StateError):
+    """The target vCPU would refuse the state (:mod:`kvmstate.preflight`); nothing was written.
+
+    errno is EINVAL (what the refusing ioctl would return), ``part`` the
+    first refused part; ``findings`` lists every refusal and ``report`` is
+    the whole :class:`~kvmstate.preflight.Preflight`.
+    """
+
+    def __init__(self, report: Preflight) -> None:
+        if not report.refusals:
+            raise ValueError("PreflightError needs a report with refusals")
+        text = "; ".join(str(f) for f in report.refusals)
+        error = KvmError(errno.EINVAL, f"refused before anything was written: {text}")
+        super().__init__(report.refusals[0].part, error)
+        self.report = report
+        self.findings = report.refusals
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PreflightError, (self.report,))
 
 
 @dataclasses.dataclass(eq=False)
@@ -469,6 +484,8 @@ def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Prefligh
     s = state
     if s.msrs is not None:
         _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
+    if isinstance(s.nested, NestedState):
+        check_for_set(s.nested)  # and a malformed nested state (ValueError naming the field)
     report = preflight(s, _target(vcpu), drop_msrs=drop_msrs)
     if not report.ok:
         raise PreflightError(report)

@@ -25,12 +25,11 @@ from kvmstate.nested import SVM_MAX_SIZE, NestedState
 from kvmstate.preflight import (
     REQUIRED_MSRS,
     DroppedMsrWarning,
-    PreflightError,
     Target,
     msr_policy,
     preflight,
 )
-from kvmstate.state import MSR_IA32_FEATURE_CONTROL, VcpuState
+from kvmstate.state import MSR_IA32_FEATURE_CONTROL, PreflightError, StateError, VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 _BESIDE = Path(sys.executable).with_name("kvmstate")
@@ -148,6 +147,7 @@ def test_unknown_nonzero_msr_is_refused_before_anything_is_written(
     assert info.value.errno == 22 and [f.rule for f in info.value.findings] == [
         "msr-unknown-nonzero"
     ]
+    assert isinstance(info.value, StateError) and info.value.part == "msrs"
     assert dest.get_regs().rip == rip != 0x1234  # nothing was written
     assert bytes(dest.get_cpuid2().to_bytes()) == cpuid
     with pytest.raises(PreflightError, match="msr-unknown"):
@@ -181,6 +181,11 @@ def test_every_refusal_is_listed_at_once(machine: Callable[[], kvmstate.Vcpu]) -
     assert ("sregs2-unsupported" in rules) == (state.sregs2 is not None)
     none = dataclasses.replace(base, nested_state_size=0)
     assert [f.rule for f in preflight(state, none).refusals] == ["nested-unsupported"]
+    # A header alone with GIF set says nesting was never used: no refusal (some kernels
+    # without KVM_CAP_NESTED_STATE take it, tests/test_hostile.py's SVM_GIF_ONLY_SET).
+    idle = NestedState(128)
+    idle.format, idle.size, idle.flags = NestedFormat.SVM, 128, NestedFlag.GIF_SET
+    assert preflight(dataclasses.replace(state, nested=idle), none).ok
 
 
 def test_cpuid_the_kernel_refuses_is_named(machine: Callable[[], kvmstate.Vcpu]) -> None:

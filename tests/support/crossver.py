@@ -37,8 +37,7 @@ from typing import Any
 import kvmstate
 from kvmstate import snapshot
 from kvmstate.errors import KvmError
-from kvmstate.preflight import PreflightError
-from kvmstate.state import VcpuState
+from kvmstate.state import PreflightError, VcpuState
 from tests import test_svm_migration as svm
 from tests.support import guest_debug, svm_l1
 from tests.support.migrate import Machine
