@@ -14,7 +14,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-_TARGET = re.compile(r"(?:^|-)((?:amd|intel)-6\.\d+)\]$")
+_TARGET = re.compile(r"[\[-]((?:amd|intel)-6\.\d+)\]$")
 
 
 def cells(path: str) -> dict[tuple[str, str], collections.Counter[str]]:
