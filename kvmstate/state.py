@@ -476,7 +476,7 @@ def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Prefligh
     """Write ``state`` into ``vcpu`` in the order the module docstring gives.
 
     First :func:`kvmstate.preflight.preflight` against this vCPU: if it
-    would refuse anything, :class:`~kvmstate.preflight.PreflightError`
+    would refuse anything, :class:`~kvmstate.state.PreflightError`
     (nothing written). MSRs this kernel does not know are dropped where the
     policy allows (``drop_msrs=False``: refused), with a
     :class:`~kvmstate.preflight.DroppedMsrWarning`; the report is returned.

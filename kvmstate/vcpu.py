@@ -698,7 +698,7 @@ class Vcpu(FdWrapper):
         """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs.
 
         Checked first against this vCPU (:mod:`kvmstate.preflight`): what it
-        would refuse raises :class:`~kvmstate.preflight.PreflightError` before
+        would refuse raises :class:`~kvmstate.state.PreflightError` before
         anything is written; MSRs this kernel does not know are dropped where
         the policy allows. Returns that report::
 
