@@ -27,8 +27,8 @@ The policy for an MSR the target does not know (:func:`msr_policy`):
   programmed, the enlightenment never enabled), so a target that lacks
   the feature loses nothing; dropped then, and refused at any other value.
 
-Dropped MSRs are recorded in :attr:`Preflight.dropped` (and restore warns
-with :class:`DroppedMsrWarning`). What the lists cannot tell: an MSR the
+Dropped MSRs are recorded in :attr:`Preflight.dropped`, and restore warns
+with a :class:`DroppedMsrWarning` that carries them. What the lists cannot tell: an MSR the
 target lists may still refuse a *value* (KVM checks reserved bits when it
 is written); such a refusal still surfaces as a
 :class:`~kvmstate.state.StateError` from the write itself.
@@ -64,7 +64,6 @@ __all__ = [
     "Finding",
     "Preflight",
     "Target",
-    "drop_summary",
     "msr_policy",
     "preflight",
 ]
@@ -143,7 +142,20 @@ def msr_policy(index: int) -> str:
 
 
 class DroppedMsrWarning(UserWarning):
-    """A restore left out MSRs the target does not know (listed in the message)."""
+    """A restore left out MSRs the target does not know; ``dropped`` maps each to its value.
+
+    Catch it to keep the record::
+
+        with warnings.catch_warnings(record=True) as seen:
+            vcpu.restore_state(saved)
+        dropped = {i: v for w in seen if isinstance(w.message, DroppedMsrWarning)
+                   for i, v in w.message.dropped.items()}
+    """
+
+    def __init__(self, dropped: Mapping[int, int]) -> None:
+        self.dropped = dict(sorted(dropped.items()))
+        listed = ", ".join(f"{i:#x}={v:#x}" for i, v in self.dropped.items())
+        super().__init__(f"MSRs this kernel does not know, dropped: {listed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,8 +520,3 @@ def _nested(state: VcpuState, target: Target, refuse: Any) -> None:
                 f"{nested.size} bytes, the target takes at most {target.nested_state_size}",
             )
         )
-
-
-def drop_summary(dropped: Mapping[int, int]) -> str:
-    """``"0x309=0x0, 0x30a=0x0"``: the dropped MSRs, for a warning."""
-    return ", ".join(f"{i:#x}={v:#x}" for i, v in sorted(dropped.items()))

@@ -46,7 +46,7 @@ from kvmstate import uapi
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.ioctls import IOCTL_NAMES
 from kvmstate.nested import NestedState, check_for_set
-from kvmstate.preflight import DroppedMsrWarning, Preflight, Target, drop_summary, preflight
+from kvmstate.preflight import DroppedMsrWarning, Preflight, Target, preflight
 from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
 
 if TYPE_CHECKING:
@@ -472,14 +472,14 @@ def save(vcpu: Vcpu) -> VcpuState:
     return state
 
 
-def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Preflight:
+def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> None:
     """Write ``state`` into ``vcpu`` in the order the module docstring gives.
 
     First :func:`kvmstate.preflight.preflight` against this vCPU: if it
     would refuse anything, :class:`~kvmstate.state.PreflightError`
     (nothing written). MSRs this kernel does not know are dropped where the
     policy allows (``drop_msrs=False``: refused), with a
-    :class:`~kvmstate.preflight.DroppedMsrWarning`; the report is returned.
+    :class:`~kvmstate.preflight.DroppedMsrWarning` that lists them.
     """
     s = state
     if s.msrs is not None:
@@ -490,11 +490,8 @@ def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Prefligh
     if not report.ok:
         raise PreflightError(report)
     if report.dropped:
-        warnings.warn(
-            f"MSRs this kernel does not know, dropped: {drop_summary(report.dropped)}",
-            DroppedMsrWarning,
-            stacklevel=3,
-        )
+        # stacklevel 3: the caller of Vcpu.restore_state, whose state it was.
+        warnings.warn(DroppedMsrWarning(report.dropped), stacklevel=3)
     plan = {step[0]: step for step in _plan(vcpu)}
     fd = vcpu.fileno()
 
@@ -559,7 +556,6 @@ def restore(vcpu: Vcpu, state: VcpuState, *, drop_msrs: bool = True) -> Prefligh
     put_fixed("events")
     put_fixed("mp_state")
     put_fixed("debugregs")
-    return report
 
 
 def _target(vcpu: Vcpu) -> Target:

@@ -32,7 +32,6 @@ from kvmstate.errors import (
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
 
 if TYPE_CHECKING:
-    from kvmstate.preflight import Preflight
     from kvmstate.state import VcpuState
 
 __all__ = ["Vcpu"]
@@ -694,22 +693,22 @@ class Vcpu(FdWrapper):
 
         return state.save(self)
 
-    def restore_state(self, saved: VcpuState, *, drop_msrs: bool = True) -> Preflight:
+    def restore_state(self, saved: VcpuState, *, drop_msrs: bool = True) -> None:
         """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs.
 
         Checked first against this vCPU (:mod:`kvmstate.preflight`): what it
         would refuse raises :class:`~kvmstate.state.PreflightError` before
         anything is written; MSRs this kernel does not know are dropped where
-        the policy allows. Returns that report::
+        the policy allows, with a :class:`~kvmstate.preflight.DroppedMsrWarning`
+        that lists them (``drop_msrs=False``: refused instead)::
 
-            report = vcpu.restore_state(saved)
-            print(report.dropped)  # {0x309: 0, ...}: MSRs of the source kernel only
+            vcpu.restore_state(saved)  # DroppedMsrWarning: ... dropped: 0x309=0x0, ...
         """
         from kvmstate import state
 
         if not isinstance(saved, state.VcpuState):
             raise TypeError(f"restore_state() needs a VcpuState, not {type(saved).__name__}")
-        return state.restore(self, saved, drop_msrs=drop_msrs)
+        state.restore(self, saved, drop_msrs=drop_msrs)
 
     # --- lifetime ------------------------------------------------------------------------
 
