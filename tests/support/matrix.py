@@ -1,6 +1,8 @@
-"""The test matrix of docs/testing.md from a real run: ``python -m tests.support.matrix RUN.xml``.
+"""The test matrix of docs/testing.md from a real run: ``python -m tests.support.matrix FILE...``.
 
-``RUN.xml`` is what ``python -m pytest --junitxml RUN.xml`` wrote. Rows are
+A FILE ending in ``.xml`` is what ``python -m pytest --junitxml RUN.xml``
+wrote; any other is a guest session's log (``$TMPDIR/kvmstate-guest-*.log``,
+its ``KVMSTATE-RESULT`` lines), for a run still going. Rows are
 test groups (test modules), columns where the tests ran: the host's
 /dev/kvm, or a guest and kernel series (the ``[amd-6.12]`` part of a test
 id). Each cell counts passed / skipped / failed, and names why tests were
@@ -10,6 +12,7 @@ skipped, so the table says what ran where and what did not.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -17,18 +20,52 @@ import xml.etree.ElementTree as ET
 _TARGET = re.compile(r"[\[-]((?:amd|intel)-6\.\d+)\]$")
 
 
-def cells(path: str) -> dict[tuple[str, str], collections.Counter[str]]:
+Cells = dict[tuple[str, str], collections.Counter[str]]
+
+
+def _log_cells(path: str, out: Cells) -> None:
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.startswith("KVMSTATE-RESULT "):
+                continue
+            result = json.loads(line.split(" ", 1)[1])
+            module, _, name = result["nodeid"].partition("::")
+            match = _TARGET.search(name)
+            where = match.group(1) if match else "host"
+            counts = out[module.rsplit("/", 1)[-1].removesuffix(".py"), where]
+            outcome = result["outcome"]
+            if result.get("wasxfail"):
+                counts["xfailed"] += 1
+            elif outcome == "skipped":
+                counts["skipped"] += 1
+                why = result.get("longrepr", "")
+                why = why[-1] if isinstance(why, list) else str(why)
+                counts["why: " + re.sub(r"^Skipped: ", "", why).split("\n")[0][:90]] += 1
+            else:
+                counts["failed" if outcome == "failed" else "passed"] += 1
+
+
+def cells(*paths: str) -> Cells:
     """(group, where) -> counts of passed/skipped/failed and of each skip reason."""
-    out: dict[tuple[str, str], collections.Counter[str]] = collections.defaultdict(
-        collections.Counter
-    )
+    out: Cells = collections.defaultdict(collections.Counter)
+    for path in paths:
+        if path.endswith(".xml"):
+            _junit_cells(path, out)
+        else:
+            _log_cells(path, out)
+    return out
+
+
+def _junit_cells(path: str, out: Cells) -> None:
     for case in ET.parse(path).getroot().iter("testcase"):
         group = case.get("classname", "").rsplit(".", 1)[-1]
         match = _TARGET.search(case.get("name", ""))
         where = match.group(1) if match else "host"
         counts = out[group, where]
         skipped = case.find("skipped")
-        if skipped is not None:
+        if skipped is not None and skipped.get("type") == "pytest.xfail":
+            counts["xfailed"] += 1
+        elif skipped is not None:
             counts["skipped"] += 1
             reason = (skipped.get("message") or "").strip()
             reason = re.sub(r"^Skipped: ", "", reason).split("\n")[0][:90]
@@ -37,11 +74,10 @@ def cells(path: str) -> dict[tuple[str, str], collections.Counter[str]]:
             counts["failed"] += 1
         else:
             counts["passed"] += 1
-    return out
 
 
-def table(path: str) -> str:
-    found = cells(path)
+def table(*paths: str) -> str:
+    found = cells(*paths)
     wheres = sorted({w for _, w in found}, key=lambda w: (w != "host", w))
     groups = sorted({g for g, _ in found})
     lines = ["| group | " + " | ".join(wheres) + " |", "| --- |" + " --- |" * len(wheres)]
@@ -53,6 +89,8 @@ def table(path: str) -> str:
                 row.append("")
                 continue
             text = f"{counts['passed']} passed"
+            if counts["xfailed"]:
+                text += f", {counts['xfailed']} xfailed"
             if counts["skipped"]:
                 reasons = sorted(k[5:] for k in counts if k.startswith("why: "))
                 text += f", {counts['skipped']} skipped ({'; '.join(reasons)})"
@@ -64,4 +102,4 @@ def table(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    print(table(*sys.argv[1:]))
