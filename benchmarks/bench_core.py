@@ -28,32 +28,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvmstate
+from benchmarks._common import best_ns, compile_c
 from kvmstate import ioctls, vmcb
 from kvmstate.nested import SVM_MAX_SIZE
+from tests.support.states import svm_guest
 
 C_SOURCE = r"""
-#include <errno.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <linux/kvm.h>
-
-static uint64_t now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
 /* ns per operation; -1 on an unexpected failure. state: a nested state for "nested_set". */
 double bench(int fd, const char *op, long n, unsigned cap, const void *state) {
     unsigned len = cap < 128 ? 128 : cap;
@@ -89,25 +75,9 @@ double bench(int fd, const char *op, long n, unsigned cap, const void *state) {
 
 
 def build_c(workdir: Path) -> ctypes.CDLL:
-    """Compile the baseline as a shared library and load it into this process.
-
-    KVM refuses vCPU ioctls from a process other than the VM's creator
-    (EIO), so the C loop must run here, on the same descriptor.
-    """
-    src = workdir / "baseline.c"
-    lib = workdir / "baseline.so"
-    src.write_text(C_SOURCE)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    dll = ctypes.CDLL(str(lib))
-    dll.bench.restype = ctypes.c_double
-    dll.bench.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_long,
-        ctypes.c_uint,
-        ctypes.c_void_p,
-    ]
-    return dll
+    """Compile the baseline as a shared library and load it into this process."""
+    argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_long, ctypes.c_uint, ctypes.c_void_p]
+    return compile_c(workdir, "baseline", C_SOURCE, argtypes)
 
 
 def c_ns(
@@ -122,14 +92,7 @@ def c_ns(
     return min(runs)
 
 
-def py_ns(fn: Callable[[], object], n: int, repeat: int) -> float:
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter_ns() - t0) / n)
-    return min(runs)
+py_ns = best_ns
 
 
 def swallow(fn: Callable[[], object]) -> Callable[[], object]:
@@ -169,18 +132,7 @@ def enter_svm_guest_mode(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -> str:
     sregs = vcpu.get_sregs()
     sregs.efer |= vmcb.EFER_SVME
     vcpu.set_sregs(sregs)
-    state = kvmstate.NestedState(SVM_MAX_SIZE)
-    state.format = kvmstate.NestedFormat.SVM
-    state.flags = kvmstate.NestedFlag.GUEST_MODE | kvmstate.NestedFlag.GIF_SET
-    state.size = SVM_MAX_SIZE
-    state.svm.vmcb_pa = 0x10000
-    control, save = state.vmcb12.control, state.vmcb12.save
-    control.set_intercept(vmcb.INTERCEPT_VMRUN)
-    control.asid = 1
-    control.iopm_base_pa, control.msrpm_base_pa = 0x20000, 0x30000
-    save.efer = vmcb.EFER_SVME
-    save.cr0 = vmcb.X86_CR0_PG | vmcb.X86_CR0_PE
-    save.dr6, save.dr7, save.rflags = 0xFFFF0FF0, 0x400, 2
+    state = svm_guest()  # the one valid guest-mode state the tests use
     vcpu.set_nested_state(state)
     return "SVM guest mode, 4224 bytes"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,23 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvmstate
+from benchmarks._common import best_ns, compile_c
 from kvmstate import snapshot
 from kvmstate.state import VcpuState
 
 C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <linux/kvm.h>
-
-static uint64_t now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
 struct parts {
     struct kvm_cpuid2 *cpuid; unsigned nent;
     struct kvm_regs regs; struct kvm_sregs sregs; struct kvm_sregs2 sregs2;
@@ -122,23 +109,11 @@ double bench(int fd, int what, long n, int flags) {
 
 
 def build(workdir: Path) -> ctypes.CDLL:
-    src, lib = workdir / "state.c", workdir / "state.so"
-    src.write_text(C_SOURCE)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    dll = ctypes.CDLL(str(lib))
-    dll.bench.restype = ctypes.c_double
-    dll.bench.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
-    return dll
+    argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    return compile_c(workdir, "state", C_SOURCE, argtypes)
 
 
-def best(fn: Callable[[], object], n: int, repeat: int) -> float:
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter_ns() - t0) / n)
-    return min(runs)
+best = best_ns
 
 
 def throughput(fn: Callable[[], object], nbytes: int, seconds: float = 0.5) -> float:

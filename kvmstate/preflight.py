@@ -5,7 +5,7 @@ kernel's ``KVM_GET_MSR_INDEX_LIST``; another kernel series lists others
 (6.1 on an AMD host lists Intel PMU MSRs that 6.12 drops, 6.12 lists
 DEBUGCTL and a Hyper-V MSR that 6.1 does not know). :func:`preflight`
 compares a state with a :class:`Target` (what a target vCPU accepts: its
-MSR lists, capabilities, nested-state size and format, TSC scaling; the
+MSR list, capabilities, nested-state size and format, TSC scaling; the
 CPUID rules every kernel applies)
 and lists every refusal *before* anything is written, so a restore cannot
 stop half way with CPUID and sregs already set. :func:`kvmstate.state.restore`
@@ -41,17 +41,17 @@ is written); such a refusal still surfaces as a
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import uapi
-from kvmstate.errors import KvmError
-from kvmstate.nested import HEADER_SIZE, NestedState
+from kvmstate.errors import KvmError, StateError
+from kvmstate.nested import HEADER_SIZE, NestedState, vendor_of_capability
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ __all__ = [
     "DroppedMsrWarning",
     "Finding",
     "Preflight",
+    "PreflightError",
     "Target",
     "msr_policy",
     "preflight",
@@ -175,6 +176,27 @@ class Finding:
         return f"{self.part}: {self.message} [{self.rule}]"
 
 
+class PreflightError(StateError):
+    """The target vCPU would refuse the state; nothing was written.
+
+    errno is EINVAL (what the refusing ioctl would return), ``part`` the
+    first refused part; ``findings`` lists every refusal and ``report`` is
+    the whole :class:`Preflight`.
+    """
+
+    def __init__(self, report: Preflight) -> None:
+        if not report.refusals:
+            raise ValueError("PreflightError needs a report with refusals")
+        text = "; ".join(str(f) for f in report.refusals)
+        error = KvmError(errno.EINVAL, f"refused before anything was written: {text}")
+        super().__init__(report.refusals[0].part, error)
+        self.report = report
+        self.findings = report.refusals
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PreflightError, (self.report,))
+
+
 @dataclasses.dataclass
 class Preflight:
     """What :func:`preflight` found: refusals and the MSRs to drop.
@@ -222,9 +244,9 @@ _VADDR_BITS = (0, 48, 57)
 class Target:
     """What a target vCPU accepts, from a live vCPU (:meth:`from_vcpu`) or a file.
 
-    ``msrs`` is the target kernel's ``KVM_GET_MSR_INDEX_LIST`` plus its
-    feature MSRs (``KVM_GET_MSR_FEATURE_INDEX_LIST``); ``None`` for a fact
-    not known (its checks are then skipped). Make the file on the target
+    ``msrs`` is the target kernel's ``KVM_GET_MSR_INDEX_LIST`` (what a
+    save reads, so what a restore writes); ``None`` for a fact not known
+    (its checks are then skipped). Make the file on the target
     host with ``kvmstate target > target.json``; ``kvmstate check STATE
     --target target.json`` reads it::
 
@@ -255,29 +277,25 @@ class Target:
 
     @classmethod
     def from_vcpu(cls, vcpu: Vcpu) -> Target:
-        """The facts of ``vcpu``'s KVM (needs the :class:`~kvmstate.Kvm` it was made from)."""
-        vm = vcpu.vm
-        kvm = getattr(vm, "kvm", None)
-        if kvm is None or kvm.closed:
-            raise ValueError("a target's MSR lists need the Kvm (KVM_GET_MSR_INDEX_LIST)")
-        msrs = set(kvm.get_msr_index_list())
-        with contextlib.suppress(KvmError):  # no KVM_CAP_GET_MSR_FEATURES: no feature MSRs
-            msrs.update(kvm.get_msr_feature_index_list())
+        """The facts of ``vcpu``'s KVM, as its VM handed them down (MSR list, capabilities).
+
+        A borrowed vCPU has no MSR list (``msrs`` None: its MSRs are not checked).
+        """
+        indices = vcpu.msr_index_list
         size = vcpu.nested_state_size
-        has_xsave = vm.check_extension(uapi.KVM_CAP_XSAVE)
         try:
             khz: int | None = vcpu.get_tsc_khz()
         except KvmError:
             khz = None
         return cls(
             kernel=os.uname().release,
-            vendor={8320: "vmx", 4224: "svm"}.get(size),
-            msrs=frozenset(msrs),
+            vendor=vendor_of_capability(size),
+            msrs=None if indices is None else frozenset(indices),
             nested_state_size=size,
-            xsave_size=vcpu.xsave_size if has_xsave else 0,
-            sregs2=bool(kvm.check_extension(uapi.KVM_CAP_SREGS2)),
-            xcrs=bool(kvm.check_extension(uapi.KVM_CAP_XCRS)),
-            tsc_control=bool(vm.check_extension(uapi.KVM_CAP_TSC_CONTROL)),
+            xsave_size=vcpu.xsave_size if vcpu.check_extension(uapi.KVM_CAP_XSAVE) > 0 else 0,
+            sregs2=vcpu.check_extension(uapi.KVM_CAP_SREGS2) > 0,
+            xcrs=vcpu.check_extension(uapi.KVM_CAP_XCRS) > 0,
+            tsc_control=vcpu.check_extension(uapi.KVM_CAP_TSC_CONTROL) > 0,
             tsc_khz=khz,
             tsc_tolerance_ppm=_read_int_param("/sys/module/kvm/parameters/tsc_tolerance_ppm"),
             npt=_read_param("/sys/module/kvm_amd/parameters/npt"),

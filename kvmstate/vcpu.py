@@ -11,17 +11,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import struct
-from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl, raw_ioctl
 from kvmstate.errors import (
     KvmError,
     NestedStateRejectedError,
@@ -60,22 +58,29 @@ class Vcpu(FdWrapper):
         owned: bool = True,
         nested_state_size: int | None = None,
         vcpu_id: int | None = None,
+        capabilities: Mapping[int, int] | None = None,
+        mmap_size: int | None = None,
+        msr_index_list: Iterable[int] | None = None,
     ) -> None:
         # Checked before the descriptor is taken: a refused argument must not close it.
         given = _nested_size_arg(nested_state_size)
         vcpu_id = _vcpu_id_arg(vcpu_id)
+        caps = dict(capabilities or {})
+        indices = None if msr_index_list is None else tuple(msr_index_list)
         super().__init__(fd, owned=owned)
         self.vm = vm
         self.vcpu_id = vcpu_id
+        # Handed down by Vm.create_vcpu (KVM_CHECK_EXTENSION answers, KVM_GET_VCPU_MMAP_SIZE,
+        # KVM_GET_MSR_INDEX_LIST), so the vCPU never reaches back to its VM or /dev/kvm.
+        self._capabilities = caps
+        self._mmap_size = mmap_size
+        self._msr_index_list = indices
         self._given_nested_size = given
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
-        # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
-        self._msr_indices: list[int] | None = None
-        self._state_plan: list[Any] | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         self._sync_regs_cap: int | None = None
@@ -114,10 +119,8 @@ class Vcpu(FdWrapper):
     def nested_state_size(self) -> int:
         """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting; see :meth:`borrow`)."""
         if self._nested_state_size is None:
-            kvm = getattr(self.vm, "kvm", None)
-            if kvm is not None and not kvm.closed:
-                cap: int | None = kvm.nested_state_size
-            else:
+            cap: int | None = self._capabilities.get(uapi.KVM_CAP_NESTED_STATE)
+            if cap is None:
                 cap = _ask_dev_kvm(io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, -1)
                 cap = None if cap < 0 else cap
             given = self._given_nested_size
@@ -178,8 +181,8 @@ class Vcpu(FdWrapper):
 
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
-        wanted = _msr_indices(indices)
-        msrs, words = _msr_buffer(wanted)
+        wanted = uapi.msr_index_array(indices)
+        msrs, words = uapi.msrs_buffer(wanted)
         # nmsrs == len(entries): the kernel reads and writes only those entries.
         done = self._ioctl(io.KVM_GET_MSRS, msrs)
         if done != len(wanted):
@@ -195,9 +198,9 @@ class Vcpu(FdWrapper):
             raise TypeError(
                 f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
             )
-        wanted = _msr_indices(values.keys())
-        msrs, words = _msr_buffer(wanted)
-        words[1::2] = _msr_values(values)
+        wanted = uapi.msr_index_array(values.keys())
+        msrs, words = uapi.msrs_buffer(wanted)
+        words[1::2] = uapi.msr_value_array(values)
         # nmsrs == len(entries): the kernel reads only those entries.
         done = self._ioctl(io.KVM_SET_MSRS, msrs)
         if done != len(wanted):
@@ -229,11 +232,7 @@ class Vcpu(FdWrapper):
     def xsave_size(self) -> int:
         """Bytes of the XSAVE area: ``KVM_CAP_XSAVE2`` on the VM, else 4096."""
         if self._xsave_size is None:
-            size = 0
-            vm = self.vm
-            if vm is not None and not vm.closed:
-                size = vm.check_extension(uapi.KVM_CAP_XSAVE2)
-            self._xsave_size = max(size, 4096)
+            self._xsave_size = max(self.check_extension(uapi.KVM_CAP_XSAVE2), 4096)
         return self._xsave_size
 
     def get_xsave(self) -> uapi.kvm_xsave:
@@ -344,7 +343,7 @@ class Vcpu(FdWrapper):
         try:
             self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
         except KvmError as exc:
-            control = self._check_extension(uapi.KVM_CAP_TSC_CONTROL)
+            control = self.check_extension(uapi.KVM_CAP_TSC_CONTROL)
             if exc.errno != errno.EINVAL or control < 0:
                 raise
             if control == 0:
@@ -357,8 +356,16 @@ class Vcpu(FdWrapper):
                 why = f"{khz} kHz is outside the rates this KVM can scale the guest TSC to"
             raise KvmError(exc.errno, f"{exc.strerror}: {why}", ioctl=exc.ioctl) from None
 
-    def _check_extension(self, capability: int) -> int:
-        """A capability asked of the VM, else of /dev/kvm (-1 when neither can be asked)."""
+    def check_extension(self, capability: int) -> int:
+        """A capability as the VM answers it: handed down at creation, else asked of the
+        VM given, else of ``/dev/kvm`` (-1 when none can be asked).
+
+        >>> vcpu.check_extension(uapi.KVM_CAP_XSAVE2)          # doctest: +SKIP
+        4096
+        """
+        known = self._capabilities.get(capability)
+        if known is not None:
+            return known
         vm = self.vm
         if vm is not None and not vm.closed:
             return int(vm.check_extension(capability))
@@ -437,9 +444,8 @@ class Vcpu(FdWrapper):
         """
         if self._run is None:
             fd = self.fileno()
-            kvm = getattr(self.vm, "kvm", None)
-            if kvm is not None and not kvm.closed:
-                size = kvm.vcpu_mmap_size
+            if self._mmap_size is not None:
+                size = self._mmap_size
             else:
                 # Borrowed: ask /dev/kvm. The run page is followed by more (port I/O
                 # data at KVM_PIO_PAGE_OFFSET * 4096): one page is too few.
@@ -465,13 +471,7 @@ class Vcpu(FdWrapper):
         encrypted guests).
         """
         if self._sync_regs_cap is None:
-            vm = self.vm
-            if vm is not None and not vm.closed:
-                self._sync_regs_cap = vm.check_extension(uapi.KVM_CAP_SYNC_REGS)
-            else:
-                self._sync_regs_cap = _ask_dev_kvm(
-                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_SYNC_REGS, 0
-                )
+            self._sync_regs_cap = max(self.check_extension(uapi.KVM_CAP_SYNC_REGS), 0)
         return uapi.SyncRegs(self._sync_regs_cap & uapi.KVM_SYNC_X86_VALID_FIELDS)
 
     @property
@@ -593,14 +593,14 @@ class Vcpu(FdWrapper):
             state = NestedState(need)
         else:
             state = out if type(out) is NestedState else NestedState.from_buffer(out)
-            if state._capacity < need:
+            if state.capacity < need:
                 why = (
                     "KVM_CAP_NESTED_STATE says the kernel may write"
                     if self._nested_cap is not None
                     else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
                     "may write up to the largest known state,"
                 )
-                raise ValueError(f"the buffer holds {state._capacity} bytes but {why} {need}")
+                raise ValueError(f"the buffer holds {state.capacity} bytes but {why} {need}")
         try:
             self._get_nested(state)
         except NestedStateTooLargeError:
@@ -615,13 +615,13 @@ class Vcpu(FdWrapper):
         fd = self._fd
         if fd < 0:
             self.fileno()  # raises: closed
-        capacity = state._capacity
+        capacity = state.capacity
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
-        storage = state._storage
+        storage = state.buffer
         _SIZE.pack_into(storage, 4, capacity)
         try:
-            fcntl.ioctl(fd, _GET_NESTED, storage)
+            raw_ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
             wanted = state.size
             if exc.errno == errno.E2BIG and wanted > capacity:
@@ -643,7 +643,7 @@ class Vcpu(FdWrapper):
         check_for_set(state)
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = fcntl.ioctl(self.fileno(), _SET_NESTED, state._storage)
+            result = raw_ioctl(self.fileno(), _SET_NESTED, state.buffer)
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
@@ -687,28 +687,38 @@ class Vcpu(FdWrapper):
 
     # --- whole-vCPU state ----------------------------------------------------------------
 
-    def save_state(self) -> VcpuState:
-        """Every part of this vCPU's state (see :mod:`kvmstate.state`, which does the work)."""
-        from kvmstate import state
+    @property
+    def msr_index_list(self) -> tuple[int, ...] | None:
+        """``KVM_GET_MSR_INDEX_LIST`` as the Kvm handed it down (None for a borrowed vCPU,
+        unless its VM knows it): the MSRs :meth:`save_state` reads."""
+        if self._msr_index_list is None:
+            known = getattr(self.vm, "msr_index_list", None)
+            return None if known is None else tuple(known)
+        return self._msr_index_list
 
-        return state.save(self)
+    def save_state(self) -> VcpuState:
+        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work)."""
+        # Imported here: only a save needs it (import kvmstate stays small).
+        from kvmstate import save
+
+        return save.save(self)
 
     def restore_state(self, saved: VcpuState, *, drop_msrs: bool = True) -> None:
         """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs.
 
         Checked first against this vCPU (:mod:`kvmstate.preflight`): what it
-        would refuse raises :class:`~kvmstate.state.PreflightError` before
+        would refuse raises :class:`~kvmstate.preflight.PreflightError` before
         anything is written; MSRs this kernel does not know are dropped where
         the policy allows, with a :class:`~kvmstate.preflight.DroppedMsrWarning`
         that lists them (``drop_msrs=False``: refused instead)::
 
             vcpu.restore_state(saved)  # DroppedMsrWarning: ... dropped: 0x309=0x0, ...
         """
-        from kvmstate import state
+        from kvmstate import save, state
 
         if not isinstance(saved, state.VcpuState):
             raise TypeError(f"restore_state() needs a VcpuState, not {type(saved).__name__}")
-        state.restore(self, saved, drop_msrs=drop_msrs)
+        save.restore(self, saved, drop_msrs=drop_msrs)
 
     # --- lifetime ------------------------------------------------------------------------
 
@@ -766,60 +776,6 @@ def _exact(obj: object, kind: type[Any]) -> Any:
     return obj
 
 
-def _msr_indices(indices: Iterable[int]) -> array[int]:
-    """MSR indices as a u32 array; TypeError/ValueError naming a bad one (bools refused)."""
-    items = list(indices)
-    try:
-        out = array("I", items)
-    except (OverflowError, TypeError):
-        for index in items:
-            _msr_index(index)
-        raise
-    if bool in set(map(type, items)):  # array("I") takes True as 1
-        for index in items:
-            _msr_index(index)
-    return out
-
-
-def _msr_values(values: Mapping[int, int]) -> array[int]:
-    """The values of ``{index: value}`` as a u64 array; TypeError/ValueError naming a bad one."""
-    items = list(values.values())
-    try:
-        out = array("Q", items)
-    except (OverflowError, TypeError):
-        out = None
-    if out is None or bool in set(map(type, items)):  # array("Q") takes True as 1
-        for i, v in values.items():
-            _u64(v, f"MSR {i:#x}")  # names the offending value
-    if out is None:
-        raise TypeError("MSR values must be ints")
-    return out
-
-
-def _msr_buffer(indices: array[int]) -> tuple[uapi.kvm_msrs, memoryview]:
-    """A kvm_msrs holding ``indices``, and its entries as (index, data) u64 word pairs."""
-    msrs = uapi.kvm_msrs.new(len(indices))
-    words = memoryview(msrs).cast("B")[8:].cast("Q")  # kvm_msr_entry: u32 index, u32 pad, u64
-    words[0::2] = array("Q", indices)
-    return msrs, words
-
-
-def _msr_index(index: object) -> int:
-    if not isinstance(index, int) or isinstance(index, bool):
-        raise TypeError(f"an MSR index must be an int, not {type(index).__name__}")
-    if not 0 <= index <= 0xFFFF_FFFF:
-        raise ValueError(f"MSR index {index:#x} does not fit in 32 bits")
-    return index
-
-
-def _u64(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
-        raise ValueError(f"{name} value {value:#x} does not fit in 64 bits")
-    return value
-
-
 def _msr_error(name: str, indices: list[int], done: int) -> KvmError:
     return KvmError(
         None,
@@ -840,7 +796,7 @@ def _writable_copy(data: Any) -> NestedState:
     if view.nbytes < HEADER_SIZE:
         raise ValueError(f"{view.nbytes} bytes is shorter than the {HEADER_SIZE}-byte header")
     state = NestedState(view.nbytes)
-    ctypes.memmove(state._storage, bytes(view), view.nbytes)
+    state.buffer[: view.nbytes] = view
     return state
 
 

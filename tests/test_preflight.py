@@ -25,11 +25,12 @@ from kvmstate.nested import SVM_MAX_SIZE, NestedState
 from kvmstate.preflight import (
     REQUIRED_MSRS,
     DroppedMsrWarning,
+    PreflightError,
     Target,
     msr_policy,
     preflight,
 )
-from kvmstate.state import MSR_IA32_FEATURE_CONTROL, PreflightError, StateError, VcpuState
+from kvmstate.state import MSR_IA32_FEATURE_CONTROL, StateError, VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 _BESIDE = Path(sys.executable).with_name("kvmstate")

@@ -18,6 +18,7 @@ import kvmstate
 from kvmstate import ioctls, uapi, vmcb
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
+from tests.support import states
 
 pytestmark = pytest.mark.svm_guest
 
@@ -52,26 +53,8 @@ def new_vcpu(svm_kvm: kvmstate.Kvm) -> Iterator[object]:
 
 
 def guest_mode_state() -> NestedState:
-    """A valid guest-mode state, built by name."""
-    state = NestedState(SVM_MAX_SIZE)
-    state.format = NestedFormat.SVM
-    state.flags = NestedFlag.GUEST_MODE | NestedFlag.GIF_SET
-    state.size = SVM_MAX_SIZE
-    state.svm.vmcb_pa = VMCB_PA
-    control = state.vmcb12.control
-    control.set_intercept(vmcb.INTERCEPT_VMRUN)
-    control.asid = 1
-    control.iopm_base_pa = IOPM_PA
-    control.msrpm_base_pa = MSRPM_PA
-    save = state.vmcb12.save
-    save.efer = vmcb.EFER_SVME
-    save.cr0 = vmcb.X86_CR0_PG | vmcb.X86_CR0_PE
-    save.dr6 = 0xFFFF0FF0
-    save.dr7 = 0x400
-    save.rflags = 2
-    save.rip = 0x1000
-    save.rsp = 0x8000
-    return state
+    """A valid guest-mode state, built by name (tests/support/states.py), L2 at 0x1000."""
+    return states.svm_guest(rip=0x1000, rsp=0x8000)
 
 
 def test_capability_is_amds(svm_kvm: kvmstate.Kvm) -> None:

@@ -38,8 +38,8 @@ from typing import Any
 import kvmstate
 from kvmstate import snapshot
 from kvmstate.errors import KvmError
-from kvmstate.preflight import DroppedMsrWarning
-from kvmstate.state import PreflightError, VcpuState
+from kvmstate.preflight import DroppedMsrWarning, PreflightError
+from kvmstate.state import VcpuState
 from tests import test_svm_migration as svm
 from tests.support import guest_debug, svm_l1
 from tests.support.migrate import Machine
