@@ -38,7 +38,7 @@ def _log_cells(path: str, out: Cells) -> None:
                 counts["xfailed"] += 1
             elif outcome == "skipped":
                 counts["skipped"] += 1
-                why = result.get("longrepr", "")
+                why = result.get("reason") or result.get("longrepr", "")
                 why = why[-1] if isinstance(why, list) else str(why)
                 counts["why: " + re.sub(r"^Skipped: ", "", why).split("\n")[0][:90]] += 1
             else:
