@@ -1,6 +1,7 @@
 """The ``kvmstate`` command (also ``python -m kvmstate``).
 
-Commands: ``info`` (what this machine's KVM offers for nested state),
+Commands: ``info`` (what this machine's KVM offers for nested state), ``target``
+(what it accepts on restore, as JSON for ``check --target``),
 ``decode FILE`` (a saved nested state by field names), ``check FILE``
 (which rules of KVM_SET_NESTED_STATE it breaks), ``diff A B`` and
 ``convert IN OUT --to KIND``.
@@ -45,6 +46,7 @@ from kvmstate import diff as diffs
 from kvmstate.errors import NestedStateUnavailableError
 from kvmstate.formats import cloud_hypervisor, crosvm, qemu
 from kvmstate.nested import HEADER_SIZE, NestedState, vendor_of_capability
+from kvmstate.preflight import Preflight, Target, preflight
 from kvmstate.state import PARTS, VcpuState
 from kvmstate.system import Kvm
 
@@ -678,6 +680,36 @@ def _merged(base: dict[str, Any], implied: dict[str, Any], given: checks.Facts) 
     return facts
 
 
+def _load_target(args: argparse.Namespace) -> Target | None:
+    """``--target FILE``: what ``kvmstate target`` wrote on the target host."""
+    if args.target is None:
+        return None
+    name = _shown(args.target)
+    try:
+        with open(args.target, "rb") as f:
+            return Target.from_json(f.read(1 << 22))
+    except OSError as exc:
+        raise CliError(f"{name}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CliError(f"{name}: {exc}") from None
+
+
+def _target_facts(target: Target) -> dict[str, Any]:
+    """The facts of the target machine a saved state cannot tell (check's Facts fields)."""
+    found: dict[str, Any] = {}
+    if target.vendor is not None:
+        found["vendor"] = target.vendor
+    if target.nested_state_size is not None:
+        found["nested_state_cap"] = target.nested_state_size
+    if target.kernel is not None:
+        version = checks.parse_kernel_version(target.kernel)
+        if version is not None:
+            found["kernel_version"] = version
+    if target.npt is not None:
+        found["npt_enabled"] = target.npt
+    return found
+
+
 def _json_fact(value: Any) -> Any:
     if isinstance(value, frozenset):
         return sorted(value)
@@ -718,25 +750,33 @@ def _check_raw(args: argparse.Namespace, source: _Source, facts: checks.Facts) -
 def _cmd_check(args: argparse.Namespace) -> int:
     source = _open(args.file, args.source_kind)
     given, implied = _facts(args)
+    target = _load_target(args)
+    # The target host's own facts, which no saved file holds; --fact still wins.
+    machine = {} if target is None else _target_facts(target)
     if source.raw is not None:
         _no_vcpu_option(args, source)
         try:
-            facts = checks.Facts(**_merged({}, implied, given))
+            facts = checks.Facts(**_merged(dict(machine), implied, given))
         except (TypeError, ValueError) as exc:
             raise CliError(str(exc)) from None
         return _check_raw(args, source, facts)
     results = []
+    reports: dict[int, Preflight] = {}
     for i, vcpu in _chosen(source, args.vcpu):
+        if target is not None:
+            reports[i] = preflight(vcpu, target)
         try:
             # What the saved vCPU tells of itself (and what the file says beside it).
             base = checks.Facts.from_state(vcpu).known()
             base.update(source.facts.get(i, {}))
+            base.update(machine)
             facts = checks.Facts(**_merged(base, implied, given))
         except (TypeError, ValueError) as exc:
             raise CliError(f"{source.name}: vcpu {i}: {exc}") from None
         problems = None if vcpu.nested is None else checks.check(vcpu.nested, facts)
         results.append((i, vcpu, facts, problems))
     refused = any(p.certain for *_, problems in results for p in problems or ())
+    refused = refused or any(not r.ok for r in reports.values())
     unsure = any(problems for *_, problems in results)
     if args.json:
         vcpus = []
@@ -749,6 +789,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
             entry["refused"] = any(p.certain for p in problems or ())
             entry["facts"] = _json_facts(facts)
             entry["problems"] = [p.to_dict() for p in problems or ()]
+            if i in reports:
+                entry["preflight"] = reports[i].to_dict()
+                entry["refused"] = entry["refused"] or not reports[i].ok
             vcpus.append(entry)
         report = {"file": source.name, "source": source.form, "refused": refused, "vcpus": vcpus}
         _print(json.dumps(report, indent=2))
@@ -757,16 +800,34 @@ def _cmd_check(args: argparse.Namespace) -> int:
             label = f"{source.name} vcpu {i}"
             if problems is None:
                 _print(f"{label}: no nested state to check ({_why_absent(vcpu)})")
-                continue
-            _print(f"{label}: {checks.format_problems(problems)}")
-            missing = source.not_carried.get(i)
-            if missing:
-                # What the kernel will get: the format restores these as 0.
-                _print(
-                    f"  not carried by the {source.form}, checked as it restores them: "
-                    f"{', '.join(missing)}"
-                )
+            else:
+                _print(f"{label}: {checks.format_problems(problems)}")
+                missing = source.not_carried.get(i)
+                if missing:
+                    # What the kernel will get: the format restores these as 0.
+                    _print(
+                        f"  not carried by the {source.form}, checked as it restores them: "
+                        f"{', '.join(missing)}"
+                    )
+            if i in reports:
+                for line in reports[i].lines() or ["the target takes every part"]:
+                    _print(f"{label}: {line}")
     return 1 if refused or (args.strict and unsure) else 0
+
+
+# --- target ---------------------------------------------------------------------------------
+
+
+def _cmd_target(args: argparse.Namespace) -> int:
+    from kvmstate.system import Kvm
+
+    try:
+        with Kvm(args.device) as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+            target = Target.from_vcpu(vcpu)
+    except OSError as exc:
+        raise CliError(f"{_shown(args.device)}: {exc.strerror or exc}") from None
+    _print(json.dumps(target.to_dict(), indent=2))
+    return 0
 
 
 # --- diff -----------------------------------------------------------------------------------
@@ -1337,8 +1398,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="also fail on problems that depend on unknown facts"
     )
+    p.add_argument(
+        "--target",
+        metavar="TARGET.json",
+        help="what `kvmstate target` printed on the host that will restore the state: every "
+        "part and MSR its vCPU would refuse is listed too, and its kernel, vendor and nested "
+        "facts decide the rules",
+    )
     vcpu_option(p)
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "target",
+        help="what this machine's KVM accepts on restore, as JSON for check --target",
+        description="Prints this kernel's MSR lists, capabilities, nested-state size, TSC "
+        "scaling and supported CPUID (from a scratch VM and vCPU), for `kvmstate check STATE "
+        "--target FILE` on the machine that saved STATE. Exit status 2 without a usable KVM.",
+    )
+    p.add_argument("--device", default="/dev/kvm", help="the KVM device (default: %(default)s)")
+    p.set_defaults(func=_cmd_target)
 
     p = sub.add_parser(
         "diff",

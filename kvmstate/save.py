@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,8 @@ from kvmstate import ioctls as io
 from kvmstate import uapi
 from kvmstate._fd import raw_ioctl
 from kvmstate.errors import KvmError, NestedStateUnavailableError, StateError
+from kvmstate.nested import NestedState, check_for_set
+from kvmstate.preflight import DroppedMsrWarning, PreflightError, Target, preflight
 from kvmstate.state import PART_TABLE, PARTS, Part, VcpuState
 from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, MSR_IA32_TSC, VMX_CAPABILITY_MSRS
 
@@ -155,11 +158,28 @@ def save(vcpu: Any) -> VcpuState:
     return state
 
 
-def restore(vcpu: Any, state: VcpuState) -> None:
-    """Write ``state`` into ``vcpu`` in the order the module docstring gives."""
+def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
+    """Write ``state`` into ``vcpu`` in the order the module docstring gives.
+
+    First :func:`kvmstate.preflight.preflight` against this vCPU: if it
+    would refuse anything, :class:`~kvmstate.preflight.PreflightError`
+    (nothing written). MSRs this kernel does not know are dropped where the
+    policy allows (``drop_msrs=False``: refused), with a
+    :class:`~kvmstate.preflight.DroppedMsrWarning` that lists them.
+    """
     if not isinstance(state, VcpuState):
         raise TypeError(f"restore() needs a VcpuState, not {type(state).__name__}")
     s = state
+    if s.msrs is not None:
+        uapi.msrs_from_mapping(s.msrs)  # refuse bad indices/values before anything is written
+    if isinstance(s.nested, NestedState):
+        check_for_set(s.nested)  # and a malformed nested state (ValueError naming the field)
+    report = preflight(s, Target.from_vcpu(vcpu), drop_msrs=drop_msrs)
+    if not report.ok:
+        raise PreflightError(report)
+    if report.dropped:
+        # stacklevel 3: the caller of Vcpu.restore_state, whose state it was.
+        warnings.warn(DroppedMsrWarning(report.dropped), stacklevel=3)
     plan = {row.name: (row, kind) for row, kind, _ in _plan(vcpu)}
     fd = vcpu.fileno()
 
@@ -193,9 +213,7 @@ def restore(vcpu: Any, state: VcpuState) -> None:
         except OSError as exc:
             raise StateError(part, vcpu.kvm_error(exc, row.set)) from None
 
-    if s.msrs is not None:
-        uapi.msrs_from_mapping(s.msrs)  # refuse bad indices/values before anything is written
-    msrs = dict(s.msrs or {})
+    msrs = dict(report.msrs)
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))
     early = {i: msrs.pop(i) for i in sorted(msrs) if i in EARLY_MSRS}

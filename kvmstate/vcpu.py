@@ -756,13 +756,22 @@ class Vcpu(FdWrapper):
 
         return save.save(self)
 
-    def restore_state(self, saved: VcpuState) -> None:
-        """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs."""
+    def restore_state(self, saved: VcpuState, *, drop_msrs: bool = True) -> None:
+        """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs.
+
+        Checked first against this vCPU (:mod:`kvmstate.preflight`): what it
+        would refuse raises :class:`~kvmstate.preflight.PreflightError` before
+        anything is written; MSRs this kernel does not know are dropped where
+        the policy allows, with a :class:`~kvmstate.preflight.DroppedMsrWarning`
+        that lists them (``drop_msrs=False``: refused instead)::
+
+            vcpu.restore_state(saved)  # DroppedMsrWarning: ... dropped: 0x309=0x0, ...
+        """
         from kvmstate import save, state
 
         if not isinstance(saved, state.VcpuState):
             raise TypeError(f"restore_state() needs a VcpuState, not {type(saved).__name__}")
-        save.restore(self, saved)
+        save.restore(self, saved, drop_msrs=drop_msrs)
 
     # --- lifetime ------------------------------------------------------------------------
 

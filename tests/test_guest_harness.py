@@ -413,3 +413,22 @@ def test_per_series_expectation_needs_the_running_series() -> None:
     assert kernels.by_series({here: "expected", (0, 1): "other"}) == "expected"
     with pytest.raises(LookupError, match=re.escape(os.uname().release)):
         kernels.by_series({(0, 1): "other"})
+
+
+@needs_qemu
+def test_exchange_directory_is_writable_at_its_own_path(tmp_path: Path) -> None:
+    (tmp_path / "from-host").write_text("in\n")
+    script = (
+        'cat "$KVMSTATE_GUEST_EXCHANGE/from-host" && echo out > "$KVMSTATE_GUEST_EXCHANGE/back"'
+    )
+    done = harness("--exchange", str(tmp_path), "--", "sh", "-c", script, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "in\n"  # the host's file, seen inside
+    assert (tmp_path / "back").read_text() == "out\n"  # and the guest's, seen outside
+
+
+def test_exchange_directory_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    done = harness("--cpu", "intel", "--exchange", str(tmp_path), "--", "true")
+    assert done.returncode == _common.EXIT_BOOT and "only the AMD guest" in done.stderr
+    done = harness("--exchange", str(tmp_path / "missing"), "--", "true")
+    assert done.returncode == _common.EXIT_BOOT and "is not a directory" in done.stderr

@@ -724,14 +724,17 @@ def guest_env(kind: str, series: str = DEFAULT_KERNEL) -> dict[str, str]:
     return env
 
 
-def run_script(nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
+def run_script(
+    nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, str], exchange: str = ""
+) -> str:
     """The per-run ``/kvmstate/run.sh`` sourced by /init: the nonce, the working
-    directory and ``run_command``, which runs the command chrooted into $ROOT
-    with exactly ``env``."""
+    directory, the exchange directory (``EXCHANGE``, empty for none) and
+    ``run_command``, which runs the command chrooted into $ROOT with exactly ``env``."""
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     return (
         f"NONCE={shlex.quote(nonce)}\n"
         f"GUEST_CWD={shlex.quote(cwd)}\n"
+        f"EXCHANGE={shlex.quote(exchange)}\n"
         "run_command() {\n"
         f'    env -i {assignments} /bin/chroot "$ROOT" /bin/sh -c \'cd "$0" && exec "$@"\' '
         f'"$GUEST_CWD" {shlex.join(command)}\n'
@@ -739,10 +742,12 @@ def run_script(nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, s
     )
 
 
-def run_initramfs(nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, str]) -> bytes:
+def run_initramfs(
+    nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, str], exchange: str = ""
+) -> bytes:
     """A small cpio holding :func:`run_script`, to append to the base initramfs."""
     cpio = Cpio()
-    cpio.file("kvmstate/run.sh", run_script(nonce, command, cwd, env).encode())
+    cpio.file("kvmstate/run.sh", run_script(nonce, command, cwd, env, exchange).encode())
     return cpio.finish()
 
 

@@ -30,9 +30,17 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose {MOUNT_TAG} "$ROOT" 
 
 # Python's bytecode cache lives on the host between boots (GUEST_PYCACHE).
 PYCACHE_TAG = "pycache"
+# run --exchange DIR: the host's DIR, writable, at the same place (over the read-only
+# view of it), so that one boot can leave files for the next; no caching, as both
+# sides may write.
+EXCHANGE_TAG = "exchange"
 EXTRA_MOUNTS = f"""
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose \\
     {PYCACHE_TAG} "$ROOT{_common.GUEST_PYCACHE}"
+if [ -n "$EXCHANGE" ]; then
+    mount -t 9p -o trans=virtio,version=9p2000.L {EXCHANGE_TAG} "$ROOT$EXCHANGE" \\
+        || fail "cannot mount the exchange directory $EXCHANGE"
+fi
 """
 
 KERNEL_ARGS = (
@@ -58,7 +66,10 @@ def prepare(series: str = _common.DEFAULT_KERNEL) -> tuple[Path, Path, str]:
     return kernel.vmlinux or kernel.vmlinuz, entry / "initrd.cpio", kernel.release
 
 
-def qemu_argv(kernel: Path, initrd: Path, pycache: Path) -> list[str]:
+def qemu_argv(kernel: Path, initrd: Path, pycache: Path, exchange: str = "") -> list[str]:
+    shared = []
+    if exchange:
+        shared = ["-virtfs", f"local,path={exchange},mount_tag={EXCHANGE_TAG},security_model=none"]
     return [
         QEMU,
         "-nodefaults",
@@ -76,24 +87,35 @@ def qemu_argv(kernel: Path, initrd: Path, pycache: Path) -> list[str]:
         f"local,path=/,mount_tag={MOUNT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
         f"local,path={pycache},mount_tag={PYCACHE_TAG},security_model=none",
+        *shared,
     ]  # fmt: skip
 
 
-def main(command: list[str], timeout: float, cwd: str, series: str = _common.DEFAULT_KERNEL) -> int:
+def main(
+    command: list[str],
+    timeout: float,
+    cwd: str,
+    series: str = _common.DEFAULT_KERNEL,
+    exchange: str = "",
+) -> int:
     """Run ``command`` in ``cwd`` inside the AMD guest booting the newest kernel
-    of ``series``; return its exit status or one of the harness's own (123, 124, 125)."""
+    of ``series``, with the host directory ``exchange`` writable at the same
+    place; return its exit status or one of the harness's own (123, 124, 125)."""
     try:
         kernel, base, release = prepare(series)
         pycache = _common.cache_dir() / "pycache"
         pycache.mkdir(exist_ok=True)
         _common.debug(f"kernel {release}, initramfs {base}")
         nonce = _common.new_nonce()
-        run = _common.run_initramfs(nonce, command, cwd, _common.guest_env(KIND, series))
+        env = _common.guest_env(KIND, series)
+        if exchange:
+            env["KVMSTATE_GUEST_EXCHANGE"] = exchange
+        run = _common.run_initramfs(nonce, command, cwd, env, exchange)
         with tempfile.TemporaryDirectory(prefix="kvmstate-guest-") as tmp:
             initrd = Path(tmp) / "initrd.cpio"
             initrd.write_bytes(base.read_bytes() + run)
             return _common.run_guest(
-                qemu_argv(kernel, initrd, pycache),
+                qemu_argv(kernel, initrd, pycache, exchange),
                 nonce=nonce,
                 timeout=timeout,
                 label="AMD guest (QEMU TCG, kvm_amd nested=1)",
