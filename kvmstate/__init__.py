@@ -21,6 +21,7 @@ reads the imports and holds the package to this list):
 * ``kvmstate.vmstate`` - whole-VM save, restore and file (:class:`~kvmstate.vmstate.VmState`),
   called by the VM with itself;
 * ``kvmstate.save`` - whole-vCPU save and restore, in the order nested state needs;
+* ``kvmstate.preflight`` - what a target vCPU would refuse, found before a restore writes;
 * ``kvmstate.check`` - why ``KVM_SET_NESTED_STATE`` would refuse a state, joining ...
 * ``kvmstate.check.vmx``, ``kvmstate.check.vmx_state``, ``kvmstate.check.svm`` - the
   vendors' rules;

@@ -56,7 +56,6 @@ from kvmstate.uapi import NestedFlag, NestedFormat
 
 if TYPE_CHECKING:
     from kvmstate.state import VcpuState
-    from kvmstate.vcpu import Vcpu
 
 __all__ = [
     "REQUIRED_MSRS",
@@ -276,8 +275,9 @@ class Target:
     npt: bool | None = None
 
     @classmethod
-    def from_vcpu(cls, vcpu: Vcpu) -> Target:
-        """The facts of ``vcpu``'s KVM, as its VM handed them down (MSR list, capabilities).
+    def from_vcpu(cls, vcpu: Any) -> Target:
+        """The facts of ``vcpu``'s KVM (a :class:`~kvmstate.vcpu.Vcpu`: typed loosely because
+        this module sits below the wrappers), as its VM handed them down (MSR list, capabilities).
 
         A borrowed vCPU has no MSR list (``msrs`` None: its MSRs are not checked).
         """
