@@ -39,14 +39,17 @@ malformed input raises ValueError naming the record.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import re
 import struct
+from array import array
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kvmstate import uapi
+from kvmstate._codec import Slow, codec
 from kvmstate._struct import Struct, _as_bytes, _check_int
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.state import PARTS, VcpuState
@@ -71,6 +74,9 @@ _TAG_RE = re.compile(rb"[a-z0-9_.]{1,64}\Z")
 # A separator that cannot be a tag: extra bytes after a known part are kept as "part/trailing".
 _TRAILING = "/trailing"
 
+_U16, _U64 = struct.Struct("<H"), struct.Struct("<Q")
+_MSRS_HEAD = struct.Struct("<II")  # kvm_msrs: nmsrs, pad
+
 _FIXED: dict[str, type[Struct]] = {
     "regs": uapi.kvm_regs,
     "sregs": uapi.kvm_sregs,
@@ -82,6 +88,29 @@ _FIXED: dict[str, type[Struct]] = {
     "mp_state": uapi.kvm_mp_state,
     "lapic": uapi.kvm_lapic_state,
 }
+_SIZEOF = {part: ctypes.sizeof(cls) for part, cls in _FIXED.items()}
+# The start of each part's record (taglen, tag), written once.
+_TAG_HEAD = {part: _U16.pack(len(part)) + part.encode() for part in PARTS}
+_TAG_HEAD_LEN = {part: len(head) for part, head in _TAG_HEAD.items()}
+_VCPU_HEAD = _U16.pack(4) + b"vcpu"
+# Per part, in file order: the mirror it must exactly be to go in as it is (None: a
+# part of variable size), its record head (taglen, tag), that head with the length of
+# such a mirror after it, the mirror's size, and the bytes of a head with its length.
+_ENCODE_PLAN = tuple(
+    (
+        part,
+        _FIXED.get(part),
+        _TAG_HEAD[part],
+        _TAG_HEAD[part] + _U64.pack(_SIZEOF.get(part, 0)),
+        _SIZEOF.get(part, 0),
+        _TAG_HEAD_LEN[part] + 8,
+    )
+    for part in PARTS
+)
+# The tags this version writes, already checked and decoded.
+_KNOWN_TAGS = {tag.encode(): tag for tag in (*PARTS, "absent", "vcpu", "meta")}
+_CPUID_HEAD = ctypes.sizeof(uapi.kvm_cpuid2)
+_CPUID_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
 
 
 # --- records -------------------------------------------------------------------
@@ -99,26 +128,40 @@ def _records(data: memoryview, where: str, base: int) -> Iterator[tuple[str, mem
     """
     pos, end = 0, len(data)
     while pos < end:
-        start = base + pos
-        if end - pos < 2:
-            raise ValueError(f"{where}: truncated record header at byte {start}")
-        (taglen,) = struct.unpack_from("<H", data, pos)
-        pos += 2
-        if end - pos < taglen + 8:
-            raise ValueError(f"{where}: truncated record header at byte {start}")
-        tag = bytes(data[pos : pos + taglen])
-        if not _TAG_RE.match(tag):
-            raise ValueError(f"{where}: invalid record tag {tag[:64]!r} at byte {start}")
-        pos += taglen
-        (length,) = struct.unpack_from("<Q", data, pos)
-        pos += 8
-        if length > end - pos:
-            raise ValueError(
-                f"{where}: record {tag.decode()!r} at byte {start} says {length} bytes, "
-                f"only {end - pos} remain"
-            )
-        yield tag.decode(), data[pos : pos + length], start
+        tag, pos, length, start = _record_head(data, pos, end, where, base)
+        yield tag, data[pos : pos + length], start
         pos += length
+
+
+def _record_head(data: memoryview, pos: int, end: int, where: str, base: int) -> _Head:
+    """The record at ``pos``: its tag, where its payload starts, its length, its file byte.
+
+    Every length is checked against what is left of ``data`` (``end`` bytes).
+    """
+    start = base + pos
+    if end - pos < 2:
+        raise ValueError(f"{where}: truncated record header at byte {start}")
+    taglen = data[pos] | data[pos + 1] << 8
+    pos += 2
+    if end - pos < taglen + 8:
+        raise ValueError(f"{where}: truncated record header at byte {start}")
+    raw = bytes(data[pos : pos + taglen])
+    tag = _KNOWN_TAGS.get(raw)
+    if tag is None:
+        if not _TAG_RE.match(raw):
+            raise ValueError(f"{where}: invalid record tag {raw[:64]!r} at byte {start}")
+        tag = raw.decode()
+    pos += taglen
+    (length,) = _U64.unpack_from(data, pos)
+    pos += 8
+    if length > end - pos:
+        raise ValueError(
+            f"{where}: record {tag!r} at byte {start} says {length} bytes, only {end - pos} remain"
+        )
+    return tag, pos, length, start
+
+
+_Head = tuple[str, int, int, int]
 
 
 # --- one vCPU ----------------------------------------------------------------------
@@ -164,21 +207,106 @@ def _check_trailing(state: VcpuState) -> None:
             raise ValueError(f"extra: {tag!r} needs {base} present and at least one byte")
 
 
-def _encode_vcpu(state: VcpuState) -> bytes:
-    _check_absent(state.absent)
-    _check_extra(state.extra)
-    _check_trailing(state)
-    out = []
-    for part in PARTS:
-        if getattr(state, part) is not None:
-            payload = state.part_bytes(part) + state.extra.get(part + _TRAILING, b"")
-            out.append(_record(part, payload))
-    if state.absent:
-        out.append(_record("absent", json.dumps(state.absent, sort_keys=True).encode()))
-    for tag, payload in state.extra.items():
+def _encode_vcpu(state: VcpuState) -> tuple[list[Any], int]:
+    """The records of one vCPU as buffers for one ``bytes.join``, and their total length.
+
+    The kernel's structures go in as they are (``join`` reads their
+    buffers): one copy, into the file, instead of one per record and one
+    per level of nesting.
+    """
+    absent, extra = state.absent, state.extra
+    # Empty dicts, the common case, need no walk.
+    if type(absent) is not dict or absent:
+        _check_absent(absent)
+    if type(extra) is not dict or extra:
+        _check_extra(extra)
+        _check_trailing(state)
+    out: list[Any] = []
+    total = 0
+    for part, kind, head, sized_head, size, overhead in _ENCODE_PLAN:
+        value = getattr(state, part)
+        if value is None:
+            continue
+        if extra and part + _TRAILING in extra:
+            if type(value) is not kind:
+                value, size = _variable_payload(part, value, state)
+            trailing = extra[part + _TRAILING]
+            out += (head, _U64.pack(size + len(trailing)), value, trailing)
+            total += overhead + size + len(trailing)
+        elif type(value) is kind:  # a mirror of the kernel's size: its head is ready made
+            out += (sized_head, value)
+            total += overhead + size
+        else:  # a part of variable size (kind None), or a fixed one of another type
+            value, length = _variable_payload(part, value, state)
+            out += (head, _U64.pack(length), value)
+            total += overhead + length
+    if absent:
+        total += _add_record(out, "absent", _absent_json(absent))
+    for tag, payload in extra.items():
         if not tag.endswith(_TRAILING):
-            out.append(_record(tag, payload))
-    return b"".join(out)
+            total += _add_record(out, tag, payload)
+    return out, total
+
+
+def _variable_payload(part: str, value: Any, state: VcpuState) -> tuple[Any, int]:
+    """A part whose size varies (or a fixed one of another type), and its length."""
+    if part == "msrs":
+        payload: Any = _msrs_payload(value, state)
+    elif part == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
+        size = ctypes.sizeof(value)
+        # The object itself when nent covers exactly the entries it holds (part_bytes' rule).
+        if value.nent == (size - _CPUID_HEAD) // _CPUID_ENTRY:
+            return value, size
+        payload = state.part_bytes(part)
+    elif part == "xsave" and isinstance(value, uapi.kvm_xsave):
+        size = ctypes.sizeof(value)
+        if not size % 4 and size <= 1 << 20:  # part_bytes' rule (sizeof is >= 4096)
+            return value, size
+        payload = state.part_bytes(part)
+    else:
+        payload = state.part_bytes(part)  # checks the value and names what is off
+    return payload, len(payload)
+
+
+# The last "absent" written and its JSON: a state saved on one KVM has the same reasons.
+_last_absent: tuple[dict[str, str], bytes] = ({}, b"{}")
+
+
+def _absent_json(absent: dict[str, str]) -> bytes:
+    global _last_absent
+    last = _last_absent  # one read: another thread may replace it, never half of it
+    if absent == last[0]:
+        return last[1]
+    text = json.dumps(absent, sort_keys=True).encode()
+    _last_absent = (dict(absent), text)
+    return text
+
+
+def _add_record(out: list[Any], tag: str, payload: bytes) -> int:
+    raw = tag.encode()
+    out += (_U16.pack(len(raw)), raw, _U64.pack(len(payload)), payload)
+    return 2 + len(raw) + 8 + len(payload)
+
+
+def _msrs_payload(values: Any, state: VcpuState) -> bytes:
+    """``struct kvm_msrs`` for ``{index: value}``, sorted by index, as part_bytes makes it."""
+    if type(values) is dict:
+        keys = sorted(values)
+        vals = list(map(values.__getitem__, keys))
+        # array("I"/"Q") refuses what does not fit; a bool would pass as 0/1, so any
+        # bool sends the state to part_bytes, whose error names the MSR.
+        try:
+            indices, data = array("Q", array("I", keys)), array("Q", vals)
+        except (OverflowError, TypeError):
+            indices = None
+        if indices is not None and bool not in {*map(type, keys), *map(type, vals)}:
+            # kvm_msr_entry: u32 index, u32 reserved, u64 data, as two native u64 words
+            # (x86 is little-endian, as the format is).
+            words = array("Q", bytes(16 * len(keys)))
+            words[0::2] = indices
+            words[1::2] = data
+            return _MSRS_HEAD.pack(len(keys), 0) + words.tobytes()
+    return state.part_bytes("msrs")
 
 
 def _flex(cls: Any, payload: memoryview, part: str) -> Any:
@@ -197,13 +325,34 @@ def _flex(cls: Any, payload: memoryview, part: str) -> Any:
     return obj
 
 
+def _msrs_from_payload(payload: memoryview) -> dict[int, int]:
+    """``{index: value}`` from a ``struct kvm_msrs`` record (count checked against its length)."""
+    if len(payload) < _MSRS_HEAD.size:
+        raise ValueError(f"msrs: {len(payload)} bytes, shorter than its 8-byte head")
+    count = int.from_bytes(payload[:4], "little")
+    if len(payload) != 8 + 16 * count:
+        raise ValueError(
+            f"msrs: its count says {count} entries ({8 + 16 * count} bytes), "
+            f"the record has {len(payload)}"
+        )
+    entries = payload[8:]
+    # kvm_msr_entry: u32 index, u32 reserved (ignored), u64 data; x86 and the format
+    # are little-endian. memoryview reads unaligned items safely.
+    indices = entries.cast("I")[0::4].tolist()
+    values = dict(zip(indices, entries.cast("Q")[1::2].tolist(), strict=True))
+    if len(values) != count:
+        raise ValueError("msrs: an MSR index appears twice")
+    return values
+
+
 def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
-    if part in _FIXED:
-        cls = _FIXED[part]
-        size = ctypes.sizeof(cls)
+    cls = _FIXED.get(part)
+    if cls is not None:
+        size = _SIZEOF[part]
         if len(payload) < size:
             raise ValueError(f"{part}: {len(payload)} bytes, {cls.__name__} is {size}")
-        setattr(state, part, cls.from_bytes(payload[:size]))
+        # from_buffer_copy copies the first sizeof bytes only; the rest is kept apart.
+        setattr(state, part, cls.from_buffer_copy(payload))
         if len(payload) > size:
             state.extra[part + _TRAILING] = bytes(payload[size:])
     elif part == "xsave":
@@ -216,11 +365,7 @@ def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
     elif part == "cpuid":
         state.cpuid = _flex(uapi.kvm_cpuid2, payload, part)
     elif part == "msrs":
-        msrs = _flex(uapi.kvm_msrs, payload, part)
-        values = {int(e.index): int(e.data) for e in msrs.items()}
-        if len(values) != len(msrs):
-            raise ValueError("msrs: an MSR index appears twice")
-        state.msrs = values
+        state.msrs = _msrs_from_payload(payload)
     elif part == "tsc_khz":
         if len(payload) != 4:
             raise ValueError(f"tsc_khz: {len(payload)} bytes, expected 4")
@@ -244,25 +389,40 @@ def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
         state.extra[part] = bytes(payload)
 
 
-def _decode_vcpu(payload: memoryview, where: str, base: int) -> VcpuState:
+def _decode_vcpu(data: memoryview, where: str, base: int) -> VcpuState:
     state = VcpuState()
     seen: set[str] = set()
-    for tag, body, offset in _records(payload, where, base):
+    fixed, sizes = _FIXED, _SIZEOF
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos, length, offset = _record_head(data, pos, end, where, base)
         if tag in seen:
             raise ValueError(f"{where}: record {tag!r} at byte {offset} appears twice")
         seen.add(tag)
-        try:
-            _decode_part(state, tag, body)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
+        cls = fixed.get(tag)
+        if cls is not None and length == sizes[tag]:
+            # The common case inline: exactly the mirror's bytes, which _record_head
+            # found inside data; from_buffer_copy takes sizeof(cls) from pos.
+            setattr(state, tag, cls.from_buffer_copy(data, pos))
+        else:
+            try:
+                _decode_part(state, tag, data[pos : pos + length])
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
+        pos += length
     return state
 
 
+_FILE_HEAD = _HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+
+
 def _header() -> bytes:
-    return _HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+    return _FILE_HEAD
 
 
+@functools.lru_cache(maxsize=1)
 def _meta() -> bytes:
+    # The same for the whole process (the kernel release cannot change under it).
     meta = {
         "writer": "kvmstate",
         "format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",
@@ -273,7 +433,12 @@ def _meta() -> bytes:
 
 def dumps_vm(states: list[VcpuState]) -> bytes:
     """Encode several vCPUs (a VM) as one file."""
-    return _header() + _meta() + b"".join(_record("vcpu", _encode_vcpu(s)) for s in states)
+    out: list[Any] = [_FILE_HEAD, _meta()]
+    for state in states:
+        records, size = _encode_vcpu(state)
+        out += (_VCPU_HEAD, _U64.pack(size))
+        out += records
+    return b"".join(out)
 
 
 def dumps_vcpu(state: VcpuState) -> bytes:
@@ -317,16 +482,6 @@ def loads_vcpu(data: bytes | bytearray | memoryview) -> VcpuState:
 # --- named dict / JSON form ----------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _nested_dict(state: NestedState) -> dict[str, Any]:
     h = state.header
     out: dict[str, Any] = {
@@ -337,15 +492,15 @@ def _nested_dict(state: NestedState) -> dict[str, Any]:
         "hdr_raw": bytes(h.hdr.pad).hex(),
     }
     if h.format == uapi.KVM_STATE_NESTED_FORMAT_VMX:
-        out["vmx"] = _jsonable(h.hdr.vmx.to_dict())
+        out["vmx"] = h.hdr.vmx.to_dict(hex_bytes=True)
     elif h.format == uapi.KVM_STATE_NESTED_FORMAT_SVM:
-        out["svm"] = _jsonable(h.hdr.svm.to_dict())
+        out["svm"] = h.hdr.svm.to_dict(hex_bytes=True)
     pages = (state.size - HEADER_SIZE) // 4096
     named = {"vmcs12": state.vmcs12, "shadow_vmcs12": state.shadow_vmcs12, "vmcb12": state.vmcb12}
     covered = 0
     for name, view in named.items():
         if view is not None:
-            out[name] = _jsonable(view.to_dict())
+            out[name] = view.to_dict(hex_bytes=True)
             covered += 1
     rest = state.to_bytes()[HEADER_SIZE + covered * 4096 :]
     if rest or covered != pages:
@@ -413,9 +568,9 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     parts: dict[str, Any] = {}
     for part, value in state.parts().items():
         if part in _FIXED:
-            parts[part] = _jsonable(value.to_dict())
+            parts[part] = value.to_dict(hex_bytes=True)
         elif part == "cpuid":
-            entries = [_jsonable(e.to_dict()) for e in value.items()]
+            entries = _cpuid_entries(value)
             # kvm_cpuid2.padding (u32) is kept when set: {"padding": n, "entries": [...]}.
             parts[part] = (
                 {"padding": value.padding, "entries": entries} if value.padding else entries
@@ -436,6 +591,17 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     }
 
 
+def _cpuid_entries(cpuid: uapi.kvm_cpuid2) -> list[dict[str, Any]]:
+    """The entries as JSON-ready dicts: one generated read per entry, straight off the array."""
+    entries = cpuid.items()
+    fast = codec(uapi.kvm_cpuid_entry2)
+    if fast is None:
+        return [e.to_dict(hex_bytes=True) for e in entries]
+    read, step = fast.hexed, ctypes.sizeof(uapi.kvm_cpuid_entry2)
+    # The array holds len(entries) entries of step bytes: every offset is inside it.
+    return [read(entries, i * step) for i in range(len(entries))]
+
+
 def _cpuid_from_dict(value: Any, where: str) -> uapi.kvm_cpuid2:
     """A list of entries, or ``{"padding": n, "entries": [...]}`` for a non-zero padding."""
     padding = 0
@@ -453,9 +619,19 @@ def _cpuid_from_dict(value: Any, where: str) -> uapi.kvm_cpuid2:
         raise TypeError(f"{where}: expected a list of entries, not {type(value).__name__}")
     cpuid = uapi.kvm_cpuid2.new(len(value))
     cpuid.padding = padding
-    for i, (entry, d) in enumerate(zip(cpuid.items(), value, strict=True)):
+    entries = cpuid.items()
+    fast = codec(uapi.kvm_cpuid_entry2)
+    step = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+    for i, d in enumerate(value):
+        if fast is not None:
+            try:
+                # Entry i of an array of len(value) entries: the write stays inside it.
+                fast.fill(d, entries, i * step)
+                continue
+            except Slow:
+                pass  # the generic walk below names what is off
         filled = uapi.kvm_cpuid_entry2.from_dict(d, path=f"{where}[{i}]")
-        ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), ctypes.sizeof(entry))
+        ctypes.memmove(ctypes.addressof(entries[i]), filled.to_bytes(), step)
     return cpuid
 
 

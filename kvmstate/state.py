@@ -37,6 +37,8 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import importlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -257,18 +259,23 @@ class VcpuState:
 
     def to_bytes(self) -> bytes:
         """The versioned file format (see :mod:`kvmstate.snapshot`)."""
-        from kvmstate.snapshot import dumps_vcpu
-
-        data: bytes = dumps_vcpu(self)
+        data: bytes = _snapshot().dumps_vcpu(self)
         return data
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
         """Parse :meth:`to_bytes` output; ValueError for anything malformed."""
-        from kvmstate.snapshot import loads_vcpu
-
-        state: VcpuState = loads_vcpu(data)
+        state: VcpuState = _snapshot().loads_vcpu(data)
         return state
+
+
+def _snapshot() -> Any:
+    """:mod:`kvmstate.snapshot`, which imports this module: found at call time.
+
+    A lookup in ``sys.modules`` once it is loaded; an ``import`` statement in
+    the method would run the import machinery on every call.
+    """
+    return sys.modules.get("kvmstate.snapshot") or importlib.import_module("kvmstate.snapshot")
 
 
 def msr_lines(values: Mapping[int, int]) -> list[str]:
