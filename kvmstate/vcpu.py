@@ -15,6 +15,7 @@ import fcntl
 import mmap
 import os
 import struct
+import weakref
 from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,8 @@ class Vcpu(FdWrapper):
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
+        # The last view of a caller's buffer, reused while the caller keeps it (weak).
+        self._nested_view: weakref.ref[NestedState] | None = None
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
@@ -577,7 +580,10 @@ class Vcpu(FdWrapper):
         ``out`` may be a :class:`NestedState` to reuse, or any writable,
         8-byte aligned buffer (``bytearray``, ``mmap``, ctypes array), which
         then holds the state (the returned object is a view of it). It must
-        hold at least :attr:`nested_state_size` bytes.
+        hold at least :attr:`nested_state_size` bytes. While the view of a
+        caller's buffer lives, the next call with the same buffer returns it
+        again instead of making another (a ctypes array is checked to still
+        be where the view points: ``ctypes.resize`` moves it).
 
         The ``size`` field handed to the kernel is always the buffer's real
         length, and the buffer is never smaller than ``KVM_CAP_NESTED_STATE``:
@@ -585,31 +591,74 @@ class Vcpu(FdWrapper):
         the 4096-byte vmcb12 in guest mode, then answers E2BIG). On E2BIG a
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
+
+        >>> buf = bytearray(vcpu.nested_state_size)             # doctest: +SKIP
+        >>> state = vcpu.get_nested_state(buf)
+        >>> vcpu.get_nested_state(buf) is state                 # the same view, reused
+        True
         """
-        self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
-        assert need is not None
-        if out is None:
+        if need is None:
+            self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
+            need = self._nested_need
+            assert need is not None
+        if type(out) is NestedState:
+            state = out
+        elif out is None:
             state = NestedState(need)
         else:
-            state = out if type(out) is NestedState else NestedState.from_buffer(out)
-            if state._capacity < need:
-                why = (
-                    "KVM_CAP_NESTED_STATE says the kernel may write"
-                    if self._nested_cap is not None
-                    else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
-                    "may write up to the largest known state,"
-                )
-                raise ValueError(f"the buffer holds {state._capacity} bytes but {why} {need}")
+            state = self._view_of(out)
+        capacity = state._capacity
+        if capacity < need:
+            raise self._too_small(capacity, need)
+        fd = self._fd
+        if fd < 0:
+            self.fileno()  # raises: closed
+        storage = state._storage
+        # The kernel may write up to size bytes, and size is the buffer's own
+        # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
+        _SIZE.pack_into(storage, 4, capacity)
         try:
-            self._get_nested(state)
-        except NestedStateTooLargeError:
-            if out is not None:
-                raise
+            fcntl.ioctl(fd, _GET_NESTED, storage)
+        except OSError as exc:
+            error = self._get_failed(exc, state)
+            if out is not None or not isinstance(error, NestedStateTooLargeError):
+                raise error from None
             # A buffer made here: regrow it once to what the kernel asked for.
             state = NestedState(state.size)
             self._get_nested(state)
         return state
+
+    def _view_of(self, out: Any) -> NestedState:
+        """The view of a caller's buffer: the last one made, while it lives, else a new one."""
+        ref = self._nested_view
+        view = ref() if ref is not None else None
+        # A bytearray, mmap or other exporter cannot move or shrink while the view
+        # holds its export; ctypes.resize can move a ctypes array all the same.
+        if (
+            view is not None
+            and view._source is out
+            and (
+                not isinstance(out, ctypes.Array)
+                or (
+                    ctypes.addressof(out) == ctypes.addressof(view._storage)
+                    and ctypes.sizeof(out) == view._capacity
+                )
+            )
+        ):
+            return view
+        view = NestedState.from_buffer(out)
+        self._nested_view = weakref.ref(view)
+        return view
+
+    def _too_small(self, capacity: int, need: int) -> ValueError:
+        why = (
+            "KVM_CAP_NESTED_STATE says the kernel may write"
+            if self._nested_cap is not None
+            else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
+            "may write up to the largest known state,"
+        )
+        return ValueError(f"the buffer holds {capacity} bytes but {why} {need}")
 
     def _get_nested(self, state: NestedState) -> None:
         fd = self._fd
@@ -623,12 +672,14 @@ class Vcpu(FdWrapper):
         try:
             fcntl.ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
-            wanted = state.size
-            if exc.errno == errno.E2BIG and wanted > capacity:
-                raise NestedStateTooLargeError(
-                    wanted, capacity, ioctl="KVM_GET_NESTED_STATE"
-                ) from None
-            raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
+            raise self._get_failed(exc, state) from None
+
+    def _get_failed(self, exc: OSError, state: NestedState) -> KvmError:
+        """The error for a failed GET into ``state``: too small (E2BIG), or the kernel's."""
+        wanted = state.size
+        if exc.errno == errno.E2BIG and wanted > state._capacity:
+            return NestedStateTooLargeError(wanted, state._capacity, ioctl="KVM_GET_NESTED_STATE")
+        return self._nested_error(exc, "KVM_GET_NESTED_STATE")
 
     def set_nested_state(self, state: Any) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
@@ -638,18 +689,21 @@ class Vcpu(FdWrapper):
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
         """
-        if not isinstance(state, NestedState):
+        if type(state) is not NestedState and not isinstance(state, NestedState):
             state = _writable_copy(state)
         check_for_set(state)
+        fd = self._fd
+        if fd < 0:
+            self.fileno()  # raises: closed
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = fcntl.ioctl(self.fileno(), _SET_NESTED, state._storage)
+            result = fcntl.ioctl(fd, _SET_NESTED, state._storage)
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
                 error = self._explain_refusal(state, error)
             raise error from None
-        if result != 0:
+        if result:
             raise KvmError(
                 None,
                 f"returned {result} instead of 0 (a failure without errno)",
