@@ -72,10 +72,12 @@ class Vcpu(FdWrapper):
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
-        # The last view of a caller's buffer, reused while the caller keeps it (weak).
-        self._nested_view: weakref.ref[NestedState] | None = None
+        # The last view of a caller's buffer (see _view_of).
+        self._nested_view: NestedState | weakref.ref[NestedState] | None = None
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
+        # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
+        self._cpuid_nent_reported = False
         # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
         self._msr_indices: list[int] | None = None
         self._state_plan: list[Any] | None = None
@@ -182,12 +184,13 @@ class Vcpu(FdWrapper):
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
         wanted = _msr_indices(indices)
-        msrs, words = _msr_buffer(wanted)
-        # nmsrs == len(entries): the kernel reads and writes only those entries.
-        done = self._ioctl(io.KVM_GET_MSRS, msrs)
+        words = _msr_words(wanted)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads and
+        # writes only those.
+        done = self._ioctl(io.KVM_GET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_GET_MSRS", wanted.tolist(), done)
-        return dict(zip(wanted.tolist(), words[1::2].tolist(), strict=True))
+        return dict(zip(wanted.tolist(), words[2::2].tolist(), strict=True))
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS`` from ``{index: value}``.
@@ -199,10 +202,10 @@ class Vcpu(FdWrapper):
                 f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
             )
         wanted = _msr_indices(values.keys())
-        msrs, words = _msr_buffer(wanted)
-        words[1::2] = _msr_values(values)
-        # nmsrs == len(entries): the kernel reads only those entries.
-        done = self._ioctl(io.KVM_SET_MSRS, msrs)
+        words = _msr_words(wanted)
+        words[2::2] = _msr_values(values)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads only those.
+        done = self._ioctl(io.KVM_SET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_SET_MSRS", wanted.tolist(), done)
 
@@ -402,7 +405,16 @@ class Vcpu(FdWrapper):
                 raise KvmError(errno.E2BIG, f"more than {n} CPUID entries", ioctl="KVM_GET_CPUID2")
             n = max(n * 2, 256)
         count = cpuid.nent
-        if count == n and n > 0 and self._try_get_cpuid2(n - 1) is not None:
+        if count < n:
+            self._cpuid_nent_reported = True
+        # nent == n: exactly n entries where the kernel reports the count (seen it lower
+        # nent once), else maybe fewer (6.1 leaves nent as given): then ask with fewer.
+        if (
+            count == n
+            and n > 0
+            and not self._cpuid_nent_reported
+            and self._try_get_cpuid2(n - 1) is not None
+        ):
             # nent came back as given: a 6.1 kernel, and fewer entries than n.
             low, high = 0, n - 1  # the smallest count that succeeds is in [low, high]
             while low < high:
@@ -580,10 +592,12 @@ class Vcpu(FdWrapper):
         ``out`` may be a :class:`NestedState` to reuse, or any writable,
         8-byte aligned buffer (``bytearray``, ``mmap``, ctypes array), which
         then holds the state (the returned object is a view of it). It must
-        hold at least :attr:`nested_state_size` bytes. While the view of a
-        caller's buffer lives, the next call with the same buffer returns it
-        again instead of making another (a ctypes array is checked to still
-        be where the view points: ``ctypes.resize`` moves it).
+        hold at least :attr:`nested_state_size` bytes. The next call with the
+        same buffer returns the same view instead of making another: always
+        for a ctypes array (the vCPU keeps its last one, checked before each
+        use to still be where the array is: ``ctypes.resize`` moves it), and
+        for other buffers while the caller still holds the view (it holds the
+        buffer's export; the vCPU does not keep a ``bytearray`` from growing).
 
         The ``size`` field handed to the kernel is always the buffer's real
         length, and the buffer is never smaller than ``KVM_CAP_NESTED_STATE``:
@@ -630,25 +644,27 @@ class Vcpu(FdWrapper):
         return state
 
     def _view_of(self, out: Any) -> NestedState:
-        """The view of a caller's buffer: the last one made, while it lives, else a new one."""
-        ref = self._nested_view
-        view = ref() if ref is not None else None
-        # A bytearray, mmap or other exporter cannot move or shrink while the view
-        # holds its export; ctypes.resize can move a ctypes array all the same.
-        if (
-            view is not None
-            and view._source is out
-            and (
-                not isinstance(out, ctypes.Array)
-                or (
-                    ctypes.addressof(out) == ctypes.addressof(view._storage)
-                    and ctypes.sizeof(out) == view._capacity
-                )
-            )
-        ):
-            return view
+        """The view of a caller's buffer: the last one made, if it is of ``out``, else a new one.
+
+        A ctypes array's view is kept (and with it the array) until another
+        buffer comes: ctypes never refuses a resize for an export, so keeping
+        it blocks nothing, and each reuse checks the array is still where the
+        view points (``ctypes.resize`` moves it). Any other buffer's view is
+        kept weakly, only while the caller holds it: it holds the buffer's
+        export, which would stop a ``bytearray`` growing or an ``mmap`` closing.
+        """
+        kept = self._nested_view
+        view = kept() if isinstance(kept, weakref.ref) else kept
+        if view is not None and view._source is out:
+            if not isinstance(out, ctypes.Array):
+                return view  # its export keeps the memory where it is, and its size
+            if (
+                ctypes.addressof(out) == ctypes.addressof(view._storage)
+                and ctypes.sizeof(out) == view._capacity
+            ):
+                return view
         view = NestedState.from_buffer(out)
-        self._nested_view = weakref.ref(view)
+        self._nested_view = view if isinstance(out, ctypes.Array) else weakref.ref(view)
         return view
 
     def _too_small(self, capacity: int, need: int) -> ValueError:
@@ -758,6 +774,7 @@ class Vcpu(FdWrapper):
     # --- lifetime ------------------------------------------------------------------------
 
     def _release(self) -> None:
+        self._nested_view = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
@@ -839,6 +856,20 @@ def _msr_values(values: Mapping[int, int]) -> array[int]:
     if out is None:
         raise TypeError("MSR values must be ints")
     return out
+
+
+def _msr_words(indices: array[int]) -> array[int]:
+    """``struct kvm_msrs`` holding ``indices``, as u64 words: an array, not a ctypes object.
+
+    Word 0 is ``nmsrs`` (``len(indices)``) and ``pad`` (0); then each
+    ``kvm_msr_entry`` (u32 index, u32 reserved, u64 data) is two words: the
+    index (reserved 0) and the data. x86 is little-endian. The array is
+    ``8 + 16 * nmsrs`` bytes, what the kernel may touch.
+    """
+    words = array("Q", bytes(8 + 16 * len(indices)))
+    words[0] = len(indices)
+    words[1::2] = array("Q", indices)
+    return words
 
 
 def _msr_buffer(indices: array[int]) -> tuple[uapi.kvm_msrs, memoryview]:

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import struct
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -305,3 +306,13 @@ def test_set_after_get_into_the_same_buffer(new_vcpu: object) -> None:
     target = new_vcpu()  # type: ignore[operator]
     target.set_nested_state(state)
     assert kernel_bytes(target) == kernel_bytes(vcpu)
+
+
+def test_a_ctypes_array_view_is_kept_by_the_vcpu(new_vcpu: object) -> None:
+    vcpu = in_guest_mode(new_vcpu)
+    buf = (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))()
+    first = weakref.ref(vcpu.get_nested_state(buf))  # the result dropped at once
+    assert first() is not None  # kept by the vCPU
+    again = vcpu.get_nested_state(buf)
+    assert again is first() and again.source is buf
+    assert again.to_bytes() == kernel_bytes(vcpu)
