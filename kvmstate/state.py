@@ -308,19 +308,24 @@ def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
     return msrs
 
 
-def _put_msrs(vcpu: Vcpu, values: dict[int, int]) -> None:
+def _put_msrs(vcpu: Vcpu, values: dict[int, int], msrs: uapi.kvm_msrs | None = None) -> None:
     """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
 
     KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
     without an in-kernel LAPIC); a state saved there must still restore there.
+    ``msrs``: ``_msrs_struct(values)`` when the caller has it already.
     """
-    items = sorted(values.items())
-    while items:
-        msrs = _msrs_struct(dict(items))
+    items: list[tuple[int, int]] | None = None  # sorted only if the kernel stops short
+    count = len(values)
+    while count:
+        if msrs is None:
+            msrs = _msrs_struct(dict(items) if items is not None else values)
         # nmsrs == len(entries): the kernel reads only those entries.
         done = vcpu._ioctl(_io.KVM_SET_MSRS, msrs)
-        if done == len(items):
+        if done == count:
             return
+        if items is None:
+            items = sorted(values.items())
         index, wanted = items[done]
         try:
             current = vcpu.get_msrs([index])[index]
@@ -334,6 +339,8 @@ def _put_msrs(vcpu: Vcpu, values: dict[int, int]) -> None:
                 result=done,
             )
         items = items[done + 1 :]
+        count = len(items)
+        msrs = None
 
 
 def _readable_msrs(vcpu: Vcpu, indices: list[int]) -> list[int]:
@@ -494,12 +501,14 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
         except OSError as exc:
             raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
 
-    if s.msrs is not None:
-        _msrs_struct(s.msrs)  # refuse bad indices/values before anything is written
+    # Refuse bad indices/values before anything is written.
+    ordered = _msrs_struct(s.msrs) if s.msrs is not None else None
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
     msrs = dict(s.msrs or {})
-    early = {i: msrs.pop(i) for i in sorted(msrs) if i in _EARLY_MSRS}
+    early = {i: msrs.pop(i) for i in sorted(i for i in msrs if i in _EARLY_MSRS)}
+    if early:
+        ordered = None  # the rest is another list: built when written
     if early:
         put("msrs", lambda: _put_msrs(vcpu, early))
     put_fixed("sregs")
@@ -520,7 +529,7 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
     put_fixed("xcrs")
     put_fixed("lapic")
     if msrs:
-        put("msrs", lambda: _put_msrs(vcpu, msrs))
+        put("msrs", lambda: _put_msrs(vcpu, msrs, ordered))
     put_fixed("events")
     put_fixed("mp_state")
     put_fixed("debugregs")
