@@ -93,7 +93,7 @@ class NestedState:
     _storage: ctypes.Array[Any]
     _hdr_view: uapi.kvm_nested_state_header | None
     _capacity: int
-    _source: object  # the caller's buffer a view was made of (None for own storage)
+    _source: Any  # the caller's buffer a view was made of (None for own storage)
 
     def __init__(self, capacity: int = VMX_MAX_SIZE) -> None:
         if type(capacity) is not int or not HEADER_SIZE <= capacity <= _MAX_CAPACITY:

@@ -15,7 +15,6 @@ import fcntl
 import mmap
 import os
 import struct
-import weakref
 from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -30,9 +29,17 @@ from kvmstate.errors import (
     NestedStateUnavailableError,
     UnsupportedKvmError,
 )
-from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
+from kvmstate.nested import (
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    VMX_MAX_SIZE,
+    NestedState,
+    check_for_set,
+)
 
 if TYPE_CHECKING:
+    import weakref
+
     from kvmstate.state import VcpuState
 
 __all__ = ["Vcpu"]
@@ -40,6 +47,16 @@ __all__ = ["Vcpu"]
 _GET_NESTED = io.KVM_GET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
+# Above any buffer's capacity (NestedState holds at most 2**24 bytes).
+_NO_FLOOR_YET = 1 << 62
+_addressof, _sizeof = ctypes.addressof, ctypes.sizeof
+# For set_nested_state's inline check (check_for_set's rules): flags, format and
+# size are the first 8 bytes of struct kvm_nested_state.
+_FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
+_FORMATS = frozenset(int(f) for f in uapi.NestedFormat)
+_UNKNOWN_FLAGS = 0xFFFF & ~KNOWN_FLAGS
+_RUN_PENDING = int(uapi.NestedFlag.RUN_PENDING)
+_PENDING_AND_MODE = _RUN_PENDING | int(uapi.NestedFlag.GUEST_MODE)
 # The largest nested_state_size taken (NestedState's own capacity limit).
 _NESTED_SIZE_MAX = 1 << 24
 
@@ -71,9 +88,12 @@ class Vcpu(FdWrapper):
         self._given_nested_size = given
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
+        self._nested_floor = _NO_FLOOR_YET  # _nested_need once known
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
-        # The last view of a caller's buffer (see _view_of).
-        self._nested_view: NestedState | weakref.ref[NestedState] | None = None
+        # The last view of a caller's buffer (see _view_of): kept, or weakly.
+        self._nested_kept: NestedState | None = None
+        self._nested_kept_at = 0  # the kept view's address
+        self._nested_weak: weakref.ref[NestedState] | None = None
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
@@ -135,6 +155,7 @@ class Vcpu(FdWrapper):
                 # Unconfirmed: never below the largest state any vendor writes.
                 self._nested_need = max(size, VMX_MAX_SIZE)
             self._nested_cap = cap
+            self._nested_floor = self._nested_need
             self._nested_state_size = size
         return self._nested_state_size
 
@@ -611,6 +632,41 @@ class Vcpu(FdWrapper):
         >>> vcpu.get_nested_state(buf) is state                 # the same view, reused
         True
         """
+        # The usual call first, in as few steps as Python allows: a buffer bound
+        # already (a NestedState, or the kept view of this very ctypes array, still
+        # where it was) and at least the floor. Anything else takes the long way.
+        state: NestedState = out
+        if type(out) is not NestedState:
+            kept = self._nested_kept
+            array: Any = out  # a ctypes array where it is the kept view's source
+            if (
+                kept is None
+                or kept._source is not array
+                or _addressof(array) != self._nested_kept_at
+                or _sizeof(array) != kept._capacity
+            ):
+                return self._get_nested_state(out)
+            state = kept
+        capacity = state._capacity
+        # _nested_floor: KVM_CAP_NESTED_STATE's floor once known; before, more than any
+        # buffer holds, so the first call takes the long way, which learns it.
+        if capacity < self._nested_floor:
+            return self._get_nested_state(out)
+        storage = state._storage
+        # The kernel may write up to size bytes, and size is the buffer's own
+        # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
+        fd = self._fd
+        if fd < 0:
+            self.fileno()  # raises: closed
+        _SIZE.pack_into(storage, 4, capacity)
+        try:
+            fcntl.ioctl(fd, _GET_NESTED, storage)
+        except OSError as exc:
+            raise self._get_failed(exc, state) from None
+        return state
+
+    def _get_nested_state(self, out: Any) -> NestedState:
+        """:meth:`get_nested_state` the long way: any buffer, first calls, E2BIG regrowth."""
         need = self._nested_need
         if need is None:
             self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
@@ -653,8 +709,9 @@ class Vcpu(FdWrapper):
         kept weakly, only while the caller holds it: it holds the buffer's
         export, which would stop a ``bytearray`` growing or an ``mmap`` closing.
         """
-        kept = self._nested_view
-        view = kept() if isinstance(kept, weakref.ref) else kept
+        view = self._nested_kept
+        if view is None and self._nested_weak is not None:
+            view = self._nested_weak()
         if view is not None and view._source is out:
             if not isinstance(out, ctypes.Array):
                 return view  # its export keeps the memory where it is, and its size
@@ -664,7 +721,13 @@ class Vcpu(FdWrapper):
             ):
                 return view
         view = NestedState.from_buffer(out)
-        self._nested_view = view if isinstance(out, ctypes.Array) else weakref.ref(view)
+        if isinstance(out, ctypes.Array):
+            self._nested_kept, self._nested_weak = view, None
+            self._nested_kept_at = ctypes.addressof(view._storage)
+        else:
+            import weakref  # here: most programs never lend a buffer (import time)
+
+            self._nested_kept, self._nested_weak = None, weakref.ref(view)
         return view
 
     def _too_small(self, capacity: int, need: int) -> ValueError:
@@ -705,14 +768,26 @@ class Vcpu(FdWrapper):
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
         """
-        if type(state) is not NestedState and not isinstance(state, NestedState):
-            state = _writable_copy(state)
-        check_for_set(state)
+        if type(state) is NestedState:
+            flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
+            # check_for_set's rules, inline for a state that keeps them all (the usual
+            # case); one that does not goes to it, which raises naming the broken rule.
+            if not (
+                HEADER_SIZE <= size <= state._capacity
+                and fmt in _FORMATS
+                and not flags & _UNKNOWN_FLAGS
+                and flags & _PENDING_AND_MODE != _RUN_PENDING
+            ):
+                check_for_set(state)
+        else:
+            if not isinstance(state, NestedState):
+                state = _writable_copy(state)
+            check_for_set(state)
         fd = self._fd
         if fd < 0:
             self.fileno()  # raises: closed
         try:
-            # check_for_set: size <= capacity, and the kernel reads at most size bytes.
+            # size <= capacity (checked above), and the kernel reads at most size bytes.
             result = fcntl.ioctl(fd, _SET_NESTED, state._storage)
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
@@ -774,7 +849,7 @@ class Vcpu(FdWrapper):
     # --- lifetime ------------------------------------------------------------------------
 
     def _release(self) -> None:
-        self._nested_view = None
+        self._nested_kept = self._nested_weak = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
