@@ -99,9 +99,9 @@ class NestedState:
         if type(capacity) is not int or not HEADER_SIZE <= capacity <= _MAX_CAPACITY:
             capacity = _check_capacity(capacity)  # raises, naming what is wrong
         # Whole 64-bit words: ctypes allocates them 8-byte (in practice 16-byte) aligned.
-        words = (capacity + 7) // 8
+        words = (capacity + 7) >> 3
         self._storage = _words(words)()
-        self._capacity = words * 8
+        self._capacity = words << 3
         self._hdr_view = None
         self._source = None
 

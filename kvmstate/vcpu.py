@@ -637,6 +637,8 @@ class Vcpu(FdWrapper):
         # where it was) and at least the floor. Anything else takes the long way.
         state: NestedState = out
         if type(out) is not NestedState:
+            if out is None:
+                return self._get_nested_state(None)  # a fresh buffer
             kept = self._nested_kept
             array: Any = out  # a ctypes array where it is the kept view's source
             if (
