@@ -657,12 +657,12 @@ class Vcpu(FdWrapper):
         storage = state._storage
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
-        fd = self._fd
-        if fd < 0:
-            self.fileno()  # raises: closed
         _SIZE.pack_into(storage, 4, capacity)
         try:
-            fcntl.ioctl(fd, _GET_NESTED, storage)
+            fcntl.ioctl(self._fd, _GET_NESTED, storage)
+        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
+            self.fileno()  # raises: closed
+            raise
         except OSError as exc:
             raise self._get_failed(exc, state) from None
         return state
@@ -785,12 +785,12 @@ class Vcpu(FdWrapper):
             if not isinstance(state, NestedState):
                 state = _writable_copy(state)
             check_for_set(state)
-        fd = self._fd
-        if fd < 0:
-            self.fileno()  # raises: closed
         try:
             # size <= capacity (checked above), and the kernel reads at most size bytes.
-            result = fcntl.ioctl(fd, _SET_NESTED, state._storage)
+            result = fcntl.ioctl(self._fd, _SET_NESTED, state._storage)
+        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
+            self.fileno()  # raises: closed
+            raise
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
