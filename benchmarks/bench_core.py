@@ -116,8 +116,10 @@ GET, SET = ioctls.KVM_GET_NESTED_STATE, ioctls.KVM_SET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 
 
-def load_c(workdir: Path) -> ctypes.CDLL:
+def load_c(workdir: Path) -> ctypes.CDLL | None:
     dll = build_c(workdir, C_SOURCE, "core")
+    if dll is None:
+        return None
     dll.bench.restype = ctypes.c_double
     dll.bench.argtypes = [
         ctypes.c_int,
@@ -265,7 +267,9 @@ def main() -> int:
                 held[0] = vcpu.get_nested_state(barray)
                 return held[0]
 
-            def c(op: str, state: int | None = None) -> Callable[[int], float]:
+            def c(op: str, state: int | None = None) -> Callable[[int], float] | None:
+                if dll is None:
+                    return None
                 return lambda count: dll.bench(fd, op.encode(), count, length, state, code)
 
             regs_buf, sregs_buf = uapi.kvm_regs(), uapi.kvm_sregs()
