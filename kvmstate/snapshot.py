@@ -320,9 +320,42 @@ def _flex(cls: Any, payload: memoryview, part: str) -> Any:
             f"{part}: its count says {count} entries ({head + count * item} bytes), "
             f"the record has {len(payload)}"
         )
-    obj = cls.new(count)
-    ctypes.memmove(ctypes.addressof(obj), bytes(payload), len(payload))
-    return obj
+    # One allocation, one copy: the record is exactly the sized type's bytes (checked);
+    # new() refuses a count above its limit, as before.
+    return _sized_type(cls, count).from_buffer_copy(payload)
+
+
+@functools.lru_cache(maxsize=8)
+def _xsave_type(n: int) -> Any:
+    """The class of ``kvm_xsave.sized(n)``."""
+    return type(uapi.kvm_xsave.sized(n))
+
+
+@functools.lru_cache(maxsize=32)
+def _sized_type(cls: Any, count: int) -> Any:
+    """The class of ``cls.new(count)``: a mirror of ``count`` entries (made once a size)."""
+    return type(cls.new(count))
+
+
+# The last "absent" record read and what it gave: the vCPUs of one file share it.
+_last_absent_read: tuple[bytes, dict[str, str]] = (b"{}", {})
+
+
+def _absent_from_json(raw: bytes) -> dict[str, str]:
+    global _last_absent_read
+    last = _last_absent_read  # one read: another thread may replace it, never half of it
+    if raw == last[0]:
+        return dict(last[1])  # a copy: the state's own dict, free to change
+    try:
+        absent = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("absent: not a JSON object") from None
+    if not isinstance(absent, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+    ):
+        raise ValueError("absent: not a JSON object of strings")
+    _last_absent_read = (raw, dict(absent))
+    return absent
 
 
 def _msrs_from_payload(payload: memoryview) -> dict[int, int]:
@@ -359,9 +392,8 @@ def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
         n = len(payload)
         if n < 4096 or n % 4 or n > 1 << 20:
             raise ValueError(f"xsave: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
-        xsave = uapi.kvm_xsave.sized(n)
-        ctypes.memmove(ctypes.addressof(xsave), bytes(payload), n)
-        state.xsave = xsave
+        # n bytes, the sized type's size (checked above): one allocation, one copy.
+        state.xsave = _xsave_type(n).from_buffer_copy(payload)
     elif part == "cpuid":
         state.cpuid = _flex(uapi.kvm_cpuid2, payload, part)
     elif part == "msrs":
@@ -376,15 +408,7 @@ def _decode_part(state: VcpuState, part: str, payload: memoryview) -> None:
         except ValueError as exc:
             raise ValueError(f"nested: {exc}") from None
     elif part == "absent":
-        try:
-            absent = json.loads(bytes(payload).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ValueError("absent: not a JSON object") from None
-        if not isinstance(absent, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
-        ):
-            raise ValueError("absent: not a JSON object of strings")
-        state.absent = absent
+        state.absent = _absent_from_json(bytes(payload))
     else:
         state.extra[part] = bytes(payload)
 
