@@ -642,13 +642,19 @@ class Vcpu(FdWrapper):
             kept = self._nested_kept
             array: Any = out  # a ctypes array where it is the kept view's source
             if (
-                kept is None
-                or kept._source is not array
-                or _addressof(array) != self._nested_kept_at
-                or _sizeof(array) != kept._capacity
+                kept is not None
+                and kept._source is array
+                and _addressof(array) == self._nested_kept_at
+                and _sizeof(array) == kept._capacity
             ):
-                return self._get_nested_state(out)
-            state = kept
+                state = kept
+            else:
+                # The weakly held view of another buffer, if the caller still has it.
+                weak = self._nested_weak
+                view = weak() if weak is not None else None
+                if view is None or view._source is not out:
+                    return self._get_nested_state(out)
+                state = view
         capacity = state._capacity
         # _nested_floor: KVM_CAP_NESTED_STATE's floor once known; before, more than any
         # buffer holds, so the first call takes the long way, which learns it.
