@@ -244,6 +244,7 @@ def main() -> int:
             reused = kvmstate.NestedState(length)
             raw = (ctypes.c_uint64 * words)()
             barray = bytearray(words * 8)
+            dropped = bytearray(words * 8)  # no view of it outlives a call
             bare_raw = (ctypes.c_uint64 * words)()
             bare_barray = bytearray(words * 8)
 
@@ -297,7 +298,7 @@ def main() -> int:
                 ),
                 Row(
                     "  the same, each view dropped",
-                    swallow(lambda: vcpu.get_nested_state(barray), code),
+                    swallow(lambda: vcpu.get_nested_state(dropped), code),
                     bare_get(bare_barray),
                     c("nested_reused"),
                 ),
