@@ -501,16 +501,18 @@ def restore(vcpu: Vcpu, state: VcpuState) -> None:
         except OSError as exc:
             raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
 
-    # Refuse bad indices/values before anything is written.
-    ordered = _msrs_struct(s.msrs) if s.msrs is not None else None
-    if s.cpuid is not None:
-        put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
+    # The MSR lists, built (and so their indices and values checked) before anything is
+    # written: the early ones and the rest, each once.
+    if s.msrs is not None and not isinstance(s.msrs, Mapping):
+        _msrs_struct(s.msrs)  # raises TypeError, naming the part
     msrs = dict(s.msrs or {})
     early = {i: msrs.pop(i) for i in sorted(i for i in msrs if i in _EARLY_MSRS)}
+    early_list = _msrs_struct(early) if early else None
+    ordered = _msrs_struct(msrs) if msrs else None
+    if s.cpuid is not None:
+        put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
     if early:
-        ordered = None  # the rest is another list: built when written
-    if early:
-        put("msrs", lambda: _put_msrs(vcpu, early))
+        put("msrs", lambda: _put_msrs(vcpu, early, early_list))
     put_fixed("sregs")
     put_fixed("sregs2")
     if s.nested is not None:
