@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import struct
@@ -733,9 +734,7 @@ class Vcpu(FdWrapper):
             self._nested_kept, self._nested_weak = view, None
             self._nested_kept_at = ctypes.addressof(view._storage)
         else:
-            import weakref  # here: most programs never lend a buffer (import time)
-
-            self._nested_kept, self._nested_weak = None, weakref.ref(view)
+            self._nested_kept, self._nested_weak = None, _weak_ref()(view)
         return view
 
     def _too_small(self, capacity: int, need: int) -> ValueError:
@@ -864,6 +863,14 @@ class Vcpu(FdWrapper):
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
+
+
+@functools.cache
+def _weak_ref() -> type[weakref.ref[Any]]:
+    """``weakref.ref``, imported on first use: most programs never lend a buffer."""
+    import weakref
+
+    return weakref.ref
 
 
 def _sync_names(parts: int) -> str:
