@@ -1,14 +1,45 @@
 """kvmstate: read, save, restore, check and explore KVM vCPU state from Python.
 
 Nested virtualization state (``KVM_GET_NESTED_STATE`` /
-``KVM_SET_NESTED_STATE``) first. Layers, each importing only those below:
+``KVM_SET_NESTED_STATE``) first. Layers, highest first; a module imports
+only modules of the layers below its own (``tests/test_architecture.py``
+reads the imports and holds the package to this list):
 
-* :mod:`kvmstate.uapi` - byte-exact mirrors of the kernel's structures;
-* :mod:`kvmstate.ioctls` - ioctl numbers computed from the mirrors;
-* :mod:`kvmstate.nested` - :class:`NestedState`, nested state in an aligned buffer;
-* :mod:`kvmstate.system`, :mod:`kvmstate.vm`, :mod:`kvmstate.vcpu` - the
-  ``/dev/kvm``, VM and vCPU file descriptors (:class:`Kvm`, :class:`Vm`, :class:`Vcpu`);
-* :mod:`kvmstate.cli` - the ``kvmstate`` command.
+* ``kvmstate.__main__`` - ``python -m kvmstate``;
+* ``kvmstate.cli`` - the ``kvmstate`` command;
+* ``kvmstate`` - this package: the names most callers need;
+* ``kvmstate.diff`` - field-by-field comparison of two states;
+* ``kvmstate.describe``, ``kvmstate.snapshot`` - fields as text and JSON; the old name of
+  the native format;
+* ``kvmstate.formats.native``, ``kvmstate.formats.qemu``, ``kvmstate.formats.cloud_hypervisor``,
+  ``kvmstate.formats.crosvm`` - files: kvmstate's own, and other VMMs';
+* ``kvmstate.formats._qemu_stream``, ``kvmstate.formats.cbor``, ``kvmstate.formats`` - the
+  encodings those files use;
+* ``kvmstate.system`` - ``/dev/kvm`` (:class:`Kvm`), which hands its answers down to ...
+* ``kvmstate.vm`` - a VM (:class:`Vm`), which hands them down to ...
+* ``kvmstate.vcpu`` - a vCPU (:class:`Vcpu`);
+* ``kvmstate.save`` - whole-vCPU save and restore, in the order nested state needs;
+* ``kvmstate.check`` - why ``KVM_SET_NESTED_STATE`` would refuse a state, joining ...
+* ``kvmstate.check.vmx``, ``kvmstate.check.vmx_state``, ``kvmstate.check.svm`` - the
+  vendors' rules;
+* ``kvmstate.check.generic``, ``kvmstate.check.registers`` - the rules every state meets,
+  and the register checks both vendors share;
+* ``kvmstate.check.engine`` - the context, scopes and loop the rules run in;
+* ``kvmstate.check.facts``, ``kvmstate.check.problem`` - what is known of the target,
+  and what a broken rule reports;
+* ``kvmstate.state`` - :class:`~kvmstate.state.VcpuState` and its table of parts;
+* ``kvmstate.nested`` - :class:`NestedState`, nested state in an aligned buffer;
+* ``kvmstate._fd`` - the file descriptor base and the only two paths into the kernel;
+* ``kvmstate.ioctls`` - ioctl numbers computed from the mirrors;
+* ``kvmstate.vmcb``, ``kvmstate.vmcs12`` - the VMCB and vmcs12 mirrors;
+* ``kvmstate.uapi`` - byte-exact mirrors of ``<linux/kvm.h>``;
+* ``kvmstate.errors``, ``kvmstate._struct``, ``kvmstate.x86``, ``kvmstate.records`` - the
+  exception tree, the mirror base, architectural bits, the file container;
+* ``kvmstate._codec`` - the mirror base's generated ``to_dict``/``from_dict``.
+
+The wrappers sit above the state, the rules and save/restore because those
+take a vCPU as an argument and never import one: a vCPU calls down into
+them (``save_state``, the explanation of a refused ``KVM_SET_NESTED_STATE``).
 """
 
 from kvmstate.errors import (
@@ -16,6 +47,7 @@ from kvmstate.errors import (
     NestedStateRejectedError,
     NestedStateTooLargeError,
     NestedStateUnavailableError,
+    StateError,
     UnsupportedKvmError,
 )
 from kvmstate.nested import NestedState
@@ -35,6 +67,7 @@ __all__ = [
     "NestedStateRejectedError",
     "NestedStateTooLargeError",
     "NestedStateUnavailableError",
+    "StateError",
     "UnsupportedKvmError",
     "Vcpu",
     "Vm",

@@ -1,9 +1,18 @@
-"""What the three fd wrappers share: ownership, closing, and the ioctl call.
+"""What the three fd wrappers share: ownership, closing, and the only roads into the kernel.
 
-Every call into the kernel goes through :func:`ioctl`, which hands
-``fcntl.ioctl`` either an int or a writable ctypes object. With an object,
-``fcntl.ioctl`` copies up to 1024 bytes into a 1024-byte stack buffer and
-passes larger objects by address; either way the kernel may write only as
+Every ioctl the library issues goes through this module, by one of two paths:
+
+* :func:`ioctl`, the checked path: a failure becomes a :class:`KvmError`
+  with errno, the request's name and the cause where errno alone misleads;
+* :func:`raw_ioctl`, the fast path, for the hot loops (nested GET/SET, the
+  parts of a whole-vCPU save): ``fcntl.ioctl`` and nothing more (no
+  try/except, no name lookup); an ``OSError`` comes out unconverted, and the caller turns
+  it into a :class:`KvmError` with :func:`kvm_error` (or
+  :meth:`FdWrapper.kvm_error`) once it has looked at errno (E2BIG, ENXIO).
+
+Either way the argument is an int or a writable ctypes object. With an
+object, ``fcntl.ioctl`` copies up to 1024 bytes into a 1024-byte stack
+buffer and passes larger objects by address; the kernel may write only as
 many bytes as the object has, and each caller says why that holds.
 """
 
@@ -18,7 +27,7 @@ from typing import Any
 from kvmstate.errors import KvmError
 from kvmstate.ioctls import IOCTL_NAMES
 
-__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl", "kvm_error"]
+__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl", "kvm_error", "raw_ioctl"]
 
 #: Where the KVM system device lives.
 DEFAULT_PATH = "/dev/kvm"
@@ -42,6 +51,16 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, pid: int | None = None) -> int
         return int(fcntl.ioctl(fd, request, arg))
     except OSError as exc:
         raise kvm_error(exc, request, pid=pid) from None
+
+
+def raw_ioctl(fd: int, request: int, arg: Any) -> int:
+    """The fast path: ``fcntl.ioctl`` with a writable buffer (changed in place), nothing else.
+
+    An ``OSError`` is the caller's to convert (:func:`kvm_error`) once it has
+    looked at errno. ``fcntl.ioctl`` is looked up per call, not bound at import,
+    so a test can watch what reaches the kernel by patching it.
+    """
+    return int(fcntl.ioctl(fd, request, arg))
 
 
 def kvm_error(exc: OSError, request: int | str | None, *, pid: int | None = None) -> KvmError:
@@ -182,7 +201,7 @@ class FdWrapper:
     def kvm_error(self, exc: OSError, request: int | str) -> KvmError:
         """The :class:`KvmError` for ``exc`` from ``request`` on this descriptor (cause named).
 
-        For callers that issue ``fcntl.ioctl`` themselves: an EIO in a
+        For callers on the fast path (:func:`raw_ioctl`): an EIO in a
         ``fork()`` child says so.
 
         >>> vcpu.kvm_error(OSError(errno.EIO, "Input/output error"), "KVM_RUN")  # doctest: +SKIP

@@ -1,7 +1,9 @@
 """Base classes for the kernel mirrors: ctypes layouts that read well.
 
 Every mirror in :mod:`kvmstate.uapi` (and the VMCB / vmcs12 mirrors) derives
-from :class:`Struct` or :class:`Union`. They add, on top of plain ctypes:
+from :class:`Struct` or :class:`Union`, which share :class:`Mirror` (test
+``isinstance(obj, Mirror)`` for "any kernel mirror"). They add, on top of
+plain ctypes:
 
 * a ``repr`` that names every field, shows addresses in hex, decodes flag
   fields and summarises large byte arrays;
@@ -12,6 +14,10 @@ from :class:`Struct` or :class:`Union`. They add, on top of plain ctypes:
 Per class, ``_decimal_`` names fields shown in decimal (counts and sizes)
 and ``_flags_`` maps a field to the ``enum.IntFlag``/``IntEnum`` that
 decodes it.
+
+Also here, for every module that checks or shows values: :func:`check_uint`
+(an int, not a bool, that fits in N bits), :func:`as_bytes` (bytes or hex of
+an exact length) and :func:`to_jsonable` (bytes as hex, enums as ints).
 """
 
 from __future__ import annotations
@@ -24,7 +30,18 @@ from typing import Any, ClassVar, TypeVar, cast
 
 from kvmstate._codec import Slow, codec
 
-_T = TypeVar("_T", bound="_Mixin")
+__all__ = [
+    "Mirror",
+    "Struct",
+    "Union",
+    "as_bytes",
+    "check_uint",
+    "format_int",
+    "format_value",
+    "to_jsonable",
+]
+
+_T = TypeVar("_T", bound="Mirror")
 
 # Byte arrays longer than this are summarised in a repr.
 _BYTES_SHOWN = 16
@@ -78,7 +95,7 @@ def format_value(value: Any, name: str = "", owner: Any = None) -> str:
         if kind is not None:
             return _format_flag(value, kind)
         return format_int(value, name, decimal)
-    if isinstance(value, (_Mixin)):
+    if isinstance(value, Mirror):
         return repr(value)
     if isinstance(value, ctypes.Array):
         item = value._type_
@@ -93,8 +110,12 @@ def format_value(value: Any, name: str = "", owner: Any = None) -> str:
     return repr(value)
 
 
-class _Mixin:
-    """Behaviour shared by :class:`Struct` and :class:`Union`."""
+class Mirror:
+    """Behaviour shared by :class:`Struct` and :class:`Union`: what makes a kernel mirror.
+
+    >>> isinstance(kvmstate.uapi.kvm_regs(), Mirror)           # doctest: +SKIP
+    True
+    """
 
     _fields_: ClassVar[Any]
     _decimal_: ClassVar[frozenset[str]] = frozenset()
@@ -107,12 +128,13 @@ class _Mixin:
         """Names of the fields in layout order, the base classes' first."""
         return list(_names(cls))
 
-    def _shown_fields(self) -> list[str]:
+    def shown_fields(self) -> list[str]:
+        """The fields a repr or ``describe`` shows: all but the reserved and padding ones."""
         hidden = self._hidden_
         return [n for n in self.field_names() if n not in hidden]
 
     def __repr__(self) -> str:
-        parts = [f"{n}={format_value(getattr(self, n), n, self)}" for n in self._shown_fields()]
+        parts = [f"{n}={format_value(getattr(self, n), n, self)}" for n in self.shown_fields()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
@@ -122,13 +144,13 @@ class _Mixin:
             p.text(f"{name}(...)")
             return
         with p.group(4, f"{name}(", ")"):
-            for i, field in enumerate(self._shown_fields()):
+            for i, field in enumerate(self.shown_fields()):
                 if i:
                     p.text(",")
                 p.breakable("" if i == 0 else " ")
                 p.text(f"{field}=")
                 value = getattr(self, field)
-                if isinstance(value, _Mixin):
+                if isinstance(value, Mirror):
                     p.pretty(value)
                 else:
                     p.text(format_value(value, field, self))
@@ -225,8 +247,26 @@ def _hexed(value: Any) -> Any:
     return value
 
 
+def to_jsonable(value: Any) -> Any:
+    """``value`` with what JSON cannot hold made plain: bytes as hex, enums as ints,
+    dicts, lists and tuples walked.
+
+    >>> to_jsonable({"raw": b"\x01\xff", "kind": [NestedFormat.SVM]})   # doctest: +SKIP
+    {'raw': '01ff', 'kind': [1]}
+    """
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, enum.Enum):
+        return int(value.value)
+    if isinstance(value, dict):
+        return {k: to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
-    if isinstance(value, _Mixin):
+    if isinstance(value, Mirror):
         return value.to_dict()
     if isinstance(value, ctypes.Array):
         if value._type_ in (ctypes.c_uint8, ctypes.c_char, ctypes.c_byte):
@@ -238,7 +278,11 @@ def _plain(value: Any) -> Any:
 _BYTE_TYPES = (ctypes.c_uint8, ctypes.c_char, ctypes.c_byte)
 
 
-def _as_bytes(value: Any, size: int, path: str) -> bytes:
+def as_bytes(value: Any, size: int, path: str) -> bytes:
+    """``value`` as exactly ``size`` bytes: bytes, a bytearray or a hex string.
+
+    TypeError/ValueError naming ``path`` otherwise; nothing is padded or cut.
+    """
     if isinstance(value, str):
         try:
             value = bytes.fromhex(value)
@@ -251,7 +295,15 @@ def _as_bytes(value: Any, size: int, path: str) -> bytes:
     return bytes(value)
 
 
-def _check_int(value: Any, bits: int, path: str) -> int:
+def check_uint(value: Any, bits: int, path: str) -> int:
+    """``value`` if it is an int (not a bool) in ``0 .. 2**bits - 1``.
+
+    TypeError/ValueError naming ``path`` otherwise: ctypes would wrap it.
+
+    >>> check_uint(True, 8, "flags")
+    Traceback (most recent call last):
+    TypeError: flags: expected an int, not bool
+    """
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{path}: expected an int, not {type(value).__name__}")
     if not 0 <= value < (1 << bits):
@@ -262,7 +314,7 @@ def _check_int(value: Any, bits: int, path: str) -> int:
 def _fill_array(array: Any, value: Any, path: str) -> None:
     item = array._type_
     if item in _BYTE_TYPES:
-        raw = _as_bytes(value, ctypes.sizeof(array), path)
+        raw = as_bytes(value, ctypes.sizeof(array), path)
         ctypes.memmove(ctypes.addressof(array), raw, len(raw))
         return
     if not isinstance(value, (list, tuple)) or len(value) != len(array):
@@ -270,12 +322,12 @@ def _fill_array(array: Any, value: Any, path: str) -> None:
     for i, v in enumerate(value):
         where = f"{path}[{i}]"
         element = array[i]
-        if isinstance(element, _Mixin):
+        if isinstance(element, Mirror):
             _fill(element, v, where)
         elif isinstance(element, ctypes.Array):
             _fill_array(element, v, where)
         else:
-            array[i] = _check_int(v, ctypes.sizeof(item) * 8, where)
+            array[i] = check_uint(v, ctypes.sizeof(item) * 8, where)
 
 
 def _fill(obj: Any, data: Any, path: str) -> None:
@@ -299,14 +351,14 @@ def _fill(obj: Any, data: Any, path: str) -> None:
 
 def _fill_member(obj: Any, name: str, value: Any, where: str) -> None:
     current = getattr(obj, name)
-    if isinstance(current, _Mixin):
+    if isinstance(current, Mirror):
         _fill(current, value, where)
     elif isinstance(current, ctypes.Array):
         _fill_array(current, value, where)
     else:
         desc = getattr(type(obj), name)
         bits = desc.size >> 16 if desc.size > 0xFFFF else desc.size * 8
-        setattr(obj, name, _check_int(value, bits, where))
+        setattr(obj, name, check_uint(value, bits, where))
 
 
 def _fill_union(obj: Any, data: Mapping[str, Any], path: str, names: list[str]) -> None:
@@ -345,9 +397,9 @@ def _is_bytes(value: Any) -> bool:
     return isinstance(value, ctypes.Array) and value._type_ in _BYTE_TYPES
 
 
-class Struct(_Mixin, ctypes.Structure):
+class Struct(Mirror, ctypes.Structure):
     """A kernel ``struct`` mirror (native alignment, like the C compiler)."""
 
 
-class Union(_Mixin, ctypes.Union):
+class Union(Mirror, ctypes.Union):
     """A kernel ``union`` mirror."""

@@ -6,12 +6,11 @@ Used by the command line (``kvmstate decode``) and by :func:`kvmstate.diff.diff`
 from __future__ import annotations
 
 import ctypes
-import enum
 from collections.abc import Iterator
 from typing import Any
 
 from kvmstate import uapi
-from kvmstate._struct import _Mixin, format_value
+from kvmstate._struct import Mirror, format_value, to_jsonable
 from kvmstate.nested import NestedState
 from kvmstate.state import VcpuState
 
@@ -25,13 +24,13 @@ def fields(obj: Any, prefix: str = "", *, hidden: bool = False) -> Iterator[tupl
     (``interrupt_bitmap[0]``). Reserved/padding fields are skipped unless
     ``hidden``. TypeError for anything but a mirror (a :class:`~kvmstate._struct.Struct`).
     """
-    if not isinstance(obj, _Mixin):
+    if not isinstance(obj, Mirror):
         raise TypeError(f"fields() needs a kernel structure mirror, not {type(obj).__name__}")
-    names = obj.field_names() if hidden else obj._shown_fields()
+    names = obj.field_names() if hidden else obj.shown_fields()
     for name in names:
         value = getattr(obj, name)
         path = f"{prefix}{name}"
-        if isinstance(value, _Mixin):
+        if isinstance(value, Mirror):
             yield from fields(value, f"{path}.", hidden=hidden)
         elif isinstance(value, ctypes.Array) and value._type_ not in (
             ctypes.c_uint8,
@@ -39,7 +38,7 @@ def fields(obj: Any, prefix: str = "", *, hidden: bool = False) -> Iterator[tupl
             ctypes.c_byte,
         ):
             for i, item in enumerate(value):
-                if isinstance(item, _Mixin):
+                if isinstance(item, Mirror):
                     yield from fields(item, f"{path}[{i}].", hidden=hidden)
                 else:
                     yield f"{path}[{i}]", item, format_value(item, name, obj)
@@ -64,7 +63,7 @@ def nested_state_fields(
         view = getattr(state, page)
         if view is None:
             continue
-        if isinstance(view, _Mixin):
+        if isinstance(view, Mirror):
             yield from fields(view, f"{page}.", hidden=hidden)
         else:
             raw = bytes(view)
@@ -106,14 +105,6 @@ def vcpu_state_fields(state: VcpuState, *, hidden: bool = False) -> Iterator[tup
         yield f"absent.{part}", why, why
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, enum.Enum):
-        return int(value.value)
-    return value
-
-
 def nested_state_dict(state: NestedState, *, hidden: bool = False) -> dict[str, Any]:
     """The state for JSON: ``{"fields": {path: int or hex string}, "decoded": {path: names}}``.
 
@@ -127,7 +118,7 @@ def nested_state_dict(state: NestedState, *, hidden: bool = False) -> dict[str, 
     values: dict[str, Any] = {}
     decoded: dict[str, str] = {}
     for path, raw, text in nested_state_fields(state, hidden=hidden):
-        values[path] = _jsonable(raw)
+        values[path] = to_jsonable(raw)
         if isinstance(raw, int) and text not in (str(raw), hex(raw)):
             decoded[path] = text
     return {"fields": values, "decoded": decoded}

@@ -21,12 +21,11 @@ for any two mirrors of one type (two ``vmcb_save_area``, two ``kvm_sregs``...).
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kvmstate import describe
-from kvmstate._struct import _Mixin
+from kvmstate._struct import Mirror, to_jsonable
 from kvmstate.nested import NestedState
 
 __all__ = ["ABSENT", "Difference", "Differences", "diff", "diff_structs"]
@@ -62,8 +61,8 @@ class Difference:
         """JSON-ready: ints stay ints, bytes become hex strings."""
         return {
             "path": self.path,
-            "a": _jsonable(self.a),
-            "b": _jsonable(self.b),
+            "a": to_jsonable(self.a),
+            "b": to_jsonable(self.b),
             "a_text": self.a_text,
             "b_text": self.b_text,
         }
@@ -90,14 +89,6 @@ class Differences(list[Difference]):
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-ready list of :meth:`Difference.to_dict`."""
         return [d.to_dict() for d in self]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, enum.Enum):
-        return int(value.value)
-    return value
 
 
 def _unit(path: str) -> str | None:
@@ -176,7 +167,7 @@ def _byte_differences(a: bytes, b: bytes) -> Iterator[Difference]:
 
 def diff_structs(a: Any, b: Any) -> Differences:
     """Every field that differs between two mirrors of the same type (reserved ones included)."""
-    if not isinstance(a, _Mixin) or type(a) is not type(b):
+    if not isinstance(a, Mirror) or type(a) is not type(b):
         raise TypeError(
             f"diff_structs() needs two mirrors of one type, not {type(a).__name__} "
             f"and {type(b).__name__}"

@@ -1,6 +1,8 @@
 """Exceptions. Kernel errors are ``OSError`` subclasses that keep ``errno``.
 
-``except OSError`` catches every kernel failure; ``exc.errno`` is the
+The whole tree: :class:`KvmError` and, below it, :class:`UnsupportedKvmError`,
+the three nested-state errors and :class:`StateError` (one part of a whole-vCPU
+save or restore). ``except OSError`` catches every kernel failure; ``exc.errno`` is the
 kernel's answer and ``exc.ioctl`` the request's kernel name. Bad arguments
 raise ``ValueError``/``TypeError`` before anything reaches the kernel.
 """
@@ -15,6 +17,7 @@ __all__ = [
     "NestedStateRejectedError",
     "NestedStateTooLargeError",
     "NestedStateUnavailableError",
+    "StateError",
     "UnsupportedKvmError",
 ]
 
@@ -119,3 +122,13 @@ class NestedStateRejectedError(KvmError):
     ) -> None:
         super().__init__(errno, message, ioctl=ioctl)
         self.problems = problems
+
+
+class StateError(KvmError):
+    """Saving or restoring one part of a vCPU failed; ``part`` names it, errno is kept."""
+
+    def __init__(self, part: str, exc: OSError) -> None:
+        ioctl = getattr(exc, "ioctl", None)
+        super().__init__(exc.errno, f"{part}: {exc.strerror}", ioctl=ioctl)
+        self.part = part
+        self.result = getattr(exc, "result", None)

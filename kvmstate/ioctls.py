@@ -70,103 +70,65 @@ def _IOWR(type_: int, nr: int, arg: type[ctypes._CData] | int) -> int:
 
 _K = uapi.KVMIO
 
-#: Every ioctl the library issues, by kernel name.
+# Each request once, by its kernel name (grouped by the descriptor it is issued on).
+# /dev/kvm
+KVM_GET_API_VERSION = _IO(_K, 0x00)
+KVM_CREATE_VM = _IO(_K, 0x01)
+KVM_GET_MSR_INDEX_LIST = _IOWR(_K, 0x02, uapi.kvm_msr_list)
+KVM_CHECK_EXTENSION = _IO(_K, 0x03)
+KVM_GET_VCPU_MMAP_SIZE = _IO(_K, 0x04)
+KVM_GET_SUPPORTED_CPUID = _IOWR(_K, 0x05, uapi.kvm_cpuid2)
+KVM_GET_MSR_FEATURE_INDEX_LIST = _IOWR(_K, 0x0A, uapi.kvm_msr_list)
+
+# VM
+KVM_CREATE_VCPU = _IO(_K, 0x41)
+KVM_SET_USER_MEMORY_REGION = _IOW(_K, 0x46, uapi.kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR = _IO(_K, 0x47)
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(_K, 0x48, ctypes.c_uint64)
+KVM_CREATE_IRQCHIP = _IO(_K, 0x60)
+
+# vCPU
+KVM_RUN = _IO(_K, 0x80)
+KVM_GET_REGS = _IOR(_K, 0x81, uapi.kvm_regs)
+KVM_SET_REGS = _IOW(_K, 0x82, uapi.kvm_regs)
+KVM_GET_SREGS = _IOR(_K, 0x83, uapi.kvm_sregs)
+KVM_SET_SREGS = _IOW(_K, 0x84, uapi.kvm_sregs)
+KVM_GET_FPU = _IOR(_K, 0x8C, uapi.kvm_fpu)
+KVM_SET_FPU = _IOW(_K, 0x8D, uapi.kvm_fpu)
+KVM_GET_LAPIC = _IOR(_K, 0x8E, uapi.kvm_lapic_state)
+KVM_SET_LAPIC = _IOW(_K, 0x8F, uapi.kvm_lapic_state)
+KVM_GET_MSRS = _IOWR(_K, 0x88, uapi.kvm_msrs)
+KVM_SET_MSRS = _IOW(_K, 0x89, uapi.kvm_msrs)
+KVM_SET_CPUID2 = _IOW(_K, 0x90, uapi.kvm_cpuid2)
+KVM_GET_CPUID2 = _IOWR(_K, 0x91, uapi.kvm_cpuid2)
+KVM_GET_MP_STATE = _IOR(_K, 0x98, uapi.kvm_mp_state)
+KVM_SET_MP_STATE = _IOW(_K, 0x99, uapi.kvm_mp_state)
+KVM_GET_VCPU_EVENTS = _IOR(_K, 0x9F, uapi.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(_K, 0xA0, uapi.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(_K, 0xA1, uapi.kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(_K, 0xA2, uapi.kvm_debugregs)
+KVM_SET_TSC_KHZ = _IO(_K, 0xA2)
+KVM_GET_TSC_KHZ = _IO(_K, 0xA3)
+
+# The XSAVE ioctls encode 4096 bytes; XSAVE2 transfers KVM_CAP_XSAVE2 bytes.
+KVM_GET_XSAVE = _IOR(_K, 0xA4, uapi.kvm_xsave)
+KVM_SET_XSAVE = _IOW(_K, 0xA5, uapi.kvm_xsave)
+KVM_GET_XCRS = _IOR(_K, 0xA6, uapi.kvm_xcrs)
+KVM_SET_XCRS = _IOW(_K, 0xA7, uapi.kvm_xcrs)
+KVM_GET_SREGS2 = _IOR(_K, 0xCC, uapi.kvm_sregs2)
+KVM_SET_SREGS2 = _IOW(_K, 0xCD, uapi.kvm_sregs2)
+KVM_GET_XSAVE2 = _IOR(_K, 0xCF, uapi.kvm_xsave)
+
+# The nested ioctls are numbered with the 128-byte header, the C sizeof.
+KVM_GET_NESTED_STATE = _IOWR(_K, 0xBE, uapi.NESTED_STATE_HEADER_SIZE)
+KVM_SET_NESTED_STATE = _IOW(_K, 0xBF, uapi.NESTED_STATE_HEADER_SIZE)
+
+#: Every ioctl the library issues, by kernel name: the constants above, collected.
 IOCTLS: dict[str, int] = {
-    # /dev/kvm
-    "KVM_GET_API_VERSION": _IO(_K, 0x00),
-    "KVM_CREATE_VM": _IO(_K, 0x01),
-    "KVM_GET_MSR_INDEX_LIST": _IOWR(_K, 0x02, uapi.kvm_msr_list),
-    "KVM_CHECK_EXTENSION": _IO(_K, 0x03),
-    "KVM_GET_VCPU_MMAP_SIZE": _IO(_K, 0x04),
-    "KVM_GET_SUPPORTED_CPUID": _IOWR(_K, 0x05, uapi.kvm_cpuid2),
-    "KVM_GET_MSR_FEATURE_INDEX_LIST": _IOWR(_K, 0x0A, uapi.kvm_msr_list),
-    # VM
-    "KVM_CREATE_VCPU": _IO(_K, 0x41),
-    "KVM_SET_USER_MEMORY_REGION": _IOW(_K, 0x46, uapi.kvm_userspace_memory_region),
-    "KVM_SET_TSS_ADDR": _IO(_K, 0x47),
-    "KVM_SET_IDENTITY_MAP_ADDR": _IOW(_K, 0x48, ctypes.c_uint64),
-    "KVM_CREATE_IRQCHIP": _IO(_K, 0x60),
-    # vCPU
-    "KVM_RUN": _IO(_K, 0x80),
-    "KVM_GET_REGS": _IOR(_K, 0x81, uapi.kvm_regs),
-    "KVM_SET_REGS": _IOW(_K, 0x82, uapi.kvm_regs),
-    "KVM_GET_SREGS": _IOR(_K, 0x83, uapi.kvm_sregs),
-    "KVM_SET_SREGS": _IOW(_K, 0x84, uapi.kvm_sregs),
-    "KVM_GET_FPU": _IOR(_K, 0x8C, uapi.kvm_fpu),
-    "KVM_SET_FPU": _IOW(_K, 0x8D, uapi.kvm_fpu),
-    "KVM_GET_LAPIC": _IOR(_K, 0x8E, uapi.kvm_lapic_state),
-    "KVM_SET_LAPIC": _IOW(_K, 0x8F, uapi.kvm_lapic_state),
-    "KVM_GET_MSRS": _IOWR(_K, 0x88, uapi.kvm_msrs),
-    "KVM_SET_MSRS": _IOW(_K, 0x89, uapi.kvm_msrs),
-    "KVM_SET_CPUID2": _IOW(_K, 0x90, uapi.kvm_cpuid2),
-    "KVM_GET_CPUID2": _IOWR(_K, 0x91, uapi.kvm_cpuid2),
-    "KVM_GET_MP_STATE": _IOR(_K, 0x98, uapi.kvm_mp_state),
-    "KVM_SET_MP_STATE": _IOW(_K, 0x99, uapi.kvm_mp_state),
-    "KVM_GET_VCPU_EVENTS": _IOR(_K, 0x9F, uapi.kvm_vcpu_events),
-    "KVM_SET_VCPU_EVENTS": _IOW(_K, 0xA0, uapi.kvm_vcpu_events),
-    "KVM_GET_DEBUGREGS": _IOR(_K, 0xA1, uapi.kvm_debugregs),
-    "KVM_SET_DEBUGREGS": _IOW(_K, 0xA2, uapi.kvm_debugregs),
-    "KVM_SET_TSC_KHZ": _IO(_K, 0xA2),
-    "KVM_GET_TSC_KHZ": _IO(_K, 0xA3),
-    # The XSAVE ioctls encode 4096 bytes; XSAVE2 transfers KVM_CAP_XSAVE2 bytes.
-    "KVM_GET_XSAVE": _IOR(_K, 0xA4, uapi.kvm_xsave),
-    "KVM_SET_XSAVE": _IOW(_K, 0xA5, uapi.kvm_xsave),
-    "KVM_GET_XCRS": _IOR(_K, 0xA6, uapi.kvm_xcrs),
-    "KVM_SET_XCRS": _IOW(_K, 0xA7, uapi.kvm_xcrs),
-    "KVM_GET_SREGS2": _IOR(_K, 0xCC, uapi.kvm_sregs2),
-    "KVM_SET_SREGS2": _IOW(_K, 0xCD, uapi.kvm_sregs2),
-    "KVM_GET_XSAVE2": _IOR(_K, 0xCF, uapi.kvm_xsave),
-    # The nested ioctls are numbered with the 128-byte header, the C sizeof.
-    "KVM_GET_NESTED_STATE": _IOWR(_K, 0xBE, uapi.NESTED_STATE_HEADER_SIZE),
-    "KVM_SET_NESTED_STATE": _IOW(_K, 0xBF, uapi.NESTED_STATE_HEADER_SIZE),
+    name: value for name, value in list(globals().items()) if name.startswith("KVM_")
 }
 
 #: Request number -> kernel name, for error messages.
 IOCTL_NAMES: dict[int, str] = {v: k for k, v in IOCTLS.items()}
-
-globals().update(IOCTLS)
-
-KVM_GET_API_VERSION: int
-KVM_CREATE_VM: int
-KVM_GET_MSR_INDEX_LIST: int
-KVM_CHECK_EXTENSION: int
-KVM_GET_VCPU_MMAP_SIZE: int
-KVM_GET_SUPPORTED_CPUID: int
-KVM_CREATE_VCPU: int
-KVM_SET_USER_MEMORY_REGION: int
-KVM_SET_TSS_ADDR: int
-KVM_SET_IDENTITY_MAP_ADDR: int
-KVM_CREATE_IRQCHIP: int
-KVM_RUN: int
-KVM_GET_REGS: int
-KVM_SET_REGS: int
-KVM_GET_SREGS: int
-KVM_SET_SREGS: int
-KVM_GET_MSRS: int
-KVM_SET_MSRS: int
-KVM_SET_CPUID2: int
-KVM_GET_CPUID2: int
-KVM_GET_VCPU_EVENTS: int
-KVM_SET_VCPU_EVENTS: int
-KVM_GET_NESTED_STATE: int
-KVM_GET_MSR_FEATURE_INDEX_LIST: int
-KVM_GET_FPU: int
-KVM_SET_FPU: int
-KVM_GET_LAPIC: int
-KVM_SET_LAPIC: int
-KVM_GET_MP_STATE: int
-KVM_SET_MP_STATE: int
-KVM_GET_DEBUGREGS: int
-KVM_SET_DEBUGREGS: int
-KVM_SET_TSC_KHZ: int
-KVM_GET_TSC_KHZ: int
-KVM_GET_XSAVE: int
-KVM_SET_XSAVE: int
-KVM_GET_XCRS: int
-KVM_SET_XCRS: int
-KVM_GET_SREGS2: int
-KVM_SET_SREGS2: int
-KVM_GET_XSAVE2: int
-KVM_SET_NESTED_STATE: int
 
 __all__ += list(IOCTLS)

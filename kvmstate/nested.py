@@ -39,6 +39,7 @@ __all__ = [
     "SVM_MAX_SIZE",
     "VMX_MAX_SIZE",
     "NestedState",
+    "vendor_of_capability",
 ]
 
 #: Bytes of the fixed header (flags, format, size and the 120-byte vendor
@@ -48,6 +49,20 @@ HEADER_SIZE = uapi.NESTED_STATE_HEADER_SIZE  # 128
 VMX_MAX_SIZE = HEADER_SIZE + 2 * uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE  # 8320
 #: Largest SVM state: header and vmcb12 (KVM_CAP_NESTED_STATE on AMD).
 SVM_MAX_SIZE = HEADER_SIZE + uapi.KVM_STATE_NESTED_SVM_VMCB_SIZE  # 4224
+
+
+def vendor_of_capability(size: int | None) -> str | None:
+    """``"vmx"`` or ``"svm"`` for a ``KVM_CAP_NESTED_STATE`` answer (8320 kvm_intel,
+    4224 kvm_amd), None for 0 or any other size.
+
+    >>> vendor_of_capability(4224)
+    'svm'
+    """
+    return _VENDOR_BY_CAPABILITY.get(size or 0)
+
+
+# Each vendor's KVM_CAP_NESTED_STATE is its largest state.
+_VENDOR_BY_CAPABILITY = {VMX_MAX_SIZE: "vmx", SVM_MAX_SIZE: "svm"}
 #: Every flag KVM_SET_NESTED_STATE accepts (x86.c refuses the others).
 KNOWN_FLAGS = int(
     NestedFlag.GUEST_MODE

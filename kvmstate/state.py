@@ -1,34 +1,21 @@
-"""Whole-vCPU state: :class:`VcpuState`, saved and restored in an order nested state needs.
+"""Whole-vCPU state: :class:`VcpuState`, and :data:`PART_TABLE`, the one table of its parts.
 
-``vcpu.save_state()`` reads every part KVM exposes; ``vcpu.restore_state(s)``
-writes them back (``kvmstate.state.save`` / ``restore`` underneath). A part
-the kernel lacks (no in-kernel irqchip, no ``KVM_CAP_SREGS2`` ...) is
+Each part of a vCPU KVM exposes is one field of :class:`VcpuState`, declared
+with its row of the table: the kernel structure it is, the ioctls that read
+and write it, the capability without which the kernel has none, and how its
+bytes are laid out in a file. The field order is the restore order
+(:mod:`kvmstate.save` explains it, and does the saving and restoring against
+a vCPU); :data:`PARTS` lists the names in that order. Adding a part is one
+field here plus its mirror in :mod:`kvmstate.uapi` (and its two ioctl numbers
+in :mod:`kvmstate.ioctls`): saving, restoring, comparing, the file format and
+the JSON form all read the table.
+
+A part the kernel lacks (no in-kernel irqchip, no ``KVM_CAP_SREGS2`` ...) is
 ``None`` and its reason is in :attr:`VcpuState.absent`; nothing is faked.
 
-Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
-
-1. ``cpuid``: KVM validates EFER, CR4, XCR0 and MSRs against the guest's
-   CPUID, and nested state needs VMX/SVM in it.
-2. ``IA32_FEATURE_CONTROL`` (MSR 0x3a) and the VMX capability MSRs
-   (0x480..0x491, ``IA32_VMX_BASIC`` .. ``IA32_VMX_VMFUNC``): VMX nested
-   state with VMXON needs VMX enabled in the first (QEMU's
-   ``kvm_put_msr_feature_control``), and KVM refuses to change the others
-   once the vCPU is in VMX operation (``vmx_set_vmx_msr``: EBUSY).
-3. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
-   ``KVM_SET_NESTED_STATE`` (svm/vmx ``set_nested_state`` check them).
-4. ``nested``.
-5. ``tsc_khz``: before the TSC MSR, which is scaled by it.
-6. ``regs``, then ``xsave`` (or ``fpu``) and ``xcrs``.
-7. ``lapic``: before MSRs, as IA32_TSC_DEADLINE only takes in TSC-deadline
-   timer mode.
-8. the other ``msrs``.
-9. ``events``: pending exceptions and NMIs refer to the L1/L2 state above.
-10. ``mp_state``, ``debugregs``.
-
-Save order reads ``nested`` last, as QEMU's ``kvm_arch_get_registers``
-does: it must see the vCPU after everything else is settled. Complete a
-pending I/O exit first (:meth:`Vcpu.complete_io <kvmstate.vcpu.Vcpu.complete_io>`):
-the KVM API documentation says the state is only consistent then.
+``vcpu.save_state()`` and ``vcpu.restore_state(s)`` are the usual way in;
+``s.to_bytes()`` and ``VcpuState.from_bytes(data)`` the file of one vCPU
+(:mod:`kvmstate.formats.native` has several vCPUs and the JSON form).
 """
 
 from __future__ import annotations
@@ -36,82 +23,70 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import fcntl
-import importlib
-import sys
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+import json
+import warnings
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
-from kvmstate import ioctls as _io
-from kvmstate import uapi
-from kvmstate.errors import KvmError, NestedStateUnavailableError
-from kvmstate.ioctls import IOCTL_NAMES
+from kvmstate import ioctls as io
+from kvmstate import records, uapi
+from kvmstate.errors import StateError
 from kvmstate.nested import NestedState
-from kvmstate.vcpu import _msr_buffer, _msr_indices, _msr_values
-
-if TYPE_CHECKING:
-    from kvmstate.vcpu import Vcpu
+from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL
 
 __all__ = [
     "MSR_IA32_FEATURE_CONTROL",
     "PARTS",
+    "PART_TABLE",
+    "Part",
     "StateError",
     "VcpuState",
+    "check_absent",
+    "check_extra",
+    "check_trailing",
+    "decode_part",
     "msr_lines",
-    "restore",
-    "save",
 ]
 
-MSR_IA32_FEATURE_CONTROL = 0x3A
-# IA32_VMX_BASIC (0x480) .. IA32_VMX_VMFUNC (0x491): KVM refuses to change them once the
-# vCPU is in VMX operation (vmx_set_vmx_msr: -EBUSY), so they go before nested state.
-_VMX_CAPABILITY_MSRS = range(0x480, 0x492)
-_EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *_VMX_CAPABILITY_MSRS})
-
-#: Every part of a :class:`VcpuState`, in restore order.
-PARTS = (
-    "cpuid",
-    "sregs",
-    "sregs2",
-    "nested",
-    "tsc_khz",
-    "regs",
-    "xsave",
-    "fpu",
-    "xcrs",
-    "lapic",
-    "msrs",
-    "events",
-    "mp_state",
-    "debugregs",
-)
+# A separator that cannot be a tag: extra bytes after a known part are kept as "part/trailing".
+TRAILING = "/trailing"
+# The largest XSAVE area taken from a file (KVM_CAP_XSAVE2 is a few KiB today).
+_XSAVE_MAX = 1 << 20
 
 
-# What each structured part must be (the file format writes its bytes as they are).
-_PART_TYPES: dict[str, type[Any]] = {
-    "regs": uapi.kvm_regs,
-    "sregs": uapi.kvm_sregs,
-    "sregs2": uapi.kvm_sregs2,
-    "fpu": uapi.kvm_fpu,
-    "xsave": uapi.kvm_xsave,
-    "xcrs": uapi.kvm_xcrs,
-    "events": uapi.kvm_vcpu_events,
-    "debugregs": uapi.kvm_debugregs,
-    "mp_state": uapi.kvm_mp_state,
-    "lapic": uapi.kvm_lapic_state,
-    "cpuid": uapi.kvm_cpuid2,
-    "nested": NestedState,
-}
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One row of :data:`PART_TABLE`: what a part of :class:`VcpuState` is and how it moves.
+
+    ``codec`` is how the part is laid out in bytes: ``"fixed"`` (a structure
+    of one size; a longer record keeps the tail in ``extra``), ``"xsave"``
+    (4096 bytes or ``KVM_CAP_XSAVE2``'s), ``"cpuid"`` (a ``kvm_cpuid2`` with
+    its entries), ``"msrs"`` (a ``kvm_msrs``; the part is ``{index: value}``),
+    ``"u32"`` or ``"nested"`` (``kvm_nested_state``, exactly ``size`` bytes).
+    ``capability`` is the ``KVM_CAP_*`` name without which the kernel has
+    none; ``unless`` one whose presence replaces the part (``fpu`` by
+    ``xsave``); ``absent_errnos`` the answers of ``get`` that mean "this
+    vCPU has none", and ``absent_why`` what to say then.
+
+    >>> PART_TABLE["sregs2"].capability
+    'KVM_CAP_SREGS2'
+    """
+
+    name: str
+    type: Any
+    get: int
+    set: int
+    capability: str | None = None
+    codec: str = "fixed"
+    unless: str | None = None
+    absent_errnos: tuple[int, ...] = ()
+    absent_why: str = ""
 
 
-class StateError(KvmError):
-    """Saving or restoring one part of a vCPU failed; ``part`` names it, errno is kept."""
-
-    def __init__(self, part: str, exc: OSError) -> None:
-        ioctl = getattr(exc, "ioctl", None)
-        super().__init__(exc.errno, f"{part}: {exc.strerror}", ioctl=ioctl)
-        self.part = part
-        self.result = getattr(exc, "result", None)
+def _part(kind: Any, get: int, set_: int, **row: Any) -> Any:
+    """A VcpuState field (default None) carrying its row of the parts table."""
+    return dataclasses.field(default=None, metadata={"part": (kind, get, set_, row)})
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,20 +99,49 @@ class VcpuState:
     this version does not know (file format), so they survive a round trip.
     """
 
-    regs: uapi.kvm_regs | None = None
-    sregs: uapi.kvm_sregs | None = None
-    sregs2: uapi.kvm_sregs2 | None = None
-    fpu: uapi.kvm_fpu | None = None
-    xsave: uapi.kvm_xsave | None = None
-    xcrs: uapi.kvm_xcrs | None = None
-    msrs: dict[int, int] | None = None
-    events: uapi.kvm_vcpu_events | None = None
-    debugregs: uapi.kvm_debugregs | None = None
-    mp_state: uapi.kvm_mp_state | None = None
-    lapic: uapi.kvm_lapic_state | None = None
-    cpuid: uapi.kvm_cpuid2 | None = None
-    tsc_khz: int | None = None
-    nested: NestedState | None = None
+    # The parts, in restore order, each with its row of PART_TABLE.
+    cpuid: uapi.kvm_cpuid2 | None = _part(
+        uapi.kvm_cpuid2, io.KVM_GET_CPUID2, io.KVM_SET_CPUID2, codec="cpuid"
+    )
+    sregs: uapi.kvm_sregs | None = _part(uapi.kvm_sregs, io.KVM_GET_SREGS, io.KVM_SET_SREGS)
+    sregs2: uapi.kvm_sregs2 | None = _part(
+        uapi.kvm_sregs2, io.KVM_GET_SREGS2, io.KVM_SET_SREGS2, capability="KVM_CAP_SREGS2"
+    )
+    nested: NestedState | None = _part(
+        NestedState,
+        io.KVM_GET_NESTED_STATE,
+        io.KVM_SET_NESTED_STATE,
+        capability="KVM_CAP_NESTED_STATE",
+        codec="nested",
+    )
+    tsc_khz: int | None = _part(int, io.KVM_GET_TSC_KHZ, io.KVM_SET_TSC_KHZ, codec="u32")
+    regs: uapi.kvm_regs | None = _part(uapi.kvm_regs, io.KVM_GET_REGS, io.KVM_SET_REGS)
+    xsave: uapi.kvm_xsave | None = _part(
+        uapi.kvm_xsave, io.KVM_GET_XSAVE, io.KVM_SET_XSAVE, capability="KVM_CAP_XSAVE",
+        codec="xsave",
+    )  # fmt: skip
+    fpu: uapi.kvm_fpu | None = _part(
+        uapi.kvm_fpu, io.KVM_GET_FPU, io.KVM_SET_FPU, unless="KVM_CAP_XSAVE"
+    )
+    xcrs: uapi.kvm_xcrs | None = _part(
+        uapi.kvm_xcrs, io.KVM_GET_XCRS, io.KVM_SET_XCRS, capability="KVM_CAP_XCRS"
+    )
+    # Without an in-kernel irqchip there is no LAPIC to read (ENXIO / EINVAL).
+    lapic: uapi.kvm_lapic_state | None = _part(
+        uapi.kvm_lapic_state, io.KVM_GET_LAPIC, io.KVM_SET_LAPIC,
+        absent_errnos=(errno.ENXIO, errno.EINVAL),
+        absent_why="no in-kernel irqchip (Vm.create_irqchip)",
+    )  # fmt: skip
+    msrs: dict[int, int] | None = _part(dict, io.KVM_GET_MSRS, io.KVM_SET_MSRS, codec="msrs")
+    events: uapi.kvm_vcpu_events | None = _part(
+        uapi.kvm_vcpu_events, io.KVM_GET_VCPU_EVENTS, io.KVM_SET_VCPU_EVENTS
+    )
+    mp_state: uapi.kvm_mp_state | None = _part(
+        uapi.kvm_mp_state, io.KVM_GET_MP_STATE, io.KVM_SET_MP_STATE
+    )
+    debugregs: uapi.kvm_debugregs | None = _part(
+        uapi.kvm_debugregs, io.KVM_GET_DEBUGREGS, io.KVM_SET_DEBUGREGS
+    )
     absent: dict[str, str] = dataclasses.field(default_factory=dict)
     extra: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
@@ -151,36 +155,13 @@ class VcpuState:
         KeyError for an unknown or absent part; TypeError/ValueError naming
         the part when its value is not what the file format can carry.
         """
-        if part not in PARTS:
+        row = PART_TABLE.get(part)
+        if row is None:
             raise KeyError(f"{part} is not a part (one of {', '.join(PARTS)})")
         value = getattr(self, part)
         if value is None:
             raise KeyError(f"{part} is absent: {self.absent.get(part, 'not saved')}")
-        if part == "msrs":
-            return _msrs_struct(value).to_bytes()
-        if part == "tsc_khz":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"tsc_khz: expected an int, not {type(value).__name__}")
-            if not 0 <= value <= 0xFFFF_FFFF:
-                raise ValueError(f"tsc_khz: {value} does not fit in 32 bits")
-            return value.to_bytes(4, "little")
-        kind = _PART_TYPES[part]
-        if not isinstance(value, kind):
-            raise TypeError(f"{part}: expected {kind.__name__}, not {type(value).__name__}")
-        if part == "cpuid" and value.nent != value.capacity():
-            raise ValueError(
-                f"cpuid: nent is {value.nent} but the object holds {value.capacity()} entries "
-                "(use trimmed())"
-            )
-        if part == "xsave":
-            n = ctypes.sizeof(value)
-            if n % 4 or n > 1 << 20:
-                raise ValueError(f"xsave: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
-        elif part not in ("cpuid", "nested") and ctypes.sizeof(value) != ctypes.sizeof(kind):
-            raise ValueError(
-                f"{part}: {ctypes.sizeof(value)} bytes, {kind.__name__} is {ctypes.sizeof(kind)}"
-            )
-        return bytes(value.to_bytes())
+        return _encode(row, value)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VcpuState):
@@ -253,29 +234,224 @@ class VcpuState:
                     p.pretty(value)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from kvmstate.snapshot import loads_vcpu
+        return (VcpuState.from_bytes, (self.to_bytes(),))
 
-        return (loads_vcpu, (self.to_bytes(),))
+    # --- the file of one vCPU (kvmstate.records holds the container) ----------------
 
     def to_bytes(self) -> bytes:
-        """The versioned file format (see :mod:`kvmstate.snapshot`)."""
-        data: bytes = _snapshot().dumps_vcpu(self)
-        return data
+        """The versioned file format, one vCPU (see :mod:`kvmstate.formats.native`)."""
+        return records.file_header() + records.meta_record() + self.to_record()
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
         """Parse :meth:`to_bytes` output; ValueError for anything malformed."""
-        state: VcpuState = _snapshot().loads_vcpu(data)
+        payloads = records.vcpu_payloads(data)
+        if len(payloads) != 1:
+            raise ValueError(f"the file holds {len(payloads)} vCPUs, not one (use loads_vm)")
+        return cls.from_record(*payloads[0])
+
+    def to_record(self) -> bytes:
+        """This vCPU as one ``vcpu`` record of a file: a record per part, then the rest."""
+        check_absent(self.absent)
+        check_extra(self.extra)
+        check_trailing(self)
+        out = []
+        for part in PARTS:
+            if getattr(self, part) is not None:
+                payload = self.part_bytes(part) + self.extra.get(part + TRAILING, b"")
+                out.append(records.record(part, payload))
+        if self.absent:
+            out.append(records.record("absent", json.dumps(self.absent, sort_keys=True).encode()))
+        for tag, payload in self.extra.items():
+            if not tag.endswith(TRAILING):
+                out.append(records.record(tag, payload))
+        return records.record("vcpu", b"".join(out))
+
+    @classmethod
+    def from_record(cls, payload: memoryview, where: str, base: int) -> VcpuState:
+        """The vCPU of a ``vcpu`` record's payload, which starts at file byte ``base``.
+
+        Records this version does not know, and bytes after a fixed-size
+        structure that a newer kernel made longer, go to :attr:`extra`.
+        """
+        state = cls()
+        seen: set[str] = set()
+        for tag, body, offset in records.iter_records(payload, where, base):
+            if tag in seen:
+                raise ValueError(f"{where}: record {tag!r} at byte {offset} appears twice")
+            seen.add(tag)
+            try:
+                state._read_record(tag, body)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
         return state
 
+    def _read_record(self, tag: str, payload: memoryview) -> None:
+        row = PART_TABLE.get(tag)
+        if row is not None:
+            value, trailing = _decode(row, payload)
+            setattr(self, tag, value)
+            if trailing:
+                self.extra[tag + TRAILING] = trailing
+        elif tag == "absent":
+            try:
+                absent = json.loads(bytes(payload).decode())
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                raise ValueError("absent: not a JSON object") from None
+            if not isinstance(absent, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+            ):
+                raise ValueError("absent: not a JSON object of strings")
+            self.absent = absent
+        else:
+            self.extra[tag] = bytes(payload)
 
-def _snapshot() -> Any:
-    """:mod:`kvmstate.snapshot`, which imports this module: found at call time.
 
-    A lookup in ``sys.modules`` once it is loaded; an ``import`` statement in
-    the method would run the import machinery on every call.
+#: Every part of :class:`VcpuState` by name, in restore order: its row of the table.
+PART_TABLE: Mapping[str, Part] = MappingProxyType(
+    {
+        f.name: Part(
+            f.name, f.metadata["part"][0], *f.metadata["part"][1:3], **f.metadata["part"][3]
+        )
+        for f in dataclasses.fields(VcpuState)
+        if "part" in f.metadata
+    }
+)
+
+#: Every part of a :class:`VcpuState`, in restore order.
+PARTS: tuple[str, ...] = tuple(PART_TABLE)
+
+
+# --- each part's bytes, by its codec --------------------------------------------------
+
+
+def _encode(row: Part, value: Any) -> bytes:
+    part, kind, codec = row.name, row.type, row.codec
+    if codec == "msrs":
+        return uapi.msrs_from_mapping(value).to_bytes()
+    if codec == "u32":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{part}: expected an int, not {type(value).__name__}")
+        if not 0 <= value <= 0xFFFF_FFFF:
+            raise ValueError(f"{part}: {value} does not fit in 32 bits")
+        return value.to_bytes(4, "little")
+    if not isinstance(value, kind):
+        raise TypeError(f"{part}: expected {kind.__name__}, not {type(value).__name__}")
+    if codec == "cpuid" and value.nent != value.capacity():
+        raise ValueError(
+            f"{part}: nent is {value.nent} but the object holds {value.capacity()} entries "
+            "(use trimmed())"
+        )
+    if codec == "xsave":
+        n = ctypes.sizeof(value)
+        if n % 4 or n > _XSAVE_MAX:
+            raise ValueError(f"{part}: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
+    elif codec == "fixed" and ctypes.sizeof(value) != ctypes.sizeof(kind):
+        raise ValueError(
+            f"{part}: {ctypes.sizeof(value)} bytes, {kind.__name__} is {ctypes.sizeof(kind)}"
+        )
+    return bytes(value.to_bytes())
+
+
+def decode_part(part: str, payload: memoryview) -> tuple[Any, bytes]:
+    """A part's value from its bytes, and what follows a fixed-size structure (ValueError
+    naming the part when the bytes cannot be it).
+
+    >>> decode_part("tsc_khz", memoryview((2_000_000).to_bytes(4, "little")))
+    (2000000, b'')
     """
-    return sys.modules.get("kvmstate.snapshot") or importlib.import_module("kvmstate.snapshot")
+    return _decode(PART_TABLE[part], payload)
+
+
+def _decode(row: Part, payload: memoryview) -> tuple[Any, bytes]:
+    """The part's value from its record, and the bytes after a fixed-size structure."""
+    part, kind, codec = row.name, row.type, row.codec
+    if codec == "fixed":
+        size = ctypes.sizeof(kind)
+        if len(payload) < size:
+            raise ValueError(f"{part}: {len(payload)} bytes, {kind.__name__} is {size}")
+        return kind.from_bytes(payload[:size]), bytes(payload[size:])
+    if codec == "xsave":
+        n = len(payload)
+        if n < 4096 or n % 4 or n > _XSAVE_MAX:
+            raise ValueError(f"{part}: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
+        xsave = uapi.kvm_xsave.sized(n)
+        ctypes.memmove(ctypes.addressof(xsave), bytes(payload), n)
+        return xsave, b""
+    if codec == "cpuid":
+        return _flex(uapi.kvm_cpuid2, payload, part), b""
+    if codec == "msrs":
+        msrs = _flex(uapi.kvm_msrs, payload, part)
+        values = {int(e.index): int(e.data) for e in msrs.items()}
+        if len(values) != len(msrs):
+            raise ValueError(f"{part}: an MSR index appears twice")
+        return values, b""
+    if codec == "u32":
+        if len(payload) != 4:
+            raise ValueError(f"{part}: {len(payload)} bytes, expected 4")
+        return int.from_bytes(payload, "little"), b""
+    try:
+        return NestedState.from_bytes(payload), b""
+    except ValueError as exc:
+        raise ValueError(f"{part}: {exc}") from None
+
+
+def _flex(cls: Any, payload: memoryview, part: str) -> Any:
+    head = ctypes.sizeof(cls)
+    if len(payload) < head:
+        raise ValueError(f"{part}: {len(payload)} bytes, shorter than its {head}-byte head")
+    count = int.from_bytes(payload[:4], "little")
+    item = ctypes.sizeof(cls._array_[1])
+    if len(payload) != head + count * item:
+        raise ValueError(
+            f"{part}: its count says {count} entries ({head + count * item} bytes), "
+            f"the record has {len(payload)}"
+        )
+    obj = cls.new(count)
+    ctypes.memmove(ctypes.addressof(obj), bytes(payload), len(payload))
+    return obj
+
+
+def check_trailing(state: VcpuState) -> None:
+    """ValueError if ``state.extra`` has trailing bytes of a part the state lacks (or none)."""
+    for tag, payload in state.extra.items():
+        base, trailing, _ = tag.partition(TRAILING)
+        # Written after its part, as it is read back: the part must be there, and bytes.
+        if trailing and (getattr(state, base) is None or not payload):
+            raise ValueError(f"extra: {tag!r} needs {base} present and at least one byte")
+
+
+def check_absent(absent: Any) -> dict[str, str]:
+    """``absent``: a mapping of str to str (TypeError naming it otherwise)."""
+    if not isinstance(absent, Mapping):
+        raise TypeError(f"absent: expected a mapping, not {type(absent).__name__}")
+    for key, why in absent.items():
+        if not isinstance(key, str) or not isinstance(why, str):
+            raise TypeError(f"absent: {key!r}: expected str -> str, not {type(why).__name__}")
+    return dict(absent)
+
+
+def check_extra(extra: Any) -> dict[str, bytes]:
+    """``extra``: tag -> bytes, each tag one the file can hold (ValueError/TypeError otherwise).
+
+    A tag is a record tag that no part, ``absent`` or another tag uses, or
+    ``<fixed part>/trailing`` (bytes after a fixed-size structure).
+    """
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra: expected a mapping, not {type(extra).__name__}")
+    for tag, payload in extra.items():
+        if not isinstance(tag, str):
+            raise TypeError(f"extra: a tag must be a str, not {type(tag).__name__}")
+        if not isinstance(payload, (bytes, bytearray)):
+            raise TypeError(f"extra: {tag[:64]!r}: expected bytes, not {type(payload).__name__}")
+        base, trailing, _ = tag.partition(TRAILING)
+        if trailing:
+            row = PART_TABLE.get(base)
+            if row is None or row.codec != "fixed" or tag != base + TRAILING:
+                raise ValueError(f"extra: invalid tag {tag[:64]!r} (trailing bytes of what?)")
+        elif not records.TAG_RE.match(tag.encode()) or tag in PARTS or tag == "absent":
+            raise ValueError(f"extra: invalid record tag {tag[:64]!r}")
+    return {tag: bytes(payload) for tag, payload in extra.items()}
 
 
 def msr_lines(values: Mapping[int, int]) -> list[str]:
@@ -297,241 +473,16 @@ def _pretty_msrs(p: Any, values: Mapping[int, int]) -> None:
             p.text(line)
 
 
-def _msrs_struct(values: Mapping[int, int]) -> uapi.kvm_msrs:
-    """A ``kvm_msrs`` of ``{index: value}`` sorted by index; indices must fit in 32 bits,
-    values in 64 (TypeError/ValueError naming the MSR: ctypes would wrap them)."""
-    if not isinstance(values, Mapping):
-        raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
-    ordered = dict(sorted(values.items()))
-    msrs, words = _msr_buffer(_msr_indices(ordered.keys()))
-    words[1::2] = _msr_values(ordered)
-    return msrs
+def __getattr__(name: str) -> Any:
+    # save() and restore() moved to kvmstate.save, which sits above this module; the
+    # old names still work, by a lookup at first use rather than an import back up.
+    if name in ("save", "restore"):
+        warnings.warn(
+            f"kvmstate.state.{name} moved to kvmstate.save.{name} (or use Vcpu.{name}_state)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        import importlib
 
-
-def _put_msrs(vcpu: Vcpu, values: dict[int, int], msrs: uapi.kvm_msrs | None = None) -> None:
-    """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
-
-    KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
-    without an in-kernel LAPIC); a state saved there must still restore there.
-    ``msrs``: ``_msrs_struct(values)`` when the caller has it already.
-    """
-    items: list[tuple[int, int]] | None = None  # sorted only if the kernel stops short
-    count = len(values)
-    while count:
-        if msrs is None:
-            msrs = _msrs_struct(dict(items) if items is not None else values)
-        # nmsrs == len(entries): the kernel reads only those entries.
-        done = vcpu._ioctl(_io.KVM_SET_MSRS, msrs)
-        if done == count:
-            return
-        if items is None:
-            items = sorted(values.items())
-        index, wanted = items[done]
-        try:
-            current = vcpu.get_msrs([index])[index]
-        except KvmError:
-            current = None
-        if current != wanted:
-            raise KvmError(
-                None,
-                f"processed {done} of {len(items)} MSRs; MSR {index:#x} was refused",
-                ioctl="KVM_SET_MSRS",
-                result=done,
-            )
-        items = items[done + 1 :]
-        count = len(items)
-        msrs = None
-
-
-def _readable_msrs(vcpu: Vcpu, indices: list[int]) -> list[int]:
-    """The subset of ``indices`` this vCPU can read (the kernel stops at the first it cannot)."""
-    readable: list[int] = []
-    pending = list(indices)
-    while pending:
-        msrs = uapi.kvm_msrs.new(len(pending))
-        for entry, index in zip(msrs.items(), pending, strict=True):
-            entry.index = index
-        # nmsrs == len(entries): the kernel touches only those entries.
-        done = vcpu._ioctl(_io.KVM_GET_MSRS, msrs)
-        readable.extend(pending[:done])
-        pending = pending[done + 1 :]  # skip the one it refused
-    return readable
-
-
-def _attempt(state: VcpuState, part: str, read: Callable[[], Any], *absent_errnos: int) -> None:
-    try:
-        setattr(state, part, read())
-    except NestedStateUnavailableError as exc:
-        state.absent[part] = f"no nested support ({exc.ioctl}: errno {exc.errno})"
-    except KvmError as exc:
-        if exc.errno in absent_errnos:
-            state.absent[part] = f"{exc.ioctl or part}: {exc.strerror}"
-        else:
-            raise StateError(part, exc) from None
-
-
-# (part, structure, GET request, SET request, errnos meaning "the kernel has none").
-_Step = tuple[str, Any, int, int, tuple[int, ...]]
-
-
-def _plan(vcpu: Vcpu) -> list[_Step]:
-    """The fixed-size parts this vCPU's KVM offers, in save order (built once per vCPU)."""
-    plan = vcpu._state_plan
-    if plan is not None:
-        return plan
-    kvm = getattr(vcpu.vm, "kvm", None)
-
-    def has(cap: int) -> bool:
-        return bool(kvm is not None and not kvm.closed and kvm.check_extension(cap))
-
-    plan = [("regs", uapi.kvm_regs, _io.KVM_GET_REGS, _io.KVM_SET_REGS, ())]
-    if has(uapi.KVM_CAP_XSAVE):
-        size = vcpu.xsave_size
-        get = _io.KVM_GET_XSAVE2 if size > 4096 else _io.KVM_GET_XSAVE
-        # The area is xsave_size bytes: what XSAVE2 writes and SET_XSAVE reads.
-        plan.append(("xsave", type(uapi.kvm_xsave.sized(size)), get, _io.KVM_SET_XSAVE, ()))
-    else:
-        plan.append(("fpu", uapi.kvm_fpu, _io.KVM_GET_FPU, _io.KVM_SET_FPU, ()))
-    if has(uapi.KVM_CAP_XCRS):
-        plan.append(("xcrs", uapi.kvm_xcrs, _io.KVM_GET_XCRS, _io.KVM_SET_XCRS, ()))
-    plan.append(("sregs", uapi.kvm_sregs, _io.KVM_GET_SREGS, _io.KVM_SET_SREGS, ()))
-    if has(uapi.KVM_CAP_SREGS2):
-        plan.append(("sregs2", uapi.kvm_sregs2, _io.KVM_GET_SREGS2, _io.KVM_SET_SREGS2, ()))
-    # Without an in-kernel irqchip there is no LAPIC to read (ENXIO / EINVAL).
-    plan.append(
-        ("lapic", uapi.kvm_lapic_state, _io.KVM_GET_LAPIC, _io.KVM_SET_LAPIC, (_ENXIO, _EINVAL))
-    )
-    plan.append(("mp_state", uapi.kvm_mp_state, _io.KVM_GET_MP_STATE, _io.KVM_SET_MP_STATE, ()))
-    plan.append(
-        ("events", uapi.kvm_vcpu_events, _io.KVM_GET_VCPU_EVENTS, _io.KVM_SET_VCPU_EVENTS, ())
-    )
-    plan.append(("debugregs", uapi.kvm_debugregs, _io.KVM_GET_DEBUGREGS, _io.KVM_SET_DEBUGREGS, ()))
-    vcpu._state_plan = plan
-    return plan
-
-
-_ENXIO, _EINVAL = errno.ENXIO, errno.EINVAL
-_NOT_THERE = {
-    "xsave": "KVM_CAP_XSAVE is 0",
-    "xcrs": "KVM_CAP_XCRS is 0",
-    "sregs2": "KVM_CAP_SREGS2 is 0",
-}
-
-
-def save(vcpu: Vcpu) -> VcpuState:
-    """Read every part of ``vcpu`` (nested state last); see the module docstring."""
-    state = VcpuState()
-    plan = _plan(vcpu)
-    fd = vcpu.fileno()
-    _attempt(state, "cpuid", vcpu.get_cpuid2, errno.EINVAL, errno.E2BIG)
-    for part, cls, get, _, absent in plan:
-        obj = cls()
-        try:
-            # Each structure is the size its GET request encodes (xsave: KVM_CAP_XSAVE2).
-            fcntl.ioctl(fd, get, obj)
-        except OSError as exc:
-            if exc.errno in absent:
-                why = f"{IOCTL_NAMES[get]}: {exc.strerror}"
-                if part == "lapic":
-                    why = f"no in-kernel irqchip (Vm.create_irqchip) ({why})"
-                state.absent[part] = why
-                continue
-            raise StateError(part, vcpu.kvm_error(exc, get)) from None
-        setattr(state, part, obj)
-    done = {step[0] for step in plan}
-    for part, why in _NOT_THERE.items():
-        if part not in done:
-            state.absent[part] = why
-
-    indices = vcpu._msr_indices
-    if indices is None:
-        kvm = getattr(vcpu.vm, "kvm", None)
-        if kvm is None or kvm.closed:
-            raise ValueError("saving MSRs needs the Kvm (KVM_GET_MSR_INDEX_LIST); borrowed vCPU?")
-        indices = vcpu._msr_indices = _readable_msrs(vcpu, kvm.get_msr_index_list())
-    try:
-        state.msrs = vcpu.get_msrs(indices)
-    except OSError as exc:
-        raise StateError("msrs", exc) from None
-
-    _attempt(state, "tsc_khz", vcpu.get_tsc_khz, errno.EIO, errno.ENOTTY, errno.EINVAL)
-    if vcpu.nested_state_size == 0:
-        state.absent["nested"] = "KVM_CAP_NESTED_STATE is 0"
-    else:
-        _attempt(state, "nested", vcpu.get_nested_state)
-    return state
-
-
-def restore(vcpu: Vcpu, state: VcpuState) -> None:
-    """Write ``state`` into ``vcpu`` in the order the module docstring gives."""
-    s = state
-    plan = {step[0]: step for step in _plan(vcpu)}
-    fd = vcpu.fileno()
-
-    def put(part: str, write: Callable[[], object]) -> None:
-        try:
-            write()
-        except OSError as exc:
-            raise StateError(part, exc) from None
-
-    def put_fixed(part: str) -> None:
-        obj = getattr(s, part)
-        if obj is None:
-            return
-        step = plan.get(part)
-        if step is None:
-            raise StateError(part, KvmError(errno.ENOTSUP, "this KVM cannot set it"))
-        _, cls, _, set_request, _ = step
-        # XSAVE areas come in several sizes (sized subclasses); the rest must match exactly.
-        expected = uapi.kvm_xsave if part == "xsave" else cls
-        if not isinstance(obj, expected):
-            raise TypeError(f"{part}: expected {expected.__name__}, not {type(obj).__name__}")
-        if ctypes.sizeof(obj) < ctypes.sizeof(cls):
-            raise ValueError(
-                f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(cls)}"
-            )
-        try:
-            if isinstance(obj, uapi.kvm_lapic_state):
-                vcpu.set_lapic(obj)  # names a missing irqchip
-            else:
-                # At least the size the kernel reads (checked just above).
-                fcntl.ioctl(fd, set_request, obj)
-        except KvmError as exc:
-            raise StateError(part, exc) from None
-        except OSError as exc:
-            raise StateError(part, vcpu.kvm_error(exc, set_request)) from None
-
-    # The MSR lists, built (and so their indices and values checked) before anything is
-    # written: the early ones and the rest, each once.
-    if s.msrs is not None and not isinstance(s.msrs, Mapping):
-        _msrs_struct(s.msrs)  # raises TypeError, naming the part
-    msrs = dict(s.msrs or {})
-    early = {i: msrs.pop(i) for i in sorted(i for i in msrs if i in _EARLY_MSRS)}
-    early_list = _msrs_struct(early) if early else None
-    ordered = _msrs_struct(msrs) if msrs else None
-    if s.cpuid is not None:
-        put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))  # type: ignore[arg-type]
-    if early:
-        put("msrs", lambda: _put_msrs(vcpu, early, early_list))
-    put_fixed("sregs")
-    put_fixed("sregs2")
-    if s.nested is not None:
-        put("nested", lambda: vcpu.set_nested_state(s.nested))
-    if s.tsc_khz is not None:
-        # Set even when KVM_GET_TSC_KHZ already reads the rate: after a refused set it
-        # reports the refused rate (docs/quirks.md), which must not pass for restored.
-        try:
-            vcpu.set_tsc_khz(s.tsc_khz)
-        except OSError as exc:
-            hint = " (set the state's tsc_khz to None to keep this vCPU's rate)"
-            error = KvmError(exc.errno, f"{exc.strerror}{hint}", ioctl=getattr(exc, "ioctl", None))
-            raise StateError("tsc_khz", error) from None
-    put_fixed("regs")
-    put_fixed("xsave" if s.xsave is not None else "fpu")
-    put_fixed("xcrs")
-    put_fixed("lapic")
-    if msrs:
-        put("msrs", lambda: _put_msrs(vcpu, msrs, ordered))
-    put_fixed("events")
-    put_fixed("mp_state")
-    put_fixed("debugregs")
+        return getattr(importlib.import_module("kvmstate.save"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

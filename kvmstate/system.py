@@ -62,7 +62,16 @@ class Kvm(FdWrapper):
     def create_vm(self, machine_type: int = 0) -> Vm:
         """``KVM_CREATE_VM``: a new VM, owned by the returned :class:`~kvmstate.vm.Vm`."""
         fd = self._ioctl(io.KVM_CREATE_VM, int_arg(machine_type))
-        return Vm(fd, kvm=self)
+        try:
+            # Handed down: the VM and its vCPUs never reach back to /dev/kvm for these.
+            nested, mmap_size = self.nested_state_size, self.vcpu_mmap_size
+            msrs = self.get_msr_index_list()
+        except BaseException:
+            os.close(fd)
+            raise
+        return Vm(
+            fd, kvm=self, nested_state_size=nested, vcpu_mmap_size=mmap_size, msr_index_list=msrs
+        )
 
     def get_supported_cpuid(self, max_entries: int = _CPUID_ENTRIES) -> uapi.kvm_cpuid2:
         """``KVM_GET_SUPPORTED_CPUID``: the CPUID leaves KVM can offer a guest."""

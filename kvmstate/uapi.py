@@ -34,6 +34,8 @@ from __future__ import annotations
 import ctypes
 import enum
 import functools
+from array import array
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from kvmstate._struct import Struct, Union
@@ -126,6 +128,10 @@ __all__ = [
     "kvm_xcr",
     "kvm_xcrs",
     "kvm_xsave",
+    "msr_index_array",
+    "msr_value_array",
+    "msrs_buffer",
+    "msrs_from_mapping",
 ]
 
 _u8 = ctypes.c_uint8
@@ -1004,6 +1010,76 @@ class kvm_msrs(_FlexStruct):
         entries: ctypes.Array[kvm_msr_entry]
 
 
+def msr_index_array(indices: Iterable[int]) -> array[int]:
+    """MSR indices as a u32 array; TypeError/ValueError naming a bad one (bools refused)."""
+    items = list(indices)
+    try:
+        out = array("I", items)
+    except (OverflowError, TypeError):
+        for index in items:
+            _msr_index(index)
+        raise
+    if bool in set(map(type, items)):  # array("I") takes True as 1
+        for index in items:
+            _msr_index(index)
+    return out
+
+
+def msr_value_array(values: Mapping[int, int]) -> array[int]:
+    """The values of ``{index: value}`` as a u64 array; TypeError/ValueError naming a bad one."""
+    items = list(values.values())
+    try:
+        out = array("Q", items)
+    except (OverflowError, TypeError):
+        out = None
+    if out is None or bool in set(map(type, items)):  # array("Q") takes True as 1
+        for i, v in values.items():
+            _msr_value(v, f"MSR {i:#x}")  # names the offending value
+    if out is None:
+        raise TypeError("MSR values must be ints")
+    return out
+
+
+def msrs_buffer(indices: array[int]) -> tuple[kvm_msrs, memoryview]:
+    """A kvm_msrs holding ``indices``, and its entries as (index, data) u64 word pairs.
+
+    >>> msrs, words = msrs_buffer(msr_index_array([0x10, 0x174]))
+    >>> words[1::2] = msr_value_array({0x10: 5, 0x174: 8}); msrs.items()[1].data
+    8
+    """
+    msrs = kvm_msrs.new(len(indices))
+    words = memoryview(msrs).cast("B")[8:].cast("Q")  # kvm_msr_entry: u32 index, u32 pad, u64
+    words[0::2] = array("Q", indices)
+    return msrs, words
+
+
+def _msr_index(index: object) -> int:
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"an MSR index must be an int, not {type(index).__name__}")
+    if not 0 <= index <= 0xFFFF_FFFF:
+        raise ValueError(f"MSR index {index:#x} does not fit in 32 bits")
+    return index
+
+
+def _msr_value(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
+        raise ValueError(f"{name} value {value:#x} does not fit in 64 bits")
+    return value
+
+
+def msrs_from_mapping(values: Mapping[int, int]) -> kvm_msrs:
+    """A ``kvm_msrs`` of ``{index: value}`` sorted by index; indices must fit in 32 bits,
+    values in 64 (TypeError/ValueError naming the MSR: ctypes would wrap them)."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
+    ordered = dict(sorted(values.items()))
+    msrs, words = msrs_buffer(msr_index_array(ordered.keys()))
+    words[1::2] = msr_value_array(ordered)
+    return msrs
+
+
 class kvm_msr_list(_FlexStruct):
     """``KVM_GET_MSR_INDEX_LIST`` argument: ``nmsrs`` indices follow."""
 
@@ -1238,7 +1314,7 @@ class kvm_run_system_event(Struct):
     _flags_ = {"type": SystemEvent}
     _hidden_ = frozenset({"u"})
 
-    def _shown_fields(self) -> list[str]:
+    def shown_fields(self) -> list[str]:
         # The union by its C names; flags (the pre-ndata name) is data[0].
         return ["type", "ndata", "data"]
 
@@ -1447,7 +1523,7 @@ class kvm_run(Struct):
             return "emulation_failure"
         return member
 
-    def _shown_fields(self) -> list[str]:
+    def shown_fields(self) -> list[str]:
         member = self.exit_member()
         shown = [*_RUN_HEAD, *([member] if member else []), "kvm_valid_regs", "kvm_dirty_regs"]
         if self.kvm_valid_regs or self.kvm_dirty_regs:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
-import functools
 import mmap
 import os
 import struct
-from array import array
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl, raw_ioctl
 from kvmstate.errors import (
     KvmError,
     NestedStateRejectedError,
@@ -30,17 +27,9 @@ from kvmstate.errors import (
     NestedStateUnavailableError,
     UnsupportedKvmError,
 )
-from kvmstate.nested import (
-    HEADER_SIZE,
-    KNOWN_FLAGS,
-    VMX_MAX_SIZE,
-    NestedState,
-    check_for_set,
-)
+from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
 
 if TYPE_CHECKING:
-    import weakref
-
     from kvmstate.state import VcpuState
 
 __all__ = ["Vcpu"]
@@ -48,16 +37,6 @@ __all__ = ["Vcpu"]
 _GET_NESTED = io.KVM_GET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
-# Above any buffer's capacity (NestedState holds at most 2**24 bytes).
-_NO_FLOOR_YET = 1 << 62
-_addressof, _sizeof = ctypes.addressof, ctypes.sizeof
-# For set_nested_state's inline check (check_for_set's rules): flags, format and
-# size are the first 8 bytes of struct kvm_nested_state.
-_FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
-_FORMATS = frozenset(int(f) for f in uapi.NestedFormat)
-_UNKNOWN_FLAGS = 0xFFFF & ~KNOWN_FLAGS
-_RUN_PENDING = int(uapi.NestedFlag.RUN_PENDING)
-_PENDING_AND_MODE = _RUN_PENDING | int(uapi.NestedFlag.GUEST_MODE)
 # The largest nested_state_size taken (NestedState's own capacity limit).
 _NESTED_SIZE_MAX = 1 << 24
 
@@ -79,29 +58,29 @@ class Vcpu(FdWrapper):
         owned: bool = True,
         nested_state_size: int | None = None,
         vcpu_id: int | None = None,
+        capabilities: Mapping[int, int] | None = None,
+        mmap_size: int | None = None,
+        msr_index_list: Iterable[int] | None = None,
     ) -> None:
         # Checked before the descriptor is taken: a refused argument must not close it.
         given = _nested_size_arg(nested_state_size)
         vcpu_id = _vcpu_id_arg(vcpu_id)
+        caps = dict(capabilities or {})
+        indices = None if msr_index_list is None else tuple(msr_index_list)
         super().__init__(fd, owned=owned)
         self.vm = vm
         self.vcpu_id = vcpu_id
+        # Handed down by Vm.create_vcpu (KVM_CHECK_EXTENSION answers, KVM_GET_VCPU_MMAP_SIZE,
+        # KVM_GET_MSR_INDEX_LIST), so the vCPU never reaches back to its VM or /dev/kvm.
+        self._capabilities = caps
+        self._mmap_size = mmap_size
+        self._msr_index_list = indices
         self._given_nested_size = given
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
-        self._nested_floor = _NO_FLOOR_YET  # _nested_need once known
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
-        # The last view of a caller's buffer (see _view_of): kept, or weakly.
-        self._nested_kept: NestedState | None = None
-        self._nested_kept_at = 0  # the kept view's address
-        self._nested_weak: weakref.ref[NestedState] | None = None
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
-        # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
-        self._cpuid_nent_reported = False
-        # Filled by kvmstate.state on the first save: readable MSRs and capabilities.
-        self._msr_indices: list[int] | None = None
-        self._state_plan: list[Any] | None = None
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         self._sync_regs_cap: int | None = None
@@ -140,10 +119,8 @@ class Vcpu(FdWrapper):
     def nested_state_size(self) -> int:
         """``KVM_CAP_NESTED_STATE`` for this vCPU's KVM (0 without nesting; see :meth:`borrow`)."""
         if self._nested_state_size is None:
-            kvm = getattr(self.vm, "kvm", None)
-            if kvm is not None and not kvm.closed:
-                cap: int | None = kvm.nested_state_size
-            else:
+            cap: int | None = self._capabilities.get(uapi.KVM_CAP_NESTED_STATE)
+            if cap is None:
                 cap = _ask_dev_kvm(io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_NESTED_STATE, -1)
                 cap = None if cap < 0 else cap
             given = self._given_nested_size
@@ -156,7 +133,6 @@ class Vcpu(FdWrapper):
                 # Unconfirmed: never below the largest state any vendor writes.
                 self._nested_need = max(size, VMX_MAX_SIZE)
             self._nested_cap = cap
-            self._nested_floor = self._nested_need
             self._nested_state_size = size
         return self._nested_state_size
 
@@ -205,14 +181,13 @@ class Vcpu(FdWrapper):
 
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
-        wanted = _msr_indices(indices)
-        words = _msr_words(wanted)
-        # nmsrs == len(wanted), and words holds that many entries: the kernel reads and
-        # writes only those.
-        done = self._ioctl(io.KVM_GET_MSRS, words)
+        wanted = uapi.msr_index_array(indices)
+        msrs, words = uapi.msrs_buffer(wanted)
+        # nmsrs == len(entries): the kernel reads and writes only those entries.
+        done = self._ioctl(io.KVM_GET_MSRS, msrs)
         if done != len(wanted):
             raise _msr_error("KVM_GET_MSRS", wanted.tolist(), done)
-        return dict(zip(wanted.tolist(), words[2::2].tolist(), strict=True))
+        return dict(zip(wanted.tolist(), words[1::2].tolist(), strict=True))
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS`` from ``{index: value}``.
@@ -223,11 +198,11 @@ class Vcpu(FdWrapper):
             raise TypeError(
                 f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
             )
-        wanted = _msr_indices(values.keys())
-        words = _msr_words(wanted)
-        words[2::2] = _msr_values(values)
-        # nmsrs == len(wanted), and words holds that many entries: the kernel reads only those.
-        done = self._ioctl(io.KVM_SET_MSRS, words)
+        wanted = uapi.msr_index_array(values.keys())
+        msrs, words = uapi.msrs_buffer(wanted)
+        words[1::2] = uapi.msr_value_array(values)
+        # nmsrs == len(entries): the kernel reads only those entries.
+        done = self._ioctl(io.KVM_SET_MSRS, msrs)
         if done != len(wanted):
             raise _msr_error("KVM_SET_MSRS", wanted.tolist(), done)
 
@@ -257,11 +232,7 @@ class Vcpu(FdWrapper):
     def xsave_size(self) -> int:
         """Bytes of the XSAVE area: ``KVM_CAP_XSAVE2`` on the VM, else 4096."""
         if self._xsave_size is None:
-            size = 0
-            vm = self.vm
-            if vm is not None and not vm.closed:
-                size = vm.check_extension(uapi.KVM_CAP_XSAVE2)
-            self._xsave_size = max(size, 4096)
+            self._xsave_size = max(self.check_extension(uapi.KVM_CAP_XSAVE2), 4096)
         return self._xsave_size
 
     def get_xsave(self) -> uapi.kvm_xsave:
@@ -372,7 +343,7 @@ class Vcpu(FdWrapper):
         try:
             self._ioctl(io.KVM_SET_TSC_KHZ, int_arg(khz))
         except KvmError as exc:
-            control = self._check_extension(uapi.KVM_CAP_TSC_CONTROL)
+            control = self.check_extension(uapi.KVM_CAP_TSC_CONTROL)
             if exc.errno != errno.EINVAL or control < 0:
                 raise
             if control == 0:
@@ -385,8 +356,16 @@ class Vcpu(FdWrapper):
                 why = f"{khz} kHz is outside the rates this KVM can scale the guest TSC to"
             raise KvmError(exc.errno, f"{exc.strerror}: {why}", ioctl=exc.ioctl) from None
 
-    def _check_extension(self, capability: int) -> int:
-        """A capability asked of the VM, else of /dev/kvm (-1 when neither can be asked)."""
+    def check_extension(self, capability: int) -> int:
+        """A capability as the VM answers it: handed down at creation, else asked of the
+        VM given, else of ``/dev/kvm`` (-1 when none can be asked).
+
+        >>> vcpu.check_extension(uapi.KVM_CAP_XSAVE2)          # doctest: +SKIP
+        4096
+        """
+        known = self._capabilities.get(capability)
+        if known is not None:
+            return known
         vm = self.vm
         if vm is not None and not vm.closed:
             return int(vm.check_extension(capability))
@@ -427,16 +406,7 @@ class Vcpu(FdWrapper):
                 raise KvmError(errno.E2BIG, f"more than {n} CPUID entries", ioctl="KVM_GET_CPUID2")
             n = max(n * 2, 256)
         count = cpuid.nent
-        if count < n:
-            self._cpuid_nent_reported = True
-        # nent == n: exactly n entries where the kernel reports the count (seen it lower
-        # nent once), else maybe fewer (6.1 leaves nent as given): then ask with fewer.
-        if (
-            count == n
-            and n > 0
-            and not self._cpuid_nent_reported
-            and self._try_get_cpuid2(n - 1) is not None
-        ):
+        if count == n and n > 0 and self._try_get_cpuid2(n - 1) is not None:
             # nent came back as given: a 6.1 kernel, and fewer entries than n.
             low, high = 0, n - 1  # the smallest count that succeeds is in [low, high]
             while low < high:
@@ -474,9 +444,8 @@ class Vcpu(FdWrapper):
         """
         if self._run is None:
             fd = self.fileno()
-            kvm = getattr(self.vm, "kvm", None)
-            if kvm is not None and not kvm.closed:
-                size = kvm.vcpu_mmap_size
+            if self._mmap_size is not None:
+                size = self._mmap_size
             else:
                 # Borrowed: ask /dev/kvm. The run page is followed by more (port I/O
                 # data at KVM_PIO_PAGE_OFFSET * 4096): one page is too few.
@@ -502,13 +471,7 @@ class Vcpu(FdWrapper):
         encrypted guests).
         """
         if self._sync_regs_cap is None:
-            vm = self.vm
-            if vm is not None and not vm.closed:
-                self._sync_regs_cap = vm.check_extension(uapi.KVM_CAP_SYNC_REGS)
-            else:
-                self._sync_regs_cap = _ask_dev_kvm(
-                    io.KVM_CHECK_EXTENSION, uapi.KVM_CAP_SYNC_REGS, 0
-                )
+            self._sync_regs_cap = max(self.check_extension(uapi.KVM_CAP_SYNC_REGS), 0)
         return uapi.SyncRegs(self._sync_regs_cap & uapi.KVM_SYNC_X86_VALID_FIELDS)
 
     @property
@@ -614,12 +577,7 @@ class Vcpu(FdWrapper):
         ``out`` may be a :class:`NestedState` to reuse, or any writable,
         8-byte aligned buffer (``bytearray``, ``mmap``, ctypes array), which
         then holds the state (the returned object is a view of it). It must
-        hold at least :attr:`nested_state_size` bytes. The next call with the
-        same buffer returns the same view instead of making another: always
-        for a ctypes array (the vCPU keeps its last one, checked before each
-        use to still be where the array is: ``ctypes.resize`` moves it), and
-        for other buffers while the caller still holds the view (it holds the
-        buffer's export; the vCPU does not keep a ``bytearray`` from growing).
+        hold at least :attr:`nested_state_size` bytes.
 
         The ``size`` field handed to the kernel is always the buffer's real
         length, and the buffer is never smaller than ``KVM_CAP_NESTED_STATE``:
@@ -627,145 +585,50 @@ class Vcpu(FdWrapper):
         the 4096-byte vmcb12 in guest mode, then answers E2BIG). On E2BIG a
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
-
-        >>> buf = bytearray(vcpu.nested_state_size)             # doctest: +SKIP
-        >>> state = vcpu.get_nested_state(buf)
-        >>> vcpu.get_nested_state(buf) is state                 # the same view, reused
-        True
         """
-        # The usual call first, in as few steps as Python allows: a buffer bound
-        # already (a NestedState, or the kept view of this very ctypes array, still
-        # where it was) and at least the floor. Anything else takes the long way.
-        state: NestedState = out
-        if type(out) is not NestedState:
-            if out is None:
-                return self._get_nested_state(None)  # a fresh buffer
-            kept = self._nested_kept
-            array: Any = out  # a ctypes array where it is the kept view's source
-            if (
-                kept is not None
-                and kept._source is array
-                and _addressof(array) == self._nested_kept_at
-                and _sizeof(array) == kept._capacity
-            ):
-                state = kept
-            else:
-                # The weakly held view of another buffer, if the caller still has it.
-                weak = self._nested_weak
-                view = weak() if weak is not None else None
-                if view is None or view._source is not out:
-                    return self._get_nested_state(out)
-                state = view
-        capacity = state._capacity
-        # _nested_floor: KVM_CAP_NESTED_STATE's floor once known; before, more than any
-        # buffer holds, so the first call takes the long way, which learns it.
-        if capacity < self._nested_floor:
-            return self._get_nested_state(out)
-        storage = state._storage
-        # The kernel may write up to size bytes, and size is the buffer's own
-        # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
-        _SIZE.pack_into(storage, 4, capacity)
-        try:
-            fcntl.ioctl(self._fd, _GET_NESTED, storage)
-        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
-            self.fileno()  # raises: closed
-            raise
-        except OSError as exc:
-            raise self._get_failed(exc, state) from None
-        return state
-
-    def _get_nested_state(self, out: Any) -> NestedState:
-        """:meth:`get_nested_state` the long way: any buffer, first calls, E2BIG regrowth."""
+        self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
-        if need is None:
-            self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
-            need = self._nested_need
-            assert need is not None
-        if type(out) is NestedState:
-            state = out
-        elif out is None:
+        assert need is not None
+        if out is None:
             state = NestedState(need)
         else:
-            state = self._view_of(out)
-        capacity = state._capacity
-        if capacity < need:
-            raise self._too_small(capacity, need)
-        fd = self._fd
-        if fd < 0:
-            self.fileno()  # raises: closed
-        storage = state._storage
-        # The kernel may write up to size bytes, and size is the buffer's own
-        # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
-        _SIZE.pack_into(storage, 4, capacity)
+            state = out if type(out) is NestedState else NestedState.from_buffer(out)
+            if state.capacity < need:
+                why = (
+                    "KVM_CAP_NESTED_STATE says the kernel may write"
+                    if self._nested_cap is not None
+                    else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
+                    "may write up to the largest known state,"
+                )
+                raise ValueError(f"the buffer holds {state.capacity} bytes but {why} {need}")
         try:
-            fcntl.ioctl(fd, _GET_NESTED, storage)
-        except OSError as exc:
-            error = self._get_failed(exc, state)
-            if out is not None or not isinstance(error, NestedStateTooLargeError):
-                raise error from None
+            self._get_nested(state)
+        except NestedStateTooLargeError:
+            if out is not None:
+                raise
             # A buffer made here: regrow it once to what the kernel asked for.
             state = NestedState(state.size)
             self._get_nested(state)
         return state
 
-    def _view_of(self, out: Any) -> NestedState:
-        """The view of a caller's buffer: the last one made, if it is of ``out``, else a new one.
-
-        A ctypes array's view is kept (and with it the array) until another
-        buffer comes: ctypes never refuses a resize for an export, so keeping
-        it blocks nothing, and each reuse checks the array is still where the
-        view points (``ctypes.resize`` moves it). Any other buffer's view is
-        kept weakly, only while the caller holds it: it holds the buffer's
-        export, which would stop a ``bytearray`` growing or an ``mmap`` closing.
-        """
-        view = self._nested_kept
-        if view is None and self._nested_weak is not None:
-            view = self._nested_weak()
-        if view is not None and view._source is out:
-            if not isinstance(out, ctypes.Array):
-                return view  # its export keeps the memory where it is, and its size
-            if (
-                ctypes.addressof(out) == ctypes.addressof(view._storage)
-                and ctypes.sizeof(out) == view._capacity
-            ):
-                return view
-        view = NestedState.from_buffer(out)
-        if isinstance(out, ctypes.Array):
-            self._nested_kept, self._nested_weak = view, None
-            self._nested_kept_at = ctypes.addressof(view._storage)
-        else:
-            self._nested_kept, self._nested_weak = None, _weak_ref()(view)
-        return view
-
-    def _too_small(self, capacity: int, need: int) -> ValueError:
-        why = (
-            "KVM_CAP_NESTED_STATE says the kernel may write"
-            if self._nested_cap is not None
-            else "/dev/kvm cannot be asked for KVM_CAP_NESTED_STATE, so the kernel "
-            "may write up to the largest known state,"
-        )
-        return ValueError(f"the buffer holds {capacity} bytes but {why} {need}")
-
     def _get_nested(self, state: NestedState) -> None:
         fd = self._fd
         if fd < 0:
             self.fileno()  # raises: closed
-        capacity = state._capacity
+        capacity = state.capacity
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
-        storage = state._storage
+        storage = state.buffer
         _SIZE.pack_into(storage, 4, capacity)
         try:
-            fcntl.ioctl(fd, _GET_NESTED, storage)
+            raw_ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
-            raise self._get_failed(exc, state) from None
-
-    def _get_failed(self, exc: OSError, state: NestedState) -> KvmError:
-        """The error for a failed GET into ``state``: too small (E2BIG), or the kernel's."""
-        wanted = state.size
-        if exc.errno == errno.E2BIG and wanted > state._capacity:
-            return NestedStateTooLargeError(wanted, state._capacity, ioctl="KVM_GET_NESTED_STATE")
-        return self._nested_error(exc, "KVM_GET_NESTED_STATE")
+            wanted = state.size
+            if exc.errno == errno.E2BIG and wanted > capacity:
+                raise NestedStateTooLargeError(
+                    wanted, capacity, ioctl="KVM_GET_NESTED_STATE"
+                ) from None
+            raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
 
     def set_nested_state(self, state: Any) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
@@ -775,33 +638,18 @@ class Vcpu(FdWrapper):
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
         """
-        if type(state) is NestedState:
-            flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
-            # check_for_set's rules, inline for a state that keeps them all (the usual
-            # case); one that does not goes to it, which raises naming the broken rule.
-            if not (
-                HEADER_SIZE <= size <= state._capacity
-                and fmt in _FORMATS
-                and not flags & _UNKNOWN_FLAGS
-                and flags & _PENDING_AND_MODE != _RUN_PENDING
-            ):
-                check_for_set(state)
-        else:
-            if not isinstance(state, NestedState):
-                state = _writable_copy(state)
-            check_for_set(state)
+        if not isinstance(state, NestedState):
+            state = _writable_copy(state)
+        check_for_set(state)
         try:
-            # size <= capacity (checked above), and the kernel reads at most size bytes.
-            result = fcntl.ioctl(self._fd, _SET_NESTED, state._storage)
-        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
-            self.fileno()  # raises: closed
-            raise
+            # check_for_set: size <= capacity, and the kernel reads at most size bytes.
+            result = raw_ioctl(self.fileno(), _SET_NESTED, state.buffer)
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
                 error = self._explain_refusal(state, error)
             raise error from None
-        if result:
+        if result != 0:
             raise KvmError(
                 None,
                 f"returned {result} instead of 0 (a failure without errno)",
@@ -839,38 +687,39 @@ class Vcpu(FdWrapper):
 
     # --- whole-vCPU state ----------------------------------------------------------------
 
-    def save_state(self) -> VcpuState:
-        """Every part of this vCPU's state (see :mod:`kvmstate.state`, which does the work)."""
-        from kvmstate import state
+    @property
+    def msr_index_list(self) -> tuple[int, ...] | None:
+        """``KVM_GET_MSR_INDEX_LIST`` as the Kvm handed it down (None for a borrowed vCPU,
+        unless its VM knows it): the MSRs :meth:`save_state` reads."""
+        if self._msr_index_list is None:
+            known = getattr(self.vm, "msr_index_list", None)
+            return None if known is None else tuple(known)
+        return self._msr_index_list
 
-        return state.save(self)
+    def save_state(self) -> VcpuState:
+        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work)."""
+        # Imported here: only a save needs it (import kvmstate stays small).
+        from kvmstate import save
+
+        return save.save(self)
 
     def restore_state(self, saved: VcpuState) -> None:
         """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs."""
-        from kvmstate import state
+        from kvmstate import save, state
 
         if not isinstance(saved, state.VcpuState):
             raise TypeError(f"restore_state() needs a VcpuState, not {type(saved).__name__}")
-        state.restore(self, saved)
+        save.restore(self, saved)
 
     # --- lifetime ------------------------------------------------------------------------
 
     def _release(self) -> None:
-        self._nested_kept = self._nested_weak = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
-
-
-@functools.cache
-def _weak_ref() -> type[weakref.ref[Any]]:
-    """``weakref.ref``, imported on first use: most programs never lend a buffer."""
-    import weakref
-
-    return weakref.ref
 
 
 def _sync_names(parts: int) -> str:
@@ -918,74 +767,6 @@ def _exact(obj: object, kind: type[Any]) -> Any:
     return obj
 
 
-def _msr_indices(indices: Iterable[int]) -> array[int]:
-    """MSR indices as a u32 array; TypeError/ValueError naming a bad one (bools refused)."""
-    items = list(indices)
-    try:
-        out = array("I", items)
-    except (OverflowError, TypeError):
-        for index in items:
-            _msr_index(index)
-        raise
-    if bool in set(map(type, items)):  # array("I") takes True as 1
-        for index in items:
-            _msr_index(index)
-    return out
-
-
-def _msr_values(values: Mapping[int, int]) -> array[int]:
-    """The values of ``{index: value}`` as a u64 array; TypeError/ValueError naming a bad one."""
-    items = list(values.values())
-    try:
-        out = array("Q", items)
-    except (OverflowError, TypeError):
-        out = None
-    if out is None or bool in set(map(type, items)):  # array("Q") takes True as 1
-        for i, v in values.items():
-            _u64(v, f"MSR {i:#x}")  # names the offending value
-    if out is None:
-        raise TypeError("MSR values must be ints")
-    return out
-
-
-def _msr_words(indices: array[int]) -> array[int]:
-    """``struct kvm_msrs`` holding ``indices``, as u64 words: an array, not a ctypes object.
-
-    Word 0 is ``nmsrs`` (``len(indices)``) and ``pad`` (0); then each
-    ``kvm_msr_entry`` (u32 index, u32 reserved, u64 data) is two words: the
-    index (reserved 0) and the data. x86 is little-endian. The array is
-    ``8 + 16 * nmsrs`` bytes, what the kernel may touch.
-    """
-    words = array("Q", bytes(8 + 16 * len(indices)))
-    words[0] = len(indices)
-    words[1::2] = array("Q", indices)
-    return words
-
-
-def _msr_buffer(indices: array[int]) -> tuple[uapi.kvm_msrs, memoryview]:
-    """A kvm_msrs holding ``indices``, and its entries as (index, data) u64 word pairs."""
-    msrs = uapi.kvm_msrs.new(len(indices))
-    words = memoryview(msrs).cast("B")[8:].cast("Q")  # kvm_msr_entry: u32 index, u32 pad, u64
-    words[0::2] = array("Q", indices)
-    return msrs, words
-
-
-def _msr_index(index: object) -> int:
-    if not isinstance(index, int) or isinstance(index, bool):
-        raise TypeError(f"an MSR index must be an int, not {type(index).__name__}")
-    if not 0 <= index <= 0xFFFF_FFFF:
-        raise ValueError(f"MSR index {index:#x} does not fit in 32 bits")
-    return index
-
-
-def _u64(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:
-        raise ValueError(f"{name} value {value:#x} does not fit in 64 bits")
-    return value
-
-
 def _msr_error(name: str, indices: list[int], done: int) -> KvmError:
     return KvmError(
         None,
@@ -1006,7 +787,7 @@ def _writable_copy(data: Any) -> NestedState:
     if view.nbytes < HEADER_SIZE:
         raise ValueError(f"{view.nbytes} bytes is shorter than the {HEADER_SIZE}-byte header")
     state = NestedState(view.nbytes)
-    ctypes.memmove(state._storage, bytes(view), view.nbytes)
+    state.buffer[: view.nbytes] = view
     return state
 
 

@@ -6,7 +6,8 @@ import contextlib
 import ctypes
 import errno
 import mmap
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
@@ -14,25 +15,48 @@ from kvmstate._fd import FdWrapper, int_arg
 from kvmstate.errors import KvmError
 from kvmstate.vcpu import Vcpu
 
-if TYPE_CHECKING:
-    from kvmstate.system import Kvm
-
 __all__ = ["Vm"]
 
 _PAGE = mmap.PAGESIZE
 
 
+# The capabilities a vCPU consults (whole-vCPU save, XSAVE size, kvm_run sync, TSC rate).
+_VCPU_CAPABILITIES = (
+    uapi.KVM_CAP_XSAVE,
+    uapi.KVM_CAP_XSAVE2,
+    uapi.KVM_CAP_XCRS,
+    uapi.KVM_CAP_SREGS2,
+    uapi.KVM_CAP_SYNC_REGS,
+    uapi.KVM_CAP_TSC_CONTROL,
+)
+
+
 class Vm(FdWrapper):
     """A KVM VM (from :meth:`Kvm.create_vm <kvmstate.system.Kvm.create_vm>`).
 
-    Keeps a reference to its :class:`~kvmstate.system.Kvm` for capability
-    queries, and the host memory it maps into the guest
-    (:meth:`add_memory`) alive until :meth:`close`.
+    Keeps the host memory it maps into the guest (:meth:`add_memory`) alive
+    until :meth:`close`. What a vCPU needs of ``/dev/kvm`` (``KVM_CAP_NESTED_STATE``,
+    ``KVM_GET_VCPU_MMAP_SIZE``, ``KVM_GET_MSR_INDEX_LIST``) is handed down by
+    :meth:`Kvm.create_vm <kvmstate.system.Kvm.create_vm>`, and passed on by
+    :meth:`create_vcpu` with the VM's own capabilities; ``kvm`` is kept for callers.
     """
 
-    def __init__(self, fd: int, *, kvm: Kvm | None = None, owned: bool = True) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        kvm: Any = None,
+        owned: bool = True,
+        nested_state_size: int | None = None,
+        vcpu_mmap_size: int | None = None,
+        msr_index_list: Iterable[int] | None = None,
+    ) -> None:
         super().__init__(fd, owned=owned)
         self.kvm = kvm
+        self.nested_state_size = nested_state_size
+        self.vcpu_mmap_size = vcpu_mmap_size
+        self.msr_index_list = None if msr_index_list is None else tuple(msr_index_list)
+        self._vcpu_caps: dict[int, int] | None = None
         self._memory: dict[int, mmap.mmap] = {}
         # slot -> (guest_phys_addr, memory_size) of every region set through this wrapper.
         self._regions: dict[int, tuple[int, int]] = {}
@@ -44,7 +68,23 @@ class Vm(FdWrapper):
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         """``KVM_CREATE_VCPU``: a new vCPU, owned by the returned :class:`Vcpu`."""
         fd = self._ioctl(io.KVM_CREATE_VCPU, int_arg(vcpu_id))
-        return Vcpu(fd, vm=self, vcpu_id=vcpu_id)
+        return Vcpu(
+            fd,
+            vm=self,
+            vcpu_id=vcpu_id,
+            capabilities=self._capabilities_for_vcpus(),
+            mmap_size=self.vcpu_mmap_size,
+            msr_index_list=self.msr_index_list,
+        )
+
+    def _capabilities_for_vcpus(self) -> dict[int, int]:
+        """What each vCPU asks of its VM, asked once: a vCPU never reaches back for it."""
+        if self._vcpu_caps is None:
+            caps = {cap: self.check_extension(cap) for cap in _VCPU_CAPABILITIES}
+            if self.nested_state_size is not None:
+                caps[uapi.KVM_CAP_NESTED_STATE] = self.nested_state_size
+            self._vcpu_caps = caps
+        return dict(self._vcpu_caps)
 
     def set_user_memory_region(
         self,

@@ -50,19 +50,43 @@ import ctypes
 import enum
 from typing import NamedTuple
 
+from kvmstate import x86 as _x86
 from kvmstate._struct import Struct, Union
 from kvmstate.uapi import KVM_STATE_NESTED_SVM_VMCB_SIZE
 
+# Architectural bits, defined once in x86 and still importable from here (see __all__).
+from kvmstate.x86 import (  # noqa: F401
+    EFER_AUTOIBRS,
+    EFER_FFXSR,
+    EFER_LMA,
+    EFER_LME,
+    EFER_LMSLE,
+    EFER_NX,
+    EFER_SCE,
+    EFER_SVME,
+    X86_CR0_AM,
+    X86_CR0_CD,
+    X86_CR0_EM,
+    X86_CR0_ET,
+    X86_CR0_MP,
+    X86_CR0_NE,
+    X86_CR0_NW,
+    X86_CR0_PE,
+    X86_CR0_PG,
+    X86_CR0_TS,
+    X86_CR0_WP,
+    X86_CR4_PAE,
+    X86_EFLAGS_FIXED,
+    X86_EFLAGS_IOPL,
+    X86_EFLAGS_VM,
+    Cr0,
+    Cr4,
+    Efer,
+    Rflags,
+)
+
 __all__ = [
     "AVIC_ENABLE_MASK",
-    "EFER_AUTOIBRS",
-    "EFER_FFXSR",
-    "EFER_LMA",
-    "EFER_LME",
-    "EFER_LMSLE",
-    "EFER_NX",
-    "EFER_SCE",
-    "EFER_SVME",
     "INTERCEPT_CLGI",
     "INTERCEPT_CR",
     "INTERCEPT_DR",
@@ -151,24 +175,6 @@ __all__ = [
     "V_NMI_PENDING_MASK",
     "V_TPR_MASK",
     "X2APIC_MODE_MASK",
-    "X86_CR0_AM",
-    "X86_CR0_CD",
-    "X86_CR0_EM",
-    "X86_CR0_ET",
-    "X86_CR0_MP",
-    "X86_CR0_NE",
-    "X86_CR0_NW",
-    "X86_CR0_PE",
-    "X86_CR0_PG",
-    "X86_CR0_TS",
-    "X86_CR0_WP",
-    "X86_CR4_PAE",
-    "X86_EFLAGS_FIXED",
-    "X86_EFLAGS_IOPL",
-    "X86_EFLAGS_VM",
-    "Cr0",
-    "Cr4",
-    "Efer",
     "Event",
     "EventInjFlag",
     "EventType",
@@ -177,7 +183,6 @@ __all__ = [
     "Intercept",
     "InterceptWord",
     "NestedCtl",
-    "Rflags",
     "SegAttrib",
     "SvmExit",
     "TlbControl",
@@ -191,6 +196,8 @@ __all__ = [
     "vmcb_save_area",
     "vmcb_seg",
 ]
+# The architectural names it re-exports from x86 (CR0, CR4, EFER, RFLAGS; not the MSRs).
+__all__ += [n for n in _x86.__all__ if n[:4] != "MSR_" and n != "VMX_CAPABILITY_MSRS"]
 
 _u8 = ctypes.c_uint8
 _u16 = ctypes.c_uint16
@@ -306,33 +313,6 @@ SVM_SELECTOR_CODE_MASK = 1 << 3
 # Bitmap sizes nested_svm_check_bitmap_pa checks msrpm_base_pa/iopm_base_pa against.
 MSRPM_SIZE = 2 * 4096
 IOPM_SIZE = 3 * 4096
-
-EFER_SCE = 1 << 0
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NX = 1 << 11
-EFER_SVME = 1 << 12
-EFER_LMSLE = 1 << 13
-EFER_FFXSR = 1 << 14
-EFER_AUTOIBRS = 1 << 21
-
-X86_CR0_PE = 1 << 0
-X86_CR0_MP = 1 << 1
-X86_CR0_EM = 1 << 2
-X86_CR0_TS = 1 << 3
-X86_CR0_ET = 1 << 4
-X86_CR0_NE = 1 << 5
-X86_CR0_WP = 1 << 16
-X86_CR0_AM = 1 << 18
-X86_CR0_NW = 1 << 29
-X86_CR0_CD = 1 << 30
-X86_CR0_PG = 1 << 31
-
-X86_CR4_PAE = 1 << 5
-
-X86_EFLAGS_FIXED = 1 << 1
-X86_EFLAGS_IOPL = 3 << 12
-X86_EFLAGS_VM = 1 << 17
 
 #: Fields named differently in Linux 6.1: (struct, name here = 6.12 name) -> 6.1 name.
 LINUX_6_1_NAMES: dict[tuple[str, str], str] = {
@@ -559,84 +539,6 @@ def decode_event(value: int) -> Event:
         error_code_valid=bool(value & SVM_EVTINJ_VALID_ERR),
         valid=bool(value & SVM_EVTINJ_VALID),
     )
-
-
-class Efer(enum.IntFlag):
-    """EFER (``EFER_*``)."""
-
-    SCE = EFER_SCE
-    LME = EFER_LME
-    LMA = EFER_LMA
-    NX = EFER_NX
-    SVME = EFER_SVME
-    LMSLE = EFER_LMSLE
-    FFXSR = EFER_FFXSR
-    AUTOIBRS = EFER_AUTOIBRS
-
-
-class Cr0(enum.IntFlag):
-    """CR0 (``X86_CR0_*``)."""
-
-    PE = X86_CR0_PE
-    MP = X86_CR0_MP
-    EM = X86_CR0_EM
-    TS = X86_CR0_TS
-    ET = X86_CR0_ET
-    NE = X86_CR0_NE
-    WP = X86_CR0_WP
-    AM = X86_CR0_AM
-    NW = X86_CR0_NW
-    CD = X86_CR0_CD
-    PG = X86_CR0_PG
-
-
-class Cr4(enum.IntFlag):
-    """CR4 (``X86_CR4_*``, the bits both 6.1 and 6.12 name)."""
-
-    VME = 1 << 0
-    PVI = 1 << 1
-    TSD = 1 << 2
-    DE = 1 << 3
-    PSE = 1 << 4
-    PAE = X86_CR4_PAE
-    MCE = 1 << 6
-    PGE = 1 << 7
-    PCE = 1 << 8
-    OSFXSR = 1 << 9
-    OSXMMEXCPT = 1 << 10
-    UMIP = 1 << 11
-    LA57 = 1 << 12
-    VMXE = 1 << 13
-    SMXE = 1 << 14
-    FSGSBASE = 1 << 16
-    PCIDE = 1 << 17
-    OSXSAVE = 1 << 18
-    SMEP = 1 << 20
-    SMAP = 1 << 21
-    PKE = 1 << 22
-    CET = 1 << 23
-
-
-class Rflags(enum.IntFlag):
-    """RFLAGS (``X86_EFLAGS_*``); IOPL shows as hex rest."""
-
-    CF = 1 << 0
-    FIXED = X86_EFLAGS_FIXED
-    PF = 1 << 2
-    AF = 1 << 4
-    ZF = 1 << 6
-    SF = 1 << 7
-    TF = 1 << 8
-    IF = 1 << 9
-    DF = 1 << 10
-    OF = 1 << 11
-    NT = 1 << 14
-    RF = 1 << 16
-    VM = X86_EFLAGS_VM
-    AC = 1 << 18
-    VIF = 1 << 19
-    VIP = 1 << 20
-    ID = 1 << 21
 
 
 class SegAttrib(enum.IntFlag):

@@ -114,6 +114,7 @@ __all__ = [
     "SECONDARY_EXEC_VIRTUALIZE_X2APIC_MODE",
     "SECONDARY_EXEC_VIRTUAL_INTR_DELIVERY",
     "SECONDARY_EXEC_WBINVD_EXITING",
+    "VMCS12_C_SIZE",
     "VMCS12_REVISION",
     "VMCS12_SIZE",
     "VM_ENTRY_ALWAYSON_WITHOUT_TRUE_MSR",
@@ -282,7 +283,12 @@ _CET_FIELDS = (
 NEWER_FIELDS: dict[str, str] = {
     name: _CET_FIELDS
     for name in (
-        "host_s_cet", "host_ssp", "host_ssp_tbl", "guest_s_cet", "guest_ssp", "guest_ssp_tbl",
+        "host_s_cet",
+        "host_ssp",
+        "host_ssp_tbl",
+        "guest_s_cet",
+        "guest_ssp",
+        "guest_ssp_tbl",
     )
 }
 
@@ -445,7 +451,9 @@ _C_FIELDS: list[tuple[str, Any]] = [
     ("abort", _u32),
     ("launch_state", _u32),
     ("padding", _u32 * 7),
-    *_group(_u64, """
+    *_group(
+        _u64,
+        """
         io_bitmap_a io_bitmap_b msr_bitmap vm_exit_msr_store_addr vm_exit_msr_load_addr
         vm_entry_msr_load_addr tsc_offset virtual_apic_page_addr apic_access_addr
         posted_intr_desc_addr ept_pointer eoi_exit_bitmap0 eoi_exit_bitmap1
@@ -455,13 +463,19 @@ _C_FIELDS: list[tuple[str, Any]] = [
         guest_bndcfgs host_ia32_pat host_ia32_efer host_ia32_perf_global_ctrl
         vmread_bitmap vmwrite_bitmap vm_function_control eptp_list_address pml_address
         encls_exiting_bitmap tsc_multiplier
-    """),
+    """,
+    ),
     ("padding64", _u64 * 1),
-    *_group(_natural_width, """
+    *_group(
+        _natural_width,
+        """
         cr0_guest_host_mask cr4_guest_host_mask cr0_read_shadow cr4_read_shadow
-    """),
+    """,
+    ),
     ("dead_space", _natural_width * 4),  # was cr3_target_value0..3
-    *_group(_natural_width, """
+    *_group(
+        _natural_width,
+        """
         exit_qualification guest_linear_address guest_cr0 guest_cr3 guest_cr4
         guest_es_base guest_cs_base guest_ss_base guest_ds_base guest_fs_base
         guest_gs_base guest_ldtr_base guest_tr_base guest_gdtr_base guest_idtr_base
@@ -470,9 +484,12 @@ _C_FIELDS: list[tuple[str, Any]] = [
         host_gs_base host_tr_base host_gdtr_base host_idtr_base host_ia32_sysenter_esp
         host_ia32_sysenter_eip host_rsp host_rip
         host_s_cet host_ssp host_ssp_tbl guest_s_cet guest_ssp guest_ssp_tbl
-    """),
+    """,
+    ),
     ("paddingl", _natural_width * 2),
-    *_group(_u32, """
+    *_group(
+        _u32,
+        """
         pin_based_vm_exec_control cpu_based_vm_exec_control exception_bitmap
         page_fault_error_code_mask page_fault_error_code_match cr3_target_count
         vm_exit_controls vm_exit_msr_store_count vm_exit_msr_load_count vm_entry_controls
@@ -486,18 +503,24 @@ _C_FIELDS: list[tuple[str, Any]] = [
         guest_ds_ar_bytes guest_fs_ar_bytes guest_gs_ar_bytes guest_ldtr_ar_bytes
         guest_tr_ar_bytes guest_interruptibility_info guest_activity_state
         guest_sysenter_cs host_ia32_sysenter_cs vmx_preemption_timer_value
-    """),
+    """,
+    ),
     ("padding32", _u32 * 7),
-    *_group(_u16, """
+    *_group(
+        _u16,
+        """
         virtual_processor_id posted_intr_nv guest_es_selector guest_cs_selector
         guest_ss_selector guest_ds_selector guest_fs_selector guest_gs_selector
         guest_ldtr_selector guest_tr_selector guest_intr_status host_es_selector
         host_cs_selector host_ss_selector host_ds_selector host_fs_selector
         host_gs_selector host_tr_selector guest_pml_index
-    """),
+    """,
+    ),
 ]
 # sizeof(struct vmcs12) in C: packed, so the plain sum of its members.
-_C_SIZE = sum(ctypes.sizeof(ctype) for _, ctype in _C_FIELDS)
+#: Size of ``struct vmcs12`` as C packs it (998 bytes): what vmx_set_nested_state copies
+#: and compares ``size`` with, not the 4096-byte page it lives in.
+VMCS12_C_SIZE = sum(ctypes.sizeof(ctype) for _, ctype in _C_FIELDS)
 
 
 class vmcs12(Struct):
@@ -515,7 +538,7 @@ class vmcs12(Struct):
     _fields_ = [
         *_C_FIELDS,
         # Not in C: the rest of the page, where future fields would be appended.
-        ("padding_tail", ctypes.c_uint8 * (VMCS12_SIZE - _C_SIZE)),
+        ("padding_tail", ctypes.c_uint8 * (VMCS12_SIZE - VMCS12_C_SIZE)),
     ]
     _flags_ = {
         "pin_based_vm_exec_control": PinBasedControls,
@@ -527,14 +550,23 @@ class vmcs12(Struct):
         "guest_activity_state": GuestActivityState,
         "launch_state": LaunchState,
     }
-    _decimal_ = frozenset({
-        "cr3_target_count", "vm_exit_msr_store_count", "vm_exit_msr_load_count",
-        "vm_entry_msr_load_count", "vm_entry_instruction_len", "vm_exit_instruction_len",
-        "vm_instruction_error", "vmx_preemption_timer_value", "virtual_processor_id",
-        "guest_pml_index",
-    })
-    _hidden_ = frozenset({"padding", "padding64", "dead_space", "paddingl", "padding32",
-                          "padding_tail"})
+    _decimal_ = frozenset(
+        {
+            "cr3_target_count",
+            "vm_exit_msr_store_count",
+            "vm_exit_msr_load_count",
+            "vm_entry_msr_load_count",
+            "vm_entry_instruction_len",
+            "vm_exit_instruction_len",
+            "vm_instruction_error",
+            "vmx_preemption_timer_value",
+            "virtual_processor_id",
+            "guest_pml_index",
+        }
+    )
+    _hidden_ = frozenset(
+        {"padding", "padding64", "dead_space", "paddingl", "padding32", "padding_tail"}
+    )
 
     @classmethod
     def new(cls) -> vmcs12:

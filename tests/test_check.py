@@ -30,96 +30,27 @@ from kvmstate import vmcs12 as vmx
 from kvmstate.check import Facts, Problem, check, engine, explain, format_problems
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
-from kvmstate.uapi import NestedFlag, NestedFormat
+from kvmstate.uapi import NestedFlag
 from tests.support import kernels
+from tests.support.states import (
+    INVALID,
+    IOPM_PA,
+    L1_CR0,
+    L1_CR3,
+    L1_CR4,
+    VMCB_PA,
+    VMCS12_PA,
+    VMXON_PA,
+    svm_gif,
+    svm_guest,
+    vmx_guest,
+    vmx_root,
+    vmx_vmcs,
+)
 
 GM, RP, GIF = NestedFlag.GUEST_MODE, NestedFlag.RUN_PENDING, NestedFlag.GIF_SET
-INVALID = (1 << 64) - 1
-VMCB_PA, IOPM_PA, MSRPM_PA = 0x10000, 0x20000, 0x30000
-VMXON_PA, VMCS12_PA = 0x3000, 0x4000
 
 # --- baselines ------------------------------------------------------------------------
-
-
-def svm_gif() -> NestedState:
-    """What a fresh AMD vCPU answers: GIF set, no guest mode, header only."""
-    state = NestedState(128)
-    state.format = NestedFormat.SVM
-    state.size = 128
-    state.flags = GIF
-    return state
-
-
-def svm_guest() -> NestedState:
-    """The guest-mode state of /work/shared/notes/svm-guest.md, accepted by a real 6.1."""
-    state = NestedState(SVM_MAX_SIZE)
-    state.format = NestedFormat.SVM
-    state.size = SVM_MAX_SIZE
-    state.flags = GM | GIF
-    state.svm.vmcb_pa = VMCB_PA
-    assert state.vmcb12 is not None
-    control = state.vmcb12.control
-    control.set_intercept(svm.INTERCEPT_VMRUN)
-    control.asid = 1
-    control.iopm_base_pa = IOPM_PA
-    control.msrpm_base_pa = MSRPM_PA
-    save = state.vmcb12.save
-    save.efer = svm.EFER_SVME
-    save.cr0 = svm.X86_CR0_PG | svm.X86_CR0_PE
-    save.dr6 = 0xFFFF0FF0
-    save.dr7 = 0x400
-    save.rflags = 2
-    return state
-
-
-def vmx_root() -> NestedState:
-    """VMXON without a current VMCS: header only."""
-    state = NestedState(VMX_MAX_SIZE)
-    state.format = NestedFormat.VMX
-    state.size = 128
-    state.vmx.vmxon_pa = VMXON_PA
-    state.vmx.vmcs12_pa = INVALID
-    return state
-
-
-def vmx_vmcs() -> NestedState:
-    """VMXON with a current VMCS (after VMPTRLD), L1 running."""
-    state = vmx_root()
-    state.size = 128 + 4096
-    state.vmx.vmcs12_pa = VMCS12_PA
-    assert state.vmcs12 is not None
-    state.vmcs12.hdr.revision_id = vmx.VMCS12_REVISION
-    return state
-
-
-# A 32-bit paged L1 (PE|ET|NE|PG, CR4 PSE|VMXE) like /work/shared/notes/vmx-guest/guest.asm.
-L1_CR0, L1_CR4, L1_CR3 = 0x80000031, 0x2010, 0x2000
-
-
-def vmx_guest() -> NestedState:
-    """L2 running: a vmcs12 built from the TRUE controls' allowed-0 bits, as that L1 does."""
-    state = vmx_vmcs()
-    state.flags = GM
-    v = state.vmcs12
-    assert v is not None
-    v.launch_state = 1
-    v.pin_based_vm_exec_control = vmx.PIN_BASED_ALWAYSON_WITHOUT_TRUE_MSR
-    v.cpu_based_vm_exec_control = 0x04006172
-    v.vm_exit_controls = 0x36DFB
-    v.vm_entry_controls = 0x11FB
-    v.host_cr0 = v.guest_cr0 = L1_CR0
-    v.host_cr4 = v.guest_cr4 = L1_CR4
-    v.host_cr3 = v.guest_cr3 = L1_CR3
-    v.host_cs_selector = v.guest_cs_selector = 0x08
-    for seg in ("ss", "ds", "es", "fs", "gs"):
-        setattr(v, f"host_{seg}_selector", 0x10)
-        setattr(v, f"guest_{seg}_selector", 0x10)
-    v.host_tr_selector = v.guest_tr_selector = 0x18
-    v.host_rsp, v.host_rip = 0x8000, 0x1100
-    v.guest_rsp, v.guest_rip, v.guest_rflags = 0x7000, 0x1080, 2
-    v.guest_dr7 = 0x400
-    v.vmcs_link_pointer = INVALID
-    return state
 
 
 def _msr(low: int, high: int) -> int:

@@ -24,6 +24,7 @@ from kvmstate import snapshot, uapi, vmcb
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from tests.kvm_fixtures import NO_KVM
+from tests.support import states
 
 # The script of the kvmstate under test: the one installed beside this interpreter (its
 # venv need not be on PATH, where another install's script may be), else the one on PATH.
@@ -139,16 +140,10 @@ def test_python_dash_m(svm_blob: Path) -> None:
 
 
 def svm_l2(asid: int = 0) -> NestedState:
-    """An SVM L2 state whose vmcb12 has this ASID (0 is refused by every kernel)."""
-    state = NestedState(SVM_MAX_SIZE)
-    state.format, state.size = uapi.KVM_STATE_NESTED_FORMAT_SVM, SVM_MAX_SIZE
-    state.flags = uapi.NestedFlag.GUEST_MODE | uapi.NestedFlag.GIF_SET
-    state.svm.vmcb_pa = 0x10000
+    """The valid SVM L2 state (tests/support/states.py) with this ASID (0 is refused)."""
+    state = states.svm_guest()
     assert state.vmcb12 is not None
-    state.vmcb12.control.set_intercept(vmcb.INTERCEPT_VMRUN)
     state.vmcb12.control.asid = asid
-    state.vmcb12.save.efer = vmcb.EFER_SVME
-    state.vmcb12.save.cr0 = vmcb.X86_CR0_PG | vmcb.X86_CR0_PE
     return state
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
-from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.nested import VMX_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
+from tests.support.states import svm_guest
 
 # The script of the kvmstate under test: the one installed beside this interpreter (its
 # venv need not be on PATH, where another install's script may be), else the one on PATH.
@@ -38,23 +38,6 @@ SVM_FACTS = [
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     assert KVMSTATE is not None
     return subprocess.run([KVMSTATE, *args], capture_output=True, text=True, timeout=60)
-
-
-def svm_guest() -> NestedState:
-    state = NestedState(SVM_MAX_SIZE)
-    state.format = NestedFormat.SVM
-    state.size = SVM_MAX_SIZE
-    state.flags = NestedFlag.GUEST_MODE | NestedFlag.GIF_SET
-    state.svm.vmcb_pa = 0x10000
-    assert state.vmcb12 is not None
-    control, save = state.vmcb12.control, state.vmcb12.save
-    control.set_intercept(svm.INTERCEPT_VMRUN)
-    control.asid = 1
-    control.iopm_base_pa, control.msrpm_base_pa = 0x20000, 0x30000
-    save.efer = svm.EFER_SVME
-    save.cr0 = svm.X86_CR0_PG | svm.X86_CR0_PE
-    save.dr6, save.dr7, save.rflags = 0xFFFF0FF0, 0x400, 2
-    return state
 
 
 def write(tmp_path: Path, name: str, state: NestedState | bytes) -> str:

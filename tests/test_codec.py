@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 from kvmstate import _codec, uapi, vmcb
-from kvmstate._struct import _Mixin
+from kvmstate._struct import Mirror
 
 MIRRORS = sorted(
     (
         cls
         for cls in vars(uapi).values()
         if inspect.isclass(cls)
-        and issubclass(cls, _Mixin)
+        and issubclass(cls, Mirror)
         and cls.__module__ == uapi.__name__
         and "_fields_" in cls.__dict__
     ),

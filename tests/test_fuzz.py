@@ -54,9 +54,12 @@ from hypothesis import strategies as st
 import kvmstate
 from kvmstate import cli as kcli
 from kvmstate import describe, snapshot, uapi, vmcb, vmcs12
-from kvmstate._struct import _Mixin
+from kvmstate._struct import Mirror
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
-from kvmstate.state import VcpuState
+from kvmstate.state import PART_TABLE, VcpuState
+
+# The fixed-size parts, as the parts table lays them out.
+FIXED_PARTS = {n: r.type for n, r in PART_TABLE.items() if r.codec == "fixed"}
 
 PKG = str(Path(kvmstate.__file__).parent)
 SECONDS = float(os.environ.get("KVMSTATE_FUZZ_SECONDS", "4"))
@@ -167,7 +170,7 @@ MIRRORS = [
     c
     for m in (uapi, vmcb, vmcs12)
     for n, c in vars(m).items()
-    if inspect.isclass(c) and issubclass(c, _Mixin) and c.__module__ == m.__name__ and n[0] != "_"
+    if inspect.isclass(c) and issubclass(c, Mirror) and c.__module__ == m.__name__ and n[0] != "_"
 ]
 
 
@@ -286,7 +289,7 @@ NESTED_SEEDS = [
 
 def _sample_state(rng: random.Random) -> VcpuState:
     state = VcpuState()
-    for part, cls in snapshot._FIXED.items():
+    for part, cls in FIXED_PARTS.items():
         if rng.random() < 0.5:
             raw = bytes(rng.getrandbits(8) for _ in range(ctypes.sizeof(cls)))
             setattr(state, part, cls.from_bytes(raw))
@@ -397,7 +400,7 @@ def _join(records: list[tuple[bytes, bytes]]) -> bytes:
     )
 
 
-TAGS = [p.encode() for p in (*snapshot._FIXED, "xsave", "cpuid", "msrs", "tsc_khz", "nested")]
+TAGS = [p.encode() for p in (*FIXED_PARTS, "xsave", "cpuid", "msrs", "tsc_khz", "nested")]
 TAGS += [b"absent", b"meta", b"vcpu", b"future.part", b"BAD", b""]
 
 

@@ -64,10 +64,22 @@ from typing import Any
 import pytest
 
 import kvmstate
-from kvmstate import check as checks
-from kvmstate import cli as kcli
-from kvmstate import describe, ioctls, snapshot, uapi, vmcb, vmcs12
-from kvmstate._struct import _Mixin
+from kvmstate import (
+    check as checks,
+)
+from kvmstate import (
+    cli as kcli,
+)
+from kvmstate import (
+    describe,
+    ioctls,
+    records,
+    snapshot,
+    uapi,
+    vmcb,
+    vmcs12,
+)
+from kvmstate._struct import Mirror
 from kvmstate.errors import KvmError, NestedStateUnavailableError
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState, check_for_set
 from kvmstate.state import StateError, VcpuState
@@ -288,16 +300,20 @@ def blob(fmt: int = 1, size: int = HEADER_SIZE, flags: int = 0, n: int | None = 
     return (struct.pack("<HHI", flags, fmt, size) + bytes(max(n - 8, 0)))[:n]
 
 
-def vfile(*records: tuple[str, bytes]) -> bytes:
+def vfile(*parts: tuple[str, bytes]) -> bytes:
     """A kvmstate file holding one vCPU made of ``(tag, payload)`` records."""
-    body = b"".join(snapshot._record(tag, payload) for tag, payload in records)
-    return snapshot._header() + snapshot._record("vcpu", body)
+    body = b"".join(records.record(tag, payload) for tag, payload in parts)
+    return records.file_header() + records.record("vcpu", body)
 
 
 def rec(tag: bytes, length: int, payload: bytes = b"") -> bytes:
     """A file with one raw top-level record: any tag bytes, any declared length."""
     return (
-        snapshot._header() + struct.pack("<H", len(tag)) + tag + struct.pack("<Q", length) + payload
+        records.file_header()
+        + struct.pack("<H", len(tag))
+        + tag
+        + struct.pack("<Q", length)
+        + payload
     )
 
 
@@ -1077,7 +1093,7 @@ MIRRORS = {
     f"{m.__name__.rsplit('.', 1)[1]}.{n}": c
     for m in (uapi, vmcb, vmcs12)
     for n, c in vars(m).items()
-    if inspect.isclass(c) and issubclass(c, _Mixin) and c.__module__ == m.__name__ and n[0] != "_"
+    if inspect.isclass(c) and issubclass(c, Mirror) and c.__module__ == m.__name__ and n[0] != "_"
 }
 for _name, _cls in MIRRORS.items():
     _n = ctypes.sizeof(_cls)
@@ -1143,7 +1159,7 @@ table(
         "S.loads_vm(b'NOTKVMST' + bytes(4))": "ValueError: not a kvmstate file",
         "S.loads_vm(S.MAGIC + struct.pack('<HH', 2, 0))": "ValueError: 2.0 is not readable",
         "S.loads_vm(S.MAGIC + struct.pack('<HH', 0xffff, 0))": "ValueError: is not readable",
-        "S.loads_vm(S._header() + b'\\x04\\x00vc')": "ValueError: truncated record header",
+        "S.loads_vm(R.file_header() + b'\\x04\\x00vc')": "ValueError: truncated record header",
         "S.loads_vm(rec(b'vcpu', 2**64 - 1))": "ValueError: says 18446744073709551615 bytes",
         "S.loads_vm(rec(b'vcpu', 1))": "ValueError: says 1 bytes, only 0 remain",
         "S.loads_vm(rec(b'', 0))": "ValueError: invalid record tag",
@@ -1175,8 +1191,8 @@ table(
         "S.loads_vm(vfile(('absent', b'[]')))": "ValueError: not a JSON object of strings",
         "S.loads_vm(vfile(('absent', b'{\"a\": 1}')))": "ValueError: JSON object of strings",
         "S.loads_vm(vfile(('absent', b'{\"a\": ' + b'1' * 5000 + b'}')))": "ValueError: digits",
-        "S.loads_vcpu(S._header())": "ValueError: holds 0 vCPUs",
-        "S.loads_vcpu(vfile() + S._record('vcpu', b''))": "ValueError: holds 2 vCPUs",
+        "S.loads_vcpu(R.file_header())": "ValueError: holds 0 vCPUs",
+        "S.loads_vcpu(vfile() + R.record('vcpu', b''))": "ValueError: holds 2 vCPUs",
         "VS.from_bytes('x')": "TypeError: bytes-like",
     },
     kvm=False,
@@ -1463,6 +1479,7 @@ BASE_SCOPE: dict[str, Any] = {
     "vmcb": vmcb,
     "vmcs12": vmcs12,
     "S": snapshot,
+    "R": records,
     "C": checks,
     "NS": NestedState,
     "VS": VcpuState,

@@ -175,8 +175,9 @@ def test_mapping_is_the_vcpu_mmap_size(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu) -
 def test_mapping_smaller_than_kvm_run_is_refused(
     vm: kvmstate.Vm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A kernel whose vCPU mapping is smaller than the mirror: stand in for its answer.
-    monkeypatch.setattr(type(vm.kvm), "vcpu_mmap_size", property(lambda self: 2048))
+    # A kernel whose vCPU mapping is smaller than the mirror: stand in for its answer,
+    # as the Kvm handed it down to the VM (which passes it on to each vCPU).
+    monkeypatch.setattr(vm, "vcpu_mmap_size", 2048)
     message = "2048 bytes, smaller than struct kvm_run"
     with vm.create_vcpu(0) as vcpu, pytest.raises(UnsupportedKvmError, match=message):
         vcpu.kvm_run  # noqa: B018

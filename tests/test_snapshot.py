@@ -12,11 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmstate import snapshot, uapi
+from kvmstate import records, snapshot, uapi
 from kvmstate.nested import HEADER_SIZE, NestedState
-from kvmstate.state import VcpuState
+from kvmstate.state import PART_TABLE, VcpuState
 
-FIXED = dict(snapshot._FIXED)
+# The fixed-size parts, as the parts table lays them out.
+FIXED_PARTS = {n: r.type for n, r in PART_TABLE.items() if r.codec == "fixed"}
+
+FIXED = dict(FIXED_PARTS)
 
 
 def _struct(cls: type) -> st.SearchStrategy[object]:
@@ -131,8 +134,8 @@ def test_random_bytes_give_value_error_only(blob: bytes) -> None:
     st.sampled_from([*sorted(FIXED), "cpuid", "msrs", "xsave", "tsc_khz", "nested", "absent"]),
 )
 def test_random_part_payloads_give_value_error_only(payload: bytes, part: str) -> None:
-    body = snapshot._record(part, payload)
-    data = snapshot._header() + snapshot._record("vcpu", body)
+    body = records.record(part, payload)
+    data = records.file_header() + records.record("vcpu", body)
     with contextlib.suppress(ValueError):
         snapshot.loads_vcpu(data)
 
@@ -140,10 +143,10 @@ def test_random_part_payloads_give_value_error_only(payload: bytes, part: str) -
 def test_unknown_records_and_trailing_bytes_survive() -> None:
     regs = uapi.kvm_regs()
     regs.rip = 0x1234
-    body = snapshot._record("regs", regs.to_bytes() + b"NEWFIELD") + snapshot._record(
+    body = records.record("regs", regs.to_bytes() + b"NEWFIELD") + records.record(
         "future.part", b"\x01\x02"
     )
-    data = snapshot._header() + snapshot._record("vcpu", body)
+    data = records.file_header() + records.record("vcpu", body)
     state = snapshot.loads_vcpu(data)
     assert state.regs is not None and state.regs.rip == 0x1234
     assert state.extra == {"regs/trailing": b"NEWFIELD", "future.part": b"\x01\x02"}
@@ -161,7 +164,7 @@ def test_newer_major_version_is_refused() -> None:
 
 
 def test_newer_minor_version_is_read() -> None:
-    data = snapshot.MAGIC + struct.pack("<HH", 1, 7) + snapshot._record("vcpu", b"")
+    data = snapshot.MAGIC + struct.pack("<HH", 1, 7) + records.record("vcpu", b"")
     assert snapshot.loads_vcpu(data) == VcpuState()
 
 
@@ -170,13 +173,13 @@ def test_newer_minor_version_is_read() -> None:
     [
         (b"KVMSTAT", "the header alone is 12"),
         (b"NOTKVMST" + bytes(4), "not a kvmstate file"),
-        (snapshot._header() + b"\x05\x00vc", "truncated record header"),
+        (records.file_header() + b"\x05\x00vc", "truncated record header"),
         (
-            snapshot._header() + struct.pack("<H", 4) + b"vcpu" + struct.pack("<Q", 99),
+            records.file_header() + struct.pack("<H", 4) + b"vcpu" + struct.pack("<Q", 99),
             "says 99 bytes",
         ),
         (
-            snapshot._header() + struct.pack("<H", 3) + b"BAD" + struct.pack("<Q", 0),
+            records.file_header() + struct.pack("<H", 3) + b"BAD" + struct.pack("<Q", 0),
             "invalid record tag",
         ),
     ],
@@ -189,7 +192,7 @@ def test_malformed_files_name_the_problem(data: bytes, message: str) -> None:
 
 def test_part_errors_name_the_part() -> None:
     def file_with(part: str, payload: bytes) -> bytes:
-        return snapshot._header() + snapshot._record("vcpu", snapshot._record(part, payload))
+        return records.file_header() + records.record("vcpu", records.record(part, payload))
 
     with pytest.raises(ValueError, match="regs: 10 bytes, kvm_regs is 144"):
         snapshot.loads_vcpu(file_with("regs", bytes(10)))
@@ -198,8 +201,8 @@ def test_part_errors_name_the_part() -> None:
     with pytest.raises(ValueError, match="nested: truncated nested state"):
         snapshot.loads_vcpu(file_with("nested", bytes(64)))
     with pytest.raises(ValueError, match="appears twice"):
-        twice = snapshot._record("tsc_khz", bytes(4)) * 2
-        snapshot.loads_vcpu(snapshot._header() + snapshot._record("vcpu", twice))
+        twice = records.record("tsc_khz", bytes(4)) * 2
+        snapshot.loads_vcpu(records.file_header() + records.record("vcpu", twice))
 
 
 def test_from_dict_refuses_values_that_do_not_fit() -> None:

@@ -562,9 +562,9 @@ def _process_docstring(
         return
     if what != "class" or not isinstance(obj, type):
         return
-    from kvmstate._struct import _Mixin
+    from kvmstate._struct import Mirror
 
-    if issubclass(obj, _Mixin) and hasattr(obj, "_fields_"):
+    if issubclass(obj, Mirror) and hasattr(obj, "_fields_"):
         top = [r for r in rows(obj, depth=0)]
         if not top:
             return

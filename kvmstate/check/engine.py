@@ -9,7 +9,6 @@ concatenates the tables in the kernel's order and :func:`run` applies them.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +26,7 @@ INVALID_GPA = U64
 
 #: Size of ``struct vmcs12`` as C packs it (998 bytes): what vmx_set_nested_state
 #: copies and compares ``size`` with, not the 4096-byte page it lives in.
-VMCS12_C_SIZE = vmx._C_SIZE
+VMCS12_C_SIZE = vmx.VMCS12_C_SIZE
 VMCS12_MIN = HEADER_SIZE + VMCS12_C_SIZE  # 1126
 # The shadow vmcs12 starts after the whole first page.
 SHADOW_MIN = HEADER_SIZE + uapi.KVM_STATE_NESTED_VMX_VMCS_SIZE + VMCS12_C_SIZE  # 5222
@@ -270,7 +269,7 @@ def run(rules: Iterable[ScopedRule], state: Any, facts: Facts) -> list[Problem]:
             state = NestedState(len(raw))
         except ValueError as exc:
             return [Problem("size", len(raw), str(exc), LIB, rule_id="size_within_data")]
-        ctypes.memmove(ctypes.addressof(state._storage), raw, len(raw))
+        state.buffer[: len(raw)] = raw
     c = Ctx(state, facts, blob_len)
     for scope, rule in rules:
         c.rule_id = rule.__name__

@@ -6,13 +6,14 @@ import contextlib
 import dataclasses
 import os
 import re
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from kvmstate import uapi
-from kvmstate import vmcb as svm
+from kvmstate import uapi, x86
+from kvmstate.nested import vendor_of_capability
 from kvmstate.state import VcpuState
 
 U64 = (1 << 64) - 1  # the largest u64: registers and MSRs
@@ -51,21 +52,20 @@ CPUID_FEATURES: Mapping[str, tuple[int, int, str, int]] = MappingProxyType(
 #: VMX capability MSRs the VMX rules use when known (``Facts.vmx_msrs``): index -> name.
 VMX_MSRS: Mapping[int, str] = MappingProxyType(
     {
-        0x485: "IA32_VMX_MISC",
-        0x486: "IA32_VMX_CR0_FIXED0",
-        0x487: "IA32_VMX_CR0_FIXED1",
-        0x488: "IA32_VMX_CR4_FIXED0",
-        0x489: "IA32_VMX_CR4_FIXED1",
-        0x48B: "IA32_VMX_PROCBASED_CTLS2",
-        0x48C: "IA32_VMX_EPT_VPID_CAP",
-        0x48D: "IA32_VMX_TRUE_PINBASED_CTLS",
-        0x48E: "IA32_VMX_TRUE_PROCBASED_CTLS",
-        0x48F: "IA32_VMX_TRUE_EXIT_CTLS",
-        0x490: "IA32_VMX_TRUE_ENTRY_CTLS",
-        0x491: "IA32_VMX_VMFUNC",
+        x86.MSR_IA32_VMX_MISC: "IA32_VMX_MISC",
+        x86.MSR_IA32_VMX_CR0_FIXED0: "IA32_VMX_CR0_FIXED0",
+        x86.MSR_IA32_VMX_CR0_FIXED1: "IA32_VMX_CR0_FIXED1",
+        x86.MSR_IA32_VMX_CR4_FIXED0: "IA32_VMX_CR4_FIXED0",
+        x86.MSR_IA32_VMX_CR4_FIXED1: "IA32_VMX_CR4_FIXED1",
+        x86.MSR_IA32_VMX_PROCBASED_CTLS2: "IA32_VMX_PROCBASED_CTLS2",
+        x86.MSR_IA32_VMX_EPT_VPID_CAP: "IA32_VMX_EPT_VPID_CAP",
+        x86.MSR_IA32_VMX_TRUE_PINBASED_CTLS: "IA32_VMX_TRUE_PINBASED_CTLS",
+        x86.MSR_IA32_VMX_TRUE_PROCBASED_CTLS: "IA32_VMX_TRUE_PROCBASED_CTLS",
+        x86.MSR_IA32_VMX_TRUE_EXIT_CTLS: "IA32_VMX_TRUE_EXIT_CTLS",
+        x86.MSR_IA32_VMX_TRUE_ENTRY_CTLS: "IA32_VMX_TRUE_ENTRY_CTLS",
+        x86.MSR_IA32_VMX_VMFUNC: "IA32_VMX_VMFUNC",
     }
 )
-_MSR_IA32_FEATURE_CONTROL = 0x3A
 
 _BOOL_FACTS = (
     "has_vmx", "has_svm", "in_smm", "evmcs_enabled", "npt_enabled", "la57",
@@ -259,7 +259,7 @@ class Facts:
         """``"vmx"``/``"svm"`` from :attr:`vendor`, else from :attr:`nested_state_cap`."""
         if self.vendor is not None:
             return self.vendor
-        return {8320: "vmx", 4224: "svm"}.get(self.nested_state_cap or 0)
+        return vendor_of_capability(self.nested_state_cap)
 
     def msr(self, index: int) -> int | None:
         """A VMX capability MSR from :attr:`vmx_msrs`, None if unknown."""
@@ -325,7 +325,7 @@ class Facts:
         try:
             cap = int(vcpu.nested_state_size)
             found["nested_state_cap"] = cap
-            vendor = {8320: "vmx", 4224: "svm"}.get(cap)
+            vendor = vendor_of_capability(cap)
             if vendor:
                 found["vendor"] = vendor
         except (OSError, ValueError):
@@ -334,9 +334,9 @@ class Facts:
             msrs = _read_msrs(vcpu, VMX_MSRS)
             if msrs:
                 found["vmx_msrs"] = msrs
-            control = _read_msrs(vcpu, [_MSR_IA32_FEATURE_CONTROL])
+            control = _read_msrs(vcpu, [x86.MSR_IA32_FEATURE_CONTROL])
             if control:
-                found["feature_control"] = control[_MSR_IA32_FEATURE_CONTROL]
+                found["feature_control"] = control[x86.MSR_IA32_FEATURE_CONTROL]
         npt = _read_bool_param("/sys/module/kvm_amd/parameters/npt")
         if npt is not None:
             found["npt_enabled"] = npt
@@ -385,8 +385,8 @@ class Facts:
             vmx_msrs = {i: msrs[i] for i in VMX_MSRS if i in msrs}
             if vmx_msrs:
                 found["vmx_msrs"] = vmx_msrs
-            if _MSR_IA32_FEATURE_CONTROL in msrs:
-                found["feature_control"] = msrs[_MSR_IA32_FEATURE_CONTROL]
+            if x86.MSR_IA32_FEATURE_CONTROL in msrs:
+                found["feature_control"] = msrs[x86.MSR_IA32_FEATURE_CONTROL]
         return cls(**found)
 
     @classmethod
@@ -407,7 +407,7 @@ class Facts:
             value: Any
             try:
                 if name == "svme":
-                    name, value = "efer", svm.EFER_SVME if _parse_bool(text) else 0
+                    name, value = "efer", x86.EFER_SVME if _parse_bool(text) else 0
                 elif name in _BOOL_FACTS:
                     value = _parse_bool(text)
                 elif name in _INT_FACTS:
@@ -424,8 +424,8 @@ class Facts:
                     value = _parse_msrs(text)
                 elif name not in names:
                     raise KeyError(name)
-                else:  # pragma: no cover - every field has a parser above
-                    raise ValueError("no parser")
+                else:  # a field without a parser of its own: by its annotation
+                    value = _parse_as(typing.get_type_hints(cls)[name], text)
             except KeyError:
                 raise ValueError(
                     f"unknown fact {name!r} (known: {', '.join(sorted(names | {'svme'}))})"
@@ -439,6 +439,31 @@ class Facts:
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ValueError(str(exc)) from None
+
+
+def _parse_as(hint: Any, text: str) -> Any:
+    """``text`` as a value of the Facts field type ``hint`` (``X | None``).
+
+    So that a field added to :class:`Facts` is settable from the command line
+    before anyone writes it a parser: bools, ints, strs, tuples of ints
+    (dotted), sets of strs (comma list), int-to-int mappings (INDEX:VALUE).
+    """
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    kind = kinds[0] if len(kinds) == 1 else hint
+    origin = typing.get_origin(kind) or kind
+    if kind is bool:
+        return _parse_bool(text)
+    if kind is int:
+        return int(text, 0)
+    if kind is str:
+        return text
+    if origin is tuple:
+        return tuple(int(part, 0) for part in text.split("."))
+    if origin in (frozenset, set):
+        return frozenset(t.strip() for t in text.split(",") if t.strip())
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        return _parse_msrs(text)
+    raise ValueError(f"no text form for a fact of type {hint}")
 
 
 def parse_kernel_version(release: str) -> tuple[int, ...] | None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kvmstate import vmcb as svm
+from kvmstate import x86
 from kvmstate.check.engine import U64, Ctx, flag_names
 
-# --- VMX: nested_vmx_check_host_state / guest_state -------------------------------------
+# --- CR0, CR4, EFER, CR3 and PAT, as the kernel checks them for L2 and the VMCB ---
 
-CR0_PE, CR0_NE, CR0_PG = svm.X86_CR0_PE, svm.X86_CR0_NE, svm.X86_CR0_PG
-CR4 = svm.Cr4
+CR0_PE, CR0_NE, CR0_PG = x86.X86_CR0_PE, x86.X86_CR0_NE, x86.X86_CR0_PG
+CR4 = x86.Cr4
 _CR4_LAM_SUP = 1 << 28
 # CR4_RESERVED_BITS' complement (asm/kvm_host.h), without LAM_SUP (6.12 only).
 _CR4_KNOWN = int(
@@ -84,8 +84,8 @@ def cr4_rules(c: Ctx, field: str, value: int, source: str, *, vmx_fixed: bool) -
             "arch/x86/kvm/x86.c: __kvm_is_valid_cr4 (" + source + ")",
             "kernel_version and cpu_features",
         )
-    fixed0 = c.facts.msr(0x488) if vmx_fixed else None
-    fixed1 = c.facts.msr(0x489) if vmx_fixed else None
+    fixed0 = c.facts.msr(x86.MSR_IA32_VMX_CR4_FIXED0) if vmx_fixed else None
+    fixed1 = c.facts.msr(x86.MSR_IA32_VMX_CR4_FIXED1) if vmx_fixed else None
     if vmx_fixed:
         need = fixed0 if fixed0 is not None else int(CR4.VMXE)
         c.report(
@@ -134,14 +134,14 @@ def cr4_rules(c: Ctx, field: str, value: int, source: str, *, vmx_fixed: bool) -
 
 
 # EFER bits KVM may ever accept (efer_reserved_bits' complement at its widest).
-_EFER_SVM_ONLY = svm.EFER_SVME | svm.EFER_LMSLE | svm.EFER_FFXSR | svm.EFER_AUTOIBRS
-_EFER_KNOWN = svm.EFER_SCE | svm.EFER_LME | svm.EFER_LMA | svm.EFER_NX | _EFER_SVM_ONLY
+_EFER_SVM_ONLY = x86.EFER_SVME | x86.EFER_LMSLE | x86.EFER_FFXSR | x86.EFER_AUTOIBRS
+_EFER_KNOWN = x86.EFER_SCE | x86.EFER_LME | x86.EFER_LMA | x86.EFER_NX | _EFER_SVM_ONLY
 _EFER_FEATURES = (
-    (svm.EFER_SVME, "svm"),
-    (svm.EFER_LME | svm.EFER_LMA, "lm"),
-    (svm.EFER_NX, "nx"),
-    (svm.EFER_FFXSR, "fxsr_opt"),
-    (svm.EFER_AUTOIBRS, "autoibrs"),
+    (x86.EFER_SVME, "svm"),
+    (x86.EFER_LME | x86.EFER_LMA, "lm"),
+    (x86.EFER_NX, "nx"),
+    (x86.EFER_FFXSR, "fxsr_opt"),
+    (x86.EFER_AUTOIBRS, "autoibrs"),
 )
 
 
@@ -156,11 +156,11 @@ def efer_rules(c: Ctx, field: str, value: int, source: str, vendor: str) -> None
         bool(reserved),
         field,
         value,
-        f"EFER bits {flag_names(svm.Efer, reserved)} are reserved on "
+        f"EFER bits {flag_names(x86.Efer, reserved)} are reserved on "
         f"{'kvm_amd' if vendor == 'svm' else 'kvm_intel'}",
         full,
     )
-    if vendor == "svm" and value & svm.EFER_AUTOIBRS:
+    if vendor == "svm" and value & x86.EFER_AUTOIBRS:
         c.report(
             _newer_feature(c, "autoibrs"),
             field,
@@ -170,14 +170,14 @@ def efer_rules(c: Ctx, field: str, value: int, source: str, vendor: str) -> None
             "kernel_version and cpu_features",
         )
     for bits, feature in _EFER_FEATURES:
-        if not value & bits & known or bits == svm.EFER_AUTOIBRS:
+        if not value & bits & known or bits == x86.EFER_AUTOIBRS:
             continue
         has = c.feature(feature)
         c.report(
             None if has is None else not has,
             field,
             value,
-            f"EFER.{flag_names(svm.Efer, value & bits)} needs CPUID {feature} in the vCPU",
+            f"EFER.{flag_names(x86.Efer, value & bits)} needs CPUID {feature} in the vCPU",
             full,
             "cpu_features" if feature not in ("svm", "vmx") else f"has_{feature}",
         )

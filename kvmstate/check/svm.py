@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmstate import uapi
+from kvmstate import uapi, x86
 from kvmstate import vmcb as svm
 from kvmstate.check.engine import (
     GIF,
@@ -60,7 +60,7 @@ def svm_svme_clear(c: Ctx) -> None:
     if c.flags == GIF:
         return
     efer = c.facts.efer
-    svme_clear = None if efer is None else not efer & svm.EFER_SVME
+    svme_clear = None if efer is None else not efer & x86.EFER_SVME
     if c.flags & GM:
         c.report(
             svme_clear,
@@ -182,7 +182,7 @@ def svm_vcpu_cr0(c: Ctx) -> None:
     without CD."""
     cr0 = c.facts.cr0
     c.report(
-        None if cr0 is None else bool(not cr0 & svm.X86_CR0_CD and cr0 & svm.X86_CR0_NW),
+        None if cr0 is None else bool(not cr0 & x86.X86_CR0_CD and cr0 & x86.X86_CR0_NW),
         "vcpu.cr0",
         cr0,
         "the vCPU's CR0 (L2's) must not set NW with CD clear",
@@ -208,21 +208,21 @@ def svm_save_area(c: Ctx) -> None:
         SSET,
     )
     c.report(
-        bool(save.rflags & svm.X86_EFLAGS_VM),
+        bool(save.rflags & x86.X86_EFLAGS_VM),
         f + "rflags",
         int(save.rflags),
         "L1's RFLAGS must not have VM (VMRUN is not allowed in virtual-8086 mode)",
         SSET,
     )
     c.report(
-        not efer & svm.EFER_SVME,
+        not efer & x86.EFER_SVME,
         f + "efer",
         efer,
         "L1's EFER must have SVME",
         SSAVE,
     )
     c.report(
-        bool(not cr0 & svm.X86_CR0_CD and cr0 & svm.X86_CR0_NW),
+        bool(not cr0 & x86.X86_CR0_CD and cr0 & x86.X86_CR0_NW),
         f + "cr0",
         cr0,
         "CR0.NW needs CR0.CD",
@@ -231,7 +231,7 @@ def svm_save_area(c: Ctx) -> None:
     c.report(bool(cr0 >> 32), f + "cr0", cr0, "CR0 bits 63:32 are reserved", SSAVE)
     c.report(bool(save.dr6 >> 32), f + "dr6", int(save.dr6), "DR6 bits 63:32 are reserved", SSAVE)
     c.report(bool(save.dr7 >> 32), f + "dr7", int(save.dr7), "DR7 bits 63:32 are reserved", SSAVE)
-    if efer & svm.EFER_LME and cr0 & CR0_PG:
+    if efer & x86.EFER_LME and cr0 & CR0_PG:
         c.report(
             not cr4 & CR4.PAE or not cr0 & CR0_PE,
             f + "cr4",

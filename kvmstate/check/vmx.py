@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kvmstate import uapi
-from kvmstate import vmcb as svm
+from kvmstate import uapi, x86
 from kvmstate import vmcs12 as vmx
 from kvmstate.check.engine import (
     EVMCS,
@@ -324,7 +323,7 @@ _ENTRY_ALWAYS = (
 _CONTROLS = (
     _Controls(
         "pin_based_vm_exec_control",
-        0x48D,
+        x86.MSR_IA32_VMX_TRUE_PINBASED_CTLS,
         vmx.PIN_BASED_ALWAYSON_WITHOUT_TRUE_MSR,
         _PIN_ALWAYS | vmx.PIN_BASED_EXT_INTR_MASK | vmx.PIN_BASED_NMI_EXITING
         | vmx.PIN_BASED_VIRTUAL_NMIS | vmx.PIN_BASED_POSTED_INTR,
@@ -333,7 +332,7 @@ _CONTROLS = (
     ),
     _Controls(
         "cpu_based_vm_exec_control",
-        0x48E,
+        x86.MSR_IA32_VMX_TRUE_PROCBASED_CTLS,
         vmx.CPU_BASED_ALWAYSON_WITHOUT_TRUE_MSR
         & ~(vmx.CPU_BASED_CR3_LOAD_EXITING | vmx.CPU_BASED_CR3_STORE_EXITING),
         _PROC_ALWAYS | _PROC_OPTIONAL,
@@ -342,7 +341,7 @@ _CONTROLS = (
     ),
     _Controls(
         "secondary_vm_exec_control",
-        0x48B,
+        x86.MSR_IA32_VMX_PROCBASED_CTLS2,
         0,
         _SEC_OFFERED,
         vmx.SECONDARY_EXEC_SHADOW_VMCS,
@@ -350,7 +349,7 @@ _CONTROLS = (
     ),
     _Controls(
         "vm_exit_controls",
-        0x48F,
+        x86.MSR_IA32_VMX_TRUE_EXIT_CTLS,
         vmx.VM_EXIT_ALWAYSON_WITHOUT_TRUE_MSR & ~vmx.VM_EXIT_SAVE_DEBUG_CONTROLS,
         _EXIT_ALWAYS | vmx.VM_EXIT_LOAD_IA32_PAT | vmx.VM_EXIT_SAVE_IA32_PAT
         | vmx.VM_EXIT_CLEAR_BNDCFGS,
@@ -359,7 +358,7 @@ _CONTROLS = (
     ),
     _Controls(
         "vm_entry_controls",
-        0x490,
+        x86.MSR_IA32_VMX_TRUE_ENTRY_CTLS,
         vmx.VM_ENTRY_ALWAYSON_WITHOUT_TRUE_MSR & ~vmx.VM_ENTRY_LOAD_DEBUG_CONTROLS,
         _ENTRY_ALWAYS | vmx.VM_ENTRY_LOAD_IA32_PAT | vmx.VM_ENTRY_LOAD_BNDCFGS,
         _ENTRY_ALWAYS,
@@ -425,7 +424,7 @@ def vmx_cr3_targets(c: Ctx) -> None:
     IA32_VMX_MISC, which KVM reports as 0."""
     assert c.v12 is not None
     count = int(c.v12.cr3_target_count)
-    misc = c.facts.msr(0x485)
+    misc = c.facts.msr(x86.MSR_IA32_VMX_MISC)
     limit = (misc >> 16) & 0x1FF if misc is not None else 0
     c.report(
         count > limit,
@@ -620,7 +619,7 @@ def vmx_eptp(c: Ctx) -> None:
         return
     eptp = int(v.ept_pointer)
     field = "vmcs12.ept_pointer"
-    caps = c.facts.msr(0x48C)
+    caps = c.facts.msr(x86.MSR_IA32_VMX_EPT_VPID_CAP)
     msr = "vmx_msrs (IA32_VMX_EPT_VPID_CAP)"
 
     def cap(bit: int) -> bool | None:
@@ -673,7 +672,7 @@ def vmx_vmfunc(c: Ctx) -> None:
     if not c.has2(vmx.SECONDARY_EXEC_ENABLE_VMFUNC):
         return
     value = int(v.vm_function_control)
-    allowed = c.facts.msr(0x491)
+    allowed = c.facts.msr(x86.MSR_IA32_VMX_VMFUNC)
     extra = value & ~(allowed if allowed is not None else 1)
     c.report(
         bool(extra),
@@ -744,7 +743,7 @@ def vmx_entry_event(c: Ctx) -> None:
     vector, kind = info & 0xFF, (info >> 8) & 7
     c.report(kind == _INTR_TYPE_RESERVED, field, info, "event type 1 is reserved", VENTRY)
     if kind == _INTR_TYPE_OTHER:
-        proc = c.facts.msr(0x48E)
+        proc = c.facts.msr(x86.MSR_IA32_VMX_TRUE_PROCBASED_CTLS)
         c.report(
             None if proc is None else not (proc >> 32) & vmx.CPU_BASED_MONITOR_TRAP_FLAG,
             field,
@@ -766,7 +765,7 @@ def vmx_entry_event(c: Ctx) -> None:
         VENTRY,
     )
     unrestricted = c.has2(vmx.SECONDARY_EXEC_UNRESTRICTED_GUEST)
-    prot_mode = not unrestricted or bool(v.guest_cr0 & svm.X86_CR0_PE)
+    prot_mode = not unrestricted or bool(v.guest_cr0 & x86.X86_CR0_PE)
     should = kind == _INTR_TYPE_HARD_EXC and prot_mode and vector in _EXC_WITH_ERROR_CODE
     has = bool(info & _INTR_DELIVER_CODE)
     c.report(
@@ -787,7 +786,7 @@ def vmx_entry_event(c: Ctx) -> None:
     c.report(bool(info & _INTR_RESVD), field, info, "bits 30:12 are reserved", VENTRY)
     if kind in _INTR_TYPE_SOFT:
         length = int(v.vm_entry_instruction_len)
-        misc = c.facts.msr(0x485)
+        misc = c.facts.msr(x86.MSR_IA32_VMX_MISC)
         zero_ok = misc is not None and bool(misc & _VMX_MISC_ZERO_LEN_INS)
         c.report(
             length > 15 or (length == 0 and not zero_ok),

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
+from kvmstate import x86
 from kvmstate.check.engine import (
     INVALID_GPA,
     RP,
@@ -34,7 +34,7 @@ def _cr0_vmx_rules(c: Ctx, field: str, value: int, source: str, *, guest: bool) 
     """nested_{host,guest}_cr0_valid: IA32_VMX_CR0_FIXED0/FIXED1 (PE, PG, NE required;
     PE and PG not for an unrestricted guest)."""
     value &= U64
-    fixed0 = c.facts.msr(0x486)
+    fixed0 = c.facts.msr(x86.MSR_IA32_VMX_CR0_FIXED0)
     need = fixed0 if fixed0 is not None else _VMXON_CR0
     if guest and c.has2(vmx.SECONDARY_EXEC_UNRESTRICTED_GUEST):
         need &= ~(CR0_PE | CR0_PG)
@@ -42,11 +42,11 @@ def _cr0_vmx_rules(c: Ctx, field: str, value: int, source: str, *, guest: bool) 
         bool(need & ~value),
         field,
         value,
-        f"CR0 must have {flag_names(svm.Cr0, need)} in VMX operation (IA32_VMX_CR0_FIXED0)"
+        f"CR0 must have {flag_names(x86.Cr0, need)} in VMX operation (IA32_VMX_CR0_FIXED0)"
         + (" unless the guest is unrestricted" if guest else ""),
         source,
     )
-    fixed1 = c.facts.msr(0x487)
+    fixed1 = c.facts.msr(x86.MSR_IA32_VMX_CR0_FIXED1)
     extra = value & ~(fixed1 if fixed1 is not None else 0xFFFFFFFF)
     c.report(
         bool(extra) if fixed1 is not None else (None if extra else False),
@@ -163,7 +163,7 @@ def vmx_host_state(c: Ctx) -> None:
         efer = int(v.host_ia32_efer)
         efer_rules(c, "vmcs12.host_ia32_efer", efer, src, "vmx")
         c.report(
-            bool(efer & svm.EFER_LMA) != ia32e or bool(efer & svm.EFER_LME) != ia32e,
+            bool(efer & x86.EFER_LMA) != ia32e or bool(efer & x86.EFER_LME) != ia32e,
             "vmcs12.host_ia32_efer",
             efer,
             f"host EFER.LMA and EFER.LME must both be {int(ia32e)}, as HOST_ADDR_SPACE_SIZE",
@@ -259,8 +259,8 @@ def vmx_guest_state(c: Ctx) -> None:
         efer = int(v.guest_ia32_efer)
         efer_rules(c, "vmcs12.guest_ia32_efer", efer, src, "vmx")
         c.report(
-            bool(efer & svm.EFER_LMA) != ia32e
-            or (bool(cr0 & CR0_PG) and bool(efer & svm.EFER_LME) != ia32e),
+            bool(efer & x86.EFER_LMA) != ia32e
+            or (bool(cr0 & CR0_PG) and bool(efer & x86.EFER_LME) != ia32e),
             "vmcs12.guest_ia32_efer",
             efer,
             f"with RUN_PENDING, guest EFER.LMA (and EFER.LME when paging) must be "

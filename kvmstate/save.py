@@ -1,0 +1,273 @@
+"""Saving and restoring a whole vCPU, in the order nested state needs.
+
+``vcpu.save_state()`` calls :func:`save`, ``vcpu.restore_state(s)``
+:func:`restore`. Both walk :data:`kvmstate.state.PART_TABLE`; the parts that
+need more than one GET or SET (CPUID, MSRs, the TSC rate, nested state, the
+XSAVE area's size, the LAPIC's missing irqchip) are handled by name here, the
+others by their row alone. The vCPU is anything with :class:`~kvmstate.vcpu.Vcpu`'s
+methods: this module sits below the wrappers, which call it.
+
+Restore order, and why (QEMU's ``kvm_arch_put_registers`` keeps the same):
+
+1. ``cpuid``: KVM validates EFER, CR4, XCR0 and MSRs against the guest's
+   CPUID, and nested state needs VMX/SVM in it.
+2. ``IA32_FEATURE_CONTROL`` (MSR 0x3a) and the VMX capability MSRs
+   (0x480..0x491, ``IA32_VMX_BASIC`` .. ``IA32_VMX_VMFUNC``): VMX nested
+   state with VMXON needs VMX enabled in the first (QEMU's
+   ``kvm_put_msr_feature_control``), and KVM refuses to change the others
+   once the vCPU is in VMX operation (``vmx_set_vmx_msr``: EBUSY).
+3. ``sregs`` then ``sregs2``: EFER.SVME / CR4.VMXE must be set before
+   ``KVM_SET_NESTED_STATE`` (svm/vmx ``set_nested_state`` check them).
+4. ``nested``.
+5. ``tsc_khz``: before the TSC MSR, which is scaled by it.
+6. ``regs``, then ``xsave`` (or ``fpu``) and ``xcrs``.
+7. ``lapic``: before MSRs, as IA32_TSC_DEADLINE only takes in TSC-deadline
+   timer mode.
+8. the other ``msrs``.
+9. ``events``: pending exceptions and NMIs refer to the L1/L2 state above.
+10. ``mp_state``, ``debugregs``.
+
+Save order reads ``nested`` last, as QEMU's ``kvm_arch_get_registers``
+does: it must see the vCPU after everything else is settled. Complete a
+pending I/O exit first (:meth:`Vcpu.complete_io <kvmstate.vcpu.Vcpu.complete_io>`):
+the KVM API documentation says the state is only consistent then.
+
+>>> saved = save(vcpu)                      # doctest: +SKIP
+>>> restore(other_vcpu, saved)              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from kvmstate import ioctls as io
+from kvmstate import uapi
+from kvmstate._fd import raw_ioctl
+from kvmstate.errors import KvmError, NestedStateUnavailableError, StateError
+from kvmstate.state import PART_TABLE, PARTS, Part, VcpuState
+from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, VMX_CAPABILITY_MSRS
+
+__all__ = ["EARLY_MSRS", "restore", "save"]
+
+#: MSRs restored right after CPUID, before any other part (steps 2 of the order above).
+EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *VMX_CAPABILITY_MSRS})
+
+# The parts save() and restore() do not move by their row alone.
+_BY_NAME = frozenset({"cpuid", "nested", "tsc_khz", "msrs"})
+
+# Per vCPU, worked out on its first save: the rows its KVM offers (with the structure
+# each GET fills) and the MSRs it can read. Kept here, not on the vCPU object.
+_PLANS: weakref.WeakKeyDictionary[Any, list[tuple[Part, Any, int]]] = weakref.WeakKeyDictionary()
+_READABLE: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+
+
+def _plan(vcpu: Any) -> list[tuple[Part, Any, int]]:
+    """``(row, structure, GET request)`` for each plain part this vCPU's KVM offers."""
+    plan = _PLANS.get(vcpu)
+    if plan is not None:
+        return plan
+
+    def has(name: str) -> bool:
+        return int(vcpu.check_extension(getattr(uapi, name))) > 0
+
+    plan = []
+    for row in PART_TABLE.values():
+        if row.name in _BY_NAME:
+            continue
+        if row.capability is not None and not has(row.capability):
+            continue
+        if row.unless is not None and has(row.unless):
+            continue
+        kind, get = row.type, row.get
+        if row.codec == "xsave":
+            size = vcpu.xsave_size
+            # The area is xsave_size bytes: what XSAVE2 writes and SET_XSAVE reads.
+            kind = type(uapi.kvm_xsave.sized(size))
+            get = io.KVM_GET_XSAVE2 if size > 4096 else io.KVM_GET_XSAVE
+        plan.append((row, kind, get))
+    _PLANS[vcpu] = plan
+    return plan
+
+
+def _attempt(state: VcpuState, part: str, read: Callable[[], Any], *absent_errnos: int) -> None:
+    try:
+        setattr(state, part, read())
+    except NestedStateUnavailableError as exc:
+        state.absent[part] = f"no nested support ({exc.ioctl}: errno {exc.errno})"
+    except KvmError as exc:
+        if exc.errno in absent_errnos:
+            state.absent[part] = f"{exc.ioctl or part}: {exc.strerror}"
+        else:
+            raise StateError(part, exc) from None
+
+
+def save(vcpu: Any) -> VcpuState:
+    """Read every part of ``vcpu`` (nested state last); see the module docstring."""
+    state = VcpuState()
+    plan = _plan(vcpu)
+    fd = vcpu.fileno()
+    _attempt(state, "cpuid", vcpu.get_cpuid2, errno.EINVAL, errno.E2BIG)
+    for row, kind, get in plan:
+        obj = kind()
+        try:
+            # Each structure is the size its GET request encodes (xsave: KVM_CAP_XSAVE2).
+            raw_ioctl(fd, get, obj)
+        except OSError as exc:
+            if exc.errno in row.absent_errnos:
+                why = f"{io.IOCTL_NAMES[get]}: {exc.strerror}"
+                state.absent[row.name] = f"{row.absent_why} ({why})" if row.absent_why else why
+                continue
+            raise StateError(row.name, vcpu.kvm_error(exc, get)) from None
+        setattr(state, row.name, obj)
+    done = {row.name for row, _, _ in plan}
+    for row in PART_TABLE.values():
+        skipped = row.name not in done and row.name not in _BY_NAME and row.unless is None
+        if skipped and row.capability is not None:
+            state.absent[row.name] = f"{row.capability} is 0"
+
+    indices = _READABLE.get(vcpu)
+    if indices is None:
+        wanted = vcpu.msr_index_list
+        if wanted is None:
+            raise ValueError("saving MSRs needs the Kvm (KVM_GET_MSR_INDEX_LIST); borrowed vCPU?")
+        indices = _READABLE[vcpu] = _readable_msrs(vcpu, list(wanted))
+    try:
+        state.msrs = vcpu.get_msrs(indices)
+    except OSError as exc:
+        raise StateError("msrs", exc) from None
+
+    _attempt(state, "tsc_khz", vcpu.get_tsc_khz, errno.EIO, errno.ENOTTY, errno.EINVAL)
+    if vcpu.nested_state_size == 0:
+        state.absent["nested"] = "KVM_CAP_NESTED_STATE is 0"
+    else:
+        _attempt(state, "nested", vcpu.get_nested_state)
+    return state
+
+
+def restore(vcpu: Any, state: VcpuState) -> None:
+    """Write ``state`` into ``vcpu`` in the order the module docstring gives."""
+    if not isinstance(state, VcpuState):
+        raise TypeError(f"restore() needs a VcpuState, not {type(state).__name__}")
+    s = state
+    plan = {row.name: (row, kind) for row, kind, _ in _plan(vcpu)}
+    fd = vcpu.fileno()
+
+    def put(part: str, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            raise StateError(part, exc) from None
+
+    def put_plain(part: str, obj: Any) -> None:
+        step = plan.get(part)
+        if step is None:
+            raise StateError(part, KvmError(errno.ENOTSUP, "this KVM cannot set it"))
+        row, kind = step
+        # XSAVE areas come in several sizes (sized subclasses); the rest must match exactly.
+        expected = row.type
+        if not isinstance(obj, expected):
+            raise TypeError(f"{part}: expected {expected.__name__}, not {type(obj).__name__}")
+        if ctypes.sizeof(obj) < ctypes.sizeof(kind):
+            raise ValueError(
+                f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(kind)}"
+            )
+        try:
+            if isinstance(obj, uapi.kvm_lapic_state):
+                vcpu.set_lapic(obj)  # names a missing irqchip
+            else:
+                # At least the size the kernel reads (checked just above).
+                raw_ioctl(fd, row.set, obj)
+        except KvmError as exc:
+            raise StateError(part, exc) from None
+        except OSError as exc:
+            raise StateError(part, vcpu.kvm_error(exc, row.set)) from None
+
+    if s.msrs is not None:
+        uapi.msrs_from_mapping(s.msrs)  # refuse bad indices/values before anything is written
+    msrs = dict(s.msrs or {})
+    if s.cpuid is not None:
+        put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))
+    early = {i: msrs.pop(i) for i in sorted(msrs) if i in EARLY_MSRS}
+    if early:
+        put("msrs", lambda: _put_msrs(vcpu, early))
+    for part in PARTS:
+        value = getattr(s, part)
+        if value is None or part == "cpuid":
+            continue
+        if part == "nested":
+            put("nested", lambda: vcpu.set_nested_state(s.nested))
+        elif part == "tsc_khz":
+            _restore_tsc_khz(vcpu, value)
+        elif part == "msrs":
+            if msrs:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
+                put("msrs", lambda: _put_msrs(vcpu, msrs))
+        elif part == "fpu" and s.xsave is not None:
+            continue  # the XSAVE area holds the FPU state too, and wins
+        else:
+            put_plain(part, value)
+
+
+def _restore_tsc_khz(vcpu: Any, khz: int) -> None:
+    # Set even when KVM_GET_TSC_KHZ already reads the rate: after a refused set it
+    # reports the refused rate (docs/quirks.md), which must not pass for restored.
+    try:
+        vcpu.set_tsc_khz(khz)
+    except OSError as exc:
+        hint = " (set the state's tsc_khz to None to keep this vCPU's rate)"
+        error = KvmError(exc.errno, f"{exc.strerror}{hint}", ioctl=getattr(exc, "ioctl", None))
+        raise StateError("tsc_khz", error) from None
+
+
+def _put_msrs(vcpu: Any, values: dict[int, int]) -> None:
+    """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
+
+    KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
+    without an in-kernel LAPIC); a state saved there must still restore there.
+    """
+    items = sorted(values.items())
+    fd = vcpu.fileno()
+    while items:
+        msrs = uapi.msrs_from_mapping(dict(items))
+        try:
+            # nmsrs == len(entries): the kernel reads only those entries.
+            done = raw_ioctl(fd, io.KVM_SET_MSRS, msrs)
+        except OSError as exc:
+            raise vcpu.kvm_error(exc, io.KVM_SET_MSRS) from None
+        if done == len(items):
+            return
+        index, wanted = items[done]
+        try:
+            current = vcpu.get_msrs([index])[index]
+        except KvmError:
+            current = None
+        if current != wanted:
+            raise KvmError(
+                None,
+                f"processed {done} of {len(items)} MSRs; MSR {index:#x} was refused",
+                ioctl="KVM_SET_MSRS",
+                result=done,
+            )
+        items = items[done + 1 :]
+
+
+def _readable_msrs(vcpu: Any, indices: list[int]) -> list[int]:
+    """The subset of ``indices`` this vCPU can read (the kernel stops at the first it cannot)."""
+    readable: list[int] = []
+    pending = list(indices)
+    fd = vcpu.fileno()
+    while pending:
+        msrs = uapi.kvm_msrs.new(len(pending))
+        for entry, index in zip(msrs.items(), pending, strict=True):
+            entry.index = index
+        try:
+            # nmsrs == len(entries): the kernel touches only those entries.
+            done = raw_ioctl(fd, io.KVM_GET_MSRS, msrs)
+        except OSError as exc:
+            raise vcpu.kvm_error(exc, io.KVM_GET_MSRS) from None
+        readable.extend(pending[:done])
+        pending = pending[done + 1 :]  # skip the one it refused
+    return readable
