@@ -81,6 +81,8 @@ class Vcpu(FdWrapper):
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
+        # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
+        self._cpuid_nent_reported = False
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         self._sync_regs_cap: int | None = None
@@ -182,12 +184,13 @@ class Vcpu(FdWrapper):
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
         wanted = uapi.msr_index_array(indices)
-        msrs, words = uapi.msrs_buffer(wanted)
-        # nmsrs == len(entries): the kernel reads and writes only those entries.
-        done = self._ioctl(io.KVM_GET_MSRS, msrs)
+        words = uapi.msrs_words(wanted)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads and
+        # writes only those.
+        done = self._ioctl(io.KVM_GET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_GET_MSRS", wanted.tolist(), done)
-        return dict(zip(wanted.tolist(), words[1::2].tolist(), strict=True))
+        return dict(zip(wanted.tolist(), words[2::2].tolist(), strict=True))
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS`` from ``{index: value}``.
@@ -199,10 +202,10 @@ class Vcpu(FdWrapper):
                 f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
             )
         wanted = uapi.msr_index_array(values.keys())
-        msrs, words = uapi.msrs_buffer(wanted)
-        words[1::2] = uapi.msr_value_array(values)
-        # nmsrs == len(entries): the kernel reads only those entries.
-        done = self._ioctl(io.KVM_SET_MSRS, msrs)
+        words = uapi.msrs_words(wanted)
+        words[2::2] = uapi.msr_value_array(values)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads only those.
+        done = self._ioctl(io.KVM_SET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_SET_MSRS", wanted.tolist(), done)
 
@@ -406,7 +409,16 @@ class Vcpu(FdWrapper):
                 raise KvmError(errno.E2BIG, f"more than {n} CPUID entries", ioctl="KVM_GET_CPUID2")
             n = max(n * 2, 256)
         count = cpuid.nent
-        if count == n and n > 0 and self._try_get_cpuid2(n - 1) is not None:
+        if count < n:
+            self._cpuid_nent_reported = True
+        # nent == n: exactly n entries where the kernel reports the count (seen it lower
+        # nent once), else maybe fewer (6.1 leaves nent as given): then ask with fewer.
+        if (
+            count == n
+            and n > 0
+            and not self._cpuid_nent_reported
+            and self._try_get_cpuid2(n - 1) is not None
+        ):
             # nent came back as given: a 6.1 kernel, and fewer entries than n.
             low, high = 0, n - 1  # the smallest count that succeeds is in [low, high]
             while low < high:
