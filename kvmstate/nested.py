@@ -240,6 +240,17 @@ class NestedState:
         return memoryview(self._storage).cast("B")
 
     @property
+    def storage(self) -> ctypes.Array[Any]:
+        """The ctypes array the kernel reads and writes: ``capacity`` bytes, 8-byte aligned.
+
+        What an ioctl is handed, without the memoryview :attr:`buffer` makes per call.
+
+        >>> ctypes.sizeof(NestedState(4096).storage)
+        4096
+        """
+        return self._storage
+
+    @property
     def header(self) -> uapi.kvm_nested_state_header:
         """The 128-byte header as a ctypes view (flags, format, size, hdr)."""
         return self._header

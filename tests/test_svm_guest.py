@@ -287,3 +287,18 @@ def test_set_after_get_into_the_same_buffer(new_vcpu: object) -> None:
     target = new_vcpu()  # type: ignore[operator]
     target.set_nested_state(state)
     assert kernel_bytes(target) == kernel_bytes(vcpu)
+
+
+def test_the_same_buffer_gets_the_same_view_back(new_vcpu: object) -> None:
+    # get_nested_state's documented reuse: a ctypes array's view is kept, another
+    # buffer's while the caller holds it; each call still gets the kernel's bytes.
+    vcpu = in_guest_mode(new_vcpu)
+    array = (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))()
+    first = vcpu.get_nested_state(array)
+    struct.pack_into("<I", array, 4, 0)  # a stale size: the kept view must write it again
+    assert vcpu.get_nested_state(array) is first
+    assert first.to_bytes() == kernel_bytes(vcpu)
+    buf = bytearray(SVM_MAX_SIZE)
+    held = vcpu.get_nested_state(buf)
+    assert vcpu.get_nested_state(buf) is held
+    assert held.source is buf and held.to_bytes() == kernel_bytes(vcpu)
