@@ -1,41 +1,69 @@
 #!/usr/bin/env python3
-"""``save_state``/``restore_state`` against the same ioctl sequence in C, plus format speed.
+"""``save_state``/``restore_state``: kvmstate, bare ``fcntl.ioctl`` and C; then format speed.
 
 Run on demand (not part of the test suite):
 
-    python3 benchmarks/bench_state.py [--iterations N] [--repeat R]
+    python3 benchmarks/bench_state.py [--iterations N] [--rounds R]
 
-The C baseline is compiled on the spot into a shared library loaded into
-this process (KVM refuses vCPU ioctls from other processes) and runs, on
-the same vCPU descriptor, the ioctls ``kvmstate.state`` issues: the same
-parts, the same MSR list, the same buffer sizes. Printed: ns per save and
-per restore, the Python/C ratio (target <= 1.20x), and the binary and
-JSON formats' encode/decode throughput in MB/s.
+and inside the emulated AMD guest for a state with nested state in it:
+
+    tests/guest/run -- python3 benchmarks/bench_state.py --iterations 300
+
+Three sides run, on one vCPU descriptor, the ioctls a save or a restore
+needs: the library's ``save_state``/``restore_state``; a bare
+``fcntl.ioctl`` Python loop of the same ioctls (the same parts, the same
+MSR list, the same buffer sizes; a save fills fresh buffers, as a save
+must return new objects, and a restore hands the saved ones back); and C,
+compiled on the spot into a shared library loaded into this process (KVM
+refuses vCPU ioctls from other processes). Best of R interleaved rounds
+(benchmarks/_harness.py); the ratios are library / bare and library / C.
+
+Then the formats' throughput, best of R interleaved rounds of a fixed
+number of calls: the KVMSTATE file (``to_bytes``/``from_bytes``) and the
+JSON form (``json.dumps(to_dict(s))``/``from_dict(json.loads(text))``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
+import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-import kvmstate
-from benchmarks._common import best_ns, compile_c
-from kvmstate import snapshot
-from kvmstate.state import VcpuState
+import kvmstate  # noqa: E402  (after the path it is found by)
+from benchmarks._harness import Row, build_c, print_rows, run_rows  # noqa: E402
+from kvmstate import ioctls as io  # noqa: E402
+from kvmstate import snapshot, uapi  # noqa: E402
+from kvmstate.state import MSR_IA32_FEATURE_CONTROL, VcpuState  # noqa: E402
 
 C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <linux/kvm.h>
+
+static uint64_t now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
 struct parts {
     struct kvm_cpuid2 *cpuid; unsigned nent;
     struct kvm_regs regs; struct kvm_sregs sregs; struct kvm_sregs2 sregs2;
-    struct kvm_xsave *xsave; struct kvm_xcrs xcrs; struct kvm_msrs *msrs;
+    struct kvm_xsave *xsave; struct kvm_xcrs xcrs;
+    struct kvm_msrs *msrs, *early, *rest; unsigned n_early;
     struct kvm_lapic_state lapic; struct kvm_mp_state mp; struct kvm_vcpu_events ev;
     struct kvm_debugregs dr; int tsc;
     struct kvm_nested_state *nested; unsigned nested_len;
@@ -43,36 +71,45 @@ struct parts {
 
 static struct parts P;
 
-/* Buffers sized like the Python side: cpuid nent entries, xsave_len bytes,
- * msrs n entries, nested_len bytes (>= KVM_CAP_NESTED_STATE). */
-int setup(unsigned nent, unsigned xsave_len, const uint32_t *idx, unsigned n, unsigned nested_len,
-          int flags) {
+static struct kvm_msrs *msr_buffer(const uint32_t *idx, unsigned n) {
+    struct kvm_msrs *m = calloc(1, sizeof(*m) + n * sizeof(struct kvm_msr_entry));
+    m->nmsrs = n;
+    for (unsigned i = 0; i < n; i++) m->entries[i].index = idx[i];
+    return m;
+}
+
+/* Buffers sized like the Python side: cpuid nent entries, xsave_len bytes, msrs n
+ * entries (the first n_early written first on restore), nested_len bytes
+ * (>= KVM_CAP_NESTED_STATE). idx: the MSRs in save order; order: in restore order. */
+int setup(unsigned nent, unsigned xsave_len, const uint32_t *idx, unsigned n,
+          const uint32_t *order, unsigned n_early, unsigned nested_len) {
     P.nent = nent;
     P.cpuid = calloc(1, sizeof(*P.cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
     P.xsave = calloc(1, xsave_len);
-    P.msrs = calloc(1, sizeof(*P.msrs) + n * sizeof(struct kvm_msr_entry));
-    P.msrs->nmsrs = n;
-    for (unsigned i = 0; i < n; i++) P.msrs->entries[i].index = idx[i];
+    P.msrs = msr_buffer(idx, n);
+    P.n_early = n_early;
+    P.early = msr_buffer(order, n_early);
+    P.rest = msr_buffer(order + n_early, n - n_early);
     P.nested_len = nested_len;
     P.nested = nested_len ? calloc(1, nested_len) : NULL;
-    return flags;
+    return 0;
 }
 
 #define TRY(x) do { if ((x) < 0) return -1; } while (0)
 
-static int save(int fd, int flags) {
+static int save(int fd, int xsave2) {
     P.cpuid->nent = P.nent;
     TRY(ioctl(fd, KVM_GET_CPUID2, P.cpuid));
     TRY(ioctl(fd, KVM_GET_REGS, &P.regs));
-    TRY(ioctl(fd, (flags & 1) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE, P.xsave));
+    TRY(ioctl(fd, xsave2 ? KVM_GET_XSAVE2 : KVM_GET_XSAVE, P.xsave));
     TRY(ioctl(fd, KVM_GET_XCRS, &P.xcrs));
     TRY(ioctl(fd, KVM_GET_SREGS, &P.sregs));
     TRY(ioctl(fd, KVM_GET_SREGS2, &P.sregs2));
-    if (ioctl(fd, KVM_GET_MSRS, P.msrs) != (int)P.msrs->nmsrs) return -1;
     TRY(ioctl(fd, KVM_GET_LAPIC, &P.lapic));
     TRY(ioctl(fd, KVM_GET_MP_STATE, &P.mp));
     TRY(ioctl(fd, KVM_GET_VCPU_EVENTS, &P.ev));
     TRY(ioctl(fd, KVM_GET_DEBUGREGS, &P.dr));
+    if (ioctl(fd, KVM_GET_MSRS, P.msrs) != (int)P.msrs->nmsrs) return -1;
     TRY(P.tsc = ioctl(fd, KVM_GET_TSC_KHZ, 0));
     if (P.nested) {
         P.nested->size = P.nested_len;
@@ -81,102 +118,230 @@ static int save(int fd, int flags) {
     return 0;
 }
 
+/* The saved values into the restore-order MSR buffers. */
+static void split_msrs(void) {
+    struct kvm_msrs *to[2] = {P.early, P.rest};
+    for (int k = 0; k < 2; k++)
+        for (unsigned i = 0; i < to[k]->nmsrs; i++)
+            for (unsigned j = 0; j < P.msrs->nmsrs; j++)
+                if (P.msrs->entries[j].index == to[k]->entries[i].index)
+                    to[k]->entries[i].data = P.msrs->entries[j].data;
+}
+
 static int restore(int fd) {
     TRY(ioctl(fd, KVM_SET_CPUID2, P.cpuid));
+    if (P.n_early && ioctl(fd, KVM_SET_MSRS, P.early) != (int)P.early->nmsrs) return -1;
     TRY(ioctl(fd, KVM_SET_SREGS, &P.sregs));
     TRY(ioctl(fd, KVM_SET_SREGS2, &P.sregs2));
     if (P.nested) TRY(ioctl(fd, KVM_SET_NESTED_STATE, P.nested));
-    TRY(ioctl(fd, KVM_GET_TSC_KHZ, 0));
+    TRY(ioctl(fd, KVM_SET_TSC_KHZ, P.tsc));
     TRY(ioctl(fd, KVM_SET_REGS, &P.regs));
     TRY(ioctl(fd, KVM_SET_XSAVE, P.xsave));
     TRY(ioctl(fd, KVM_SET_XCRS, &P.xcrs));
     TRY(ioctl(fd, KVM_SET_LAPIC, &P.lapic));
-    if (ioctl(fd, KVM_SET_MSRS, P.msrs) != (int)P.msrs->nmsrs) return -1;
+    if (ioctl(fd, KVM_SET_MSRS, P.rest) != (int)P.rest->nmsrs) return -1;
     TRY(ioctl(fd, KVM_SET_VCPU_EVENTS, &P.ev));
     TRY(ioctl(fd, KVM_SET_MP_STATE, &P.mp));
     TRY(ioctl(fd, KVM_SET_DEBUGREGS, &P.dr));
     return 0;
 }
 
-double bench(int fd, int what, long n, int flags) {
-    if (save(fd, flags)) return -1;
+/* ns per save (what = 0) or restore (1), -1 on a failure. */
+double bench(int fd, int what, long n, int xsave2) {
+    if (save(fd, xsave2)) return -1;
+    split_msrs();
     uint64_t t0 = now();
     for (long i = 0; i < n; i++)
-        if ((what ? restore(fd) : save(fd, flags))) return -1;
+        if ((what ? restore(fd) : save(fd, xsave2))) return -1;
     return (double)(now() - t0) / n;
 }
 """
 
 
-def build(workdir: Path) -> ctypes.CDLL:
-    argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
-    return compile_c(workdir, "state", C_SOURCE, argtypes)
+def load_c(workdir: Path) -> ctypes.CDLL | None:
+    dll = build_c(workdir, C_SOURCE, "state")
+    if dll is None:
+        return None
+    dll.bench.restype = ctypes.c_double
+    dll.bench.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    return dll
 
 
-best = best_ns
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
-def throughput(fn: Callable[[], object], nbytes: int, seconds: float = 0.5) -> float:
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        count += 1
-    return nbytes * count / (time.perf_counter() - t0) / 1e6
+def _msr_template(indices: list[int]) -> bytes:
+    """A ``struct kvm_msrs`` with these indices: nmsrs, pad, then (index, pad, data) entries."""
+    out = bytearray(8 + 16 * len(indices))
+    _U32.pack_into(out, 0, len(indices))
+    for i, index in enumerate(indices):
+        _U32.pack_into(out, 8 + 16 * i, index)
+    return bytes(out)
+
+
+def bare_sides(
+    fd: int, state: VcpuState, xsave_len: int, nested_len: int
+) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The bare-fcntl save and restore: the library's ioctls, in its order, nothing else."""
+    assert state.cpuid is not None and state.msrs is not None and state.tsc_khz is not None
+    nent = len(state.cpuid)
+    cpuid_template = bytes(_U32.pack(nent)) + bytes(4 + 40 * nent)
+    msr_save = _msr_template(list(state.msrs))  # the save's order: the readable MSR list
+    fixed = [
+        (io.KVM_GET_REGS, ctypes.sizeof(uapi.kvm_regs)),
+        (io.KVM_GET_XSAVE2 if xsave_len > 4096 else io.KVM_GET_XSAVE, xsave_len),
+        (io.KVM_GET_XCRS, ctypes.sizeof(uapi.kvm_xcrs)),
+        (io.KVM_GET_SREGS, ctypes.sizeof(uapi.kvm_sregs)),
+        (io.KVM_GET_SREGS2, ctypes.sizeof(uapi.kvm_sregs2)),
+        (io.KVM_GET_LAPIC, ctypes.sizeof(uapi.kvm_lapic_state)),
+        (io.KVM_GET_MP_STATE, ctypes.sizeof(uapi.kvm_mp_state)),
+        (io.KVM_GET_VCPU_EVENTS, ctypes.sizeof(uapi.kvm_vcpu_events)),
+        (io.KVM_GET_DEBUGREGS, ctypes.sizeof(uapi.kvm_debugregs)),
+    ]
+    ioctl = fcntl.ioctl
+
+    def save() -> tuple[list[bytearray], int]:
+        out: list[bytearray] = []
+        cpuid = bytearray(cpuid_template)
+        ioctl(fd, io.KVM_GET_CPUID2, cpuid)
+        out.append(cpuid)
+        for request, size in fixed:
+            buf = bytearray(size)
+            ioctl(fd, request, buf)
+            out.append(buf)
+        msrs = bytearray(msr_save)
+        ioctl(fd, io.KVM_GET_MSRS, msrs)
+        out.append(msrs)
+        tsc = ioctl(fd, io.KVM_GET_TSC_KHZ)
+        if nested_len:
+            nested = bytearray(nested_len)
+            _U32.pack_into(nested, 4, nested_len)
+            ioctl(fd, io.KVM_GET_NESTED_STATE, nested)
+            out.append(nested)
+        return out, tsc
+
+    # The restore hands back what one save read, in the library's order.
+    saved, tsc = save()
+    cpuid, regs, xsave, xcrs, sregs, sregs2, lapic, mp, events, debugregs = saved[:10]
+    nested = saved[11] if nested_len else None
+    ordered = sorted(state.msrs)
+    early = [i for i in ordered if i == MSR_IA32_FEATURE_CONTROL or 0x480 <= i < 0x492]
+    rest = [i for i in ordered if i not in early]
+
+    def msr_buf(indices: list[int]) -> bytearray:
+        buf = bytearray(_msr_template(indices))
+        for k, index in enumerate(indices):
+            _U64.pack_into(buf, 8 + 16 * k + 8, state.msrs[index])  # type: ignore[index]
+        return buf
+
+    early_buf, rest_buf = msr_buf(early), msr_buf(rest)
+
+    def restore() -> None:
+        ioctl(fd, io.KVM_SET_CPUID2, cpuid)
+        if early:
+            ioctl(fd, io.KVM_SET_MSRS, early_buf)
+        ioctl(fd, io.KVM_SET_SREGS, sregs)
+        ioctl(fd, io.KVM_SET_SREGS2, sregs2)
+        if nested is not None:
+            ioctl(fd, io.KVM_SET_NESTED_STATE, nested)
+        ioctl(fd, io.KVM_SET_TSC_KHZ, tsc)
+        ioctl(fd, io.KVM_SET_REGS, regs)
+        ioctl(fd, io.KVM_SET_XSAVE, xsave)
+        ioctl(fd, io.KVM_SET_XCRS, xcrs)
+        ioctl(fd, io.KVM_SET_LAPIC, lapic)
+        ioctl(fd, io.KVM_SET_MSRS, rest_buf)
+        ioctl(fd, io.KVM_SET_VCPU_EVENTS, events)
+        ioctl(fd, io.KVM_SET_MP_STATE, mp)
+        ioctl(fd, io.KVM_SET_DEBUGREGS, debugregs)
+
+    return save, restore
+
+
+def format_rates(state: VcpuState, calls: int, rounds: int) -> None:
+    blob = state.to_bytes()
+    text = json.dumps(snapshot.to_dict(state))
+    rows: list[tuple[str, Callable[[], object], int]] = [
+        ("KVMSTATE file encode", state.to_bytes, len(blob)),
+        ("KVMSTATE file decode", lambda: VcpuState.from_bytes(blob), len(blob)),
+        ("JSON encode", lambda: json.dumps(snapshot.to_dict(state)), len(text)),
+        ("JSON decode", lambda: snapshot.from_dict(json.loads(text)), len(text)),
+    ]
+    best = [float("inf")] * len(rows)
+    for _ in range(rounds):
+        for k, (_, fn, _) in enumerate(rows):
+            t0 = time.perf_counter_ns()
+            for _ in range(calls):
+                fn()
+            best[k] = min(best[k], (time.perf_counter_ns() - t0) / calls)
+    print(
+        f"\nformats, one vCPU ({len(blob)} bytes file, {len(text)} bytes JSON), "
+        f"best of {rounds} interleaved rounds of {calls} calls:"
+    )
+    for (label, _, nbytes), ns in zip(rows, best, strict=True):
+        print(f"  {label:<22}{nbytes / ns * 1000:>9.1f} MB/s  {ns / 1000:>8.1f} us a call")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--format-calls", type=int, default=200)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, kvmstate.Kvm() as kvm:
-        dll = build(Path(tmp))
+        dll = load_c(Path(tmp))
         with kvm.create_vm() as vm:
             vm.create_irqchip()
             with vm.create_vcpu(0) as vcpu:
                 vcpu.set_cpuid2(kvm.get_supported_cpuid())
                 state = vcpu.save_state()  # also settles the readable MSR list
                 if state.sregs2 is None or state.lapic is None or state.xsave is None:
-                    print("this KVM lacks sregs2, an irqchip or XSAVE: the C loop assumes them")
+                    print("this KVM lacks sregs2, an irqchip or XSAVE: the loops assume them")
                     return 1
-                indices = sorted(state.msrs or {})
-                idx = (ctypes.c_uint32 * len(indices))(*indices)
+                assert state.cpuid is not None and state.msrs is not None
+                indices = list(state.msrs)
+                ordered = sorted(indices)
+                early = [i for i in ordered if i == MSR_IA32_FEATURE_CONTROL or 0x480 <= i < 0x492]
+                order = early + [i for i in ordered if i not in early]
                 nested_len = vcpu.nested_state_size if state.nested is not None else 0
                 xsave_len = vcpu.xsave_size
-                flags = 1 if xsave_len > 4096 else 0
-                assert state.cpuid is not None
-                dll.setup(len(state.cpuid), xsave_len, idx, len(indices), nested_len, flags)
+                xsave2 = 1 if xsave_len > 4096 else 0
+                if dll is not None:
+                    dll.setup(
+                        len(state.cpuid),
+                        xsave_len,
+                        (ctypes.c_uint32 * len(indices))(*indices),
+                        len(indices),
+                        (ctypes.c_uint32 * len(order))(*order),
+                        len(early),
+                        nested_len,
+                    )
                 fd = vcpu.fileno()
-                n, r = args.iterations, args.repeat
+                bare_save, bare_restore = bare_sides(fd, state, xsave_len, nested_len)
+                rows = [
+                    Row(
+                        "save_state",
+                        vcpu.save_state,
+                        bare_save,
+                        None if dll is None else lambda count: dll.bench(fd, 0, count, xsave2),
+                        "<= 1.10x bare, <= 1.25x C",
+                    ),
+                    Row(
+                        "restore_state",
+                        lambda: vcpu.restore_state(state),
+                        bare_restore,
+                        None if dll is None else lambda count: dll.bench(fd, 1, count, xsave2),
+                        "<= 1.10x bare, <= 1.25x C",
+                    ),
+                ]
                 print(
                     f"parts: {', '.join(state.parts())}; {len(indices)} MSRs; "
-                    f"nested: {'yes' if nested_len else 'absent'}"
+                    f"nested: {f'{state.nested.size} bytes' if state.nested else 'absent'}"
                 )
-                print(f"{n} iterations, best of {r}\n")
-                print(f"{'operation':<16}{'Python us':>10}{'C us':>8}{'ratio':>8}  target")
-                for label, what, fn in (
-                    ("save_state", 0, vcpu.save_state),
-                    ("restore_state", 1, lambda: vcpu.restore_state(state)),
-                ):
-                    p = best(fn, n, r)
-                    c = min(dll.bench(fd, what, n, flags) for _ in range(r))
-                    if c < 0:
-                        raise RuntimeError(f"the C baseline failed on {label}")
-                    print(f"{label:<16}{p / 1000:>10.1f}{c / 1000:>8.1f}{p / c:>7.2f}x  <= 1.20x")
-
-    blob = state.to_bytes()
-    text = json.dumps(snapshot.to_dict(state))
-    size = len(blob)
-    print(f"\nformats, one vCPU ({size} bytes binary, {len(text)} bytes JSON):")
-    rows = [
-        ("binary encode", lambda: state.to_bytes(), size),
-        ("binary decode", lambda: VcpuState.from_bytes(blob), size),
-        ("JSON encode", lambda: json.dumps(snapshot.to_dict(state)), len(text)),
-        ("JSON decode", lambda: snapshot.from_dict(json.loads(text)), len(text)),
-    ]
-    for label, fn, nbytes in rows:
-        print(f"  {label:<14}{throughput(fn, nbytes):>9.1f} MB/s")
+                print(f"{args.iterations} iterations a round, best of {args.rounds} rounds\n")
+                run_rows(rows, args.iterations, args.rounds)
+                print_rows(rows, "us", 1000.0)
+    format_rates(state, args.format_calls, args.rounds)
     return 0
 
 

@@ -37,7 +37,8 @@ reads the imports and holds the package to this list):
 * ``kvmstate.vmcb``, ``kvmstate.vmcs12`` - the VMCB and vmcs12 mirrors;
 * ``kvmstate.uapi`` - byte-exact mirrors of ``<linux/kvm.h>``;
 * ``kvmstate.errors``, ``kvmstate._struct``, ``kvmstate.x86``, ``kvmstate.records`` - the
-  exception tree, the mirror base, architectural bits, the file container.
+  exception tree, the mirror base, architectural bits, the file container;
+* ``kvmstate._codec`` - the mirror base's generated ``to_dict``/``from_dict``.
 
 The wrappers sit above the state, the rules and save/restore because those
 take a vCPU as an argument and never import one: a vCPU calls down into

@@ -189,7 +189,14 @@ class FdWrapper:
         )
 
     def _ioctl(self, request: int, arg: Any = 0) -> int:
-        return ioctl(self.fileno(), request, arg, pid=self._pid)
+        # ioctl() and fileno() inlined: this is every wrapper's path into the kernel.
+        fd = self._fd
+        if fd < 0:
+            self.fileno()  # raises: closed
+        try:
+            return int(fcntl.ioctl(fd, request, arg))
+        except OSError as exc:
+            raise kvm_error(exc, request, pid=self._pid) from None
 
     def kvm_error(self, exc: OSError, request: int | str) -> KvmError:
         """The :class:`KvmError` for ``exc`` from ``request`` on this descriptor (cause named).

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import enum
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+import functools
+from collections.abc import Hashable, Mapping
+from typing import Any, ClassVar, TypeVar, cast
+
+from kvmstate._codec import Slow, codec
 
 __all__ = [
     "Mirror",
@@ -123,10 +126,7 @@ class Mirror:
     @classmethod
     def field_names(cls) -> list[str]:
         """Names of the fields in layout order, the base classes' first."""
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            names.extend(f[0] for f in klass.__dict__.get("_fields_", ()))
-        return names
+        return list(_names(cls))
 
     def shown_fields(self) -> list[str]:
         """The fields a repr or ``describe`` shows: all but the reserved and padding ones."""
@@ -179,9 +179,20 @@ class Mirror:
             raise ValueError(f"{cls.__name__} is {size} bytes, got {view.nbytes}")
         return cls.from_buffer_copy(view)  # type: ignore[attr-defined,no-any-return]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Fields as plain Python values: ints, nested dicts, lists, and bytes for byte arrays."""
-        return {n: _plain(getattr(self, n)) for n in self.field_names()}
+    def to_dict(self, *, hex_bytes: bool = False) -> dict[str, Any]:
+        """Fields as plain Python values: ints, nested dicts, lists, and bytes for byte arrays.
+
+        With ``hex_bytes=True`` byte arrays are hex strings instead, ready for
+        ``json.dumps`` (what :meth:`from_dict` also takes):
+
+        >>> kvm_xcr(xcr=0, value=7).to_dict(hex_bytes=True)     # doctest: +SKIP
+        {'xcr': 0, 'reserved': 0, 'value': 7}
+        """
+        fast = codec(cast(Hashable, type(self)))
+        if fast is not None:
+            return (fast.hexed if hex_bytes else fast.plain)(self, 0)
+        out = {n: _plain(getattr(self, n)) for n in _names(type(self))}
+        return _hexed(out) if hex_bytes else out
 
     @classmethod
     def from_dict(cls: type[_T], data: Mapping[str, Any], *, path: str | None = None) -> _T:
@@ -196,11 +207,44 @@ class Mirror:
         4096
         """
         obj = cls()
+        fast = codec(cast(Hashable, cls))
+        if fast is not None:
+            try:
+                fast.fill(data, obj, 0)
+                return obj
+            except Slow:
+                # Off somewhere: the generic walk names the field (or takes what it takes).
+                obj = cls()
         _fill(obj, data, cls.__name__ if path is None else path)
         return obj
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self.field_names()))
+
+
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    """:meth:`_Mixin.field_names`, once per class (a layout never changes)."""
+    return _names_of(cast(Hashable, cls))
+
+
+# Bounded: sized variants (kvm_cpuid2[n]) are classes made at run time.
+@functools.lru_cache(maxsize=1024)
+def _names_of(cls: Any) -> tuple[str, ...]:
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        names.extend(f[0] for f in klass.__dict__.get("_fields_", ()))
+    return tuple(names)
+
+
+def _hexed(value: Any) -> Any:
+    """A :meth:`_Mixin.to_dict` result with every bytes value as hex text."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _hexed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hexed(v) for v in value]
+    return value
 
 
 def to_jsonable(value: Any) -> Any:
@@ -289,7 +333,7 @@ def _fill_array(array: Any, value: Any, path: str) -> None:
 def _fill(obj: Any, data: Any, path: str) -> None:
     if not isinstance(data, Mapping):
         raise TypeError(f"{path}: expected a mapping, not {type(data).__name__}")
-    names = obj.field_names()
+    names = _names(type(obj))
     unknown = set(data) - set(names)
     missing = set(names) - set(data)
     if unknown or missing:
@@ -299,7 +343,7 @@ def _fill(obj: Any, data: Any, path: str) -> None:
             f"missing {sorted(missing, key=repr)}"
         )
     if isinstance(obj, ctypes.Union):
-        _fill_union(obj, data, path, names)
+        _fill_union(obj, data, path, list(names))
         return
     for name in names:
         _fill_member(obj, name, data[name], f"{path}.{name}")

@@ -102,24 +102,38 @@ class NestedState:
     not have them or ``size``/the buffer does not cover them.
     """
 
-    __slots__ = ("_capacity", "_hdr_view", "_storage")
+    # __weakref__: a Vcpu remembers the last view it made of a caller's buffer, weakly.
+    __slots__ = ("__weakref__", "_capacity", "_hdr_view", "_source", "_storage")
 
     _storage: ctypes.Array[Any]
     _hdr_view: uapi.kvm_nested_state_header | None
     _capacity: int
+    _source: Any  # the caller's buffer a view was made of (None for own storage)
 
     def __init__(self, capacity: int = VMX_MAX_SIZE) -> None:
-        capacity = _check_capacity(capacity)
+        if type(capacity) is not int or not HEADER_SIZE <= capacity <= _MAX_CAPACITY:
+            capacity = _check_capacity(capacity)  # raises, naming what is wrong
         # Whole 64-bit words: ctypes allocates them 8-byte (in practice 16-byte) aligned.
-        words = (capacity + 7) // 8
+        words = (capacity + 7) >> 3
         self._storage = _words(words)()
-        self._capacity = words * 8
+        self._capacity = words << 3
         self._hdr_view = None
+        self._source = None
 
-    def _bind(self, storage: ctypes.Array[Any]) -> None:
+    def _bind(self, storage: ctypes.Array[Any], source: object) -> None:
         self._storage = storage
         self._capacity = ctypes.sizeof(storage)
         self._hdr_view = None
+        self._source = source
+
+    @property
+    def source(self) -> object:
+        """The caller's buffer this is a view of (:meth:`from_buffer`), else None.
+
+        >>> NestedState.from_buffer(buf).source is buf        # doctest: +SKIP
+        True
+        """
+        return self._source
 
     @property
     def _header(self) -> uapi.kvm_nested_state_header:
@@ -141,6 +155,12 @@ class NestedState:
         """
         if isinstance(buffer, NestedState):
             return buffer
+        # Always writable and contiguous: bound directly, without a memoryview.
+        if type(buffer) is bytearray:
+            return cls._view(_chars(_check_capacity(len(buffer))).from_buffer(buffer), buffer)
+        if isinstance(buffer, ctypes.Array):
+            size = _check_capacity(ctypes.sizeof(buffer))
+            return cls._view(_chars(size).from_buffer(buffer), buffer)
         try:
             view = memoryview(buffer)
         except TypeError:
@@ -156,14 +176,18 @@ class NestedState:
             raise ValueError("the buffer is not C-contiguous")
         view = view.cast("B")
         _check_capacity(view.nbytes)
-        storage = (ctypes.c_char * view.nbytes).from_buffer(view)
-        if ctypes.addressof(storage) % 8:
+        return cls._view(_chars(view.nbytes).from_buffer(view), buffer)
+
+    @classmethod
+    def _view(cls, storage: ctypes.Array[Any], source: object) -> NestedState:
+        address = ctypes.addressof(storage)
+        if address % 8:
             raise ValueError(
-                f"the buffer at {ctypes.addressof(storage):#x} is not 8-byte aligned "
+                f"the buffer at {address:#x} is not 8-byte aligned "
                 "(struct kvm_nested_state holds 64-bit fields)"
             )
         self = cls.__new__(cls)
-        self._bind(storage)
+        self._bind(storage, source)
         return self
 
     @classmethod
@@ -214,6 +238,17 @@ class NestedState:
     def buffer(self) -> memoryview:
         """A writable byte view of the whole buffer (``capacity`` bytes)."""
         return memoryview(self._storage).cast("B")
+
+    @property
+    def storage(self) -> ctypes.Array[Any]:
+        """The ctypes array the kernel reads and writes: ``capacity`` bytes, 8-byte aligned.
+
+        What an ioctl is handed, without the memoryview :attr:`buffer` makes per call.
+
+        >>> ctypes.sizeof(NestedState(4096).storage)
+        4096
+        """
+        return self._storage
 
     @property
     def header(self) -> uapi.kvm_nested_state_header:
@@ -427,6 +462,14 @@ def check_for_set(state: NestedState) -> None:
     if not isinstance(state, NestedState):
         raise TypeError(f"check_for_set() needs a NestedState, not {type(state).__name__}")
     flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
+    # The usual answer first, in one test: every rule below holds.
+    if (
+        HEADER_SIZE <= size <= state._capacity
+        and not flags & _UNKNOWN_FLAGS
+        and (flags & _GUEST_MODE or not flags & _RUN_PENDING)
+        and fmt in _KNOWN_FORMATS
+    ):
+        return
     if size < HEADER_SIZE:
         raise ValueError(f"size {size} is below the {HEADER_SIZE}-byte header")
     if size > state._capacity:
@@ -446,8 +489,14 @@ def check_for_set(state: NestedState) -> None:
 _FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
 _RUN_PENDING = int(NestedFlag.RUN_PENDING)
 _GUEST_MODE = int(NestedFlag.GUEST_MODE)
+_UNKNOWN_FLAGS = 0xFFFF & ~KNOWN_FLAGS
 
 
 @functools.lru_cache(maxsize=16)
 def _words(n: int) -> type[ctypes.Array[ctypes.c_uint64]]:
     return ctypes.c_uint64 * n
+
+
+@functools.lru_cache(maxsize=16)
+def _chars(n: int) -> type[ctypes.Array[ctypes.c_char]]:
+    return ctypes.c_char * n

@@ -20,6 +20,7 @@ the record and its byte in the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,6 +37,8 @@ __all__ = [
     "iter_records",
     "meta_record",
     "record",
+    "record_at",
+    "record_head",
     "vcpu_payloads",
 ]
 
@@ -56,6 +59,16 @@ def record(tag: str, payload: bytes) -> bytes:
     return _TAGLEN.pack(len(raw)) + raw + _LENGTH.pack(len(payload)) + payload
 
 
+def record_head(tag: str, length: int) -> bytes:
+    """What comes before a record's payload of ``length`` bytes: taglen, tag, length.
+
+    >>> record_head("meta", 2) + b"{}" == record("meta", b"{}")
+    True
+    """
+    raw = tag.encode()
+    return _TAGLEN.pack(len(raw)) + raw + _LENGTH.pack(length)
+
+
 def iter_records(data: memoryview, where: str, base: int) -> Iterator[tuple[str, memoryview, int]]:
     """``(tag, payload, offset)`` for each record of ``data``, which starts at file byte ``base``.
 
@@ -63,35 +76,66 @@ def iter_records(data: memoryview, where: str, base: int) -> Iterator[tuple[str,
     """
     pos, end = 0, len(data)
     while pos < end:
-        start = base + pos
-        if end - pos < 2:
-            raise ValueError(f"{where}: truncated record header at byte {start}")
-        (taglen,) = _TAGLEN.unpack_from(data, pos)
-        pos += 2
-        if end - pos < taglen + 8:
-            raise ValueError(f"{where}: truncated record header at byte {start}")
-        tag = bytes(data[pos : pos + taglen])
-        if not TAG_RE.match(tag):
-            raise ValueError(f"{where}: invalid record tag {tag[:64]!r} at byte {start}")
-        pos += taglen
-        (length,) = _LENGTH.unpack_from(data, pos)
-        pos += 8
-        if length > end - pos:
-            raise ValueError(
-                f"{where}: record {tag.decode()!r} at byte {start} says {length} bytes, "
-                f"only {end - pos} remain"
-            )
-        yield tag.decode(), data[pos : pos + length], start
+        tag, pos, length, start = record_at(data, pos, end, where, base)
+        yield tag, data[pos : pos + length], start
         pos += length
+
+
+# Tags already checked against TAG_RE, by their bytes; bounded, so a hostile file of
+# many different tags cannot grow it.
+_TAGS: dict[bytes, str] = {}
+_TAGS_MAX = 256
+
+
+def record_at(
+    data: memoryview, pos: int, end: int, where: str, base: int
+) -> tuple[str, int, int, int]:
+    """The record at ``pos`` of ``data[:end]``: ``(tag, payload start, length, file byte)``.
+
+    Every length is checked against what is left before anything is read
+    (ValueError naming the file byte), so ``data[start : start + length]``
+    is inside ``data``.
+
+    >>> record_at(memoryview(record("meta", b"{}")), 0, 16, "file", 12)
+    ('meta', 14, 2, 12)
+    """
+    start = base + pos
+    if end - pos < 2:
+        raise ValueError(f"{where}: truncated record header at byte {start}")
+    taglen = data[pos] | data[pos + 1] << 8
+    pos += 2
+    if end - pos < taglen + 8:
+        raise ValueError(f"{where}: truncated record header at byte {start}")
+    raw = bytes(data[pos : pos + taglen])
+    tag = _TAGS.get(raw)
+    if tag is None:
+        if not TAG_RE.match(raw):
+            raise ValueError(f"{where}: invalid record tag {raw[:64]!r} at byte {start}")
+        tag = raw.decode()
+        if len(_TAGS) < _TAGS_MAX:
+            _TAGS[raw] = tag
+    pos += taglen
+    (length,) = _LENGTH.unpack_from(data, pos)
+    pos += 8
+    if length > end - pos:
+        raise ValueError(
+            f"{where}: record {tag!r} at byte {start} says {length} bytes, only {end - pos} remain"
+        )
+    return tag, pos, length, start
+
+
+_FILE_HEADER = HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
 
 
 def file_header() -> bytes:
     """The 12 bytes a file starts with."""
-    return HEAD.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR)
+    return _FILE_HEADER
 
 
+@functools.lru_cache(maxsize=1)
 def meta_record() -> bytes:
     """The ``meta`` record: UTF-8 JSON naming the writer, the format and the kernel release."""
+    # The same for the whole process (the kernel release cannot change under it): made once.
     meta = {
         "writer": "kvmstate",
         "format": f"{FORMAT_MAJOR}.{FORMAT_MINOR}",

@@ -49,7 +49,8 @@ import ctypes
 import errno
 import warnings
 import weakref
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvmstate import ioctls as io
@@ -213,18 +214,26 @@ def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
         except OSError as exc:
             raise StateError(part, vcpu.kvm_error(exc, row.set)) from None
 
-    msrs = dict(report.msrs)
+    # The MSR lists, built (and so their indices and values checked) before anything is
+    # written, each once: the early ones, IA32_TSC, the rest. report.msrs is the
+    # state's MSRs less what the pre-flight dropped.
+    early: _MsrList | None = None
+    tsc: _MsrList | None = None
+    rest: _MsrList | None = None
+    if s.msrs is not None:
+        ordered = _msr_list(report.msrs)[0]  # raises TypeError/ValueError naming a bad MSR
+        early = _msr_list({i: v for i, v in ordered if i in EARLY_MSRS})
+        tsc = _msr_list({i: v for i, v in ordered if i == MSR_IA32_TSC and i not in EARLY_MSRS})
+        rest = _msr_list({i: v for i, v in ordered if i not in EARLY_MSRS and i != MSR_IA32_TSC})
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))
-    early = {i: msrs.pop(i) for i in sorted(msrs) if i in EARLY_MSRS}
-    if early:
-        put("msrs", lambda: _put_msrs(vcpu, early))
+    if early is not None and early[0]:
+        put("msrs", lambda: _put_msrs(vcpu, *early))
     if s.tsc_khz is not None:
         _restore_tsc_khz(vcpu, s.tsc_khz)
-    if MSR_IA32_TSC in msrs:
+    if tsc is not None and tsc[0]:
         # Before nested state, at the rate just set: L2's preemption timer starts from it.
-        tsc = {MSR_IA32_TSC: msrs.pop(MSR_IA32_TSC)}
-        put("msrs", lambda: _put_msrs(vcpu, tsc))
+        put("msrs", lambda: _put_msrs(vcpu, *tsc))
     for part in PARTS:
         value = getattr(s, part)
         if value is None or part in ("cpuid", "tsc_khz"):
@@ -232,8 +241,8 @@ def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
         if part == "nested":
             put("nested", lambda: vcpu.set_nested_state(s.nested))
         elif part == "msrs":
-            if msrs:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
-                put("msrs", lambda: _put_msrs(vcpu, msrs))
+            if rest is not None and rest[0]:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
+                put("msrs", lambda: _put_msrs(vcpu, *rest))
         elif part == "fpu" and s.xsave is not None:
             continue  # the XSAVE area holds the FPU state too, and wins
         else:
@@ -251,19 +260,32 @@ def _restore_tsc_khz(vcpu: Any, khz: int) -> None:
         raise StateError("tsc_khz", error) from None
 
 
-def _put_msrs(vcpu: Any, values: dict[int, int]) -> None:
+# An MSR list: ``(index, value)`` sorted by index, and its ``struct kvm_msrs`` as words.
+_MsrList = tuple[list[tuple[int, int]], "array[int]"]
+
+
+def _msr_list(values: Mapping[int, int]) -> _MsrList:
+    """``values`` sorted, and as ``kvm_msrs`` words (TypeError/ValueError naming a bad MSR)."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
+    ordered = dict(sorted(values.items()))
+    words = uapi.msrs_words(uapi.msr_index_array(ordered.keys()))
+    words[2::2] = uapi.msr_value_array(ordered)
+    return list(ordered.items()), words
+
+
+def _put_msrs(vcpu: Any, items: list[tuple[int, int]], words: array[int]) -> None:
     """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
 
     KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
     without an in-kernel LAPIC); a state saved there must still restore there.
+    ``items`` and ``words`` are one :func:`_msr_list`.
     """
-    items = sorted(values.items())
     fd = vcpu.fileno()
     while items:
-        msrs = uapi.msrs_from_mapping(dict(items))
         try:
-            # nmsrs == len(entries): the kernel reads only those entries.
-            done = raw_ioctl(fd, io.KVM_SET_MSRS, msrs)
+            # words holds nmsrs == len(items) entries: the kernel reads only those.
+            done = raw_ioctl(fd, io.KVM_SET_MSRS, words)
         except OSError as exc:
             raise vcpu.kvm_error(exc, io.KVM_SET_MSRS) from None
         if done == len(items):
@@ -280,7 +302,7 @@ def _put_msrs(vcpu: Any, values: dict[int, int]) -> None:
                 ioctl="KVM_SET_MSRS",
                 result=done,
             )
-        items = items[done + 1 :]
+        items, words = _msr_list(dict(items[done + 1 :]))
 
 
 def _readable_msrs(vcpu: Any, indices: list[int]) -> list[int]:
@@ -289,12 +311,10 @@ def _readable_msrs(vcpu: Any, indices: list[int]) -> list[int]:
     pending = list(indices)
     fd = vcpu.fileno()
     while pending:
-        msrs = uapi.kvm_msrs.new(len(pending))
-        for entry, index in zip(msrs.items(), pending, strict=True):
-            entry.index = index
+        words = uapi.msrs_words(uapi.msr_index_array(pending))
         try:
-            # nmsrs == len(entries): the kernel touches only those entries.
-            done = raw_ioctl(fd, io.KVM_GET_MSRS, msrs)
+            # words holds nmsrs == len(pending) entries: the kernel touches only those.
+            done = raw_ioctl(fd, io.KVM_GET_MSRS, words)
         except OSError as exc:
             raise vcpu.kvm_error(exc, io.KVM_GET_MSRS) from None
         readable.extend(pending[:done])

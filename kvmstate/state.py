@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import warnings
 from collections.abc import Mapping
@@ -240,7 +241,9 @@ class VcpuState:
 
     def to_bytes(self) -> bytes:
         """The versioned file format, one vCPU (see :mod:`kvmstate.formats.native`)."""
-        return records.file_header() + records.meta_record() + self.to_record()
+        chunks, size = self.record_chunks()
+        head = records.record_head("vcpu", size)
+        return b"".join([records.file_header(), records.meta_record(), head, *chunks])
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
@@ -252,20 +255,52 @@ class VcpuState:
 
     def to_record(self) -> bytes:
         """This vCPU as one ``vcpu`` record of a file: a record per part, then the rest."""
-        check_absent(self.absent)
-        check_extra(self.extra)
-        check_trailing(self)
-        out = []
-        for part in PARTS:
-            if getattr(self, part) is not None:
-                payload = self.part_bytes(part) + self.extra.get(part + TRAILING, b"")
-                out.append(records.record(part, payload))
-        if self.absent:
-            out.append(records.record("absent", json.dumps(self.absent, sort_keys=True).encode()))
-        for tag, payload in self.extra.items():
+        chunks, size = self.record_chunks()
+        return b"".join([records.record_head("vcpu", size), *chunks])
+
+    def record_chunks(self) -> tuple[list[Any], int]:
+        """The payload of :meth:`to_record` as buffers for one ``bytes.join``, and its length.
+
+        The kernel's structures go in as they are (``join`` reads their
+        buffers): one copy, into the file, instead of one per record and one
+        per level of nesting.
+
+        >>> chunks, size = VcpuState(tsc_khz=1).record_chunks()
+        >>> len(b"".join(chunks)) == size
+        True
+        """
+        absent, extra = self.absent, self.extra
+        # Empty dicts, the common case, need no walk.
+        if type(absent) is not dict or absent:
+            check_absent(absent)
+        if type(extra) is not dict or extra:
+            check_extra(extra)
+            check_trailing(self)
+        out: list[Any] = []
+        total = 0
+        for part, row, ready_head, ready_size in _ENCODE_PLAN:
+            value = getattr(self, part)
+            if value is None:
+                continue
+            if ready_size and type(value) is row.type and not extra:
+                # A fixed-size mirror of exactly its type: its head is made already.
+                out += (ready_head, value)
+                total += len(ready_head) + ready_size
+                continue
+            payload, length = _payload(row, value)
+            trailing = extra.get(part + TRAILING, b"") if extra else b""
+            head = records.record_head(part, length + len(trailing))
+            out += (head, payload, trailing) if trailing else (head, payload)
+            total += len(head) + length + len(trailing)
+        if absent:
+            text = json.dumps(absent, sort_keys=True).encode()
+            out += (records.record_head("absent", len(text)), text)
+            total += len(out[-2]) + len(text)
+        for tag, blob in extra.items():
             if not tag.endswith(TRAILING):
-                out.append(records.record(tag, payload))
-        return records.record("vcpu", b"".join(out))
+                out += (records.record_head(tag, len(blob)), blob)
+                total += len(out[-2]) + len(blob)
+        return out, total
 
     @classmethod
     def from_record(cls, payload: memoryview, where: str, base: int) -> VcpuState:
@@ -274,16 +309,28 @@ class VcpuState:
         Records this version does not know, and bytes after a fixed-size
         structure that a newer kernel made longer, go to :attr:`extra`.
         """
+        if payload.format != "B":  # bytes are read by index below
+            payload = payload.cast("B")
         state = cls()
         seen: set[str] = set()
-        for tag, body, offset in records.iter_records(payload, where, base):
+        fixed = _FIXED_SIZES
+        pos, end = 0, len(payload)
+        while pos < end:
+            tag, pos, length, offset = records.record_at(payload, pos, end, where, base)
             if tag in seen:
                 raise ValueError(f"{where}: record {tag!r} at byte {offset} appears twice")
             seen.add(tag)
-            try:
-                state._read_record(tag, body)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
+            kind = fixed.get(tag)
+            if kind is not None and length == kind[1]:
+                # Exactly the mirror's bytes, inside payload (record_at checked the
+                # length): from_buffer_copy takes sizeof(kind) bytes from pos.
+                setattr(state, tag, kind[0].from_buffer_copy(payload, pos))
+            else:
+                try:
+                    state._read_record(tag, payload[pos : pos + length])
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc} (the record at byte {offset})") from None
+            pos += length
         return state
 
     def _read_record(self, tag: str, payload: memoryview) -> None:
@@ -321,8 +368,38 @@ PART_TABLE: Mapping[str, Part] = MappingProxyType(
 #: Every part of a :class:`VcpuState`, in restore order.
 PARTS: tuple[str, ...] = tuple(PART_TABLE)
 
+# Per fixed-size part: its mirror and size, for the decoder's common case.
+_FIXED_SIZES: dict[str, tuple[Any, int]] = {
+    row.name: (row.type, ctypes.sizeof(row.type))
+    for row in PART_TABLE.values()
+    if row.codec == "fixed"
+}
+# Per part, in file order: its row, and for a fixed-size part the record head for
+# exactly its mirror's size and that size (b"", 0 for the others).
+_ENCODE_PLAN = tuple(
+    (row.name, row, records.record_head(row.name, fixed[1]), fixed[1])
+    if (fixed := _FIXED_SIZES.get(row.name))
+    else (row.name, row, b"", 0)
+    for row in PART_TABLE.values()
+)
+
 
 # --- each part's bytes, by its codec --------------------------------------------------
+
+
+def _payload(row: Part, value: Any) -> tuple[Any, int]:
+    """A part's bytes for the file, as a buffer (the structure itself when it can be), and
+    their length: what :func:`_encode` checks, without its copy."""
+    codec = row.codec
+    if codec == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
+        if value.nent == value.capacity():  # _encode's rule; else it names what is off
+            return value, ctypes.sizeof(value)
+    elif codec == "xsave" and isinstance(value, uapi.kvm_xsave):
+        n = ctypes.sizeof(value)
+        if not n % 4 and n <= _XSAVE_MAX:  # _encode's rule (sizeof is >= 4096)
+            return value, n
+    data = _encode(row, value)
+    return data, len(data)
 
 
 def _encode(row: Part, value: Any) -> bytes:
@@ -370,22 +447,18 @@ def _decode(row: Part, payload: memoryview) -> tuple[Any, bytes]:
         size = ctypes.sizeof(kind)
         if len(payload) < size:
             raise ValueError(f"{part}: {len(payload)} bytes, {kind.__name__} is {size}")
-        return kind.from_bytes(payload[:size]), bytes(payload[size:])
+        # from_buffer_copy copies the first sizeof bytes only; the rest is kept apart.
+        return kind.from_buffer_copy(payload), bytes(payload[size:])
     if codec == "xsave":
         n = len(payload)
         if n < 4096 or n % 4 or n > _XSAVE_MAX:
             raise ValueError(f"{part}: {n} bytes is not an XSAVE area (>= 4096, 4-aligned)")
-        xsave = uapi.kvm_xsave.sized(n)
-        ctypes.memmove(ctypes.addressof(xsave), bytes(payload), n)
-        return xsave, b""
+        # n bytes, the sized type's size (checked above): one allocation, one copy.
+        return _xsave_type(n).from_buffer_copy(payload), b""
     if codec == "cpuid":
         return _flex(uapi.kvm_cpuid2, payload, part), b""
     if codec == "msrs":
-        msrs = _flex(uapi.kvm_msrs, payload, part)
-        values = {int(e.index): int(e.data) for e in msrs.items()}
-        if len(values) != len(msrs):
-            raise ValueError(f"{part}: an MSR index appears twice")
-        return values, b""
+        return _msrs_from_payload(payload, part), b""
     if codec == "u32":
         if len(payload) != 4:
             raise ValueError(f"{part}: {len(payload)} bytes, expected 4")
@@ -407,9 +480,41 @@ def _flex(cls: Any, payload: memoryview, part: str) -> Any:
             f"{part}: its count says {count} entries ({head + count * item} bytes), "
             f"the record has {len(payload)}"
         )
-    obj = cls.new(count)
-    ctypes.memmove(ctypes.addressof(obj), bytes(payload), len(payload))
-    return obj
+    # One allocation, one copy: the record is exactly the sized type's bytes (checked
+    # above); new() refuses a count above its limit, as before.
+    return _sized_type(cls, count).from_buffer_copy(payload)
+
+
+@functools.lru_cache(maxsize=8)
+def _xsave_type(n: int) -> Any:
+    """The class of ``kvm_xsave.sized(n)``."""
+    return type(uapi.kvm_xsave.sized(n))
+
+
+@functools.lru_cache(maxsize=32)
+def _sized_type(cls: Any, count: int) -> Any:
+    """The class of ``cls.new(count)``: a mirror of ``count`` entries (made once a size)."""
+    return type(cls.new(count))
+
+
+def _msrs_from_payload(payload: memoryview, part: str) -> dict[int, int]:
+    """``{index: value}`` from a ``struct kvm_msrs`` record (count checked against its length)."""
+    if len(payload) < 8:
+        raise ValueError(f"{part}: {len(payload)} bytes, shorter than its 8-byte head")
+    count = int.from_bytes(payload[:4], "little")
+    if len(payload) != 8 + 16 * count:
+        raise ValueError(
+            f"{part}: its count says {count} entries ({8 + 16 * count} bytes), "
+            f"the record has {len(payload)}"
+        )
+    entries = payload[8:]
+    # kvm_msr_entry: u32 index, u32 reserved (ignored), u64 data; x86 and the format
+    # are little-endian. memoryview reads unaligned items safely.
+    indices = entries.cast("I")[0::4].tolist()
+    values = dict(zip(indices, entries.cast("Q")[1::2].tolist(), strict=True))
+    if len(values) != count:
+        raise ValueError(f"{part}: an MSR index appears twice")
+    return values
 
 
 def check_trailing(state: VcpuState) -> None:

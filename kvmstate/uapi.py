@@ -132,6 +132,7 @@ __all__ = [
     "msr_value_array",
     "msrs_buffer",
     "msrs_from_mapping",
+    "msrs_words",
 ]
 
 _u8 = ctypes.c_uint8
@@ -1051,6 +1052,25 @@ def msrs_buffer(indices: array[int]) -> tuple[kvm_msrs, memoryview]:
     words = memoryview(msrs).cast("B")[8:].cast("Q")  # kvm_msr_entry: u32 index, u32 pad, u64
     words[0::2] = array("Q", indices)
     return msrs, words
+
+
+def msrs_words(indices: array[int]) -> array[int]:
+    """``struct kvm_msrs`` holding ``indices`` as u64 words: an array, not a ctypes object.
+
+    Word 0 is ``nmsrs`` (``len(indices)``) and ``pad`` (0); then each
+    ``kvm_msr_entry`` (u32 index, u32 reserved, u64 data) is two words, the
+    index (reserved 0) at ``1 + 2 * i`` and the data at ``2 + 2 * i`` (x86 is
+    little-endian). The array is ``8 + 16 * nmsrs`` bytes: all the kernel may
+    touch for that ``nmsrs``.
+
+    >>> words = msrs_words(msr_index_array([0x10, 0x174]))
+    >>> words[2::2] = msr_value_array({0x10: 5, 0x174: 8}); words.tolist()
+    [2, 16, 5, 372, 8]
+    """
+    words = array("Q", bytes(8 + 16 * len(indices)))
+    words[0] = len(indices)
+    words[1::2] = array("Q", indices)
+    return words
 
 
 def _msr_index(index: object) -> int:

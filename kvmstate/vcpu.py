@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import struct
@@ -30,6 +31,8 @@ from kvmstate.errors import (
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
 
 if TYPE_CHECKING:
+    import weakref
+
     from kvmstate.state import VcpuState
 
 __all__ = ["Vcpu"]
@@ -39,6 +42,7 @@ _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
 # The largest nested_state_size taken (NestedState's own capacity limit).
 _NESTED_SIZE_MAX = 1 << 24
+_addressof, _sizeof = ctypes.addressof, ctypes.sizeof
 
 
 class Vcpu(FdWrapper):
@@ -79,8 +83,14 @@ class Vcpu(FdWrapper):
         self._nested_state_size: int | None = None
         self._nested_need: int | None = None
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
+        # The last view of a caller's buffer (see _view_of): kept, or weakly.
+        self._nested_kept: NestedState | None = None
+        self._nested_kept_at = 0  # the kept view's address
+        self._nested_weak: weakref.ref[NestedState] | None = None
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
+        # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
+        self._cpuid_nent_reported = False
         self._run_map: mmap.mmap | None = None
         self._run: uapi.kvm_run | None = None
         self._sync_regs_cap: int | None = None
@@ -182,12 +192,13 @@ class Vcpu(FdWrapper):
         Raises :class:`KvmError` naming the first MSR the kernel could not read.
         """
         wanted = uapi.msr_index_array(indices)
-        msrs, words = uapi.msrs_buffer(wanted)
-        # nmsrs == len(entries): the kernel reads and writes only those entries.
-        done = self._ioctl(io.KVM_GET_MSRS, msrs)
+        words = uapi.msrs_words(wanted)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads and
+        # writes only those.
+        done = self._ioctl(io.KVM_GET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_GET_MSRS", wanted.tolist(), done)
-        return dict(zip(wanted.tolist(), words[1::2].tolist(), strict=True))
+        return dict(zip(wanted.tolist(), words[2::2].tolist(), strict=True))
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS`` from ``{index: value}``.
@@ -199,10 +210,10 @@ class Vcpu(FdWrapper):
                 f"set_msrs() needs a mapping of index to value, not {type(values).__name__}"
             )
         wanted = uapi.msr_index_array(values.keys())
-        msrs, words = uapi.msrs_buffer(wanted)
-        words[1::2] = uapi.msr_value_array(values)
-        # nmsrs == len(entries): the kernel reads only those entries.
-        done = self._ioctl(io.KVM_SET_MSRS, msrs)
+        words = uapi.msrs_words(wanted)
+        words[2::2] = uapi.msr_value_array(values)
+        # nmsrs == len(wanted), and words holds that many entries: the kernel reads only those.
+        done = self._ioctl(io.KVM_SET_MSRS, words)
         if done != len(wanted):
             raise _msr_error("KVM_SET_MSRS", wanted.tolist(), done)
 
@@ -406,7 +417,16 @@ class Vcpu(FdWrapper):
                 raise KvmError(errno.E2BIG, f"more than {n} CPUID entries", ioctl="KVM_GET_CPUID2")
             n = max(n * 2, 256)
         count = cpuid.nent
-        if count == n and n > 0 and self._try_get_cpuid2(n - 1) is not None:
+        if count < n:
+            self._cpuid_nent_reported = True
+        # nent == n: exactly n entries where the kernel reports the count (seen it lower
+        # nent once), else maybe fewer (6.1 leaves nent as given): then ask with fewer.
+        if (
+            count == n
+            and n > 0
+            and not self._cpuid_nent_reported
+            and self._try_get_cpuid2(n - 1) is not None
+        ):
             # nent came back as given: a 6.1 kernel, and fewer entries than n.
             low, high = 0, n - 1  # the smallest count that succeeds is in [low, high]
             while low < high:
@@ -585,14 +605,68 @@ class Vcpu(FdWrapper):
         the 4096-byte vmcb12 in guest mode, then answers E2BIG). On E2BIG a
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
+
+        The next call with the same buffer returns the same view instead of
+        making another: always for a ctypes array (the vCPU keeps its last
+        one, checked before each use to still be where the array is:
+        ``ctypes.resize`` moves it), and for other buffers while the caller
+        still holds the view (it holds the buffer's export; the vCPU does not
+        keep a ``bytearray`` from growing).
+
+        >>> buf = bytearray(vcpu.nested_state_size)             # doctest: +SKIP
+        >>> state = vcpu.get_nested_state(buf)
+        >>> vcpu.get_nested_state(buf) is state                 # the same view, reused
+        True
         """
+        # The usual call first, in as few steps as Python allows: a buffer bound
+        # already (a NestedState, or the kept view of this very ctypes array, still
+        # where it was) and at least the floor. Anything else takes the long way.
+        state: NestedState = out
+        if type(out) is not NestedState:
+            if out is None:
+                return self._get_nested_state(None)  # a fresh buffer
+            kept = self._nested_kept
+            array: Any = out  # a ctypes array where it is the kept view's source
+            if (
+                kept is not None
+                and kept.source is out
+                and _addressof(array) == self._nested_kept_at
+                and _sizeof(array) == kept.capacity
+            ):
+                state = kept
+            else:
+                # The weakly held view of another buffer, if the caller still has it.
+                weak = self._nested_weak
+                view = weak() if weak is not None else None
+                if view is None or view.source is not out:
+                    return self._get_nested_state(out)
+                state = view
+        capacity = state.capacity
+        need = self._nested_need  # the floor, once known; the long way learns it
+        if need is None or capacity < need:
+            return self._get_nested_state(out)
+        storage = state.storage
+        # The kernel may write up to size bytes, and size is the buffer's own
+        # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
+        _SIZE.pack_into(storage, 4, capacity)
+        try:
+            raw_ioctl(self._fd, _GET_NESTED, storage)
+        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
+            self.fileno()  # raises: closed
+            raise
+        except OSError as exc:
+            raise self._get_failed(exc, state) from None
+        return state
+
+    def _get_nested_state(self, out: Any) -> NestedState:
+        """:meth:`get_nested_state` the long way: any buffer, first calls, E2BIG regrowth."""
         self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
         assert need is not None
         if out is None:
             state = NestedState(need)
         else:
-            state = out if type(out) is NestedState else NestedState.from_buffer(out)
+            state = out if type(out) is NestedState else self._view_of(out)
             if state.capacity < need:
                 why = (
                     "KVM_CAP_NESTED_STATE says the kernel may write"
@@ -611,6 +685,35 @@ class Vcpu(FdWrapper):
             self._get_nested(state)
         return state
 
+    def _view_of(self, out: Any) -> NestedState:
+        """The view of a caller's buffer: the last one made, if it is of ``out``, else a new one.
+
+        A ctypes array's view is kept (and with it the array) until another
+        buffer comes: ctypes never refuses a resize for an export, so keeping
+        it blocks nothing, and each reuse checks the array is still where the
+        view points (``ctypes.resize`` moves it). Any other buffer's view is
+        kept weakly, only while the caller holds it: it holds the buffer's
+        export, which would stop a ``bytearray`` growing or an ``mmap`` closing.
+        """
+        view = self._nested_kept
+        if view is None and self._nested_weak is not None:
+            view = self._nested_weak()
+        if view is not None and view.source is out:
+            if not isinstance(out, ctypes.Array):
+                return view  # its export keeps the memory where it is, and its size
+            if (
+                ctypes.addressof(out) == ctypes.addressof(view.storage)
+                and ctypes.sizeof(out) == view.capacity
+            ):
+                return view
+        view = NestedState.from_buffer(out)
+        if isinstance(out, ctypes.Array):
+            self._nested_kept, self._nested_weak = view, None
+            self._nested_kept_at = ctypes.addressof(view.storage)
+        else:
+            self._nested_kept, self._nested_weak = None, _weak_ref()(view)
+        return view
+
     def _get_nested(self, state: NestedState) -> None:
         fd = self._fd
         if fd < 0:
@@ -618,17 +721,19 @@ class Vcpu(FdWrapper):
         capacity = state.capacity
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked by the caller).
-        storage = state.buffer
+        storage = state.storage
         _SIZE.pack_into(storage, 4, capacity)
         try:
             raw_ioctl(fd, _GET_NESTED, storage)
         except OSError as exc:
-            wanted = state.size
-            if exc.errno == errno.E2BIG and wanted > capacity:
-                raise NestedStateTooLargeError(
-                    wanted, capacity, ioctl="KVM_GET_NESTED_STATE"
-                ) from None
-            raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
+            raise self._get_failed(exc, state) from None
+
+    def _get_failed(self, exc: OSError, state: NestedState) -> KvmError:
+        """The error for a failed GET into ``state``: too small (E2BIG), or the kernel's."""
+        wanted = state.size
+        if exc.errno == errno.E2BIG and wanted > state.capacity:
+            return NestedStateTooLargeError(wanted, state.capacity, ioctl="KVM_GET_NESTED_STATE")
+        return self._nested_error(exc, "KVM_GET_NESTED_STATE")
 
     def set_nested_state(self, state: Any) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
@@ -638,12 +743,15 @@ class Vcpu(FdWrapper):
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
         """
-        if not isinstance(state, NestedState):
+        if type(state) is not NestedState and not isinstance(state, NestedState):
             state = _writable_copy(state)
         check_for_set(state)
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = raw_ioctl(self.fileno(), _SET_NESTED, state.buffer)
+            result = raw_ioctl(self._fd, _SET_NESTED, state.storage)
+        except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
+            self.fileno()  # raises: closed
+            raise
         except OSError as exc:
             error = self._nested_error(exc, "KVM_SET_NESTED_STATE")
             if exc.errno == errno.EINVAL and type(error) is KvmError:
@@ -776,12 +884,21 @@ class Vcpu(FdWrapper):
     # --- lifetime ------------------------------------------------------------------------
 
     def _release(self) -> None:
+        self._nested_kept = self._nested_weak = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
+
+
+@functools.cache
+def _weak_ref() -> type[weakref.ref[Any]]:
+    """``weakref.ref``, imported on first use: most programs never lend a buffer."""
+    import weakref
+
+    return weakref.ref
 
 
 def _sync_names(parts: int) -> str:

@@ -360,3 +360,23 @@ def test_set_refuses_non_buffers(amd_sized_vcpu: kvmstate.Vcpu) -> None:
         amd_sized_vcpu.set_nested_state(42)
     with pytest.raises(ValueError, match="shorter than the 128-byte header"):
         amd_sized_vcpu.set_nested_state(b"\0" * 64)
+
+
+def test_a_closed_vcpu_refuses_every_buffer_it_had_bound(kvm: kvmstate.Kvm) -> None:
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    reused = NestedState(max(kvm.nested_state_size, HEADER_SIZE))
+    kept = (ctypes.c_uint64 * (VMX_MAX_SIZE // 8))()
+    for buffer in (reused, kept):  # the first calls learn the floor and bind the array
+        try:
+            vcpu.get_nested_state(buffer)
+        except kvmstate.KvmError as exc:  # no nesting here: the kernel's EINVAL
+            assert exc.errno == errno.EINVAL
+    vcpu.close()
+    vm.close()
+    for buffer in (reused, kept):
+        with pytest.raises(ValueError, match="closed Vcpu"):
+            vcpu.get_nested_state(buffer)
+    reused.size = HEADER_SIZE  # a header set_nested_state's own checks pass
+    with pytest.raises(ValueError, match="closed Vcpu"):
+        vcpu.set_nested_state(reused)

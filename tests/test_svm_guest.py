@@ -219,3 +219,86 @@ def test_a_refusal_says_which_rule_was_broken(new_vcpu: object) -> None:
     assert err.errno == errno.EINVAL and err.ioctl == "KVM_SET_NESTED_STATE"
     assert any(p.field == "vmcb12.control.asid" and p.certain for p in err.problems)
     assert "asid" in str(err) and "nested_vmcb_check_controls" in str(err)
+
+
+def in_guest_mode(new_vcpu: object) -> kvmstate.Vcpu:
+    vcpu: kvmstate.Vcpu = new_vcpu()  # type: ignore[operator]
+    vcpu.set_nested_state(guest_mode_state())
+    return vcpu
+
+
+def kernel_bytes(vcpu: kvmstate.Vcpu) -> bytes:
+    """The state as a bare fcntl.ioctl gets it, into a buffer of its own."""
+    buf = (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))()
+    struct.pack_into("<I", buf, 4, SVM_MAX_SIZE)
+    fcntl.ioctl(vcpu.fileno(), ioctls.KVM_GET_NESTED_STATE, buf)
+    return bytes(buf)[: struct.unpack_from("<I", buf, 4)[0]]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: bytearray(SVM_MAX_SIZE),
+        lambda: (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))(),
+        lambda: (ctypes.c_uint8 * (SVM_MAX_SIZE + 64))(),
+    ],
+    ids=["bytearray", "ctypes-u64", "ctypes-u8-larger"],
+)
+def test_a_caller_buffer_holds_the_kernel_bytes_call_after_call(
+    new_vcpu: object, make: object
+) -> None:
+    vcpu = in_guest_mode(new_vcpu)
+    buf = make()  # type: ignore[operator]
+    first = vcpu.get_nested_state(buf)
+    assert first.source is buf and first.capacity == len(memoryview(buf).cast("B"))
+    struct.pack_into("<I", buf, 4, 0)  # a stale size: the reused view must write it again
+    again = vcpu.get_nested_state(buf)
+    assert again.source is buf and again.size == SVM_MAX_SIZE
+    assert bytes(memoryview(buf).cast("B"))[:SVM_MAX_SIZE] == kernel_bytes(vcpu)
+    other = make()  # type: ignore[operator]
+    assert vcpu.get_nested_state(other).source is other  # another buffer, another view
+
+
+def test_a_dropped_view_is_not_kept(new_vcpu: object) -> None:
+    vcpu = in_guest_mode(new_vcpu)
+    buf = bytearray(SVM_MAX_SIZE)
+    vcpu.get_nested_state(buf)  # the view is dropped at once: nothing holds the export
+    buf.extend(b"\0" * 8)  # a bytearray with a live export could not grow
+    state = vcpu.get_nested_state(buf)
+    assert state.capacity == SVM_MAX_SIZE + 8 and state.size == SVM_MAX_SIZE
+
+
+def test_a_resized_ctypes_array_is_bound_again(new_vcpu: object) -> None:
+    vcpu = in_guest_mode(new_vcpu)
+    buf = (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))()
+    first = vcpu.get_nested_state(buf)
+    ctypes.resize(buf, SVM_MAX_SIZE + 4096)  # may move the memory the view points at
+    again = vcpu.get_nested_state(buf)
+    assert ctypes.addressof(again.header) == ctypes.addressof(buf)
+    assert again.capacity == SVM_MAX_SIZE + 4096
+    assert again is not first
+    assert again.to_bytes() == kernel_bytes(vcpu)
+
+
+def test_set_after_get_into_the_same_buffer(new_vcpu: object) -> None:
+    vcpu = in_guest_mode(new_vcpu)
+    buf = bytearray(SVM_MAX_SIZE)
+    state = vcpu.get_nested_state(buf)
+    target = new_vcpu()  # type: ignore[operator]
+    target.set_nested_state(state)
+    assert kernel_bytes(target) == kernel_bytes(vcpu)
+
+
+def test_the_same_buffer_gets_the_same_view_back(new_vcpu: object) -> None:
+    # get_nested_state's documented reuse: a ctypes array's view is kept, another
+    # buffer's while the caller holds it; each call still gets the kernel's bytes.
+    vcpu = in_guest_mode(new_vcpu)
+    array = (ctypes.c_uint64 * (SVM_MAX_SIZE // 8))()
+    first = vcpu.get_nested_state(array)
+    struct.pack_into("<I", array, 4, 0)  # a stale size: the kept view must write it again
+    assert vcpu.get_nested_state(array) is first
+    assert first.to_bytes() == kernel_bytes(vcpu)
+    buf = bytearray(SVM_MAX_SIZE)
+    held = vcpu.get_nested_state(buf)
+    assert vcpu.get_nested_state(buf) is held
+    assert held.source is buf and held.to_bytes() == kernel_bytes(vcpu)
