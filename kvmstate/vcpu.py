@@ -48,6 +48,14 @@ class Vcpu(FdWrapper):
     around a descriptor another VMM owns with :meth:`borrow`. ``vcpu_id`` is
     the id it was created with (None when a borrowed vCPU was not told it);
     ``nested_state_size`` follows the rules of :meth:`borrow`.
+
+    >>> with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+    ...     vcpu.vcpu_id, hex(vcpu.get_regs().rip)  # the reset vector
+    (0, '0xfff0')
+
+    :raises TypeError: ``fd``, ``vcpu_id`` or ``nested_state_size`` is not an int.
+    :raises ValueError: one of them is negative (checked before the
+        descriptor is taken, so a refused argument does not close it).
     """
 
     def __init__(
@@ -585,6 +593,22 @@ class Vcpu(FdWrapper):
         the 4096-byte vmcb12 in guest mode, then answers E2BIG). On E2BIG a
         buffer made here is replaced once by one of the size the kernel
         asks; a caller's buffer gives :class:`NestedStateTooLargeError`.
+
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> try:
+        ...     state = vcpu.get_nested_state()
+        ... except kvmstate.NestedStateUnavailableError:  # KVM_CAP_NESTED_STATE is 0
+        ...     state = None
+        >>> state is None or state.size >= 128  # header-only while no L2 ran
+        True
+
+        :raises NestedStateUnavailableError: this KVM has no nested state
+            (``KVM_CAP_NESTED_STATE`` is 0, or the module runs with ``nested=0``).
+        :raises NestedStateTooLargeError: the kernel needs more than ``out`` holds.
+        :raises ValueError: ``out`` is smaller than :attr:`nested_state_size`,
+            or not 8-byte aligned.
+        :raises TypeError: ``out`` is not a writable buffer.
+        :raises KvmError: any other failure of the ioctl, errno kept.
         """
         self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
@@ -637,6 +661,20 @@ class Vcpu(FdWrapper):
         beyond the buffer, unknown flags, RUN_PENDING without GUEST_MODE,
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
+
+        >>> bad = kvmstate.NestedState(128)
+        >>> bad.format, bad.size = kvmstate.NestedFormat.SVM, 64
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.set_nested_state(bad)
+        Traceback (most recent call last):
+        ValueError: size 64 is below the 128-byte header
+
+        :raises ValueError: the state fails the checks above (field named).
+        :raises TypeError: ``state`` is neither a :class:`NestedState` nor bytes-like.
+        :raises NestedStateUnavailableError: this KVM has no nested state.
+        :raises NestedStateRejectedError: the kernel answered EINVAL; the
+            message and ``problems`` say which rules the state breaks on this vCPU.
+        :raises KvmError: any other failure, errno kept.
         """
         if not isinstance(state, NestedState):
             state = _writable_copy(state)
@@ -697,14 +735,39 @@ class Vcpu(FdWrapper):
         return self._msr_index_list
 
     def save_state(self) -> VcpuState:
-        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work)."""
+        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work).
+
+        A part this KVM lacks is ``None``, with the reason in ``absent``:
+
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> saved = vcpu.save_state()
+        >>> saved.regs.rip == 0xFFF0, saved.nested is not None or "nested" in saved.absent
+        (True, True)
+
+        :raises StateError: reading one part failed; ``part`` names it, errno kept.
+        :raises ValueError: the vCPU was borrowed and no MSR list is known.
+        """
         # Imported here: only a save needs it (import kvmstate stays small).
         from kvmstate import save
 
         return save.save(self)
 
     def restore_state(self, saved: VcpuState) -> None:
-        """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs."""
+        """Write a :class:`~kvmstate.state.VcpuState` back, in the order nested state needs.
+
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> saved = vcpu.save_state()
+        >>> regs = vcpu.get_regs()
+        >>> regs.rip = 0x1000
+        >>> vcpu.set_regs(regs)
+        >>> vcpu.restore_state(saved)
+        >>> hex(vcpu.get_regs().rip)
+        '0xfff0'
+
+        :raises TypeError: ``saved`` is not a VcpuState, or one of its parts
+            is not the structure it should be (part named).
+        :raises StateError: writing one part failed; ``part`` names it, errno kept.
+        """
         from kvmstate import save, state
 
         if not isinstance(saved, state.VcpuState):

@@ -101,6 +101,16 @@ def check(state: Any, facts: Facts | None = None) -> list[Problem]:
     state (then ``size`` must also match their length). Problems come in the
     kernel's order; those that depend on an unknown fact have ``certain=False``.
     An empty list means no known rule is broken.
+
+    >>> from kvmstate.check import check
+    >>> state = kvmstate.NestedState(4224)
+    >>> state.format, state.size = kvmstate.NestedFormat.SVM, 4224
+    >>> state.flags = kvmstate.NestedFlag.GUEST_MODE | kvmstate.NestedFlag.GIF_SET
+    >>> [p.field for p in check(state) if p.certain]  # an all-zero vmcb12
+    ['vmcb12.control.intercepts[4]', 'vmcb12.control.asid', 'vmcb12.save.cr0', 'vmcb12.save.efer']
+
+    :raises TypeError: ``state`` is neither a NestedState nor bytes-like, or
+        ``facts`` is not a :class:`Facts` or None.
     """
     return run(_SCOPED_RULES, state, _facts_or_default(facts, "check"))
 
@@ -110,11 +120,19 @@ def explain(state: Any, facts: Facts | None = None) -> str:
 
     ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
     refused with a TypeError saying how to make one (``Facts(**d)`` for typed
-    values, ``Facts.from_strings(d)`` for text), rather than guessing which::
+    values, ``Facts.from_strings(d)`` for text), rather than guessing which.
 
-        >>> explain(state, {"vendor": "svm"})
-        Traceback (most recent call last):
-        TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+    >>> from kvmstate.check import Facts, explain
+    >>> state = kvmstate.NestedState(128)
+    >>> state.format, state.size = kvmstate.NestedFormat.SVM, 128
+    >>> state.flags = kvmstate.NestedFlag.GIF_SET
+    >>> explain(state, Facts(vendor="svm", efer=0))
+    'no rule of KVM_SET_NESTED_STATE known to kvmstate is broken'
+    >>> explain(state, {"vendor": "svm"})
+    Traceback (most recent call last):
+    TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+
+    :raises TypeError: as :func:`check`.
     """
     return format_problems(check(state, _facts_or_default(facts, "explain")))
 
