@@ -27,7 +27,14 @@ from kvmstate.errors import (
     NestedStateUnavailableError,
     UnsupportedKvmError,
 )
-from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
+from kvmstate.nested import (
+    HEADER_SIZE,
+    VMX_MAX_SIZE,
+    NestedState,
+    ReadableBuffer,
+    WritableBuffer,
+    check_for_set,
+)
 
 if TYPE_CHECKING:
     from kvmstate.state import VcpuState
@@ -579,7 +586,7 @@ class Vcpu(FdWrapper):
 
     # --- nested state -----------------------------------------------------------------
 
-    def get_nested_state(self, out: Any = None) -> NestedState:
+    def get_nested_state(self, out: NestedState | WritableBuffer | None = None) -> NestedState:
         """``KVM_GET_NESTED_STATE`` into a new or a caller's buffer.
 
         ``out`` may be a :class:`NestedState` to reuse, or any writable,
@@ -654,7 +661,7 @@ class Vcpu(FdWrapper):
                 ) from None
             raise self._nested_error(exc, "KVM_GET_NESTED_STATE") from None
 
-    def set_nested_state(self, state: Any) -> None:
+    def set_nested_state(self, state: NestedState | ReadableBuffer) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
 
         Refused before the call, with the field named: ``size`` below 128 or

@@ -83,3 +83,12 @@ def test_example_with_kvm(obj: object) -> None:
 @pytest.mark.parametrize("obj", WITHOUT_KVM + WITH_KVM, ids=lambda o: o.__qualname__)
 def test_core_call_says_what_it_raises(obj: object) -> None:
     assert ":raises " in (obj.__doc__ or ""), obj
+
+
+def test_buffer_alias_example() -> None:
+    """The example in the ``WritableBuffer`` comment (module data has no docstring)."""
+    import ctypes
+
+    from kvmstate.nested import NestedState
+
+    assert NestedState.from_buffer((ctypes.c_uint64 * 528)()).capacity == 528 * 8

@@ -65,12 +65,12 @@ the kernel's order.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from kvmstate.check import generic, svm, vmx, vmx_state
 from kvmstate.check.engine import INVALID_GPA, VMCS12_C_SIZE, Ctx, ScopedRule, run
 from kvmstate.check.facts import CPUID_FEATURES, VMX_MSRS, Facts, parse_kernel_version
 from kvmstate.check.problem import Problem, format_problems
+from kvmstate.nested import NestedState, ReadableBuffer
 
 __all__ = [
     "CPUID_FEATURES",
@@ -94,7 +94,7 @@ _SCOPED_RULES: tuple[ScopedRule, ...] = generic.RULES + vmx.RULES + vmx_state.RU
 RULES: tuple[Callable[[Ctx], None], ...] = tuple(rule for _, rule in _SCOPED_RULES)
 
 
-def check(state: Any, facts: Facts | None = None) -> list[Problem]:
+def check(state: NestedState | ReadableBuffer, facts: Facts | None = None) -> list[Problem]:
     """Every rule of KVM_SET_NESTED_STATE that ``state`` breaks, decidable from it and ``facts``.
 
     ``state`` is a :class:`~kvmstate.nested.NestedState` or the bytes of a saved
@@ -115,7 +115,7 @@ def check(state: Any, facts: Facts | None = None) -> list[Problem]:
     return run(_SCOPED_RULES, state, _facts_or_default(facts, "check"))
 
 
-def explain(state: Any, facts: Facts | None = None) -> str:
+def explain(state: NestedState | ReadableBuffer, facts: Facts | None = None) -> str:
     """:func:`check`, as text for an error message; its first line sums it up.
 
     ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
