@@ -111,7 +111,18 @@ def _raw(state: NestedState) -> bytes:
 
 
 def diff(a: NestedState, b: NestedState) -> Differences:
-    """Every difference between two nested states, by field name (see the module doc)."""
+    """Every difference between two nested states, by field name (see the module doc).
+
+    >>> from kvmstate.diff import diff
+    >>> a = kvmstate.NestedState(4224)
+    >>> a.format, a.size = kvmstate.NestedFormat.SVM, 4224
+    >>> b = a.copy()
+    >>> b.vmcb12.control.asid = 1
+    >>> diff(a, b).paths()
+    ['vmcb12.control.asid']
+
+    :raises TypeError: ``a`` or ``b`` is not a NestedState.
+    """
     for name, value in (("a", a), ("b", b)):
         if not isinstance(value, NestedState):
             raise TypeError(

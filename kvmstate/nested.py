@@ -19,11 +19,13 @@ moves them to and from the kernel.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
+import mmap
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from kvmstate import uapi
 from kvmstate._struct import format_value
@@ -39,8 +41,29 @@ __all__ = [
     "SVM_MAX_SIZE",
     "VMX_MAX_SIZE",
     "NestedState",
+    "ReadableBuffer",
+    "WritableBuffer",
     "vendor_of_capability",
 ]
+
+# collections.abc.Buffer (3.12) and typing_extensions.Buffer are not available on
+# 3.10 without a dependency, and no Protocol can name the buffer protocol before
+# 3.12: the aliases list the stdlib types that have it. At run time any object
+# with the buffer protocol is accepted; these are what the type checker allows.
+
+#: A writable buffer the kernel can fill in place, as accepted by
+#: :meth:`NestedState.from_buffer` and ``Vcpu.get_nested_state(out)``:
+#: ``bytearray``, ``memoryview`` (writable), ``mmap.mmap``, ``array.array`` or a
+#: ctypes array. It must also be C-contiguous and 8-byte aligned (checked when used).
+#:
+#: >>> NestedState.from_buffer((ctypes.c_uint64 * 528)()).capacity  # 528 words, aligned
+#: 4224
+WritableBuffer: TypeAlias = (
+    "bytearray | memoryview | mmap.mmap | array.array[Any] | ctypes.Array[Any]"
+)
+#: A :data:`WritableBuffer` or ``bytes``: state read, never written, as by
+#: ``Vcpu.set_nested_state`` and :func:`kvmstate.check.check` (which copy it).
+ReadableBuffer: TypeAlias = "bytes | WritableBuffer"
 
 #: Bytes of the fixed header (flags, format, size and the 120-byte vendor
 #: header union) before the data pages: ``sizeof(struct kvm_nested_state)``.
@@ -146,7 +169,7 @@ class NestedState:
     # --- construction --------------------------------------------------------
 
     @classmethod
-    def from_buffer(cls, buffer: Any) -> NestedState:
+    def from_buffer(cls, buffer: NestedState | WritableBuffer) -> NestedState:
         """A view of a caller's writable buffer (no copy): ``bytearray``, ``mmap``, ctypes...
 
         The buffer must be C-contiguous, writable, at least 128 bytes and

@@ -25,8 +25,18 @@ _CPUID_ENTRIES_MAX = 4096
 class Kvm(FdWrapper):
     """An open ``/dev/kvm`` (``O_RDWR | O_CLOEXEC``), checked for API version 12.
 
-    >>> with Kvm() as kvm:                                   # doctest: +SKIP
-    ...     kvm.nested_state_size   # 8320 Intel, 4224 AMD, 0 without nesting
+    ``path`` is the device to open (another node of the same driver, or a
+    test's). The descriptor is closed by :meth:`close` or the ``with`` block.
+
+    >>> with kvmstate.Kvm() as kvm:
+    ...     kvm.api_version, kvm.nested_state_size in (0, 4224, 8320)  # AMD 4224, Intel 8320
+    (12, True)
+
+    :raises OSError: ``path`` cannot be opened (``FileNotFoundError`` without
+        KVM, ``PermissionError`` outside the ``kvm`` group), errno kept.
+    :raises UnsupportedKvmError: the kernel answers ``KVM_GET_API_VERSION``
+        with a version other than 12 (the descriptor is closed).
+    :raises KvmError: ``KVM_GET_API_VERSION`` itself fails.
     """
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:

@@ -28,7 +28,14 @@ from kvmstate.errors import (
     NestedStateUnavailableError,
     UnsupportedKvmError,
 )
-from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState, check_for_set
+from kvmstate.nested import (
+    HEADER_SIZE,
+    VMX_MAX_SIZE,
+    NestedState,
+    ReadableBuffer,
+    WritableBuffer,
+    check_for_set,
+)
 
 if TYPE_CHECKING:
     import weakref
@@ -52,6 +59,14 @@ class Vcpu(FdWrapper):
     around a descriptor another VMM owns with :meth:`borrow`. ``vcpu_id`` is
     the id it was created with (None when a borrowed vCPU was not told it);
     ``nested_state_size`` follows the rules of :meth:`borrow`.
+
+    >>> with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+    ...     vcpu.vcpu_id, hex(vcpu.get_regs().rip)  # the reset vector
+    (0, '0xfff0')
+
+    :raises TypeError: ``fd``, ``vcpu_id`` or ``nested_state_size`` is not an int.
+    :raises ValueError: one of them is negative (checked before the
+        descriptor is taken, so a refused argument does not close it).
     """
 
     def __init__(
@@ -591,7 +606,7 @@ class Vcpu(FdWrapper):
 
     # --- nested state -----------------------------------------------------------------
 
-    def get_nested_state(self, out: Any = None) -> NestedState:
+    def get_nested_state(self, out: NestedState | WritableBuffer | None = None) -> NestedState:
         """``KVM_GET_NESTED_STATE`` into a new or a caller's buffer.
 
         ``out`` may be a :class:`NestedState` to reuse, or any writable,
@@ -611,17 +626,30 @@ class Vcpu(FdWrapper):
         one, checked before each use to still be where the array is:
         ``ctypes.resize`` moves it), and for other buffers while the caller
         still holds the view (it holds the buffer's export; the vCPU does not
-        keep a ``bytearray`` from growing).
+        keep a ``bytearray`` from growing). For example, ``vcpu.get_nested_state(buf) is
+        vcpu.get_nested_state(buf)`` holds for a ``buf`` the caller keeps.
 
-        >>> buf = bytearray(vcpu.nested_state_size)             # doctest: +SKIP
-        >>> state = vcpu.get_nested_state(buf)
-        >>> vcpu.get_nested_state(buf) is state                 # the same view, reused
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> try:
+        ...     state = vcpu.get_nested_state()
+        ... except kvmstate.NestedStateUnavailableError:  # KVM_CAP_NESTED_STATE is 0
+        ...     state = None
+        >>> state is None or state.size >= 128  # header-only while no L2 ran
         True
+
+        :raises NestedStateUnavailableError: this KVM has no nested state
+            (``KVM_CAP_NESTED_STATE`` is 0, or the module runs with ``nested=0``).
+        :raises NestedStateTooLargeError: the kernel needs more than ``out`` holds.
+        :raises ValueError: ``out`` is smaller than :attr:`nested_state_size`,
+            or not 8-byte aligned.
+        :raises TypeError: ``out`` is not a writable buffer.
+        :raises KvmError: any other failure of the ioctl, errno kept.
         """
         # The usual call first, in as few steps as Python allows: a buffer bound
         # already (a NestedState, or the kept view of this very ctypes array, still
         # where it was) and at least the floor. Anything else takes the long way.
-        state: NestedState = out
+        # Bound before the type test, which corrects it: no cast() call on the hot path.
+        state: NestedState = out  # type: ignore[assignment]
         if type(out) is not NestedState:
             if out is None:
                 return self._get_nested_state(None)  # a fresh buffer
@@ -735,13 +763,27 @@ class Vcpu(FdWrapper):
             return NestedStateTooLargeError(wanted, state.capacity, ioctl="KVM_GET_NESTED_STATE")
         return self._nested_error(exc, "KVM_GET_NESTED_STATE")
 
-    def set_nested_state(self, state: Any) -> None:
+    def set_nested_state(self, state: NestedState | ReadableBuffer) -> None:
         """``KVM_SET_NESTED_STATE`` from a :class:`NestedState` or any bytes-like object.
 
         Refused before the call, with the field named: ``size`` below 128 or
         beyond the buffer, unknown flags, RUN_PENDING without GUEST_MODE,
         an unknown format. The rest is the kernel's to judge; any non-zero
         return is raised as :class:`KvmError`.
+
+        >>> bad = kvmstate.NestedState(128)
+        >>> bad.format, bad.size = kvmstate.NestedFormat.SVM, 64
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> vcpu.set_nested_state(bad)
+        Traceback (most recent call last):
+        ValueError: size 64 is below the 128-byte header
+
+        :raises ValueError: the state fails the checks above (field named).
+        :raises TypeError: ``state`` is neither a :class:`NestedState` nor bytes-like.
+        :raises NestedStateUnavailableError: this KVM has no nested state.
+        :raises NestedStateRejectedError: the kernel answered EINVAL; the
+            message and ``problems`` say which rules the state breaks on this vCPU.
+        :raises KvmError: any other failure, errno kept.
         """
         if type(state) is not NestedState and not isinstance(state, NestedState):
             state = _writable_copy(state)
@@ -858,7 +900,18 @@ class Vcpu(FdWrapper):
         return self._msr_index_list
 
     def save_state(self) -> VcpuState:
-        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work)."""
+        """Every part of this vCPU's state (see :mod:`kvmstate.save`, which does the work).
+
+        A part this KVM lacks is ``None``, with the reason in ``absent``:
+
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> saved = vcpu.save_state()
+        >>> saved.regs.rip == 0xFFF0, saved.nested is not None or "nested" in saved.absent
+        (True, True)
+
+        :raises StateError: reading one part failed; ``part`` names it, errno kept.
+        :raises ValueError: the vCPU was borrowed and no MSR list is known.
+        """
         # Imported here: only a save needs it (import kvmstate stays small).
         from kvmstate import save
 
@@ -874,6 +927,21 @@ class Vcpu(FdWrapper):
         that lists them (``drop_msrs=False``: refused instead)::
 
             vcpu.restore_state(saved)  # DroppedMsrWarning: ... dropped: 0x309=0x0, ...
+
+        >>> vcpu = kvmstate.Kvm().create_vm().create_vcpu(0)
+        >>> saved = vcpu.save_state()
+        >>> regs = vcpu.get_regs()
+        >>> regs.rip = 0x1000
+        >>> vcpu.set_regs(regs)
+        >>> vcpu.restore_state(saved)
+        >>> hex(vcpu.get_regs().rip)
+        '0xfff0'
+
+        :raises TypeError: ``saved`` is not a VcpuState, or one of its parts
+            is not the structure it should be (part named).
+        :raises PreflightError: this vCPU would refuse a part or an MSR (nothing
+            is written).
+        :raises StateError: writing one part failed; ``part`` names it, errno kept.
         """
         from kvmstate import save, state
 

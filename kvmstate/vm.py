@@ -42,6 +42,17 @@ class Vm(FdWrapper):
     ``KVM_GET_VCPU_MMAP_SIZE``, ``KVM_GET_MSR_INDEX_LIST``) is handed down by
     :meth:`Kvm.create_vm <kvmstate.system.Kvm.create_vm>`, and passed on by
     :meth:`create_vcpu` with the VM's own capabilities; ``kvm`` is kept for callers.
+
+    Made with :meth:`Kvm.create_vm <kvmstate.system.Kvm.create_vm>`; the
+    constructor wraps a VM descriptor you already have (``owned=False``: not
+    closed by :meth:`close`).
+
+    >>> with kvmstate.Kvm() as kvm, kvm.create_vm() as vm:
+    ...     vm.kvm is kvm, vm.nested_state_size == kvm.nested_state_size
+    (True, True)
+
+    :raises TypeError: ``fd`` is not an int (or has ``fileno()``).
+    :raises ValueError: ``fd`` is negative.
     """
 
     def __init__(

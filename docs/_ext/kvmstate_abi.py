@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import enum
 import html
 import importlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -580,8 +582,13 @@ def _process_docstring(
             ]
         lines.append("")
     elif issubclass(obj, enum.Enum) and issubclass(obj, int) and len(obj.__members__):
-        values = ", ".join(f"``{n}`` = ``{int(m):#x}``" for n, m in obj.__members__.items())
-        lines += ["", f"Members: {values}.", ""]
+        # The members' one listing (autodoc's own is skipped in _skip_member), in hex
+        # because most are bit flags or kernel codes.
+        lines += ["", "Members:", "", ".. list-table::", "   :header-rows: 1", ""]
+        lines += ["   * - Name", "     - Value"]
+        for n, m in obj.__members__.items():
+            lines += [f"   * - ``{n}``", f"     - ``{int(m):#x}``"]
+        lines.append("")
 
 
 def _constants(name: str, module: Any) -> list[str]:
@@ -618,8 +625,11 @@ def _constants(name: str, module: Any) -> list[str]:
 
 
 def _skip_member(app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: Any) -> Any:
-    """ctypes field descriptors are listed in the generated layout table, not one by one."""
+    """ctypes field descriptors and int enum members are listed in the generated
+    layout and member tables, not one by one."""
     if type(obj).__name__ == "CField":
+        return True
+    if what == "class" and isinstance(obj, enum.Enum) and isinstance(obj, int):
         return True
     return None
 
@@ -638,7 +648,13 @@ def _resolve_short_name(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
     if not target or target.startswith("kvmstate."):
         return None
     domain = env.get_domain("py")
-    found = [n for n in domain.objects if n.startswith("kvmstate.") and n.endswith("." + target)]
+    # A re-exported class is one object under two names (``kvmstate.Vcpu`` and its
+    # canonical ``kvmstate.vcpu.Vcpu``): the alias is not a second match.
+    found = [
+        n
+        for n, entry in domain.objects.items()
+        if n.startswith("kvmstate.") and n.endswith("." + target) and not entry.aliased
+    ]
     module = node.get("py:module") or ""
     local = [n for n in found if module and n.startswith(module + ".")]
     if len(local) == 1:
@@ -651,6 +667,21 @@ def _resolve_short_name(app: Sphinx, env: Any, node: Any, contnode: Any) -> Any:
     return make_refnode(
         app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, found[0]
     )
+
+
+def _dataclass_fields_once(app: Sphinx, domain: str, objtype: str, content: Any) -> None:
+    """A dataclass's fields are listed once, as its attributes (with type and
+    default): drop the "Parameters" list autodoc would make of the same names
+    from the generated ``__init__``. Runs before autodoc's own merge (priority)."""
+    if domain != "py" or objtype not in ("class", "exception"):
+        return
+    signature = content.parent[0]
+    fullname = f"{signature.get('module', '')}.{signature.get('fullname', '')}"
+    obj: Any = sys.modules.get(signature.get("module", ""))
+    for part in str(signature.get("fullname", "")).split("."):
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+        app.env.temp_data.get("annotations", {}).pop(fullname, None)
 
 
 _DOCTEST_MARK = re.compile(r"^<!--\s*doctest:(?P<body>.*?)-->\s*$")
@@ -685,4 +716,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("missing-reference", _resolve_short_name)
     app.connect("doctree-read", _show_doctest_marks)
+    app.connect("object-description-transform", _dataclass_fields_once, priority=400)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

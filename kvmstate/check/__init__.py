@@ -73,13 +73,13 @@ the kernel's order.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from kvmstate.check import generic, svm, vmx, vmx_state
 from kvmstate.check.engine import INVALID_GPA, VMCS12_C_SIZE, Ctx, ScopedRule, run
 from kvmstate.check.facts import CPUID_FEATURES, VMX_MSRS, Facts, parse_kernel_version
 from kvmstate.check.memory import GuestMemory, Regions
 from kvmstate.check.problem import Problem, format_problems
+from kvmstate.nested import NestedState, ReadableBuffer
 
 __all__ = [
     "CPUID_FEATURES",
@@ -106,7 +106,9 @@ RULES: tuple[Callable[[Ctx], None], ...] = tuple(rule for _, rule in _SCOPED_RUL
 
 
 def check(
-    state: Any, facts: Facts | None = None, memory: GuestMemory | None = None
+    state: NestedState | ReadableBuffer,
+    facts: Facts | None = None,
+    memory: GuestMemory | None = None,
 ) -> list[Problem]:
     """Every rule of KVM_SET_NESTED_STATE that ``state`` breaks, decidable from it and ``facts``.
 
@@ -117,23 +119,45 @@ def check(
     :class:`~kvmstate.check.memory.GuestMemory`, such as
     :class:`~kvmstate.check.memory.Regions`) is the target's guest memory as it
     will be at SET: with it, the rule that reads guest memory (the VMCS link
-    pointer's page) is decided rather than undecided::
+    pointer's page) is decided rather than undecided, as in
+    ``check(state, facts, memory=Regions([(0, bytes(guest_ram))]))``.
 
-        >>> check(state, facts, memory=Regions([(0, bytes(guest_ram))]))
+    >>> from kvmstate.check import check
+    >>> state = kvmstate.NestedState(4224)
+    >>> state.format, state.size = kvmstate.NestedFormat.SVM, 4224
+    >>> state.flags = kvmstate.NestedFlag.GUEST_MODE | kvmstate.NestedFlag.GIF_SET
+    >>> [p.field for p in check(state) if p.certain]  # an all-zero vmcb12
+    ['vmcb12.control.intercepts[4]', 'vmcb12.control.asid', 'vmcb12.save.cr0', 'vmcb12.save.efer']
+
+    :raises TypeError: ``state`` is neither a NestedState nor bytes-like, or
+        ``facts`` is not a :class:`Facts` or None, or ``memory`` has no
+        ``read_physical``.
     """
     return run(_SCOPED_RULES, state, _facts_or_default(facts, "check"), _memory(memory))
 
 
-def explain(state: Any, facts: Facts | None = None, memory: GuestMemory | None = None) -> str:
+def explain(
+    state: NestedState | ReadableBuffer,
+    facts: Facts | None = None,
+    memory: GuestMemory | None = None,
+) -> str:
     """:func:`check`, as text for an error message; its first line sums it up.
 
     ``facts`` is a :class:`Facts` or None, as for :func:`check`; a dict is
     refused with a TypeError saying how to make one (``Facts(**d)`` for typed
-    values, ``Facts.from_strings(d)`` for text), rather than guessing which::
+    values, ``Facts.from_strings(d)`` for text), rather than guessing which.
 
-        >>> explain(state, {"vendor": "svm"})
-        Traceback (most recent call last):
-        TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+    >>> from kvmstate.check import Facts, explain
+    >>> state = kvmstate.NestedState(128)
+    >>> state.format, state.size = kvmstate.NestedFormat.SVM, 128
+    >>> state.flags = kvmstate.NestedFlag.GIF_SET
+    >>> explain(state, Facts(vendor="svm", efer=0))
+    'no rule of KVM_SET_NESTED_STATE known to kvmstate is broken'
+    >>> explain(state, {"vendor": "svm"})
+    Traceback (most recent call last):
+    TypeError: explain() needs facts as a Facts or None, not dict (make one with ...)
+
+    :raises TypeError: as :func:`check`.
     """
     return format_problems(check(state, _facts_or_default(facts, "explain"), memory))
 

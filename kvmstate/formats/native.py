@@ -75,7 +75,18 @@ __all__ = [
 
 
 def dumps_vm(states: list[VcpuState]) -> bytes:
-    """Encode several vCPUs (a VM) as one file."""
+    """Encode several vCPUs (a VM) as one file.
+
+    >>> from kvmstate.formats import native
+    >>> from kvmstate.state import VcpuState
+    >>> data = native.dumps_vm([VcpuState(tsc_khz=1000), VcpuState(tsc_khz=2000)])
+    >>> [s.tsc_khz for s in native.loads_vm(data)]
+    [1000, 2000]
+
+    :raises TypeError: an element is not a VcpuState, or one of its parts is
+        not the structure it should be (part named).
+    :raises ValueError: a part's value does not fit the format (part named).
+    """
     out: list[Any] = [records.file_header(), records.meta_record()]
     for state in states:
         chunks, size = state.record_chunks()
@@ -86,17 +97,41 @@ def dumps_vm(states: list[VcpuState]) -> bytes:
 
 
 def dumps_vcpu(state: VcpuState) -> bytes:
-    """Encode one vCPU as a file (what :meth:`VcpuState.to_bytes` gives)."""
+    """Encode one vCPU as a file (what :meth:`VcpuState.to_bytes` gives).
+
+    >>> from kvmstate.formats import native
+    >>> from kvmstate.state import VcpuState
+    >>> data = native.dumps_vcpu(VcpuState(tsc_khz=1000))
+    >>> data[:8], native.loads_vcpu(data).tsc_khz
+    (b'KVMSTATE', 1000)
+
+    :raises TypeError: as :func:`dumps_vm`.
+    :raises ValueError: as :func:`dumps_vm`.
+    """
     return dumps_vm([state])
 
 
 def loads_vm(data: bytes | bytearray | memoryview) -> list[VcpuState]:
-    """Decode a file written by :func:`dumps_vm` or :func:`dumps_vcpu`."""
+    """Decode a file written by :func:`dumps_vm` or :func:`dumps_vcpu`.
+
+    >>> from kvmstate.formats import native
+    >>> native.loads_vm(b"not a file")
+    Traceback (most recent call last):
+    ValueError: not a kvmstate file: 10 bytes, the header alone is 12
+
+    :raises ValueError: the data are not a kvmstate file, are truncated, or
+        a record is malformed (the byte offset is named).
+    :raises TypeError: ``data`` is not bytes-like.
+    """
     return [VcpuState.from_record(*payload) for payload in records.vcpu_payloads(data)]
 
 
 def loads_vcpu(data: bytes | bytearray | memoryview) -> VcpuState:
-    """Decode a file holding exactly one vCPU."""
+    """Decode a file holding exactly one vCPU (example at :func:`dumps_vcpu`).
+
+    :raises ValueError: as :func:`loads_vm`, or the file holds no or several vCPUs.
+    :raises TypeError: ``data`` is not bytes-like.
+    """
     states = loads_vm(data)
     if len(states) != 1:
         raise ValueError(f"the file holds {len(states)} vCPUs, not one (use loads_vm)")
@@ -188,6 +223,18 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     ``cpuid`` is the list of entries, or ``{"padding": n, "entries": [...]}``
     when ``kvm_cpuid2.padding`` is not zero; ``msrs`` maps ``"0x174"``-style
     hex indices to values; byte arrays are hex strings.
+
+    >>> import json
+    >>> from kvmstate.formats import native
+    >>> from kvmstate.state import VcpuState
+    >>> d = native.to_dict(VcpuState(tsc_khz=1000, msrs={0x174: 8}))
+    >>> d["parts"]["tsc_khz"], d["parts"]["msrs"]
+    (1000, {'0x174': 8})
+    >>> native.from_dict(json.loads(json.dumps(d))).msrs
+    {372: 8}
+
+    :raises TypeError: a part is not the structure it should be (part named).
+    :raises ValueError: a part's value does not fit the format (part named).
     """
     parts: dict[str, Any] = {}
     for part, value in state.parts().items():
@@ -282,7 +329,17 @@ def _extra_from_dict(value: Any) -> dict[str, bytes]:
 
 
 def from_dict(data: dict[str, Any]) -> VcpuState:
-    """Rebuild a :class:`VcpuState` from :func:`to_dict` output (ValueError/TypeError if off)."""
+    """Rebuild a :class:`VcpuState` from :func:`to_dict` output (example there).
+
+    >>> from kvmstate.formats import native
+    >>> native.from_dict({"parts": {}})
+    Traceback (most recent call last):
+    ValueError: not a kvmstate dict (needs 'kvmstate' and 'parts')
+
+    :raises ValueError: the dict is not a kvmstate dict, has a format version
+        this one cannot read, or a field is malformed (its path is named).
+    :raises TypeError: a field has the wrong type (its path is named).
+    """
     try:
         version = str(data["kvmstate"])
         major = int(version.split(".")[0])
