@@ -398,7 +398,7 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
 
         report = preflight(state, Target.from_vcpu(vcpu))
         if not report.ok:
-            print("\n".join(report.lines()))  # restore_state raises PreflightError
+            print("\\n".join(report.lines()))  # restore_state raises PreflightError
     """
     report = Preflight()
     refuse = report.refusals.append
