@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import errno
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
@@ -350,7 +350,7 @@ class Vm(FdWrapper):
 
     # --- the whole VM (kvmstate.vmstate does the work) -----------------------------------
 
-    def save_state(self, vcpus: Any = None) -> VmState:
+    def save_state(self, vcpus: Sequence[Vcpu] | None = None) -> VmState:
         """The whole VM: memory, clock, devices and every vCPU (:mod:`kvmstate.vmstate`).
 
         ``vcpus`` are this VM's :class:`Vcpu` objects (by default those made by
@@ -362,7 +362,7 @@ class Vm(FdWrapper):
 
         return vmstate.save(self, vcpus)
 
-    def restore_state(self, state: VmState, vcpus: Any = None) -> None:
+    def restore_state(self, state: VmState, vcpus: Sequence[Vcpu] | None = None) -> None:
         """Write a :class:`~kvmstate.vmstate.VmState` into this VM, which must have been
         built with the same layout (see :mod:`kvmstate.vmstate`); checked before any write.
 

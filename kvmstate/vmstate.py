@@ -595,7 +595,7 @@ def _memory_head(slot: Any) -> bytes:
     return _record_head("memory", payload) + _MEMORY_HEAD.pack(slot.slot, 0, slot.guest_phys_addr)
 
 
-def dumps_vm_state(state: Any) -> bytes:
+def dumps_vm_state(state: VmState) -> bytes:
     """Encode a :class:`~kvmstate.vmstate.VmState` as one file (see above; memory last)."""
     chunks = [_vm_header(), _vm_meta(), *_vm_records(state)]
     for slot, data in zip(state.layout.slots, state.memory, strict=True):
@@ -603,7 +603,7 @@ def dumps_vm_state(state: Any) -> bytes:
     return b"".join(chunks)
 
 
-def write_vm_state(file: Any, state: Any) -> int:
+def write_vm_state(file: BinaryIO, state: VmState) -> int:
     """Write a VM snapshot to a binary file; memory goes from its buffers, uncopied."""
     n = 0
     for chunk in [_vm_header(), _vm_meta(), *_vm_records(state)]:
