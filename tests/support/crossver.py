@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import kvmstate
-from kvmstate import snapshot
+from kvmstate import snapshot, uapi
 from kvmstate.errors import KvmError
 from kvmstate.preflight import DroppedMsrWarning, PreflightError
 from kvmstate.state import VcpuState
 from tests import test_svm_migration as svm
-from tests.support import guest_debug, svm_l1
+from tests.support import svm_l1
 from tests.support.migrate import Machine
 
 VARIANTS = {"shadow": False, "npt": True}
@@ -83,7 +83,7 @@ def save_stages(kvm: kvmstate.Kvm, out: Path, variant: str) -> list[dict[str, An
                 result = stop.value
             if stop.label not in seen:
                 seen.add(stop.label)
-                guest_debug.set_guest_debug(vcpu, 0)  # save the state, not the debugger
+                vcpu.set_guest_debug(0)  # save the state, not the debugger
                 vcpu.complete_io()  # what migrate() does first: the state is whole then
                 state = vcpu.save_state()
                 name = f"{variant}-{len(saved):02d}-{slug(stop.label)}"
@@ -95,10 +95,9 @@ def save_stages(kvm: kvmstate.Kvm, out: Path, variant: str) -> list[dict[str, An
                 break
             if stop.label == svm.BEFORE_VMRUN:
                 vcpu.complete_io()  # onto the VMRUN, then one step: the entry pending
-                control = guest_debug.KVM_GUESTDBG_ENABLE | guest_debug.KVM_GUESTDBG_SINGLESTEP
-                guest_debug.set_guest_debug(vcpu, control)
+                vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP)
             else:
-                guest_debug.set_guest_debug(vcpu, 0)
+                vcpu.set_guest_debug(0)
     finally:
         machine.close()
     return saved
