@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,25 +40,6 @@ MSR_IA32_TSC, MSR_LSTAR, MSR_SYSENTER_EIP, MSR_PAT = 0x10, 0xC0000082, 0x176, 0x
 # IA32_FIXED_CTR0 (a PMU counter) and HV_X64_MSR_TSC_INVARIANT_CONTROL (Hyper-V): the two
 # MSRs the 2026-12-01 cross-version restores stopped at; neither is an architectural must.
 FIXED_CTR0, HV_TSC_INVARIANT = 0x309, 0x40000118
-
-
-@pytest.fixture
-def machine(kvm: kvmstate.Kvm) -> Iterator[Callable[[], kvmstate.Vcpu]]:
-    """Fresh VMs with an in-kernel irqchip and the supported CPUID."""
-    opened: list[kvmstate.Vcpu | kvmstate.Vm] = []
-
-    def new_vcpu() -> kvmstate.Vcpu:
-        vm = kvm.create_vm()
-        opened.append(vm)
-        vm.create_irqchip()
-        vcpu = vm.create_vcpu(0)
-        opened.append(vcpu)
-        vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        return vcpu
-
-    yield new_vcpu
-    for fd in reversed(opened):
-        fd.close()
 
 
 def unlisted(target: Target, *indices: int) -> Target:
