@@ -56,6 +56,22 @@ def moved_rip(vcpu: kvmstate.Vcpu) -> VcpuState:
     return state
 
 
+def with_fixed_ctr0(
+    machine: Callable[[], kvmstate.Vcpu], value: int
+) -> tuple[kvmstate.Vcpu, Target, VcpuState]:
+    """A fresh vCPU, its target, and another vCPU's moved-RIP state that saved ``value`` in
+    IA32_FIXED_CTR0, an MSR this kernel does not list (skipped where it does)."""
+    source, dest = machine(), machine()
+    target = Target.from_vcpu(dest)
+    assert target.msrs is not None
+    if FIXED_CTR0 in target.msrs:
+        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
+    state = moved_rip(source)
+    assert state.msrs is not None
+    state.msrs[FIXED_CTR0] = value
+    return dest, target, state
+
+
 # --- the policy -------------------------------------------------------------------------------
 
 
@@ -97,14 +113,7 @@ def test_same_kernel_takes_everything(machine: Callable[[], kvmstate.Vcpu]) -> N
 def test_unknown_zero_msr_is_dropped_with_a_warning(
     machine: Callable[[], kvmstate.Vcpu],
 ) -> None:
-    source, dest = machine(), machine()
-    target = Target.from_vcpu(dest)
-    assert target.msrs is not None
-    if FIXED_CTR0 in target.msrs:
-        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
-    state = moved_rip(source)
-    assert state.msrs is not None
-    state.msrs[FIXED_CTR0] = 0  # what the 6.1 AMD guest saved: the counter unused
+    dest, target, state = with_fixed_ctr0(machine, 0)  # the 6.1 AMD guest's: the counter unused
     assert preflight(state, target).dropped == {FIXED_CTR0: 0}
     with pytest.warns(DroppedMsrWarning, match="0x309=0x0") as seen:
         dest.restore_state(state)
@@ -116,14 +125,7 @@ def test_unknown_zero_msr_is_dropped_with_a_warning(
 def test_unknown_nonzero_msr_is_refused_before_anything_is_written(
     machine: Callable[[], kvmstate.Vcpu],
 ) -> None:
-    source, dest = machine(), machine()
-    target = Target.from_vcpu(dest)
-    assert target.msrs is not None
-    if FIXED_CTR0 in target.msrs:
-        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
-    state = moved_rip(source)
-    assert state.msrs is not None
-    state.msrs[FIXED_CTR0] = 0x1000  # a counter that counted
+    dest, _, state = with_fixed_ctr0(machine, 0x1000)  # a counter that counted
     rip, cpuid = dest.get_regs().rip, bytes(dest.get_cpuid2().to_bytes())
     with pytest.raises(PreflightError, match=r"MSR 0x309 = 0x1000.*msr-unknown-nonzero") as info:
         dest.restore_state(state)
@@ -134,7 +136,7 @@ def test_unknown_nonzero_msr_is_refused_before_anything_is_written(
     assert dest.get_regs().rip == rip != 0x1234  # nothing was written
     assert bytes(dest.get_cpuid2().to_bytes()) == cpuid
     with pytest.raises(PreflightError, match="msr-unknown"):
-        dest.restore_state(dataclasses.replace(state, msrs={**state.msrs, FIXED_CTR0: 0}),
+        dest.restore_state(dataclasses.replace(state, msrs={**(state.msrs or {}), FIXED_CTR0: 0}),
                            drop_msrs=False)  # fmt: skip
 
 
