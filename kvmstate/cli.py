@@ -49,6 +49,7 @@ from kvmstate.nested import HEADER_SIZE, NestedState, vendor_of_capability
 from kvmstate.preflight import Preflight, Target, preflight
 from kvmstate.state import PARTS, VcpuState
 from kvmstate.system import Kvm
+from kvmstate.vmstate import VmState
 
 __all__ = ["main"]
 
@@ -408,6 +409,7 @@ class _Source:
     not_carried: dict[int, dict[str, str]] = dataclasses.field(default_factory=dict)
     facts: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     document: Any = None
+    memory: checks.Regions | None = None  # the guest memory a VM snapshot file carries
 
     @property
     def form(self) -> str:
@@ -444,6 +446,23 @@ def _crosvm_source(source: _Source) -> None:
 
 def _kvmstate_source(source: _Source) -> None:
     source.vcpus = dict(enumerate(snapshot.loads_vm(source.data)))
+    source.memory = _vm_memory(source.data)
+
+
+def _vm_memory(data: bytes) -> checks.Regions | None:
+    """The guest memory of a VM snapshot file (its slots' images), None for a file of vCPUs.
+
+    ``check`` reads it to decide the rules that look at guest memory (the VMCS
+    link pointer's page) instead of leaving them undecided.
+    """
+    try:
+        vm = VmState.from_bytes(data)
+    except (TypeError, ValueError):  # a file of vCPUs only: the vCPU reader has judged it
+        return None
+    return checks.Regions(
+        (slot.guest_phys_addr, image)
+        for slot, image in zip(vm.layout.slots, vm.memory, strict=True)
+    )
 
 
 def _json_source(source: _Source) -> None:
@@ -773,7 +792,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             facts = checks.Facts(**_merged(base, implied, given))
         except (TypeError, ValueError) as exc:
             raise CliError(f"{source.name}: vcpu {i}: {exc}") from None
-        problems = None if vcpu.nested is None else checks.check(vcpu.nested, facts)
+        problems = None if vcpu.nested is None else checks.check(vcpu.nested, facts, source.memory)
         results.append((i, vcpu, facts, problems))
     refused = any(p.certain for *_, problems in results for p in problems or ())
     refused = refused or any(not r.ok for r in reports.values())

@@ -256,3 +256,53 @@ def test_decode_names_vmcs12_and_shadow_fields(tmp_path: Path) -> None:
     data = json.loads(run("decode", "--json", write(tmp_path, "vmx.bin", state)).stdout)
     assert data["fields"]["vmcs12.guest_rip"] == 0xFFF0
     assert data["decoded"]["vmcs12.cpu_based_vm_exec_control"] == "HLT_EXITING"
+
+
+# --- check with the guest memory of a VM snapshot -------------------------------------------
+
+_LINK = 0x8000  # a page of the snapshot's one memory slot
+
+
+def _vm_file(tmp_path: Path, page_header: int | None) -> str:
+    """A VM snapshot (file format 1.1) of one vCPU in VMX guest mode whose vmcs12 has a
+    VMCS link pointer, and one 64 KiB slot at 0; ``page_header`` is the u32 written at
+    the link pointer (a VMCS header: revision in bits 30:0, shadow bit 31), or None for
+    a file of the vCPU alone (no memory)."""
+    from kvmstate.state import VcpuState
+    from kvmstate.vmstate import MemorySlot, VmLayout, VmState
+    from tests.support.states import vmx_guest
+
+    nested = vmx_guest()
+    assert nested.vmcs12 is not None
+    nested.vmcs12.vmcs_link_pointer = _LINK
+    vcpu = VcpuState(nested=nested)
+    path = tmp_path / "vm.kvmstate"
+    if page_header is None:
+        path.write_bytes(vcpu.to_bytes())
+        return str(path)
+    memory = bytearray(0x10000)
+    memory[_LINK : _LINK + 4] = page_header.to_bytes(4, "little")
+    layout = VmLayout(slots=(MemorySlot(0, 0, len(memory)),), vcpu_ids=(0,))
+    VmState(layout=layout, memory=[memory], vcpus=[vcpu]).write(path)
+    return str(path)
+
+
+def _link_problems(path: str) -> list[dict[str, object]]:
+    proc = run("check", "--json", path)
+    assert proc.returncode in (0, 1), proc.stderr
+    (vcpu,) = json.loads(proc.stdout)["vcpus"]
+    problems: list[dict[str, object]] = vcpu["problems"]
+    return [p for p in problems if p["field"] == "vmcs12.vmcs_link_pointer"]
+
+
+def test_check_reads_a_vm_snapshots_memory_for_the_link_pointer(tmp_path: Path) -> None:
+    """The page at the VMCS link pointer is read from the file's guest memory: a wrong
+    revision there is surely refused, the right one (shadow bit clear, as vmcs12 has no
+    VMCS shadowing) passes, and a file without memory leaves the rule undecided."""
+    (wrong,) = _link_problems(_vm_file(tmp_path, vmx.VMCS12_REVISION + 1))
+    assert wrong["certain"] is True and "revision" in str(wrong["rule"])
+    assert _link_problems(_vm_file(tmp_path, vmx.VMCS12_REVISION)) == []
+    (shadow_bit,) = _link_problems(_vm_file(tmp_path, vmx.VMCS12_REVISION | 1 << 31))
+    assert shadow_bit["certain"] is True and "shadow bit 1" in str(shadow_bit["rule"])
+    (unknown,) = _link_problems(_vm_file(tmp_path, None))
+    assert unknown["certain"] is False and "memory" in str(unknown["needs"])
