@@ -23,6 +23,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The headers and the monotonic clock every C baseline starts with.
+C_PRELUDE = r"""
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <linux/kvm.h>
+
+static uint64_t now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+"""
+
 
 def build_c(workdir: Path, source: str, name: str) -> ctypes.CDLL | None:
     """Compile ``source`` as a shared library and load it into this process.
@@ -47,6 +65,11 @@ def py_ns(fn: Callable[[], object], n: int) -> float:
     for _ in itertools.repeat(None, n):
         fn()
     return (time.perf_counter_ns() - t0) / n
+
+
+def best_ns(fn: Callable[[], object], n: int, repeat: int) -> float:
+    """Nanoseconds per call of ``fn``: the best of ``repeat`` runs of ``n`` calls."""
+    return min(py_ns(fn, n) for _ in range(repeat))
 
 
 @dataclass

@@ -48,25 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import kvmstate  # noqa: E402  (after the path it is found by)
-from benchmarks._harness import Row, build_c, print_rows, run_rows  # noqa: E402
+from benchmarks._harness import C_PRELUDE, Row, build_c, print_rows, run_rows  # noqa: E402
 from kvmstate import ioctls, uapi, vmcb  # noqa: E402
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE  # noqa: E402
 
-C_SOURCE = r"""
-#include <errno.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <linux/kvm.h>
-
-static uint64_t now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
+C_SOURCE = (
+    C_PRELUDE
+    + r"""
 #define OK(r) ((r) >= 0 || errno == ok_errno)
 
 /* ns per operation; -1 on an unexpected failure. len: the nested buffer's bytes
@@ -111,6 +99,7 @@ double bench(int fd, const char *op, long n, unsigned len, const void *state, in
     return ns;
 }
 """
+)
 
 GET, SET = ioctls.KVM_GET_NESTED_STATE, ioctls.KVM_SET_NESTED_STATE
 _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4

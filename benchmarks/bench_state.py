@@ -40,25 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import kvmstate  # noqa: E402  (after the path it is found by)
-from benchmarks._harness import Row, build_c, print_rows, run_rows  # noqa: E402
+from benchmarks._harness import C_PRELUDE, Row, build_c, print_rows, run_rows  # noqa: E402
 from kvmstate import ioctls as io  # noqa: E402
 from kvmstate import snapshot, uapi  # noqa: E402
 from kvmstate.state import MSR_IA32_FEATURE_CONTROL, VcpuState  # noqa: E402
 
-C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <linux/kvm.h>
-
-static uint64_t now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
+C_SOURCE = (
+    C_PRELUDE
+    + r"""
 struct parts {
     struct kvm_cpuid2 *cpuid; unsigned nent;
     struct kvm_regs regs; struct kvm_sregs sregs; struct kvm_sregs2 sregs2;
@@ -156,6 +145,7 @@ double bench(int fd, int what, long n, int xsave2) {
     return (double)(now() - t0) / n;
 }
 """
+)
 
 
 def load_c(workdir: Path) -> ctypes.CDLL | None:

@@ -26,32 +26,21 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvmstate
+from benchmarks._harness import C_PRELUDE, best_ns, build_c
 from kvmstate.vmstate import VmState
 
-C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
+C_SOURCE = (
+    C_PRELUDE
+    + r"""
 #include <sys/mman.h>
-#include <time.h>
-#include <linux/kvm.h>
-
-static uint64_t now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
 
 static struct {
     struct kvm_cpuid2 *cpuid; unsigned nent;
@@ -145,13 +134,13 @@ double bench(int vm, int fd, int what, long n) {
     return (double)(now() - t0) / n;
 }
 """
+)
 
 
 def build(workdir: Path) -> ctypes.CDLL:
-    src, lib = workdir / "vm.c", workdir / "vm.so"
-    src.write_text(C_SOURCE)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    dll = ctypes.CDLL(str(lib))
+    dll = build_c(workdir, C_SOURCE, "vm")
+    if dll is None:  # unlike the per-ioctl tables, this one has nothing to show without C
+        raise SystemExit("bench_vm needs gcc for its C baseline")
     dll.bench.restype = ctypes.c_double
     dll.bench.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     dll.setup.argtypes = [
@@ -163,17 +152,6 @@ def build(workdir: Path) -> ctypes.CDLL:
         ctypes.c_size_t,
     ]
     return dll
-
-
-def best(fn: Callable[[], object], n: int, repeat: int) -> float:
-    """The best of ``repeat`` runs of ``n`` calls, in ns per call."""
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter_ns() - t0) / n)
-    return min(runs)
 
 
 def measure(kvm: kvmstate.Kvm, dll: ctypes.CDLL, mib: int, repeat: int) -> None:
@@ -203,7 +181,7 @@ def measure(kvm: kvmstate.Kvm, dll: ctypes.CDLL, mib: int, repeat: int) -> None:
                 ("save", vm.save_state, 0),
                 ("restore", lambda: vm.restore_state(state), 2),
             ):
-                p = best(fn, n, repeat)
+                p = best_ns(fn, n, repeat)
                 c = min(dll.bench(vm_fd, fd, what, n) for _ in range(repeat))
                 if c < 0:
                     raise RuntimeError(f"the C baseline failed on {label}")

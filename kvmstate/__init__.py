@@ -13,8 +13,8 @@ reads the imports and holds the package to this list):
   the native format;
 * ``kvmstate.formats.native``, ``kvmstate.formats.qemu``, ``kvmstate.formats.cloud_hypervisor``,
   ``kvmstate.formats.crosvm`` - files: kvmstate's own, and other VMMs';
-* ``kvmstate.formats._qemu_stream``, ``kvmstate.formats.cbor``, ``kvmstate.formats`` - the
-  encodings those files use;
+* ``kvmstate.formats._qemu_stream``, ``kvmstate.formats.cbor``, ``kvmstate.formats._fields``,
+  ``kvmstate.formats`` - the encodings those files use, and checked access to their values;
 * ``kvmstate.system`` - ``/dev/kvm`` (:class:`Kvm`), which hands its answers down to ...
 * ``kvmstate.vm`` - a VM (:class:`Vm`), which hands them down to ...
 * ``kvmstate.vcpu`` - a vCPU (:class:`Vcpu`);

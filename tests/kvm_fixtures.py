@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -51,3 +51,23 @@ def no_nested_kvm(kvm: kvmstate.Kvm) -> kvmstate.Kvm:
     if kvm.nested_state_size:
         pytest.skip(f"this KVM has nested support (KVM_CAP_NESTED_STATE={kvm.nested_state_size})")
     return kvm
+
+
+@pytest.fixture
+def machine(kvm: kvmstate.Kvm) -> Iterator[Callable[[], kvmstate.Vcpu]]:
+    """Fresh vCPUs, each in a VM of its own with an in-kernel irqchip (so the LAPIC is part
+    of the state) and the supported CPUID; all closed after the test."""
+    opened: list[kvmstate.Vcpu | kvmstate.Vm] = []
+
+    def new_vcpu() -> kvmstate.Vcpu:
+        vm = kvm.create_vm()
+        opened.append(vm)
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        opened.append(vcpu)
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        return vcpu
+
+    yield new_vcpu
+    for fd in reversed(opened):
+        fd.close()

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,25 +42,6 @@ MSR_IA32_TSC, MSR_LSTAR, MSR_SYSENTER_EIP, MSR_PAT = 0x10, 0xC0000082, 0x176, 0x
 FIXED_CTR0, HV_TSC_INVARIANT = 0x309, 0x40000118
 
 
-@pytest.fixture
-def machine(kvm: kvmstate.Kvm) -> Iterator[Callable[[], kvmstate.Vcpu]]:
-    """Fresh VMs with an in-kernel irqchip and the supported CPUID."""
-    opened: list[kvmstate.Vcpu | kvmstate.Vm] = []
-
-    def new_vcpu() -> kvmstate.Vcpu:
-        vm = kvm.create_vm()
-        opened.append(vm)
-        vm.create_irqchip()
-        vcpu = vm.create_vcpu(0)
-        opened.append(vcpu)
-        vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        return vcpu
-
-    yield new_vcpu
-    for fd in reversed(opened):
-        fd.close()
-
-
 def unlisted(target: Target, *indices: int) -> Target:
     """``target`` as a kernel that does not list ``indices``."""
     assert target.msrs is not None
@@ -73,6 +54,22 @@ def moved_rip(vcpu: kvmstate.Vcpu) -> VcpuState:
     assert state.regs is not None
     state.regs.rip = 0x1234
     return state
+
+
+def with_fixed_ctr0(
+    machine: Callable[[], kvmstate.Vcpu], value: int
+) -> tuple[kvmstate.Vcpu, Target, VcpuState]:
+    """A fresh vCPU, its target, and another vCPU's moved-RIP state that saved ``value`` in
+    IA32_FIXED_CTR0, an MSR this kernel does not list (skipped where it does)."""
+    source, dest = machine(), machine()
+    target = Target.from_vcpu(dest)
+    assert target.msrs is not None
+    if FIXED_CTR0 in target.msrs:
+        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
+    state = moved_rip(source)
+    assert state.msrs is not None
+    state.msrs[FIXED_CTR0] = value
+    return dest, target, state
 
 
 # --- the policy -------------------------------------------------------------------------------
@@ -116,14 +113,7 @@ def test_same_kernel_takes_everything(machine: Callable[[], kvmstate.Vcpu]) -> N
 def test_unknown_zero_msr_is_dropped_with_a_warning(
     machine: Callable[[], kvmstate.Vcpu],
 ) -> None:
-    source, dest = machine(), machine()
-    target = Target.from_vcpu(dest)
-    assert target.msrs is not None
-    if FIXED_CTR0 in target.msrs:
-        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
-    state = moved_rip(source)
-    assert state.msrs is not None
-    state.msrs[FIXED_CTR0] = 0  # what the 6.1 AMD guest saved: the counter unused
+    dest, target, state = with_fixed_ctr0(machine, 0)  # the 6.1 AMD guest's: the counter unused
     assert preflight(state, target).dropped == {FIXED_CTR0: 0}
     with pytest.warns(DroppedMsrWarning, match="0x309=0x0") as seen:
         dest.restore_state(state)
@@ -135,14 +125,7 @@ def test_unknown_zero_msr_is_dropped_with_a_warning(
 def test_unknown_nonzero_msr_is_refused_before_anything_is_written(
     machine: Callable[[], kvmstate.Vcpu],
 ) -> None:
-    source, dest = machine(), machine()
-    target = Target.from_vcpu(dest)
-    assert target.msrs is not None
-    if FIXED_CTR0 in target.msrs:
-        pytest.skip("this kernel lists IA32_FIXED_CTR0 (its PMU has fixed counters)")
-    state = moved_rip(source)
-    assert state.msrs is not None
-    state.msrs[FIXED_CTR0] = 0x1000  # a counter that counted
+    dest, _, state = with_fixed_ctr0(machine, 0x1000)  # a counter that counted
     rip, cpuid = dest.get_regs().rip, bytes(dest.get_cpuid2().to_bytes())
     with pytest.raises(PreflightError, match=r"MSR 0x309 = 0x1000.*msr-unknown-nonzero") as info:
         dest.restore_state(state)
@@ -153,7 +136,7 @@ def test_unknown_nonzero_msr_is_refused_before_anything_is_written(
     assert dest.get_regs().rip == rip != 0x1234  # nothing was written
     assert bytes(dest.get_cpuid2().to_bytes()) == cpuid
     with pytest.raises(PreflightError, match="msr-unknown"):
-        dest.restore_state(dataclasses.replace(state, msrs={**state.msrs, FIXED_CTR0: 0}),
+        dest.restore_state(dataclasses.replace(state, msrs={**(state.msrs or {}), FIXED_CTR0: 0}),
                            drop_msrs=False)  # fmt: skip
 
 

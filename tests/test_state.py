@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -30,25 +30,6 @@ DISTINCT_MSRS = {
     0xC0000082: 0xFFFF_FFFF_8100_0000,  # LSTAR
     0xC0000102: 0xFFFF_8880_1234_0000,  # KERNEL_GS_BASE
 }
-
-
-@pytest.fixture
-def machine(kvm: kvmstate.Kvm) -> Iterator[Callable[[], kvmstate.Vcpu]]:
-    """Makes fresh VMs (with an in-kernel irqchip, so the LAPIC is part of the state)."""
-    opened: list[kvmstate.Vcpu | kvmstate.Vm] = []
-
-    def new_vcpu() -> kvmstate.Vcpu:
-        vm = kvm.create_vm()
-        opened.append(vm)
-        vm.create_irqchip()
-        vcpu = vm.create_vcpu(0)
-        opened.append(vcpu)
-        vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        return vcpu
-
-    yield new_vcpu
-    for fd in reversed(opened):
-        fd.close()
 
 
 def make_distinctive(vcpu: kvmstate.Vcpu) -> None:

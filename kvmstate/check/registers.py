@@ -191,6 +191,17 @@ def pat_invalid(value: int) -> bool:
     return (value | ((value & 0x0202020202020202) << 1)) != value
 
 
+def pat_rule(c: Ctx, field: str, value: int, source: str) -> None:
+    """kvm_pat_valid on a PAT the state loads (vmcs12's host PAT on exit, guest PAT on entry)."""
+    c.report(
+        pat_invalid(value),
+        field,
+        value,
+        "each PAT entry must be a memory type 0, 1, 4, 5, 6 or 7",
+        source + " -> kvm_pat_valid",
+    )
+
+
 def cr3_rule(c: Ctx, field: str, value: int, source: str) -> None:
     """kvm_vcpu_is_legal_cr3: no bit at or above MAXPHYADDR. 6.12 (cpuid.h) first drops the
     LAM bits 61-62 when the vCPU's CPUID has LAM; 6.1 (kvm_vcpu_is_illegal_gpa) never does,

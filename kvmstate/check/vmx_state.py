@@ -24,7 +24,7 @@ from kvmstate.check.registers import (
     cr3_rule,
     cr4_rules,
     efer_rules,
-    pat_invalid,
+    pat_rule,
 )
 
 _VMXON_CR0 = CR0_PE | CR0_PG | CR0_NE  # VMXON_CR0_ALWAYSON
@@ -100,13 +100,7 @@ def vmx_host_state(c: Ctx) -> None:
             c.la57_for(msr)[1],
         )
     if exit_ctl & vmx.VM_EXIT_LOAD_IA32_PAT:
-        c.report(
-            pat_invalid(int(v.host_ia32_pat)),
-            "vmcs12.host_ia32_pat",
-            int(v.host_ia32_pat),
-            "each PAT entry must be a memory type 0, 1, 4, 5, 6 or 7",
-            src + " -> kvm_pat_valid",
-        )
+        pat_rule(c, "vmcs12.host_ia32_pat", int(v.host_ia32_pat), src)
     if exit_ctl & vmx.VM_EXIT_LOAD_IA32_PERF_GLOBAL_CTRL:
         value = int(v.host_ia32_perf_global_ctrl)
         _perf_global_ctrl(c, "vmcs12.host_ia32_perf_global_ctrl", value, src)
@@ -218,13 +212,7 @@ def vmx_guest_state(c: Ctx) -> None:
             "the vCPU's PMU, CPUID and kernel_version",
         )
     if entry & vmx.VM_ENTRY_LOAD_IA32_PAT:
-        c.report(
-            pat_invalid(int(v.guest_ia32_pat)),
-            "vmcs12.guest_ia32_pat",
-            int(v.guest_ia32_pat),
-            "each PAT entry must be a memory type 0, 1, 4, 5, 6 or 7",
-            src + " -> kvm_pat_valid",
-        )
+        pat_rule(c, "vmcs12.guest_ia32_pat", int(v.guest_ia32_pat), src)
     link = int(v.vmcs_link_pointer)
     if link != INVALID_GPA:
         c.page_rule("vmcs12.vmcs_link_pointer", link, src, "the VMCS link pointer")

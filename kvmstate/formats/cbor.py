@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+from collections.abc import Container
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "CborError", "Tag", "dumps", "head", "loads", "map_items"]
@@ -105,6 +106,19 @@ class _Decoder:
         if count * per_item > left:
             raise CborError(start, f"{what} of {count} items cannot fit in the {left} bytes left")
 
+    def map_key(self, depth: int, seen: Container[Any]) -> Any:
+        """The next item as a map key: refused, at its offset, if it cannot be one (a list,
+        a map: unhashable) or ``seen`` already holds it."""
+        key_at = self.pos
+        key = self.item(depth)
+        try:
+            repeated = key in seen
+        except TypeError:
+            raise CborError(key_at, f"map key of type {type(key).__name__}") from None
+        if repeated:
+            raise CborError(key_at, f"repeated map key {key!r}")
+        return key
+
     def item(self, depth: int) -> Any:
         start, major, info, arg = self._head()
         if major == 0:
@@ -130,14 +144,7 @@ class _Decoder:
             self._room(start, arg, 2, "map")
             out: dict[Any, Any] = {}
             for _ in range(arg):
-                key_at = self.pos
-                key = self.item(depth + 1)
-                try:
-                    seen = key in out
-                except TypeError:
-                    raise CborError(key_at, f"map key of type {type(key).__name__}") from None
-                if seen:
-                    raise CborError(key_at, f"repeated map key {key!r}")
+                key = self.map_key(depth + 1, out)
                 out[key] = self.item(depth + 1)
             return out
         # major 6: a tag
@@ -208,14 +215,7 @@ def map_items(
     out: list[tuple[Any, Any, bytes]] = []
     seen: set[Any] = set()
     for _ in range(count):
-        key_at = decoder.pos
-        key = decoder.item(1)
-        try:
-            repeated = key in seen
-        except TypeError:
-            raise CborError(key_at, f"map key of type {type(key).__name__}") from None
-        if repeated:
-            raise CborError(key_at, f"repeated map key {key!r}")
+        key = decoder.map_key(1, seen)
         seen.add(key)
         value_at = decoder.pos
         value = decoder.item(1)

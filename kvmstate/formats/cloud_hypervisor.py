@@ -79,6 +79,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmstate import uapi
+from kvmstate.formats._fields import keyed
 from kvmstate.nested import HEADER_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
@@ -252,12 +253,7 @@ def _raw(value: Any, kind: type[Any], where: str) -> Any:
 
 
 def _object(value: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected an object, found {_kind(value)}")
-    missing = [k for k in keys if k not in value]
-    if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}")
-    return value
+    return keyed(value, keys, where, "an object", _kind)
 
 
 def _read_cpuid(value: Any, where: str) -> uapi.kvm_cpuid2:

@@ -75,6 +75,7 @@ from typing import Any
 
 from kvmstate import uapi
 from kvmstate.formats import cbor
+from kvmstate.formats._fields import keyed
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFormat, VcpuEventsFlag
@@ -150,12 +151,7 @@ def _kind(value: Any) -> str:
 
 
 def _map(value: Any, keys: tuple[str, ...], where: str) -> dict[Any, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a map, found {_kind(value)}")
-    missing = [k for k in keys if k not in value]
-    if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}")
-    return value
+    return keyed(value, keys, where, "a map", _kind)
 
 
 def _uint(value: Any, bits: int, where: str) -> int:
