@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvmstate
-from kvmstate import uapi, vmcb, vmcs12
+from kvmstate import uapi, vmcs12
 from kvmstate.check import check
 from kvmstate.formats import cloud_hypervisor as ch
 from kvmstate.nested import NestedState
@@ -31,6 +31,7 @@ from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 from tests.kvm_fixtures import NO_KVM
 from tests.support import vmm_files
+from tests.support.states import svm_guest_saved
 from tests.test_check import BASELINES
 
 Saved = tuple[VcpuState, uapi.kvm_fpu]
@@ -511,22 +512,8 @@ def test_module_examples() -> None:
 @pytest.mark.svm_guest
 def test_guest_mode_state_through_a_file_into_a_fresh_vcpu() -> None:
     with contextlib.ExitStack() as stack:
-        kvm = stack.enter_context(kvmstate.Kvm())
-
-        def make() -> kvmstate.Vcpu:
-            vm = stack.enter_context(kvm.create_vm())
-            vm.create_irqchip()
-            vcpu: kvmstate.Vcpu = stack.enter_context(vm.create_vcpu(0))
-            vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            return vcpu
-
-        first = make()
-        sregs = first.get_sregs()
-        sregs.efer |= vmcb.EFER_SVME
-        first.set_sregs(sregs)
-        first.set_nested_state(BASELINES["svm_guest"][0]())
-        saved = first.save_state()
-        assert saved.nested is not None and saved.nested.flags & NestedFlag.GUEST_MODE
+        make, first, saved = svm_guest_saved(stack, stack.enter_context(kvmstate.Kvm()))
+        assert saved.nested is not None
         data = vmm_files.ch_state_json(
             {0: vmm_files.ch_vcpu_state(saved, first.get_fpu(), nested=saved.nested.to_bytes())}
         )

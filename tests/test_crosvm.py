@@ -21,13 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvmstate
-from kvmstate import uapi, vmcb
+from kvmstate import uapi
 from kvmstate.check import check
 from kvmstate.formats import cbor, crosvm
 from kvmstate.state import VcpuState
-from kvmstate.uapi import NestedFlag, VcpuEventsFlag
+from kvmstate.uapi import VcpuEventsFlag
 from tests.kvm_fixtures import NO_KVM
 from tests.support import vmm_files
+from tests.support.states import svm_guest_saved
 from tests.support.vmm_files import crosvm_irqchip, crosvm_vcpu
 from tests.test_check import BASELINES
 
@@ -425,21 +426,9 @@ def test_module_examples() -> None:
 def test_guest_mode_state_through_a_fragment_into_a_fresh_vcpu() -> None:
     with contextlib.ExitStack() as stack:
         kvm = stack.enter_context(kvmstate.Kvm())
-
-        def make() -> kvmstate.Vcpu:
-            vm = stack.enter_context(kvm.create_vm())
-            vm.create_irqchip()
-            vcpu: kvmstate.Vcpu = stack.enter_context(vm.create_vcpu(0))
-            vcpu.set_cpuid2(kvm.get_supported_cpuid())  # crosvm rebuilds CPUID itself
-            return vcpu
-
-        first = make()
-        sregs = first.get_sregs()
-        sregs.efer |= vmcb.EFER_SVME
-        first.set_sregs(sregs)
-        first.set_nested_state(BASELINES["svm_guest"][0]())
-        saved = first.save_state()
-        assert saved.nested is not None and saved.nested.flags & NestedFlag.GUEST_MODE
+        # crosvm rebuilds CPUID itself, as the helper's vCPUs get it.
+        make, _first, saved = svm_guest_saved(stack, kvm)
+        assert saved.nested is not None
         cap = kvm.nested_state_size
         buffer = bytes(saved.nested.buffer[:cap])
         data = vmm_files.cbor(crosvm_vcpu(saved, nested=buffer))

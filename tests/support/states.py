@@ -11,9 +11,14 @@ a test may change it freely.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
+import kvmstate
 from kvmstate import vmcb as svm
 from kvmstate import vmcs12 as vmx
 from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
+from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "VMXON_PA",
     "svm_gif",
     "svm_guest",
+    "svm_guest_saved",
     "vmx_guest",
     "vmx_root",
     "vmx_vmcs",
@@ -115,3 +121,28 @@ def vmx_guest() -> NestedState:
     v.guest_dr7 = 0x400
     v.vmcs_link_pointer = INVALID
     return state
+
+
+def svm_guest_saved(
+    stack: contextlib.ExitStack[None], kvm: kvmstate.Kvm
+) -> tuple[Callable[[], kvmstate.Vcpu], kvmstate.Vcpu, VcpuState]:
+    """On a KVM with SVM nesting: a vCPU in guest mode (EFER.SVME, then
+    :func:`svm_guest` set) and its state saved whole; and first the maker of fresh vCPUs like it
+    (a new VM with an in-kernel irqchip and KVM's supported CPUID, closed by
+    ``stack``) for the state to be restored into."""
+
+    def make() -> kvmstate.Vcpu:
+        vm = stack.enter_context(kvm.create_vm())
+        vm.create_irqchip()
+        vcpu: kvmstate.Vcpu = stack.enter_context(vm.create_vcpu(0))
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        return vcpu
+
+    first = make()
+    sregs = first.get_sregs()
+    sregs.efer |= svm.EFER_SVME
+    first.set_sregs(sregs)
+    first.set_nested_state(svm_guest())
+    saved = first.save_state()
+    assert saved.nested is not None and saved.nested.flags & NestedFlag.GUEST_MODE
+    return make, first, saved
