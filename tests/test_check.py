@@ -1149,6 +1149,14 @@ def _kernel_set(vcpu: kvmstate.Vcpu, state: NestedState) -> int:
         return exc.errno or -1
 
 
+def _enter_smm(vcpu: kvmstate.Vcpu) -> None:
+    """Put ``vcpu`` in SMM through its events (the fact ``in_smm`` the kernel reads)."""
+    events = vcpu.get_vcpu_events()
+    events.flags = uapi.KVM_VCPUEVENT_VALID_SMM
+    events.smi.smm = 1
+    vcpu.set_vcpu_events(events)
+
+
 @pytest.fixture
 def amd_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
     """vCPUs as a VMM restoring SVM state makes them: supported CPUID, then EFER.SVME."""
@@ -1168,10 +1176,7 @@ def amd_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
             sregs.cr3 = cr3
         vcpu.set_sregs(sregs)
         if smm:
-            events = vcpu.get_vcpu_events()
-            events.flags = uapi.KVM_VCPUEVENT_VALID_SMM
-            events.smi.smm = 1
-            vcpu.set_vcpu_events(events)
+            _enter_smm(vcpu)
         return vcpu
 
     yield make
@@ -1352,10 +1357,7 @@ def intel_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
         sregs.efer = 0
         vcpu.set_sregs(sregs)
         if smm:
-            events = vcpu.get_vcpu_events()
-            events.flags = uapi.KVM_VCPUEVENT_VALID_SMM
-            events.smi.smm = 1
-            vcpu.set_vcpu_events(events)
+            _enter_smm(vcpu)
         return vcpu
 
     yield make
