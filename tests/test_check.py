@@ -1480,3 +1480,21 @@ def test_facts_from_the_intel_vcpu(intel_vcpu: Callable[..., kvmstate.Vcpu]) -> 
     assert facts.feature_control == 0x5 and facts.in_smm is False
     assert facts.kernel_version is not None
     assert facts.kernel_version[:2] == kernels.harness_series()
+
+
+def test_l1_lma_without_lme_is_refused_from_6_12_118() -> None:
+    # Debian's 6.12.118 svm_set_nested_state refuses L1's EFER.LMA=1 with LME=0
+    # (CVE-2026-99345); 6.12.117's and 6.1.192's sources have no such test.
+    state = svm_guest()
+    assert state.vmcb12 is not None
+    state.vmcb12.save.efer = (state.vmcb12.save.efer | svm.EFER_LMA) & ~svm.EFER_LME
+    for refusing in ((6, 12, 118), (6, 12, 200)):
+        (p,) = check(state, dataclasses.replace(SVM_FACTS, kernel_version=refusing))
+        assert p.certain and (p.rule_id, p.field) == ("svm_save_area", "vmcb12.save.efer")
+    for taking in ((6, 1, 0), (6, 12, 117)):
+        assert check(state, dataclasses.replace(SVM_FACTS, kernel_version=taking)) == []
+    for unknown in (None, (6, 12), (6, 18, 44)):
+        (p,) = check(state, dataclasses.replace(SVM_FACTS, kernel_version=unknown))
+        assert not p.certain and p.needs == "kernel_version"
+    state.vmcb12.save.efer &= ~svm.EFER_LMA  # neither: the rule has nothing to say
+    assert check(state, dataclasses.replace(SVM_FACTS, kernel_version=None)) == []

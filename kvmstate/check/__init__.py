@@ -43,6 +43,9 @@ the problem's ``source`` says so and ``Facts.kernel_version`` decides:
 * VMX sizes compare with ``sizeof(struct vmcs12)``, 998 bytes (C packs it),
   not the 4096-byte page: a vmcs12 counts from ``size`` 1126 and the shadow
   vmcs12 from 5222, in both versions;
+* 6.12.118 (a stable fix, CVE-2026-99345) refuses L1's saved EFER
+  (``vmcb12.save.efer``) with LMA but not LME; 6.1 (read in 6.1.192) and
+  6.12 before .118 take it; for newer series the verdict is undecided;
 * Linux 7.2 (commit 4f256d5770fe, the v8 patch as applied) added SVM's
   ``hdr.svm.gpat`` and its one SET rule: with NP_ENABLE in vmcb12 and
   ``KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT`` disabled it must be a valid PAT.

@@ -194,8 +194,8 @@ def svm_vcpu_cr0(c: Ctx) -> None:
 def svm_save_area(c: Ctx) -> None:
     """svm_set_nested_state + __nested_vmcb_check_save on vmcb12.save, which holds L1's
     state saved at VMRUN (restored into vmcb01; 6.1 and 6.12 check the same area): CR0.PG,
-    CR0.PE, no RFLAGS.VM, EFER.SVME, CR0 NW/CD and high bits, DR6/DR7 high bits, long-mode
-    consistency, valid CR4 and EFER."""
+    CR0.PE, no RFLAGS.VM, no EFER.LMA without LME (6.12.118 on), EFER.SVME, CR0 NW/CD and
+    high bits, DR6/DR7 high bits, long-mode consistency, valid CR4 and EFER."""
     assert c.vmcb is not None
     save = c.vmcb.save
     efer, cr0, cr3, cr4 = int(save.efer), int(save.cr0), int(save.cr3), int(save.cr4)
@@ -214,6 +214,16 @@ def svm_save_area(c: Ctx) -> None:
         "L1's RFLAGS must not have VM (VMRUN is not allowed in virtual-8086 mode)",
         SSET,
     )
+    if efer & x86.EFER_LMA and not efer & x86.EFER_LME:
+        c.report(
+            _lma_rule(c.facts.kernel_version),
+            f + "efer",
+            efer,
+            "L1's EFER must not have LMA without LME (refused from 6.12.118 on; 6.1 and "
+            "earlier 6.12 releases take it)",
+            SSET + " (6.12.118+, CVE-2026-99345)",
+            "kernel_version",
+        )
     c.report(
         not efer & x86.EFER_SVME,
         f + "efer",
@@ -250,6 +260,26 @@ def svm_save_area(c: Ctx) -> None:
         )
     cr4_rules(c, f + "cr4", cr4, SSAVE, vmx_fixed=False)
     efer_rules(c, f + "efer", efer, SSAVE, "svm")
+
+
+#: The first 6.12 stable release whose svm_set_nested_state refuses L1's EFER.LMA
+#: without EFER.LME (Debian's 6.12.118 changelog: "KVM: nSVM: Reject
+#: KVM_SET_NESTED_STATE if L1 has EFER.LMA=1 && EFER.LME=0", CVE-2026-99345).
+#: 6.1.192 does not have it; the series after 6.12 were not read.
+LMA_RULE_612 = (6, 12, 118)
+
+
+def _lma_rule(version: tuple[int, ...] | None) -> bool | None:
+    """Whether a kernel refuses L1's EFER.LMA without LME (None: cannot tell)."""
+    if version is None:
+        return None
+    if version[:2] < (6, 12):
+        # Read in 6.1.192. Debian numbers every 6.1 kernel 6.1.0, so a later 6.1
+        # backport could not be told apart by the version: the 6.1 read stands.
+        return False
+    if version[:2] == (6, 12):
+        return None if len(version) < 3 else version >= LMA_RULE_612
+    return None
 
 
 def svm_gpat(c: Ctx) -> None:
