@@ -227,8 +227,9 @@ def check_first(save: Path, target: Path, *, in_process: bool = False) -> dict[s
     undecided = [p["rule_id"] or p["rule"] for p in entry["problems"] if not p["certain"]]
     messages = [f"{f['part']}: {f['message']}" for f in entry.get("preflight", {}).get(
         "refusals", [])] + [f"{p['field']}: {p['rule']}" for p in entry["problems"]]  # fmt: skip
+    dropped = sorted(entry.get("preflight", {}).get("dropped", {}))  # the MSRs it would drop
     return {"status": proc.returncode, "refused": entry["refused"], "rules": rules,
-            "undecided": undecided, "messages": messages}  # fmt: skip
+            "undecided": undecided, "messages": messages, "dropped": dropped}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
