@@ -725,11 +725,18 @@ def guest_env(kind: str, series: str = DEFAULT_KERNEL) -> dict[str, str]:
 
 
 def run_script(
-    nonce: str, command: Sequence[str], cwd: str, env: Mapping[str, str], exchange: str = ""
+    nonce: str,
+    command: Sequence[str],
+    cwd: str,
+    env: Mapping[str, str],
+    exchange: str = "",
+    after: str = "",
 ) -> str:
     """The per-run ``/kvmstate/run.sh`` sourced by /init: the nonce, the working
     directory, the exchange directory (``EXCHANGE``, empty for none) and
-    ``run_command``, which runs the command chrooted into $ROOT with exactly ``env``."""
+    ``run_command``, which runs the command chrooted into $ROOT with exactly ``env``,
+    then the shell text ``after`` (outside the chroot, the command's status in
+    ``$rc``), and returns that status."""
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     return (
         f"NONCE={shlex.quote(nonce)}\n"
@@ -738,7 +745,8 @@ def run_script(
         "run_command() {\n"
         f'    env -i {assignments} /bin/chroot "$ROOT" /bin/sh -c \'cd "$0" && exec "$@"\' '
         f'"$GUEST_CWD" {shlex.join(command)}\n'
-        "}\n"
+        + (f"    rc=$?\n{after.rstrip()}\n    return $rc\n" if after else "")
+        + "}\n"
     )
 
 

@@ -799,11 +799,19 @@ def _prune_unversioned(top: Path) -> None:
 
 
 def payload(
-    nonce: str, command: list[str], cwd: str, volatile: Tree, series: str = _common.DEFAULT_KERNEL
+    nonce: str,
+    command: list[str],
+    cwd: str,
+    volatile: Tree,
+    series: str = _common.DEFAULT_KERNEL,
+    exchange: str = "",
 ) -> bytes:
     """The transfer disk's content: a header, then (at 1 MiB) a cpio of the
-    checkout, the locally installed distributions and ``/kvmstate/run.sh``."""
+    checkout, the locally installed distributions, ``/kvmstate/run.sh`` and,
+    with ``exchange``, that directory's files (:func:`exchange_tree`)."""
     env = _common.guest_env(KIND, series)
+    if exchange:
+        env["KVMSTATE_GUEST_EXCHANGE"] = exchange
     # A pycache prefix would hide the shipped __pycache__ of the standard
     # library: compiling it again under emulation costs many seconds a run.
     env.pop("PYTHONPYCACHEPREFIX", None)
@@ -819,22 +827,210 @@ def payload(
         add_checkout_bytecode(checkout, Path(tmp))
         cpio.add_tree(checkout, "/" + GUEST_ROOT)
     cpio.add_tree(volatile, "/" + GUEST_ROOT)
-    cpio.file("kvmstate/run.sh", _common.run_script(nonce, command, cwd, env).encode())
+    shared = 0
+    if exchange:
+        tree = exchange_tree(exchange)
+        cpio.add_tree(tree, "/" + GUEST_ROOT)
+        shared = sum(os.path.getsize(path) for path in tree.files)
+    after = EXCHANGE_CALL if exchange else ""
+    script = _common.run_script(nonce, command, cwd, env, exchange, after)
+    cpio.file("kvmstate/run.sh", (script + (EXCHANGE_SH if exchange else "")).encode())
     body = cpio.finish()
     header = f"{PAYLOAD_MAGIC} {nonce} {len(body)} {int(time.time())}\n".encode()
     if BODY_OFFSET + len(body) > DISK_BYTES:
+        what = cwd
+        if exchange:
+            what = f"--exchange {exchange} ({shared / 2**20:.1f} MiB of it) and {cwd}"
         raise HarnessError(
             EXIT_BOOT,
-            f"{cwd} is too big for the Intel guest's transfer disk: {len(body) >> 20} MiB "
-            f"of {DISK_BYTES >> 20} MiB after leaving out {', '.join(sorted(CHECKOUT_SKIP))}",
+            f"{what} is too big for the Intel guest's transfer disk: {len(body) / 2**20:.1f} MiB "
+            f"of {(DISK_BYTES - BODY_OFFSET) >> 20} MiB after leaving out "
+            f"{', '.join(sorted(CHECKOUT_SKIP))}",
         )
     return header.ljust(BODY_OFFSET, b"\0") + body
 
 
+# --------------------------------------------------------------------------- the exchange
+
+#: After the command, run.sh's ``exchange_out`` writes "MAGIC NONCE STATUS SIZE" into
+#: the transfer disk's first sector and (STATUS ok) a cpio of SIZE bytes at 1 MiB: the
+#: files and directories of the exchange directory made or changed while the command
+#: ran. STATUS is ``ok``, ``toobig`` (SIZE bytes would not fit, nothing written),
+#: ``gone`` (the command removed the directory) or ``failed`` (the write failed).
+EXCHANGE_MAGIC = "KVMSTATE-EXCHANGE"
+#: What the guest may send back: the disk after the 1 MiB header area.
+EXCHANGE_ROOM = DISK_BYTES - BODY_OFFSET
+#: The disk the payload came on; the host's tests point it at a file.
+EXCHANGE_DISK = "/dev/sda"
+
+#: The last line of run.sh's run_command with an exchange directory (the
+#: command's status is kept in $rc and returned after it).
+EXCHANGE_CALL = (
+    f'    exchange_out "$ROOT$EXCHANGE" "${{EXCHANGE_DISK:-{EXCHANGE_DISK}}}" /kvmstate/stamp\n'
+)
+
+#: The shell functions of run.sh with an exchange directory (EXCHANGE_DISK: the
+#: host's tests point it at a file). ``exchange_since STAMP``: touch STAMP and wait
+#: for the next second (find -newer compares whole seconds), so that what is newer
+#: than STAMP came from the command (the guest's clock was set from the payload's
+#: header, after the host's files were written). ``exchange_out DIR DISK STAMP``:
+#: the cpio of what is newer in DIR, and the header, onto DISK.
+EXCHANGE_FUNCTIONS = f"""\
+exchange_since() {{
+    touch "$1"
+    since=$(stat -c %Y "$1")
+    while [ "$(date +%s)" -le "$since" ]; do sleep 0.05; done
+}}
+exchange_list() {{
+    (cd "$1" && find . -newer "$2" ! -path . | cpio -o -H newc 2> /dev/null)
+}}
+exchange_out() {{
+    status=ok
+    size=0
+    if [ ! -d "$1" ]; then
+        status=gone
+    else
+        size=$(exchange_list "$1" "$3" | wc -c)
+        if [ "$size" -gt {EXCHANGE_ROOM} ]; then
+            status=toobig
+        else
+            exchange_list "$1" "$3" | dd of="$2" bs=1M seek=1 conv=notrunc,fsync 2> /dev/null \\
+                || status=failed
+        fi
+    fi
+    echo "{EXCHANGE_MAGIC} $NONCE $status $size" \\
+        | dd of="$2" bs=512 count=1 conv=sync,notrunc,fsync 2> /dev/null
+    sync
+}}
+"""
+#: The rest of run.sh with an exchange directory, sourced by /init right after the
+#: payload is unpacked, before the command.
+EXCHANGE_SH = EXCHANGE_FUNCTIONS + "exchange_since /kvmstate/stamp\n"
+
+
+def exchange_tree(exchange: str) -> Tree:
+    """The files and directories under ``exchange``, for the payload (at the same
+    path); a symlink or a special file is refused (:class:`HarnessError`, 125)."""
+    tree = Tree()
+    tree.add(exchange)
+    for parent, dirs, files in os.walk(exchange):
+        for name in sorted([*dirs, *files]):
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode):
+                tree.dirs.add(path)
+            elif stat.S_ISREG(mode):
+                tree.files.add(path)
+            else:
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                raise HarnessError(
+                    EXIT_BOOT,
+                    f"--exchange {exchange}: {path} is {kind}; only regular files and "
+                    "directories go into the Intel guest",
+                )
+    return tree
+
+
+def read_cpio(data: bytes) -> Iterator[tuple[str, int, int, bytes]]:
+    """``(name, mode, nlink, data)`` of each entry of a newc cpio, up to its trailer."""
+    at = 0
+    while True:
+        head = data[at : at + 110]
+        if len(head) < 110 or head[:6] not in (b"070701", b"070702"):
+            raise ValueError(f"no cpio header at byte {at}")
+        fields = [int(head[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+        mode, nlink, size, namesize = fields[1], fields[4], fields[6], fields[11]
+        name_end = at + 110 + namesize
+        name = data[at + 110 : name_end - 1].decode("utf-8", "surrogateescape")
+        at = name_end + (-name_end % 4)
+        body = data[at : at + size]
+        if len(body) < size:
+            raise ValueError(f"{name}: cut short ({len(body)} of {size} bytes)")
+        at += size + (-size % 4)
+        if name == "TRAILER!!!":
+            return
+        yield name, mode, nlink, body
+
+
+def unpack_exchange(data: bytes, exchange: str) -> list[str]:
+    """Write the files of the cpio ``data`` (what the guest sent back) into the
+    directory ``exchange``; the relative paths written, directories included.
+
+    Every entry is checked before anything is written: a path that leaves the
+    directory (absolute, ``..``), a symlink, a special file or a hard link is
+    refused with a :class:`HarnessError` (125) naming it, and nothing is written.
+    """
+    where = f"--exchange {exchange}: the guest sent back"
+    entries = []
+    try:
+        for name, mode, nlink, body in read_cpio(data):
+            rel = name[2:] if name.startswith("./") else name
+            parts = rel.split("/")
+            if rel.startswith("/") or not rel or ".." in parts or "" in parts:
+                raise HarnessError(EXIT_BOOT, f"{where} {name!r}, a path outside it")
+            if stat.S_ISLNK(mode):
+                raise HarnessError(EXIT_BOOT, f"{where} {rel}, a symlink; only regular "
+                                   "files and directories come back")  # fmt: skip
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise HarnessError(EXIT_BOOT, f"{where} {rel}, not a regular file")
+            if stat.S_ISREG(mode) and nlink > 1:
+                raise HarnessError(EXIT_BOOT, f"{where} {rel}, a file of {nlink} hard links")
+            entries.append((rel, mode, body))
+    except ValueError as error:
+        raise HarnessError(EXIT_BOOT, f"{where} a broken archive: {error}") from None
+    top = Path(exchange)
+    for rel, mode, body in entries:
+        path = top / rel
+        if stat.S_ISDIR(mode):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Whole or not at all: the host (or another boot's test) may be reading DIR.
+        tmp = path.with_name(f".{path.name}.kvmstate-guest-{os.getpid()}")
+        tmp.write_bytes(body)
+        os.chmod(tmp, stat.S_IMODE(mode))
+        os.replace(tmp, path)
+    return [rel for rel, _, _ in entries]
+
+
+def exchange_back(disk: Path, nonce: str, exchange: str, status: int) -> None:
+    """After the run: unpack what the guest's ``exchange_out`` left on ``disk``
+    into ``exchange``, or raise a :class:`HarnessError` (125) saying why not."""
+    with disk.open("rb") as f:
+        header = f.read(512).split(b"\n")[0].decode(errors="replace").split()
+        if len(header) != 4 or header[:2] != [EXCHANGE_MAGIC, nonce] or not header[3].isdigit():
+            raise HarnessError(EXIT_BOOT, f"--exchange {exchange}: the guest wrote nothing back "
+                               f"(the command exited with {status})")  # fmt: skip
+        state, size = header[2], int(header[3])
+        if state == "toobig":
+            raise HarnessError(
+                EXIT_BOOT,
+                f"--exchange {exchange}: the files the command made or changed there take "
+                f"{size / 2**20:.1f} MiB as a cpio, more than the {EXCHANGE_ROOM >> 20} MiB "
+                f"the transfer disk has room for: none came back (the command exited with "
+                f"{status})",
+            )
+        if state != "ok":
+            why = "the command removed the directory" if state == "gone" else "the write failed"
+            raise HarnessError(EXIT_BOOT, f"--exchange {exchange}: nothing came back: {why} "
+                               f"(the command exited with {status})")  # fmt: skip
+        f.seek(BODY_OFFSET)
+        data = f.read(size)
+    written = unpack_exchange(data, exchange) if size else []
+    _common.debug(f"--exchange: {len(written)} entries ({size} bytes) came back")
+
+
 def restore_and_run(
-    bochs: str, entry: Path, data: bytes, nonce: str, deadline: float, run: Path
+    bochs: str,
+    entry: Path,
+    data: bytes,
+    nonce: str,
+    deadline: float,
+    run: Path,
+    exchange: str = "",
 ) -> int:
-    """Restore the saved machine with ``data`` on its disk; the command's status."""
+    """Restore the saved machine with ``data`` on its disk; the command's status.
+    With ``exchange``, what the command left there is unpacked into it afterwards."""
     state = run / "state"
     state.mkdir()
     for item in (entry / "state").iterdir():
@@ -849,18 +1045,30 @@ def restore_and_run(
             disk.truncate(DISK_BYTES)
     (run / "cmds").write_text("c\n")
     argv = _bochs_argv(bochs, run / "cmds", "-r", str(state))
-    return _common.run_guest(
+    status = _common.run_guest(
         argv,
         nonce=nonce,
         timeout=max(1.0, deadline - time.monotonic()),
         label=LABEL,
         console_file=run / "serial.log",
     )
+    if exchange:
+        exchange_back(run / "disk.img", nonce, exchange, status)
+    return status
 
 
-def main(command: list[str], timeout: float, cwd: str, series: str = _common.DEFAULT_KERNEL) -> int:
+def main(
+    command: list[str],
+    timeout: float,
+    cwd: str,
+    series: str = _common.DEFAULT_KERNEL,
+    exchange: str = "",
+) -> int:
     """Run ``command`` in ``cwd`` inside the Intel guest booting the newest kernel
-    of ``series``; return its exit status or one of the harness's own (123, 124, 125)."""
+    of ``series``; return its exit status or one of the harness's own (123, 124, 125).
+
+    ``exchange``: a host directory whose files go in with the payload, at the same
+    path, and whose new or changed files come back into it after the command."""
     started = time.monotonic()
     deadline = started + timeout
     try:
@@ -870,11 +1078,11 @@ def main(command: list[str], timeout: float, cwd: str, series: str = _common.DEF
             _common.debug("not installed, so not in the guest: " + ", ".join(sorted(missing)))
         entry = snapshot(bochs, busybox, stable, deadline, series)
         nonce = _common.new_nonce()
-        data = payload(nonce, command, cwd, volatile, series)
+        data = payload(nonce, command, cwd, volatile, series, exchange)
         _common.debug(f"prepared in {time.monotonic() - started:.2f} s: {entry}, "
                       f"payload {len(data) >> 10} KiB")  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="kvmstate-guest-intel-") as tmp:
-            return restore_and_run(bochs, entry, data, nonce, deadline, Path(tmp))
+            return restore_and_run(bochs, entry, data, nonce, deadline, Path(tmp), exchange)
     except HarnessError as error:
         _common.say(error.message)
         return error.status

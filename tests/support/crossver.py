@@ -1,4 +1,4 @@
-"""Cross-version migration of the SVM L1, run inside one AMD guest boot per kernel series.
+"""Cross-version migration of the nested L1s, run inside one guest boot per kernel series.
 
 ``python -m tests.support.crossver DIR --kernel 6.1 --peer 6.12`` (inside
 ``tests/guest/run --cpu amd --kernel 6.1 --exchange DIR``), with the same
@@ -18,12 +18,23 @@ command for the peer series booted at the same time:
    (tests/test_crossver.py), which asserts on it.
 
 Both boots run at once, so the exchange costs no boot beyond one per series.
+
+``--vendor vmx`` does the same with the VMX L1 of tests/support/vmx_l1.py in
+the Intel guest, at the first exit of each stage of tests/test_vmx_migration.py
+(entries pending included), saving the whole VM (``Vm.save_state``, one
+kvmstate file with the memory) and restoring it with ``Kvm.restore_vm``.
+Bochs boots cannot see each other's files while they run (the exchange is a
+copy in and back), so there the steps run in rounds: ``--round save`` (1 and
+2, both series at once), then ``--round restore`` (3 and 4, both again), the
+peer's saves already in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -32,10 +43,12 @@ import sys
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kvmstate
+import kvmstate.cli
 from kvmstate import snapshot, uapi
 from kvmstate.errors import KvmError
 from kvmstate.preflight import DroppedMsrWarning, PreflightError
@@ -52,10 +65,17 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:48]
 
 
-def kvmstate_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kvmstate", *args], capture_output=True, text=True, timeout=300
-    )
+def kvmstate_cli(*args: str, in_process: bool = False) -> subprocess.CompletedProcess[str]:
+    """The ``kvmstate`` command, in a process of its own, or with ``in_process`` its
+    entry point (``kvmstate.cli.main``) here, its output captured: under Bochs a new
+    Python process takes seconds to start and import the library."""
+    argv = [sys.executable, "-m", "kvmstate", *args]
+    if not in_process:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = kvmstate.cli.main(list(args))
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -195,9 +215,10 @@ def restore_one(
         machine.close()
 
 
-def check_first(save: Path, target: Path) -> dict[str, Any]:
+def check_first(save: Path, target: Path, *, in_process: bool = False) -> dict[str, Any]:
     """``kvmstate check SAVE --target TARGET --json``: the verdict before the restore."""
-    proc = kvmstate_cli("check", str(save), "--target", str(target), "--json")
+    proc = kvmstate_cli("check", str(save), "--target", str(target), "--json",
+                        in_process=in_process)  # fmt: skip
     if proc.returncode not in (0, 1):
         return {"status": proc.returncode, "error": proc.stderr.strip(), "rules": []}
     (entry,) = json.loads(proc.stdout)["vcpus"]
@@ -206,8 +227,76 @@ def check_first(save: Path, target: Path) -> dict[str, Any]:
     undecided = [p["rule_id"] or p["rule"] for p in entry["problems"] if not p["certain"]]
     messages = [f"{f['part']}: {f['message']}" for f in entry.get("preflight", {}).get(
         "refusals", [])] + [f"{p['field']}: {p['rule']}" for p in entry["problems"]]  # fmt: skip
+    dropped = sorted(entry.get("preflight", {}).get("dropped", {}))  # the MSRs it would drop
     return {"status": proc.returncode, "refused": entry["refused"], "rules": rules,
-            "undecided": undecided, "messages": messages}  # fmt: skip
+            "undecided": undecided, "messages": messages, "dropped": dropped}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Vendor:
+    """What differs between the SVM and the VMX runs; the driver's steps are shared."""
+
+    variants: tuple[str, ...]
+    #: Run the L1 of one variant to its end, saving into the directory at each stage:
+    #: the manifest entries (``name``, ``variant``, ``stage`` and what ``restore`` needs).
+    save: Callable[[kvmstate.Kvm, Path, str], list[dict[str, Any]]]
+    #: Restore one save (its path without suffix, its manifest entry) and run it to the end.
+    restore: Callable[[kvmstate.Kvm, Path, dict[str, Any]], Outcome]
+    #: Run ``kvmstate check`` through its entry point in this process (see kvmstate_cli).
+    check_in_process: bool = False
+
+
+def _svm_restore(kvm: kvmstate.Kvm, where: Path, entry: dict[str, Any]) -> Outcome:
+    return restore_one(kvm, where, entry["result_before"])
+
+
+SVM = Vendor(tuple(VARIANTS), save_stages, _svm_restore)
+
+
+def _vendor(name: str) -> Vendor:
+    if name == "svm":
+        return SVM
+    from tests.support import crossver_vmx  # the Intel guest only: it builds the VMX L1
+
+    return crossver_vmx.VMX
+
+
+def save_all(vendor: Vendor, kvm: kvmstate.Kvm, exchange: Path, kernel: str) -> bool:
+    """Steps 1 and 2: this kernel's target file, every save, the manifest last."""
+    mine = exchange / kernel
+    mine.mkdir(exist_ok=True)
+    made = kvmstate_cli("target")
+    if made.returncode != 0:
+        print(made.stderr, file=sys.stderr)
+        return False
+    write_atomic(exchange / f"target-{kernel}.json", made.stdout.encode())
+    started = time.monotonic()
+    saved = [entry for v in vendor.variants for entry in vendor.save(kvm, mine, v)]
+    write_atomic(mine / "manifest.json", json.dumps(saved, indent=1).encode())
+    print(f"saved {len(saved)} stages in {time.monotonic() - started:.1f} s", flush=True)
+    return True
+
+
+def restore_all(
+    vendor: Vendor, kvm: kvmstate.Kvm, exchange: Path, kernel: str, peer: str
+) -> list[dict[str, Any]]:
+    """Step 3: check, then restore and run, each of the peer's saves; the result rows."""
+    theirs, target = exchange / peer, exchange / f"target-{kernel}.json"
+    rows = []
+    for entry in json.loads((theirs / "manifest.json").read_text()):
+        save = theirs / entry["name"]
+        verdict = check_first(save.with_suffix(".kvmstate"), target,
+                              in_process=vendor.check_in_process)  # fmt: skip
+        outcome = vendor.restore(kvm, save, entry)
+        rows.append({**entry, "from": peer, "to": kernel, "check": verdict,
+                     **dataclasses.asdict(outcome)})  # fmt: skip
+        retry = outcome.retry
+        print(f"{peer} -> {kernel} {entry['variant']} {entry['stage']}: "
+              f"check {verdict.get('rules') or 'ok'}; {outcome.restore} "
+              f"{outcome.error or outcome.detail} {outcome.kernel_says}"
+              + (f"; at the target's TSC rate: {retry.restore} {retry.error or retry.detail}"
+                 if retry else ""), flush=True)  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,43 +304,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--kernel", required=True)
     parser.add_argument("--peer", required=True)
+    parser.add_argument("--vendor", choices=("svm", "vmx"), default="svm")
+    parser.add_argument(
+        "--round", choices=("both", "save", "restore"), default="both",
+        help="save: steps 1-2; restore: steps 3-4 with the peer's saves already there; "
+        "both (default): all, waiting for the peer's saves",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     exchange: Path = args.dir
-    mine, theirs = exchange / args.kernel, exchange / args.peer
-    mine.mkdir(exist_ok=True)
-    made = kvmstate_cli("target")
-    if made.returncode != 0:
-        print(made.stderr, file=sys.stderr)
-        return 1
-    target = exchange / f"target-{args.kernel}.json"
-    write_atomic(target, made.stdout.encode())
-
+    vendor = _vendor(args.vendor)
     started = time.monotonic()
     with kvmstate.Kvm() as kvm:
-        saved = [entry for v in VARIANTS for entry in save_stages(kvm, mine, v)]
-        write_atomic(mine / "manifest.json", json.dumps(saved, indent=1).encode())
-        print(f"saved {len(saved)} stages in {time.monotonic() - started:.1f} s", flush=True)
-
-        deadline = time.monotonic() + WAIT
-        while not (theirs / "manifest.json").exists():
+        if args.round != "restore" and not save_all(vendor, kvm, exchange, args.kernel):
+            return 1
+        if args.round == "save":
+            return 0
+        manifest = exchange / args.peer / "manifest.json"
+        wait = WAIT if args.round == "both" else 0.0
+        deadline = time.monotonic() + wait
+        while not manifest.exists():
             if time.monotonic() > deadline:
-                print(f"no saves from {args.peer} after {WAIT:.0f} s", file=sys.stderr)
+                print(f"no saves from {args.peer} after {wait:.0f} s", file=sys.stderr)
                 return 1
             time.sleep(2)
         waited = time.monotonic()
-        rows = []
-        for entry in json.loads((theirs / "manifest.json").read_text()):
-            save = theirs / entry["name"]
-            verdict = check_first(save.with_suffix(".kvmstate"), target)
-            outcome = restore_one(kvm, save, entry["result_before"])
-            rows.append({**entry, "from": args.peer, "to": args.kernel, "check": verdict,
-                         **dataclasses.asdict(outcome)})  # fmt: skip
-            retry = outcome.retry
-            print(f"{args.peer} -> {args.kernel} {entry['variant']} {entry['stage']}: "
-                  f"check {verdict.get('rules') or 'ok'}; {outcome.restore} "
-                  f"{outcome.error or outcome.detail} {outcome.kernel_says}"
-                  + (f"; at the target's TSC rate: {retry.restore} {retry.error or retry.detail}"
-                     if retry else ""), flush=True)  # fmt: skip
+        rows = restore_all(vendor, kvm, exchange, args.kernel, args.peer)
     results = {
         "kernel": args.kernel,
         "release": os.uname().release,
