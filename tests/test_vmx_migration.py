@@ -33,8 +33,6 @@ import errno
 import functools
 import signal
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -51,7 +49,7 @@ from kvmstate.uapi import NestedFlag, VmxHeaderFlag
 from kvmstate.vmcs12 import VMCS12_REVISION, VMCS12_SIZE, vmcs12
 from kvmstate.vmstate import VmState
 from tests.kvm_fixtures import needs_kvm
-from tests.support import migrate_vmx
+from tests.support import migrate, migrate_vmx
 from tests.support import vmx_l1 as l1
 from tests.support.vmx_l1 import GPA, Action, Phase, Port
 
@@ -711,21 +709,13 @@ def finish_from_file(path: str) -> None:
 @pytest.mark.vmx_guest
 def test_a_vm_saved_to_a_file_finishes_in_a_new_process(tmp_path: Path) -> None:
     path = str(tmp_path / "l1.kvmstate")
-    for step in (f"save_to_file({path!r})", f"finish_from_file({path!r})"):
-        # Each step in its own process: the second has only the file.
-        child = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_vmx_migration import *; {step}"],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        assert child.returncode == 0, f"{step}:\n{child.stdout}\n{child.stderr}"
-        if step.startswith("save"):
-            saved = VmState.load(path)
-            nested = saved.vcpus[0].nested
-            assert nested is not None and nested.size == VMX_MAX_SIZE  # the shadow VMCS
-            assert nested.flags & NestedFlag.GUEST_MODE
-            assert nested.vmx.flags & VmxHeaderFlag.PREEMPTION_TIMER_DEADLINE
+    # Each step in its own process: the second has only the file.
+    migrate.run_in_child(save_to_file, path, timeout=1800)
+    nested = VmState.load(path).vcpus[0].nested
+    assert nested is not None and nested.size == VMX_MAX_SIZE  # the shadow VMCS
+    assert nested.flags & NestedFlag.GUEST_MODE
+    assert nested.vmx.flags & VmxHeaderFlag.PREEMPTION_TIMER_DEADLINE
+    migrate.run_in_child(finish_from_file, path, timeout=1800)  # checks as it finishes
 
 
 # --------------------------------------------------------------------------- on the host
