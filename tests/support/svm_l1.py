@@ -184,21 +184,19 @@ class Assembler(asm.Assembler):
 
     def store_reg(self, address: int, reg: str) -> None:
         """mov [address], r32 or r64."""
-        if reg in REG64:
-            code = 0x04 | REG64[reg] << 3
-            self.insn(f"mov qword ptr ds:{address:#x},{reg}", 0x48, 0x89, code, _disp(address))
-        else:
-            code = 0x04 | REG32[reg] << 3
-            self.insn(f"mov dword ptr ds:{address:#x},{reg}", 0x89, code, _disp(address))
+        self._mov_memory(0x89, reg, address)
 
     def load_reg(self, reg: str, address: int) -> None:
         """mov r32 or r64, [address]."""
-        if reg in REG64:
-            code = 0x04 | REG64[reg] << 3
-            self.insn(f"mov {reg},qword ptr ds:{address:#x}", 0x48, 0x8B, code, _disp(address))
-        else:
-            code = 0x04 | REG32[reg] << 3
-            self.insn(f"mov {reg},dword ptr ds:{address:#x}", 0x8B, code, _disp(address))
+        self._mov_memory(0x8B, reg, address)
+
+    def _mov_memory(self, opcode: int, reg: str, address: int) -> None:
+        """mov between ``reg`` and [address]: opcode 0x89 stores it, 0x8B loads it."""
+        wide = reg in REG64
+        memory = f"{'qword' if wide else 'dword'} ptr ds:{address:#x}"
+        text = f"mov {memory},{reg}" if opcode == 0x89 else f"mov {reg},{memory}"
+        modrm = 0x04 | (REG64 if wide else REG32)[reg] << 3
+        self.insn(text, *(b"\x48" if wide else b""), opcode, modrm, _disp(address))
 
     def out_stage(self, stage: Stage) -> None:
         self.insn(f"mov al,{int(stage):#x}", 0xB0, int(stage))
