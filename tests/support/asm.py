@@ -10,13 +10,17 @@ few encodings that mean the same in 32-bit and 64-bit mode.
 An instruction written with :meth:`Assembler.insn` carries the text
 ``objdump -M intel`` prints for it (``{label}`` for a label's address), so a
 program written with nothing else can be checked instruction by instruction
-(:meth:`Assembler.listing`, tests/test_svm_l1.py).
+(:meth:`Assembler.listing`, tests/test_svm_l1.py); :func:`objdump` gives
+what binutils makes of the bytes, for the tests to compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
+import subprocess
+from pathlib import Path
 
 REG32 = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
 REG64 = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7}
@@ -151,3 +155,20 @@ class Assembler:
 
     def wrmsr(self) -> None:
         self.insn("wrmsr", 0x0F, 0x30)
+
+
+def objdump(code: bytes, origin: int, workdir: Path, *, bits: int = 32) -> list[tuple[int, str]]:
+    """(address, instruction text) as ``objdump -M intel`` decodes ``code`` loaded at
+    ``origin``, in 32-bit or 64-bit mode; ``workdir`` takes the file it reads."""
+    blob = workdir / f"code-{origin:#x}.bin"
+    blob.write_bytes(code)
+    machine = {32: "i386", 64: "i386:x86-64"}[bits]
+    out = subprocess.run(
+        ["objdump", "-D", "-b", "binary", f"-m{machine}", "-Mintel",
+         f"--adjust-vma={origin:#x}", str(blob)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    found = (
+        re.match(r"\s+([0-9a-f]+):\t(?:[0-9a-f]{2} )+\s*\t(.*)", line) for line in out.splitlines()
+    )
+    return [(int(m[1], 16), m[2].strip()) for m in found if m]
