@@ -33,6 +33,7 @@ from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag
 from kvmstate.vmcb import SvmExit
 from kvmstate.vmstate import VmState
+from tests.kvm_fixtures import start_real_mode
 from tests.support import migrate, svm_l1
 from tests.support.migrate import Machine
 
@@ -464,13 +465,7 @@ def real_mode_machine(kvm: kvmstate.Kvm) -> Machine:
     machine = Machine(kvm, [(0, 0x10000)])
     with machine.memory(0x1000, len(COUNT_TO_FIVE)) as view:
         view[:] = COUNT_TO_FIVE
-    vcpu = machine.vcpus[0]
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
-    vcpu.set_regs(regs)
+    start_real_mode(machine.vcpus[0])
     return machine
 
 

@@ -48,7 +48,7 @@ from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, VmxHeaderFlag
 from kvmstate.vmcs12 import VMCS12_REVISION, VMCS12_SIZE, vmcs12
 from kvmstate.vmstate import VmState
-from tests.kvm_fixtures import needs_kvm
+from tests.kvm_fixtures import needs_kvm, start_real_mode
 from tests.support import migrate, migrate_vmx
 from tests.support import vmx_l1 as l1
 from tests.support.vmx_l1 import GPA, Action, Phase, Port
@@ -751,13 +751,7 @@ def test_migrate_a_running_vm_on_this_host(kvm: kvmstate.Kvm) -> None:
     # Real mode at 0x1000: inc al; out 0x10, al; cmp al, 5; jne back; hlt.
     code = bytes([0xFE, 0xC0, 0xE6, 0x10, 0x3C, 0x05, 0x75, 0xF8, 0xF4])
     machine.memory[0][0x1000 : 0x1000 + len(code)] = code
-    vcpu = machine.vcpus[0]
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags, regs.rax = 0x1000, 2, 0
-    vcpu.set_regs(regs)
+    start_real_mode(machine.vcpus[0])  # AL counts from 0, as KVM resets RAX
     seen = []
     try:
         while (reason := machine.vcpus[0].run()) == uapi.ExitReason.IO:
