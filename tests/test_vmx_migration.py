@@ -326,12 +326,7 @@ def setup_l1(kvm: kvmstate.Kvm, machine: migrate_vmx.Machine) -> None:
     if missing:
         pytest.fail("this KVM's nested VMX lacks what the L1 needs: " + "; ".join(missing))
     sregs = vcpu.get_sregs()
-    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, dpl=0, db=1, s=1, l=0, g=1)
-    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(sregs, name)
-        for field, value in flat.items():
-            setattr(seg, field, value)
-        seg.selector, seg.type = (l1.CS_SEL, 11) if name == "cs" else (l1.DS_SEL, 3)
+    l1.flat_segments(sregs)
     tr = sregs.tr
     tr.selector, tr.base, tr.limit, tr.type, tr.present, tr.s, tr.g = (
         l1.TR_SEL, GPA.TSS, 0x67, 11, 1, 0, 0

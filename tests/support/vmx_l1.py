@@ -68,6 +68,7 @@ import mmap
 import struct
 from collections.abc import Mapping
 
+from kvmstate import uapi
 from kvmstate import vmcs12 as v12
 from tests.support import asm
 
@@ -420,6 +421,17 @@ def program() -> bytes:
     a.label("vmcs_ptr")
     a.emit(asm.u64(VMCS))
     return a.build()
+
+
+def flat_segments(sregs: uapi.kvm_sregs) -> None:
+    """Make CS, DS, ES, FS, GS and SS of ``sregs`` what both L1s run with: flat 32-bit
+    ring-0 segments, code at :data:`CS_SEL` and data at :data:`DS_SEL` of their GDT."""
+    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, dpl=0, db=1, s=1, l=0, g=1)
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        seg = getattr(sregs, name)
+        for field, value in flat.items():
+            setattr(seg, field, value)
+        seg.selector, seg.type = (CS_SEL, 11) if name == "cs" else (DS_SEL, 3)
 
 
 def page_directory() -> bytes:
