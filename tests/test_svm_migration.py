@@ -334,12 +334,10 @@ def finish_from_file(path: str) -> dict[str, object]:
 @pytest.mark.svm_guest
 def test_a_vm_saved_to_a_file_finishes_in_a_new_process(tmp_path: Path) -> None:
     path = str(tmp_path / "l1.kvmstate")
-    # Each step in its own process: the second has only the file.
-    migrate.run_in_child(save_to_file, path, timeout=600)
-    nested = VmState.load(path).vcpus[0].nested
+    saved, logs = migrate.in_two_processes(save_to_file, finish_from_file, path, timeout=600)
+    nested = saved.vcpus[0].nested
     assert nested is not None and nested.size == SVM_MAX_SIZE
     assert nested.flags == GUEST  # saved with L2 running
-    logs = migrate.run_in_child(finish_from_file, path, timeout=600)
     want = expected()
     assert logs["result"] == want.result  # bit for bit, as a run never saved
     assert logs["io_log"] == want.hashes and logs["round_log"] == want.accumulators

@@ -11,7 +11,8 @@ layout, restored in the documented order), then a fresh save of every
 vCPU, naming every field that came back different
 (:class:`Migration.refreshed`), so a test can say which fields KVM
 refreshes instead of hiding them. :func:`run_in_child` runs one step of a
-"save in one process, finish in another" test in a process of its own.
+"save in one process, finish in another" test in a process of its own;
+:func:`in_two_processes` runs both steps.
 """
 
 from __future__ import annotations
@@ -187,6 +188,20 @@ def run_in_child(function: Callable[..., Any], *args: object, timeout: float) ->
             f"stdout:\n{child.stdout}\nstderr:\n{child.stderr}"
         )
     return json.loads(results[-1][len(CHILD_RESULT) :])
+
+
+def in_two_processes(
+    save: Callable[[str], object], finish: Callable[[str], Any], path: str, *, timeout: float
+) -> tuple[VmState, Any]:
+    """``save(path)`` in one new process, then ``finish(path)`` in another, which has only
+    the file: (the VM state saved there, what ``finish`` returned). Each step is
+    :func:`run_in_child`'s, with ``timeout`` seconds of its own::
+
+        saved, logs = in_two_processes(save_to_file, finish_from_file, path, timeout=600)
+    """
+    run_in_child(save, path, timeout=timeout)
+    saved = VmState.load(path)
+    return saved, run_in_child(finish, path, timeout=timeout)
 
 
 def compare(before: VcpuState, after: VcpuState) -> Differences:
