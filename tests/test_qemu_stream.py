@@ -474,24 +474,18 @@ def nested_offsets(stream: qemu.QemuStream) -> dict[str, int]:
 
 
 def test_refuses_nested_sizes_that_disagree(data: bytes) -> None:
-    stream = qemu.read(data)
-    at = nested_offsets(stream)
-    bad = data[: at["size"]] + struct.pack(">I", 2000) + data[at["size"] + 4 :]
-    with pytest.raises(ValueError, match=f"offset {at['size']} .*SVM nested state size 2000"):
-        qemu.read(bad)
-    bad = data[: at["size"]] + struct.pack(">I", 128) + data[at["size"] + 4 :]
-    with pytest.raises(
-        ValueError, match=r"size 128 says no vmcb12 follows, but cpu/kvm_nested_state/svm is there"
+    at = nested_offsets(qemu.read(data))
+    no_vmcb12 = "size 128 says no vmcb12 follows, but cpu/kvm_nested_state/svm is there"
+    for field, fmt, value, message in (
+        ("size", ">I", 2000, f"offset {at['size']} .*SVM nested state size 2000"),
+        ("size", ">I", 128, no_vmcb12),
+        ("format", ">H", 7, "format 7"),
+        ("format", ">H", 0, "format is VMX but the stream has cpu/kvm_nested_state/svm"),
     ):
-        qemu.read(bad)
-    bad = data[: at["format"]] + struct.pack(">H", 7) + data[at["format"] + 2 :]
-    with pytest.raises(ValueError, match=r"format 7"):
-        qemu.read(bad)
-    bad = data[: at["format"]] + struct.pack(">H", 0) + data[at["format"] + 2 :]
-    with pytest.raises(
-        ValueError, match=r"format is VMX but the stream has cpu/kvm_nested_state/svm"
-    ):
-        qemu.read(bad)
+        written = struct.pack(fmt, value)  # big-endian, as QEMU writes these fields
+        bad = data[: at[field]] + written + data[at[field] + len(written) :]
+        with pytest.raises(ValueError, match=message):
+            qemu.read(bad)
 
 
 def test_refuses_lying_lengths(data: bytes) -> None:
