@@ -45,6 +45,20 @@ def vcpu(vm: kvmstate.Vm) -> Iterator[kvmstate.Vcpu]:
         yield c
 
 
+def start_real_mode(vcpu: kvmstate.Vcpu, rip: int = 0x1000) -> None:
+    """Point a fresh ``vcpu`` (in real mode) at ``rip``, with CS base and selector 0::
+
+    mem[0x1000:0x1002] = b"\\xe6\\x10"  # out 0x10, al
+    start_real_mode(vcpu)  # the next run() exits with that OUT
+    """
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip, regs.rflags = rip, 2  # bit 1 is always set
+    vcpu.set_regs(regs)
+
+
 @pytest.fixture
 def no_nested_kvm(kvm: kvmstate.Kvm) -> kvmstate.Kvm:
     """A KVM without nested support (as on the development machines)."""

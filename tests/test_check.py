@@ -11,6 +11,7 @@ per series where the series differ (:data:`MORE_KERNEL_ANSWERS`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -32,7 +33,7 @@ from kvmstate.nested import SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag
 from tests.kvm_fixtures import needs_kvm
-from tests.support import kernels
+from tests.support import kernels, vmx_l1
 from tests.support.states import (
     INVALID,
     IOPM_PA,
@@ -1157,31 +1158,39 @@ def _enter_smm(vcpu: kvmstate.Vcpu) -> None:
     vcpu.set_vcpu_events(events)
 
 
+def _vcpus(setup: Callable[..., None]) -> Iterator[Callable[..., kvmstate.Vcpu]]:
+    """A maker of fresh vCPUs, each in a VM of its own, prepared by ``setup(kvm, vcpu,
+    **options)`` and then put in SMM when asked (``smm=True``); all closed at the end."""
+    with contextlib.ExitStack() as opened:
+        kvm = opened.enter_context(kvmstate.Kvm())
+
+        def make(*, smm: bool = False, **options: Any) -> kvmstate.Vcpu:
+            vm = opened.enter_context(kvm.create_vm())
+            vcpu = opened.enter_context(vm.create_vcpu(0))
+            setup(kvm, vcpu, **options)
+            if smm:
+                _enter_smm(vcpu)
+            return vcpu
+
+        yield make
+
+
+def _as_svm_vmm_does(
+    kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu, *, svme: bool = True, cr3: int | None = None
+) -> None:
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    sregs = vcpu.get_sregs()
+    if svme:
+        sregs.efer |= svm.EFER_SVME
+    if cr3 is not None:
+        sregs.cr3 = cr3
+    vcpu.set_sregs(sregs)
+
+
 @pytest.fixture
 def amd_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
     """vCPUs as a VMM restoring SVM state makes them: supported CPUID, then EFER.SVME."""
-    opened: list[Any] = []
-    kvm = kvmstate.Kvm()
-    opened.append(kvm)
-
-    def make(svme: bool = True, smm: bool = False, cr3: int | None = None) -> kvmstate.Vcpu:
-        vm = kvm.create_vm()
-        vcpu = vm.create_vcpu(0)
-        opened.extend((vm, vcpu))
-        vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        sregs = vcpu.get_sregs()
-        if svme:
-            sregs.efer |= svm.EFER_SVME
-        if cr3 is not None:
-            sregs.cr3 = cr3
-        vcpu.set_sregs(sregs)
-        if smm:
-            _enter_smm(vcpu)
-        return vcpu
-
-    yield make
-    for fd in reversed(opened):
-        fd.close()
+    yield from _vcpus(_as_svm_vmm_does)
 
 
 # The SVM cases the kernel can be asked about: every one from CASES on an SVM baseline (the
@@ -1326,43 +1335,28 @@ MSR_IA32_FEATURE_CONTROL = 0x3A
 CPUID_VMX = 1 << 5
 
 
+def _as_vmx_vmm_does(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu, *, vmx_cpuid: bool = True) -> None:
+    cpuid = kvm.get_supported_cpuid()
+    for entry in list(cpuid.items())[: len(cpuid)]:
+        if entry.function == 1 and not vmx_cpuid:
+            entry.ecx &= ~CPUID_VMX
+    vcpu.set_cpuid2(cpuid)
+    if vmx_cpuid:
+        vcpu.set_msrs({MSR_IA32_FEATURE_CONTROL: 0x5})  # locked, VMX outside SMX
+    sregs = vcpu.get_sregs()
+    vmx_l1.flat_segments(sregs)  # flat 32-bit ring 0, as the hand-assembled L1s run
+    sregs.tr.selector, sregs.tr.type, sregs.tr.present, sregs.tr.limit = vmx_l1.TR_SEL, 11, 1, 0x67
+    sregs.cr0, sregs.cr3 = L1_CR0, L1_CR3
+    sregs.cr4 = L1_CR4 if vmx_cpuid else L1_CR4 & ~0x2000
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+
+
 @pytest.fixture
 def intel_vcpu() -> Iterator[Callable[..., kvmstate.Vcpu]]:
     """vCPUs as a VMM restoring VMX state makes them: CPUID, IA32_FEATURE_CONTROL (locked,
     VMX on), then sregs of the 32-bit paged L1 the VMX baselines describe."""
-    opened: list[Any] = []
-    kvm = kvmstate.Kvm()
-    opened.append(kvm)
-
-    def make(vmx_cpuid: bool = True, smm: bool = False) -> kvmstate.Vcpu:
-        vm = kvm.create_vm()
-        vcpu = vm.create_vcpu(0)
-        opened.extend((vm, vcpu))
-        cpuid = kvm.get_supported_cpuid()
-        for entry in list(cpuid.items())[: len(cpuid)]:
-            if entry.function == 1 and not vmx_cpuid:
-                entry.ecx &= ~CPUID_VMX
-        vcpu.set_cpuid2(cpuid)
-        if vmx_cpuid:
-            vcpu.set_msrs({MSR_IA32_FEATURE_CONTROL: 0x5})  # locked, VMX outside SMX
-        sregs = vcpu.get_sregs()
-        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-            seg = getattr(sregs, name)
-            seg.base, seg.limit, seg.present, seg.dpl = 0, 0xFFFFFFFF, 1, 0
-            seg.db, seg.s, seg.g = 1, 1, 1
-            seg.selector, seg.type = (0x08, 11) if name == "cs" else (0x10, 3)
-        sregs.tr.selector, sregs.tr.type, sregs.tr.present, sregs.tr.limit = 0x18, 11, 1, 0x67
-        sregs.cr0, sregs.cr3 = L1_CR0, L1_CR3
-        sregs.cr4 = L1_CR4 if vmx_cpuid else L1_CR4 & ~0x2000
-        sregs.efer = 0
-        vcpu.set_sregs(sregs)
-        if smm:
-            _enter_smm(vcpu)
-        return vcpu
-
-    yield make
-    for fd in reversed(opened):
-        fd.close()
+    yield from _vcpus(_as_vmx_vmm_does)
 
 
 _VMX_SETUP: dict[str, dict[str, Any]] = {

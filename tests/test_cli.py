@@ -441,6 +441,15 @@ def kvmstate_file(tmp_path: Path, name: str, *states: VcpuState) -> Path:
     return path
 
 
+def no_svm_file(tmp_path: Path) -> Path:
+    """A KVMSTATE file of a valid SVM L2 (ASID 1, EFER.SVME) saved with a CPUID whose one
+    leaf, 0x80000001, has ECX.SVM (bit 2) clear."""
+    saved = saved_vcpu(svm_l2(asid=1), efer=vmcb.EFER_SVME)
+    saved.cpuid = uapi.kvm_cpuid2.new(1)
+    saved.cpuid.items()[0].function = 0x8000_0001
+    return kvmstate_file(tmp_path, "no-svm.kvmstate", saved)
+
+
 def saved_vcpu(nested: NestedState | None, efer: int = 0, why: str = "") -> VcpuState:
     """A saved vCPU (as VcpuState.to_bytes writes one) with this nested part and EFER."""
     state = VcpuState(regs=uapi.kvm_regs(), sregs=uapi.kvm_sregs(), msrs={0x174: 0})
@@ -547,10 +556,7 @@ def test_check_a_kvmstate_file_uses_its_saved_registers(tmp_path: Path) -> None:
 @needs_script
 def test_check_a_kvmstate_file_given_cpu_features_overrides_its_cpuid(tmp_path: Path) -> None:
     """A CPUID without SVM in the file; --fact cpu_features says the target has it."""
-    saved = saved_vcpu(svm_l2(asid=1), efer=vmcb.EFER_SVME)
-    saved.cpuid = uapi.kvm_cpuid2.new(1)
-    saved.cpuid.items()[0].function = 0x80000001  # ECX.SVM (bit 2) clear
-    path = kvmstate_file(tmp_path, "no-svm.kvmstate", saved)
+    path = no_svm_file(tmp_path)
     facts = ["--fact", "vendor=svm", "--fact", "in_smm=0"]
     proc = run("check", *facts, str(path))
     assert proc.returncode == 1 and "needs CPUID svm in the vCPU" in proc.stdout

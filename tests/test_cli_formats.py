@@ -604,13 +604,10 @@ def test_files_larger_than_their_kind_holds_are_refused_unread(tmp_path: Path) -
 
 @needs_script
 def test_svm_fills_in_only_what_the_file_does_not_say(tmp_path: Path) -> None:
-    from tests.test_cli import kvmstate_file, saved_vcpu
+    from tests.test_cli import kvmstate_file, no_svm_file, saved_vcpu
     from tests.test_cli import svm_l2 as l2
 
-    with_cpuid = saved_vcpu(l2(asid=1), efer=vmcb.EFER_SVME)
-    with_cpuid.cpuid = uapi.kvm_cpuid2.new(1)
-    with_cpuid.cpuid.items()[0].function = 0x8000_0001  # ECX.SVM (bit 2) clear
-    path = kvmstate_file(tmp_path, "no-svm.kvmstate", with_cpuid)
+    path = no_svm_file(tmp_path)
     # The restore sets this CPUID: the vCPU lacks SVM whatever the destination's vendor.
     proc = run("check", "--svm", "--fact", "in_smm=0", str(path))
     assert proc.returncode == 1 and "EFER.SVME needs CPUID svm in the vCPU" in proc.stdout

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import kvmstate
 from kvmstate import uapi, vmcs12
@@ -31,7 +30,7 @@ from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, NestedFormat
 from tests.kvm_fixtures import NO_KVM
 from tests.support import vmm_files
-from tests.support.states import svm_guest_saved
+from tests.support.states import restored_in_a_fresh_vcpu, svm_guest_saved
 from tests.test_check import BASELINES
 
 Saved = tuple[VcpuState, uapi.kvm_fpu]
@@ -444,16 +443,10 @@ def test_every_truncation_is_refused(one_saved: Saved) -> None:
 _SMALL = _tree(json.dumps({"Kvm": {"cpuid": [], "msrs": [{"index": 16, "data": 5}]}}))
 
 
-@given(st.lists(st.tuples(st.integers(0, len(_SMALL) - 1), st.integers(0, 255)), max_size=6))
+@given(vmm_files.pokes(_SMALL))
 @settings(max_examples=500, deadline=None)
 def test_fuzz_mutations_give_value_errors(pokes: list[tuple[int, int]]) -> None:
-    data = bytearray(_SMALL)
-    for at, value in pokes:
-        data[at] = value
-    try:
-        ch.load(bytes(data))
-    except ValueError as exc:
-        assert "\n" not in str(exc)
+    vmm_files.loads_or_refuses_in_one_line(ch.load, _SMALL, pokes)
 
 
 # --- paths and detection --------------------------------------------------------------------------
@@ -518,13 +511,7 @@ def test_guest_mode_state_through_a_file_into_a_fresh_vcpu() -> None:
             {0: vmm_files.ch_vcpu_state(saved, first.get_fpu(), nested=saved.nested.to_bytes())}
         )
         read = ch.read_state_json(data)[0]
-        assert read.nested == saved.nested
-        second = make()
-        second.restore_state(read)
-        again = second.save_state()
-        assert again.nested == saved.nested
-        for part in ("regs", "sregs", "xsave", "lapic"):
-            assert again.part_bytes(part) == saved.part_bytes(part), part
+        again = restored_in_a_fresh_vcpu(make, read, saved, ("regs", "sregs", "xsave", "lapic"))
         # Written back (the TSC has moved on), the nested state is the same bytes.
         out = ch.load(data).with_vcpu(0, again)
         assert _inner(out, 0)["nested_state"] == _inner(data, 0)["nested_state"]

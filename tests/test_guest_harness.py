@@ -1,12 +1,16 @@
 """Tests of the emulated-guest harness (tests/guest/run) and its pytest plugin.
 
-These run on the host and boot the AMD guest themselves (about 7 s a boot),
-so they are few: one probe shared by several tests, one timeout, one pytest
-session through the plugin, plus the marked example below.
+What the harness does in a guest is checked per vendor with one set of
+tests: the marked ones run in the AMD and the Intel guest on each kernel
+series, and one probe boot per vendor serves the host-side checks of it
+(the Intel guest's own pieces are in tests/test_guest_intel.py). The other
+boots are AMD ones (about 7 s each), so they are few: one timeout, two
+pytest sessions through the plugin, one exchange directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import json
@@ -25,13 +29,13 @@ import pytest
 
 import kvmstate
 from tests.guest import _common
+from tests.guest.pytest_guest import Target
 from tests.support import kernels
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "tests" / "guest" / "run"
 KVM_CHECK_EXTENSION = 0xAE03
 KVM_CAP_NESTED_STATE = 157
-NESTED_STATE_SIZE_SVM = 4224  # header (128) + vmcb12 (4096), on the guest's 6.1 and 6.12
 
 needs_qemu = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None,
@@ -55,100 +59,199 @@ def harness(
     return done
 
 
-# --------------------------------------------------------------------------- the marked example
+@dataclasses.dataclass(frozen=True)
+class Vendor:
+    """What the harness's behaviour looks like in one guest."""
+
+    cpu: str  #: ``run --cpu``, and KVMSTATE_GUEST inside
+    nested_state_size: int  #: KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE) inside
+    kvm_module: str
+    emulator: str
+    install: str  #: the apt line that brings the emulator
+    started: str  #: the harness's line for a boot (on stderr)
+    probe_cwd: Path
+    probe_options: tuple[str, ...]  #: ``run`` options besides ``--cpu``
+    pycache: str | None  #: PYTHONPYCACHEPREFIX inside
+    dont_write_bytecode: str | None  #: PYTHONDONTWRITEBYTECODE inside
+
+
+AMD = Vendor(
+    "amd",
+    4224,  # header (128) + vmcb12 (4096), on the guest's 6.1 and 6.12
+    "kvm_amd",
+    "qemu-system-x86_64",
+    "apt-get install -y qemu-system-x86",
+    "kvmstate-guest: AMD guest",
+    # A subdirectory: the AMD guest's root is the host's, any cwd works (about 7 s a boot).
+    REPO / "tests",
+    (),
+    _common.GUEST_PYCACHE,  # bytecode goes to the guest's tmpfs, not the host tree
+    None,
+)
+INTEL = Vendor(
+    "intel",
+    8320,  # header (128) + vmcs12 (4096) + shadow vmcs12 (4096)
+    "kvm_intel",
+    "bochs",
+    "apt-get install -y bochs bochsbios vgabios xorriso isolinux syslinux-common busybox-static",
+    "kvmstate-guest: Intel guest",
+    REPO,  # the Intel guest gets a copy of the cwd's tree: the checkout's root
+    # The limit only stops a hung guest: a cold cache builds the saved machine first, and a
+    # loaded machine takes twice as long (see DEFAULT_TIMEOUT in tests/guest/pytest_guest.py).
+    ("--timeout", "3600"),
+    None,  # shipped bytecode is kept visible: compiling the stdlib again costs seconds
+    "1",
+)
+VENDORS = {vendor.cpu: vendor for vendor in (AMD, INTEL)}
+
+
+# --------------------------------------------------------------------------- in each guest
+
+
+def vendor_of(target: Target) -> Vendor:
+    """The vendor a marked test runs on, checked against what the guest says it is."""
+    assert os.environ["KVMSTATE_GUEST"] == target.guest.kind
+    return VENDORS[target.guest.kind]
 
 
 @pytest.mark.svm_guest
-def test_inside_amd_guest() -> None:
-    assert os.environ["KVMSTATE_GUEST"] == "amd"
+@pytest.mark.vmx_guest
+def test_kvm_inside_has_the_vendors_nested_state(kvmstate_guest: Target) -> None:
+    vendor = vendor_of(kvmstate_guest)
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     try:
-        assert fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NESTED_STATE) == NESTED_STATE_SIZE_SVM
+        size = fcntl.ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAP_NESTED_STATE)
+        assert size == vendor.nested_state_size
     finally:
         os.close(fd)
 
 
 @pytest.mark.svm_guest
-def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
+@pytest.mark.vmx_guest
+def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has(kvmstate_guest: Target) -> None:
     """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
     harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
     more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
     restore of a vCPU's own rate never depends on how the boot calibrated."""
+    vendor_of(kvmstate_guest)
     with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
         vcpu.set_tsc_khz(vcpu.get_tsc_khz())
 
 
 @pytest.mark.svm_guest
-def test_guest_runs_the_kernel_series_asked_for() -> None:
-    """Run once per series: the booted kernel is of the series the test id names, and its
-    kvm_amd has nested SVM on."""
+@pytest.mark.vmx_guest
+def test_guest_runs_the_kernel_series_asked_for(kvmstate_guest: Target) -> None:
+    """Run once per series (in the plugin's sessions, no boot of its own): the booted
+    kernel is of the series the test id names, and its kvm_amd / kvm_intel has nested on."""
+    vendor = vendor_of(kvmstate_guest)
     series = os.environ["KVMSTATE_GUEST_KERNEL"]
+    assert series == kvmstate_guest.kernel
     assert series in _common.KERNEL_PACKAGES
     assert os.uname().release.startswith(series + "."), os.uname().release
-    nested = Path("/sys/module/kvm_amd/parameters/nested").read_text().strip()
+    nested = Path(f"/sys/module/{vendor.kvm_module}/parameters/nested").read_text().strip()
     assert nested in ("1", "Y"), nested
 
 
-# --------------------------------------------------------------------------- one probe boot
+# --------------------------------------------------------------------------- one probe boot each
 
-PROBE = """
-import fcntl, json, os, tempfile
+PROBE = (
+    f"REPO = {str(REPO)!r}\n"
+    + """
+import fcntl, json, os, shutil, sys, tempfile
 fd = os.open("/dev/kvm", os.O_RDWR)
 with tempfile.NamedTemporaryFile() as f:
     f.write(b"written")
+    f.flush()
     tmpfile = f.name
 print(json.dumps({
     "cwd": os.getcwd(),
     "guest": os.environ.get("KVMSTATE_GUEST"),
     "tmpfile": tmpfile,
+    "tmpdir": os.environ.get("TMPDIR"),
     "pycache": os.environ.get("PYTHONPYCACHEPREFIX"),
+    "bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+    "executable": sys.executable,
     "nested_state": fcntl.ioctl(fd, 0xAE03, 157),
+    "checkout": os.path.isfile(os.path.join(REPO, "tests", "guest", "intel.py")),
+    "tools": shutil.which("uname") is not None,
 }))
 """
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    vendor: Vendor
+    done: subprocess.CompletedProcess[str]
+
+    def found(self) -> dict[str, Any]:
+        """What the probe printed (its JSON line: the Intel console may add others)."""
+        lines = [line for line in self.done.stdout.splitlines() if line.startswith("{")]
+        assert lines, f"no probe output\nstdout:\n{self.done.stdout}\nstderr:\n{self.done.stderr}"
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
 
 
 @pytest.fixture(scope="module")
-def probe() -> subprocess.CompletedProcess[str]:
-    """One boot: a Python probe run through sh, which then exits 7, from tests/."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install -y qemu-system-x86)")
-    command = ["sh", "-c", '"$0" -c "$1" && exit 7', sys.executable, PROBE]
-    return harness("--", *command, cwd=REPO / "tests")
+def probe(request: pytest.FixtureRequest) -> Probe:
+    """One boot per vendor: the Python probe, which then exits 7, run from the vendor's
+    ``probe_cwd``; in the AMD guest through sh (``&& exit 7``), in the Intel guest itself."""
+    vendor: Vendor = request.param
+    if shutil.which(vendor.emulator) is None:
+        pytest.skip(f"{vendor.emulator} is not installed ({vendor.install})")
+    if vendor is AMD:
+        command = ["sh", "-c", '"$0" -c "$1" && exit 7', sys.executable, PROBE]
+    else:
+        command = [sys.executable, "-c", PROBE + "sys.exit(7)\n"]
+    options = ["--cpu", vendor.cpu, *vendor.probe_options]
+    return Probe(vendor, harness(*options, "--", *command, cwd=vendor.probe_cwd))
 
 
-def probed(probe: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert probe.stdout.count("\n") == 1, probe.stdout + probe.stderr
-    result: dict[str, Any] = json.loads(probe.stdout)
-    return result
+each_vendor = pytest.mark.parametrize("probe", [AMD, INTEL], ids=["amd", "intel"], indirect=True)
 
 
-def test_exit_status_is_the_commands(probe: subprocess.CompletedProcess[str]) -> None:
-    assert probe.returncode == 7, probe.stderr
+@each_vendor
+def test_exit_status_is_the_commands(probe: Probe) -> None:
+    assert probe.done.returncode == 7, probe.done.stderr
+    assert probe.vendor.started in probe.done.stderr
 
 
-def test_cwd_is_kept(probe: subprocess.CompletedProcess[str]) -> None:
-    assert probed(probe)["cwd"] == str(REPO / "tests")
+@each_vendor
+def test_kvm_inside_has_nested_state(probe: Probe) -> None:
+    found = probe.found()
+    assert found["guest"] == probe.vendor.cpu
+    assert found["nested_state"] == probe.vendor.nested_state_size
 
 
-def test_environment(probe: subprocess.CompletedProcess[str]) -> None:
-    found = probed(probe)
-    assert found["guest"] == "amd"
-    assert found["pycache"] == _common.GUEST_PYCACHE  # bytecode is not written to the host
-    assert found["tmpfile"].startswith(_common.GUEST_TMP + "/")
+@each_vendor
+def test_runs_in_the_callers_checkout(probe: Probe) -> None:
+    found = probe.found()
+    assert found["cwd"] == str(probe.vendor.probe_cwd)  # the cwd is kept
+    assert found["checkout"] is True
+    assert found["executable"] == sys.executable
+    assert found["tools"] is True  # uname on PATH (busybox applets in the Intel guest)
 
 
-def test_kvm_inside_has_nested_state(probe: subprocess.CompletedProcess[str]) -> None:
-    assert probed(probe)["nested_state"] == NESTED_STATE_SIZE_SVM
+@each_vendor
+def test_environment(probe: Probe) -> None:
+    found = probe.found()
+    assert found["tmpdir"] == _common.GUEST_TMP  # the guest's tmpfs, writable
+    assert found["tmpfile"].startswith(found["tmpdir"] + "/")
+    # Bytecode is not written to the host: elsewhere, or not at all.
+    assert found["pycache"] == probe.vendor.pycache
+    assert found["bytecode"] == probe.vendor.dont_write_bytecode
 
 
-def test_stdout_is_only_the_commands_output(probe: subprocess.CompletedProcess[str]) -> None:
-    probed(probe)  # exactly one line: the probe's
+@pytest.mark.parametrize("probe", [AMD], ids=["amd"], indirect=True)
+def test_stdout_is_only_the_commands_output(probe: Probe) -> None:
+    assert probe.done.stdout.count("\n") == 1, probe.done.stdout + probe.done.stderr
+    probe.found()  # exactly one line: the probe's
     # The harness speaks on stderr only, each line marked; on a cold cache it also says
     # what it downloads and unpacks, and the guest kernel's warnings are passed on.
-    lines = probe.stderr.splitlines()
-    assert all(line.startswith("kvmstate-guest: ") for line in lines), probe.stderr
-    started = [line for line in lines if line.startswith("kvmstate-guest: AMD guest")]
-    assert len(started) == 1, probe.stderr
+    lines = probe.done.stderr.splitlines()
+    assert all(line.startswith("kvmstate-guest: ") for line in lines), probe.done.stderr
+    started = [line for line in lines if line.startswith(AMD.started)]
+    assert len(started) == 1, probe.done.stderr
 
 
 # --------------------------------------------------------------------------- other boots

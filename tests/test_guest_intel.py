@@ -1,137 +1,21 @@
-"""Tests of the Intel guest harness (tests/guest/intel.py, Bochs).
+"""Tests of the Intel guest harness's own pieces (tests/guest/intel.py, Bochs), on the host.
 
-A boot is slow (seconds from the cached saved machine, minutes to build it),
-so one boot serves every test that needs the guest; the rest test the
-harness's pieces on the host.
+What the harness does in a guest is checked for both vendors alike in
+tests/test_guest_harness.py (one probe boot each, and the marked tests).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
-import kvmstate
 from tests.guest import _common, intel
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "tests" / "guest" / "run"
-KVM_CHECK_EXTENSION = 0xAE03
-KVM_CAP_NESTED_STATE = 157
-NESTED_STATE_SIZE_VMX = 8320  # header (128) + vmcs12 (4096) + shadow vmcs12 (4096)
-
-needs_bochs = pytest.mark.skipif(
-    shutil.which("bochs") is None,
-    reason="bochs is not installed (apt-get install -y bochs bochsbios vgabios xorriso "
-    "isolinux syslinux-common busybox-static)",
-)
-
-PROBE = """
-import fcntl, json, os, shutil, sys, tempfile
-fd = os.open("/dev/kvm", os.O_RDWR)
-with tempfile.NamedTemporaryFile() as f:
-    f.write(b"written")
-    f.flush()
-    tmpfile = f.name
-print(json.dumps({
-    "cwd": os.getcwd(),
-    "guest": os.environ.get("KVMSTATE_GUEST"),
-    "tmpfile": tmpfile,
-    "tmpdir": os.environ.get("TMPDIR"),
-    "bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
-    "executable": sys.executable,
-    "nested_state": fcntl.ioctl(fd, 0xAE03, 157),
-    "checkout": os.path.isfile("tests/guest/intel.py"),
-    "tools": shutil.which("uname") is not None,
-}))
-sys.exit(7)
-"""
-
-
-@pytest.fixture(scope="module")
-def probe() -> subprocess.CompletedProcess[str]:
-    """The one boot: a Python probe that reports what it sees and exits 7."""
-    if shutil.which("bochs") is None:
-        pytest.skip("bochs is not installed")
-    # The limit only stops a hung guest: a cold cache builds the saved machine first, and a
-    # loaded machine takes twice as long (see DEFAULT_TIMEOUT in tests/guest/pytest_guest.py).
-    done = subprocess.run(
-        [sys.executable, str(RUN), "--cpu", "intel", "--timeout", "3600", "--",
-         sys.executable, "-c", PROBE],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode == _common.EXIT_PREREQ:
-        pytest.skip(f"guest prerequisites missing: {done.stderr.strip()}")
-    return done
-
-
-def report(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no probe output\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    result: dict[str, object] = json.loads(lines[-1])
-    return result
-
-
-# --------------------------------------------------------------------------- in the guest
-
-
-@needs_bochs
-def test_exit_status_is_propagated(probe: subprocess.CompletedProcess[str]) -> None:
-    assert probe.returncode == 7, probe.stderr
-    assert "kvmstate-guest: Intel guest" in probe.stderr
-
-
-@needs_bochs
-def test_kvm_has_vmx_nested_state(probe: subprocess.CompletedProcess[str]) -> None:
-    found = report(probe)
-    assert found["guest"] == "intel"
-    assert found["nested_state"] == NESTED_STATE_SIZE_VMX
-
-
-@needs_bochs
-def test_runs_in_the_callers_checkout(probe: subprocess.CompletedProcess[str]) -> None:
-    found = report(probe)
-    assert found["cwd"] == str(REPO)
-    assert found["checkout"] is True
-    assert found["executable"] == sys.executable
-    assert found["bytecode"] == "1"
-    assert found["tools"] is True  # busybox applets on PATH
-
-
-@needs_bochs
-def test_tmpdir_is_writable(probe: subprocess.CompletedProcess[str]) -> None:
-    found = report(probe)
-    assert str(found["tmpfile"]).startswith(str(found["tmpdir"]) + "/")
-
-
-@pytest.mark.vmx_guest
-def test_vcpus_get_a_tsc_rate_the_guest_kernel_still_has() -> None:
-    """KVM took its default vCPU TSC rate after the guest kernel refined its own (the
-    harness waits for that): KVM_SET_TSC_KHZ takes the rate back as it is, where one
-    more than 250 ppm off the kernel's needs TSC scaling (refused without it), so a
-    restore of a vCPU's own rate never depends on how the boot calibrated."""
-    with kvmstate.Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
-        vcpu.set_tsc_khz(vcpu.get_tsc_khz())
-
-
-@pytest.mark.vmx_guest
-def test_guest_runs_the_kernel_series_asked_for() -> None:
-    """Run once per series (in the plugin's sessions, no boot of its own): the restored
-    machine runs a kernel of the series the test id names, kvm_intel with nested VMX."""
-    series = os.environ["KVMSTATE_GUEST_KERNEL"]
-    assert series in _common.KERNEL_PACKAGES
-    assert os.uname().release.startswith(series + "."), os.uname().release
-    nested = Path("/sys/module/kvm_intel/parameters/nested").read_text().strip()
-    assert nested in ("1", "Y"), nested
-
-
-# --------------------------------------------------------------------------- on the host
 
 
 def test_missing_bochs_is_status_123(tmp_path: Path) -> None:

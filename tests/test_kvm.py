@@ -13,6 +13,7 @@ import pytest
 import kvmstate
 from kvmstate import ioctls, uapi
 from kvmstate.errors import KvmError
+from tests.kvm_fixtures import start_real_mode
 
 SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP = 0x174, 0x175, 0x176
 
@@ -367,12 +368,7 @@ def load_real_mode(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu, code: bytes) -> None:
     """Put ``code`` at 0x1000 and point the vCPU (real mode, CS base 0) at it."""
     mem = vm.add_memory(0, 0x10000)
     mem[0x1000 : 0x1000 + len(code)] = code
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
-    vcpu.set_regs(regs)
+    start_real_mode(vcpu)
 
 
 def test_run_real_mode_code_to_io_and_hlt(vm: kvmstate.Vm, vcpu: kvmstate.Vcpu) -> None:

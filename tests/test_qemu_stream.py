@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from kvmstate import uapi, vmcb
 from kvmstate.formats import _qemu_stream, qemu
 from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, VMX_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag, NestedFormat
-from tests.support import qemu_payload, qemu_streams
+from tests.support import asm, qemu_payload, qemu_streams
 
 CAP = qemu_streams.capture()
 PAYLOAD = CAP["payload"]
@@ -83,17 +82,7 @@ def test_payload_is_a_multiboot_image() -> None:
 @pytest.mark.skipif(not shutil.which("objdump"), reason="objdump is not installed (binutils)")
 def test_payload_disassembles_as_written(tmp_path: Path) -> None:
     image, labels = qemu_payload.program()
-    blob = tmp_path / "l1.bin"
-    blob.write_bytes(image)
-    out = subprocess.run(
-        ["objdump", "-D", "-b", "binary", "-mi386", "-Mintel",
-         f"--adjust-vma={qemu_payload.LOAD:#x}", str(blob)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    listing = {
-        int(m[1], 16): m[2].strip()
-        for m in re.finditer(r"^\s+([0-9a-f]+):\t(?:[0-9a-f]{2} )+\s*\t(.*)$", out, re.M)
-    }
+    listing = dict(asm.objdump(image, qemu_payload.LOAD, tmp_path))
     assert listing[labels["entry"]] == "cli"
     assert listing[labels["after_vmrun"] - 3] == "vmrun"
     assert listing[labels["l2_loop"]] == "inc    ebx"
@@ -485,24 +474,18 @@ def nested_offsets(stream: qemu.QemuStream) -> dict[str, int]:
 
 
 def test_refuses_nested_sizes_that_disagree(data: bytes) -> None:
-    stream = qemu.read(data)
-    at = nested_offsets(stream)
-    bad = data[: at["size"]] + struct.pack(">I", 2000) + data[at["size"] + 4 :]
-    with pytest.raises(ValueError, match=f"offset {at['size']} .*SVM nested state size 2000"):
-        qemu.read(bad)
-    bad = data[: at["size"]] + struct.pack(">I", 128) + data[at["size"] + 4 :]
-    with pytest.raises(
-        ValueError, match=r"size 128 says no vmcb12 follows, but cpu/kvm_nested_state/svm is there"
+    at = nested_offsets(qemu.read(data))
+    no_vmcb12 = "size 128 says no vmcb12 follows, but cpu/kvm_nested_state/svm is there"
+    for field, fmt, value, message in (
+        ("size", ">I", 2000, f"offset {at['size']} .*SVM nested state size 2000"),
+        ("size", ">I", 128, no_vmcb12),
+        ("format", ">H", 7, "format 7"),
+        ("format", ">H", 0, "format is VMX but the stream has cpu/kvm_nested_state/svm"),
     ):
-        qemu.read(bad)
-    bad = data[: at["format"]] + struct.pack(">H", 7) + data[at["format"] + 2 :]
-    with pytest.raises(ValueError, match=r"format 7"):
-        qemu.read(bad)
-    bad = data[: at["format"]] + struct.pack(">H", 0) + data[at["format"] + 2 :]
-    with pytest.raises(
-        ValueError, match=r"format is VMX but the stream has cpu/kvm_nested_state/svm"
-    ):
-        qemu.read(bad)
+        written = struct.pack(fmt, value)  # big-endian, as QEMU writes these fields
+        bad = data[: at[field]] + written + data[at[field] + len(written) :]
+        with pytest.raises(ValueError, match=message):
+            qemu.read(bad)
 
 
 def test_refuses_lying_lengths(data: bytes) -> None:

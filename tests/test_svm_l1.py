@@ -11,7 +11,6 @@ import itertools
 import re
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,12 @@ import pytest
 
 from kvmstate import vmcb
 from kvmstate.vmcb import Intercept
-from tests.support import svm_l1
+from tests.support import asm, svm_l1
 
 
 def objdump(code: bytes, workdir: Path) -> dict[int, str]:
     """address -> instruction text, as objdump -M intel prints it (x86-64)."""
-    blob = workdir / "l1.bin"
-    blob.write_bytes(code)
-    out = subprocess.run(
-        ["objdump", "-D", "-b", "binary", "-mi386:x86-64", "-Mintel",
-         f"--adjust-vma={svm_l1.CODE:#x}", str(blob)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    lines = {}
-    for line in out.splitlines():
-        m = re.match(r"\s+([0-9a-f]+):\t(?:[0-9a-f]{2} )+\s*\t(.*)", line)
-        if m:
-            lines[int(m.group(1), 16)] = m.group(2)
-    return lines
+    return dict(asm.objdump(code, svm_l1.CODE, workdir, bits=64))
 
 
 def normal(text: str) -> str:

@@ -20,9 +20,7 @@ helpers on the host's own /dev/kvm.
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from kvmstate.nested import HEADER_SIZE, SVM_MAX_SIZE, NestedState
 from kvmstate.uapi import NestedFlag
 from kvmstate.vmcb import SvmExit
 from kvmstate.vmstate import VmState
+from tests.kvm_fixtures import start_real_mode
 from tests.support import migrate, svm_l1
 from tests.support.migrate import Machine
 
@@ -312,8 +311,8 @@ def save_to_file(path: str) -> None:
             machine.close()
 
 
-def finish_from_file(path: str) -> None:
-    """In a second process: restore from ``path``, run to the end, print what L1 logged."""
+def finish_from_file(path: str) -> dict[str, object]:
+    """In a second process: restore from ``path``, run to the end; what L1 logged."""
     with kvmstate.Kvm() as kvm:
         machine = Machine(kvm, LAYOUT, vm=kvm.restore_vm(VmState.load(path)))
         try:
@@ -322,13 +321,12 @@ def finish_from_file(path: str) -> None:
                 if stop.port == svm_l1.PORT_RESULT:
                     result = stop.value
             io_count, round_count = machine.read_u32(svm_l1.IO_COUNT, 2)
-            logs = {
+            return {
                 "result": result,
                 "io_log": machine.read_u32(svm_l1.IO_LOG, io_count),
                 "round_log": machine.read_u32(svm_l1.ROUND_LOG, round_count),
                 "event_count": machine.read_u32(svm_l1.EVENT_COUNT)[0],
             }
-            print("KVMSTATE-FINISHED " + json.dumps(logs))
         finally:
             machine.close()
 
@@ -336,23 +334,10 @@ def finish_from_file(path: str) -> None:
 @pytest.mark.svm_guest
 def test_a_vm_saved_to_a_file_finishes_in_a_new_process(tmp_path: Path) -> None:
     path = str(tmp_path / "l1.kvmstate")
-    out = ""
-    for step in (f"save_to_file({path!r})", f"finish_from_file({path!r})"):
-        # Each step in its own process: the second has only the file.
-        child = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_svm_migration import *; {step}"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert child.returncode == 0, f"{step}:\n{child.stdout}\n{child.stderr}"
-        out = child.stdout
-        if step.startswith("save"):
-            nested = VmState.load(path).vcpus[0].nested
-            assert nested is not None and nested.size == SVM_MAX_SIZE
-            assert nested.flags == GUEST  # saved with L2 running
-    line = next(x for x in out.splitlines() if x.startswith("KVMSTATE-FINISHED "))
-    logs = json.loads(line.split(" ", 1)[1])
+    saved, logs = migrate.in_two_processes(save_to_file, finish_from_file, path, timeout=600)
+    nested = saved.vcpus[0].nested
+    assert nested is not None and nested.size == SVM_MAX_SIZE
+    assert nested.flags == GUEST  # saved with L2 running
     want = expected()
     assert logs["result"] == want.result  # bit for bit, as a run never saved
     assert logs["io_log"] == want.hashes and logs["round_log"] == want.accumulators
@@ -478,13 +463,7 @@ def real_mode_machine(kvm: kvmstate.Kvm) -> Machine:
     machine = Machine(kvm, [(0, 0x10000)])
     with machine.memory(0x1000, len(COUNT_TO_FIVE)) as view:
         view[:] = COUNT_TO_FIVE
-    vcpu = machine.vcpus[0]
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
-    vcpu.set_regs(regs)
+    start_real_mode(machine.vcpus[0])
     return machine
 
 
@@ -551,3 +530,21 @@ def test_single_step_stops_after_each_instruction(kvm: kvmstate.Kvm) -> None:
         assert vcpu.run() == uapi.ExitReason.IO  # off again: runs to the next exit
     finally:
         machine.close()
+
+
+def child_report(*args: object) -> list[object]:
+    """For run_in_child's own test: the process it ran in and what it was given."""
+    return [os.getpid(), list(args)]
+
+
+def child_fails(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def test_run_in_child_calls_in_another_process_and_returns_the_result() -> None:
+    pid, args = migrate.run_in_child(child_report, "/a path", 3, timeout=120)
+    assert pid != os.getpid() and args == ["/a path", 3]
+    with pytest.raises(AssertionError, match=r"(?s)exit status 1.*RuntimeError: deliberately"):
+        migrate.run_in_child(child_fails, "deliberately", timeout=120)
+    with pytest.raises(ValueError, match="cannot be imported by name"):
+        migrate.run_in_child(lambda: None, timeout=120)

@@ -14,6 +14,7 @@ import pytest
 
 import kvmstate
 from kvmstate import uapi
+from tests.kvm_fixtures import start_real_mode
 
 PIC_MASTER, PIC_SLAVE, IOAPIC = (
     uapi.KVM_IRQCHIP_PIC_MASTER,
@@ -152,12 +153,7 @@ def test_guest_debug_single_steps_real_mode(vm: kvmstate.Vm) -> None:
     mem = vm.add_memory(0, 0x10000)
     mem[0x1000:0x1004] = b"\x90\x90\x90\xf4"  # nop; nop; nop; hlt
     with vm.create_vcpu(0) as vcpu:
-        sregs = vcpu.get_sregs()
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip, regs.rflags = 0x1000, 2
-        vcpu.set_regs(regs)
+        start_real_mode(vcpu)
         vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP)
         pcs = []
         for _ in range(3):

@@ -89,12 +89,7 @@ def prepare(kvm: kvmstate.Kvm, vcpu: kvmstate.Vcpu, *, vmxe: bool = True) -> Non
     vcpu.set_cpuid2(kvm.get_supported_cpuid())
     vcpu.set_msrs({MSR_FEATURE_CONTROL: FEATURE_CONTROL_LOCKED_VMX})
     sregs = vcpu.get_sregs()
-    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, dpl=0, db=1, s=1, l=0, g=1)
-    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(sregs, name)
-        for field, value in flat.items():
-            setattr(seg, field, value)
-        seg.selector, seg.type = (vmx_l1.CS_SEL, 11) if name == "cs" else (vmx_l1.DS_SEL, 3)
+    vmx_l1.flat_segments(sregs)
     sregs.tr.selector, sregs.tr.type, sregs.tr.present, sregs.tr.limit = vmx_l1.TR_SEL, 11, 1, 0x67
     sregs.cr0, sregs.cr3 = CR0_L1, vmx_l1.PAGE_DIR
     sregs.cr4 = CR4_PSE | (CR4_VMXE if vmxe else 0)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import re
 import shutil
 import struct
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.support import vmx_l1
+from tests.support import asm, vmx_l1
 
 pytestmark = pytest.mark.skipif(
     shutil.which("objdump") is None, reason="objdump is not installed (apt-get install binutils)"
@@ -21,19 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 def disassemble(code: bytes, origin: int, workdir: Path) -> list[tuple[int, str]]:
     """objdump's (address, instruction) for 32-bit ``code`` loaded at ``origin``."""
-    blob = workdir / "l1.bin"
-    blob.write_bytes(code)
-    out = subprocess.run(
-        ["objdump", "-D", "-b", "binary", "-mi386", "-Mintel", f"--adjust-vma={origin:#x}",
-         str(blob)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    lines = []
-    for line in out.splitlines():
-        m = re.match(r"\s+([0-9a-f]+):\t(?:[0-9a-f]{2} )+\s*\t(.*)", line)
-        if m:
-            lines.append((int(m.group(1), 16), m.group(2).strip()))
-    return lines
+    return asm.objdump(code, origin, workdir)
 
 
 @pytest.fixture(scope="module")

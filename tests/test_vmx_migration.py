@@ -33,8 +33,6 @@ import errno
 import functools
 import signal
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -50,8 +48,8 @@ from kvmstate.state import VcpuState
 from kvmstate.uapi import NestedFlag, VmxHeaderFlag
 from kvmstate.vmcs12 import VMCS12_REVISION, VMCS12_SIZE, vmcs12
 from kvmstate.vmstate import VmState
-from tests.kvm_fixtures import needs_kvm
-from tests.support import migrate_vmx
+from tests.kvm_fixtures import needs_kvm, start_real_mode
+from tests.support import migrate, migrate_vmx
 from tests.support import vmx_l1 as l1
 from tests.support.vmx_l1 import GPA, Action, Phase, Port
 
@@ -328,12 +326,7 @@ def setup_l1(kvm: kvmstate.Kvm, machine: migrate_vmx.Machine) -> None:
     if missing:
         pytest.fail("this KVM's nested VMX lacks what the L1 needs: " + "; ".join(missing))
     sregs = vcpu.get_sregs()
-    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, dpl=0, db=1, s=1, l=0, g=1)
-    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(sregs, name)
-        for field, value in flat.items():
-            setattr(seg, field, value)
-        seg.selector, seg.type = (l1.CS_SEL, 11) if name == "cs" else (l1.DS_SEL, 3)
+    l1.flat_segments(sregs)
     tr = sregs.tr
     tr.selector, tr.base, tr.limit, tr.type, tr.present, tr.s, tr.g = (
         l1.TR_SEL, GPA.TSS, 0x67, 11, 1, 0, 0
@@ -711,21 +704,12 @@ def finish_from_file(path: str) -> None:
 @pytest.mark.vmx_guest
 def test_a_vm_saved_to_a_file_finishes_in_a_new_process(tmp_path: Path) -> None:
     path = str(tmp_path / "l1.kvmstate")
-    for step in (f"save_to_file({path!r})", f"finish_from_file({path!r})"):
-        # Each step in its own process: the second has only the file.
-        child = subprocess.run(
-            [sys.executable, "-c", f"from tests.test_vmx_migration import *; {step}"],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        assert child.returncode == 0, f"{step}:\n{child.stdout}\n{child.stderr}"
-        if step.startswith("save"):
-            saved = VmState.load(path)
-            nested = saved.vcpus[0].nested
-            assert nested is not None and nested.size == VMX_MAX_SIZE  # the shadow VMCS
-            assert nested.flags & NestedFlag.GUEST_MODE
-            assert nested.vmx.flags & VmxHeaderFlag.PREEMPTION_TIMER_DEADLINE
+    # finish_from_file checks the end of the run itself (the checksum, events, buffer).
+    saved, _ = migrate.in_two_processes(save_to_file, finish_from_file, path, timeout=1800)
+    nested = saved.vcpus[0].nested
+    assert nested is not None and nested.size == VMX_MAX_SIZE  # the shadow VMCS
+    assert nested.flags & NestedFlag.GUEST_MODE
+    assert nested.vmx.flags & VmxHeaderFlag.PREEMPTION_TIMER_DEADLINE
 
 
 # --------------------------------------------------------------------------- on the host
@@ -761,13 +745,7 @@ def test_migrate_a_running_vm_on_this_host(kvm: kvmstate.Kvm) -> None:
     # Real mode at 0x1000: inc al; out 0x10, al; cmp al, 5; jne back; hlt.
     code = bytes([0xFE, 0xC0, 0xE6, 0x10, 0x3C, 0x05, 0x75, 0xF8, 0xF4])
     machine.memory[0][0x1000 : 0x1000 + len(code)] = code
-    vcpu = machine.vcpus[0]
-    sregs = vcpu.get_sregs()
-    sregs.cs.base = sregs.cs.selector = 0
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    regs.rip, regs.rflags, regs.rax = 0x1000, 2, 0
-    vcpu.set_regs(regs)
+    start_real_mode(machine.vcpus[0])  # AL counts from 0, as KVM resets RAX
     seen = []
     try:
         while (reason := machine.vcpus[0].run()) == uapi.ExitReason.IO:

@@ -10,14 +10,20 @@ or a socket), the old VM closed, ``Kvm.restore_vm`` (a new VM of the same
 layout, restored in the documented order), then a fresh save of every
 vCPU, naming every field that came back different
 (:class:`Migration.refreshed`), so a test can say which fields KVM
-refreshes instead of hiding them.
+refreshes instead of hiding them. :func:`run_in_child` runs one step of a
+"save in one process, finish in another" test in a process of its own;
+:func:`in_two_processes` runs both steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import mmap
-from collections.abc import Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import kvmstate
 import kvmstate.diff
@@ -143,6 +149,59 @@ def migrate(old: Machine, *, through_bytes: bool = True) -> Migration:
         new.close()
         raise
     return Migration(new, state.vcpus, refreshed, state, vm_refreshed)
+
+
+#: How a child of :func:`run_in_child` hands back its function's return value.
+CHILD_RESULT = "KVMSTATE-CHILD-RESULT "
+
+
+def run_in_child(function: Callable[..., Any], *args: object, timeout: float) -> Any:
+    """Call ``function(*args)`` in a new Python process; give back what it returned.
+
+    The child shares nothing with the caller but ``args`` (values whose repr
+    reads back, such as paths) and the files they name, so that a VM
+    restored there has only the saved file to go on::
+
+        run_in_child(save_to_file, path, timeout=600)  # one process saves ...
+        logs = run_in_child(finish_from_file, path, timeout=600)  # ... another finishes
+
+    ``function`` must be importable by name from its module (a module-level
+    function of ``tests.test_x``), its return value JSON-serializable (it comes
+    back through the child's stdout). A child that fails is an AssertionError
+    carrying its output; one still running after ``timeout`` seconds is
+    :class:`subprocess.TimeoutExpired`.
+    """
+    module, name = function.__module__, function.__qualname__
+    if module == "__main__" or not name.isidentifier():
+        raise ValueError(f"{module}.{name} cannot be imported by name in another process")
+    code = (
+        f"import json; from {module} import {name}; "
+        f"print({CHILD_RESULT!r} + json.dumps({name}(*{args!r})))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    results = [line for line in child.stdout.splitlines() if line.startswith(CHILD_RESULT)]
+    if child.returncode != 0 or not results:
+        raise AssertionError(
+            f"{name}{args!r} in a child process: exit status {child.returncode}\n"
+            f"stdout:\n{child.stdout}\nstderr:\n{child.stderr}"
+        )
+    return json.loads(results[-1][len(CHILD_RESULT) :])
+
+
+def in_two_processes(
+    save: Callable[[str], object], finish: Callable[[str], Any], path: str, *, timeout: float
+) -> tuple[VmState, Any]:
+    """``save(path)`` in one new process, then ``finish(path)`` in another, which has only
+    the file: (the VM state saved there, what ``finish`` returned). Each step is
+    :func:`run_in_child`'s, with ``timeout`` seconds of its own::
+
+        saved, logs = in_two_processes(save_to_file, finish_from_file, path, timeout=600)
+    """
+    run_in_child(save, path, timeout=timeout)
+    saved = VmState.load(path)
+    return saved, run_in_child(finish, path, timeout=timeout)
 
 
 def compare(before: VcpuState, after: VcpuState) -> Differences:

@@ -33,9 +33,9 @@ past the image): see the constants below.
 
 from __future__ import annotations
 
-import struct
-
 from kvmstate import vmcb
+from tests.support import asm
+from tests.support.asm import REG32, u16, u64
 
 LOAD = 0x10_0000  # where QEMU's multiboot loader puts the image (1 MiB)
 PAGE_DIR = 0x10_2000
@@ -77,46 +77,18 @@ def save_offset(name: str) -> int:
     return int(_SAVE_AT + getattr(_SAVE, name).offset)
 
 
-class _Asm:
-    """Just enough 32-bit x86 for the program: bytes, labels, abs32/rel32/rel8 fixups."""
-
-    def __init__(self, origin: int) -> None:
-        self.origin = origin
-        self.code = bytearray()
-        self.labels: dict[str, int] = {}
-        self.fixups: list[tuple[int, str, str]] = []  # (offset, label, "abs32"|"rel32"|"rel8")
-
-    @property
-    def here(self) -> int:
-        return self.origin + len(self.code)
-
-    def label(self, name: str) -> None:
-        if name in self.labels:
-            raise ValueError(f"label {name} defined twice")
-        self.labels[name] = self.here
-
-    def emit(self, *parts: int | bytes) -> None:
-        for part in parts:
-            self.code += bytes([part]) if isinstance(part, int) else part
-
-    def u32(self, value: int | str) -> None:
-        if isinstance(value, str):
-            self.fixups.append((len(self.code), value, "abs32"))
-            self.code += bytes(4)
-        else:
-            self.code += struct.pack("<I", value & 0xFFFF_FFFF)
+class _Asm(asm.Assembler):
+    """Just enough 32-bit x86 for the program; backward jumps in reach take the short form."""
 
     def _branch(self, short: bytes, near: bytes, label: str) -> None:
         # Backward targets in reach get the short form; the rest the rel32 form.
         target = self.labels.get(label)
         if target is not None and -128 <= target - (self.here + len(short) + 1) <= 127:
             self.emit(short)
-            self.fixups.append((len(self.code), label, "rel8"))
-            self.code += b"\0"
+            self.rel8(label)
         else:
             self.emit(near)
-            self.fixups.append((len(self.code), label, "rel32"))
-            self.code += bytes(4)
+            self.rel32(label)
 
     # --- instructions -------------------------------------------------------------
     def jmp(self, label: str) -> None:
@@ -131,16 +103,6 @@ class _Asm:
     def jne(self, label: str) -> None:
         self.jnz(label)
 
-    def call(self, label: str) -> None:
-        self.emit(0xE8)
-        self.fixups.append((len(self.code), label, "rel32"))
-        self.code += bytes(4)
-
-    def mov_reg(self, reg: str, value: int | str) -> None:
-        """mov r32, imm32 (B8+r)."""
-        self.emit(0xB8 + _REG[reg])
-        self.u32(value)
-
     def store(self, address: int, value: int | str) -> None:
         """mov dword [address], imm32."""
         self.emit(0xC7, 0x05)
@@ -149,23 +111,13 @@ class _Asm:
 
     def store_reg(self, address: int, reg: str) -> None:
         """mov [address], r32."""
-        self.emit(0x89, 0x05 | _REG[reg] << 3)
+        self.emit(0x89, 0x05 | REG32[reg] << 3)
         self.u32(address)
 
     def load_reg(self, reg: str, address: int) -> None:
         """mov r32, [address]."""
-        self.emit(0x8B, 0x05 | _REG[reg] << 3)
+        self.emit(0x8B, 0x05 | REG32[reg] << 3)
         self.u32(address)
-
-    def mov_from_cr(self, cr: int) -> None:
-        self.emit(0x0F, 0x20, 0xC0 | cr << 3)  # mov eax, crN
-
-    def mov_to_cr(self, cr: int) -> None:
-        self.emit(0x0F, 0x22, 0xC0 | cr << 3)  # mov crN, eax
-
-    def or_eax(self, value: int) -> None:
-        self.emit(0x0D)
-        self.u32(value)
 
     def out_al(self, label: str | None = None) -> None:
         if label is not None:
@@ -177,25 +129,9 @@ class _Asm:
         self.out_al(label)
 
     def print(self, label: str) -> None:
-        self.mov_reg("esi", label)
+        self.mov_imm("esi", label)
         self.call("print")
 
-    def build(self) -> bytes:
-        for offset, label, kind in self.fixups:
-            target = self.labels[label]
-            if kind == "abs32":
-                struct.pack_into("<I", self.code, offset, target)
-            elif kind == "rel32":
-                struct.pack_into("<i", self.code, offset, target - (self.origin + offset + 4))
-            else:
-                delta = target - (self.origin + offset + 1)
-                if not -128 <= delta <= 127:
-                    raise ValueError(f"short branch to {label} out of reach ({delta})")
-                struct.pack_into("<b", self.code, offset, delta)
-        return bytes(self.code)
-
-
-_REG = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
 
 # The console lines, NUL-terminated.
 _STRINGS = {
@@ -239,24 +175,24 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     a.u32("gdtr")
     a.emit(0xEA)  # jmp far CODE_SEL:reload
     a.u32("reload")
-    a.emit(struct.pack("<H", CODE_SEL))
+    a.emit(u16(CODE_SEL))
     a.label("reload")
-    a.emit(0x66, 0xB8, struct.pack("<H", DATA_SEL))  # mov ax, DATA_SEL
+    a.emit(0x66, 0xB8, u16(DATA_SEL))  # mov ax, DATA_SEL
     for sreg in (0xD8, 0xC0, 0xD0, 0xE0, 0xE8):  # mov ds/es/ss/fs/gs, ax
         a.emit(0x8E, sreg)
-    a.mov_reg("esp", L1_STACK)
+    a.mov_imm("esp", L1_STACK)
     a.print("msg_start")
 
-    a.mov_reg("eax", 0x8000_0001)
+    a.mov_imm("eax", 0x8000_0001)
     a.emit(0x0F, 0xA2)  # cpuid
     a.emit(0xF7, 0xC1)  # test ecx, SVM (bit 2)
     a.u32(1 << 2)
     a.jz("no_svm")
 
     # Paging: PDE i maps 4 MiB at i * 4 MiB (present, writable, PS).
-    a.mov_reg("edi", PAGE_DIR)
-    a.mov_reg("eax", 0x83)
-    a.mov_reg("ecx", MEMORY_MIB // 4)
+    a.mov_imm("edi", PAGE_DIR)
+    a.mov_imm("eax", 0x83)
+    a.mov_imm("ecx", MEMORY_MIB // 4)
     a.label("fill_pd")
     a.emit(0x89, 0x07)  # mov [edi], eax
     a.emit(0x83, 0xC7, 0x04)  # add edi, 4
@@ -267,25 +203,24 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     a.mov_from_cr(4)
     a.or_eax(CR4_PSE)
     a.mov_to_cr(4)
-    a.mov_reg("eax", PAGE_DIR)
+    a.mov_imm("eax", PAGE_DIR)
     a.mov_to_cr(3)
     a.mov_from_cr(0)
     a.or_eax(CR0_PG)
     a.mov_to_cr(0)
 
-    a.mov_reg("ecx", MSR_EFER)
-    a.emit(0x0F, 0x32)  # rdmsr
+    a.rdmsr(MSR_EFER)
     a.or_eax(vmcb.EFER_SVME)
-    a.emit(0x0F, 0x30)  # wrmsr
-    a.mov_reg("ecx", MSR_VM_HSAVE_PA)
-    a.mov_reg("eax", HSAVE)
+    a.wrmsr()
+    a.mov_imm("ecx", MSR_VM_HSAVE_PA)
+    a.mov_imm("eax", HSAVE)
     a.emit(0x31, 0xD2)  # xor edx, edx
-    a.emit(0x0F, 0x30)  # wrmsr
+    a.wrmsr()
 
     a.emit(0xFC)  # cld
-    a.mov_reg("edi", IOPM)
-    a.mov_reg("eax", 0xFFFF_FFFF)
-    a.mov_reg("ecx", vmcb.IOPM_SIZE // 4)
+    a.mov_imm("edi", IOPM)
+    a.mov_imm("eax", 0xFFFF_FFFF)
+    a.mov_imm("ecx", vmcb.IOPM_SIZE // 4)
     a.emit(0xF3, 0xAB)  # rep stosd
 
     # The VMCB (zero: it is past the image). Controls first.
@@ -309,8 +244,7 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     a.store(tr, TR_SEL | TSS_ATTRIB << 16)
     a.store(tr + 4, 0x67)
     a.store(tr + 8, TSS)
-    a.mov_reg("ecx", MSR_EFER)
-    a.emit(0x0F, 0x32)  # rdmsr
+    a.rdmsr(MSR_EFER)
     a.store_reg(VMCB + save_offset("efer"), "eax")
     a.store_reg(VMCB + save_offset("efer") + 4, "edx")
     for cr in (0, 3, 4):
@@ -326,7 +260,7 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     a.print("msg_vmrun")
 
     a.label("run")
-    a.mov_reg("eax", VMCB)
+    a.mov_imm("eax", VMCB)
     a.emit(0x0F, 0x01, 0xD8)  # vmrun
     a.label("after_vmrun")
     a.emit(0xFF, 0x05)  # inc dword [L1_EXITS]
@@ -369,7 +303,7 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     # print_hex: eax as 8 hex digits (clobbers eax, ecx, edx).
     a.label("print_hex")
     a.emit(0x89, 0xC2)  # mov edx, eax
-    a.mov_reg("ecx", 8)
+    a.mov_imm("ecx", 8)
     a.label("hex_digit")
     a.emit(0xC1, 0xC2, 0x04)  # rol edx, 4
     a.emit(0x88, 0xD0)  # mov al, dl
@@ -405,11 +339,11 @@ def program(progress_mask: int = PROGRESS_MASK) -> tuple[bytes, dict[str, int]]:
     while a.here % 8:
         a.emit(0)
     a.label("gdt")
-    a.emit(struct.pack("<Q", 0))
-    a.emit(struct.pack("<Q", 0x00CF_9B00_0000_FFFF))  # CODE_SEL: flat 32-bit code
-    a.emit(struct.pack("<Q", 0x00CF_9300_0000_FFFF))  # DATA_SEL: flat 32-bit data
+    a.emit(u64(0))
+    a.emit(u64(0x00CF_9B00_0000_FFFF))  # CODE_SEL: flat 32-bit code
+    a.emit(u64(0x00CF_9300_0000_FFFF))  # DATA_SEL: flat 32-bit data
     a.label("gdtr")
-    a.emit(struct.pack("<H", 0x17))
+    a.emit(u16(0x17))
     a.u32("gdt")
     a.label("image_end")
     image = a.build()

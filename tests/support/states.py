@@ -12,7 +12,7 @@ a test may change it freely.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import kvmstate
 from kvmstate import vmcb as svm
@@ -31,6 +31,7 @@ __all__ = [
     "VMCB_PA",
     "VMCS12_PA",
     "VMXON_PA",
+    "restored_in_a_fresh_vcpu",
     "svm_gif",
     "svm_guest",
     "svm_guest_saved",
@@ -146,3 +147,19 @@ def svm_guest_saved(
     saved = first.save_state()
     assert saved.nested is not None and saved.nested.flags & NestedFlag.GUEST_MODE
     return make, first, saved
+
+
+def restored_in_a_fresh_vcpu(
+    make: Callable[[], kvmstate.Vcpu], read: VcpuState, saved: VcpuState, parts: Sequence[str]
+) -> VcpuState:
+    """``read`` (``saved`` as a VMM's file gave it back) restored into a vCPU from
+    ``make`` and saved again, checking that the nested state and ``parts`` come back
+    as ``saved`` has them; the fresh save."""
+    assert read.nested == saved.nested
+    vcpu = make()
+    vcpu.restore_state(read)
+    again = vcpu.save_state()
+    assert again.nested == saved.nested
+    for part in parts:
+        assert again.part_bytes(part) == saved.part_bytes(part), part
+    return again

@@ -46,7 +46,6 @@ Every instruction carries the text objdump must print for it
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import mmap
 import struct
@@ -54,6 +53,8 @@ import struct
 import kvmstate
 from kvmstate import uapi, vmcb
 from kvmstate.vmcb import Intercept, SvmExit, vmcb_control_area, vmcb_save_area, vmcb_seg
+from tests.support import asm
+from tests.support.asm import REG32, REG64, u16, u32, u64
 
 # --- memory map (guest-physical; identity-mapped by 2 MiB pages) -----------------------
 CODE = 0x1000  # L1 then L2 code, up to GDT
@@ -141,10 +142,6 @@ def save(name: str, part: str | None = None) -> int:
 # --- the assembler --------------------------------------------------------------------------
 
 
-def _d(value: int) -> bytes:
-    return struct.pack("<I", value & 0xFFFF_FFFF)
-
-
 def _disp(address: int) -> bytes:
     """ModRM-less tail of an absolute [disp32] operand: SIB 0x25 (no base, no index).
 
@@ -153,78 +150,16 @@ def _disp(address: int) -> bytes:
     """
     if not 0 <= address < 0x8000_0000:
         raise ValueError(f"{address:#x} is not reachable as a sign-extended disp32")
-    return b"\x25" + _d(address)
+    return b"\x25" + u32(address)
 
 
-_REG32 = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
-_REG64 = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Fix:
-    label: str
-    kind: str  # "rel8", "rel32" or "abs32"
-
-
-class Assembler:
-    """Just enough x86-64 for the two programs: bytes, labels, fixups, and for every
-    instruction the text objdump -M intel prints for it."""
-
-    def __init__(self, origin: int) -> None:
-        self.origin = origin
-        self.code = bytearray()
-        self.labels: dict[str, int] = {}
-        self.fixups: list[tuple[int, _Fix]] = []
-        self.texts: list[tuple[int, str]] = []  # (address, expected objdump text)
-
-    @property
-    def here(self) -> int:
-        return self.origin + len(self.code)
-
-    def label(self, name: str) -> None:
-        if name in self.labels:
-            raise ValueError(f"label {name} defined twice")
-        self.labels[name] = self.here
-
-    def insn(self, text: str, *parts: int | bytes | _Fix) -> None:
-        """One instruction: its bytes and its text (``{label}`` becomes the address)."""
-        self.texts.append((self.here, text))
-        for part in parts:
-            if isinstance(part, _Fix):
-                self.fixups.append((len(self.code), part))
-                self.code += bytes(1 if part.kind == "rel8" else 4)
-            elif isinstance(part, int):
-                self.code.append(part)
-            else:
-                self.code += part
-
-    def build(self) -> bytes:
-        for offset, fix in self.fixups:
-            target = self.labels[fix.label]
-            if fix.kind == "abs32":
-                struct.pack_into("<I", self.code, offset, target)
-                continue
-            width = 1 if fix.kind == "rel8" else 4
-            delta = target - (self.origin + offset + width)
-            if fix.kind == "rel8" and not -128 <= delta <= 127:
-                raise ValueError(f"short jump to {fix.label} is {delta} bytes away")
-            struct.pack_into("<b" if width == 1 else "<i", self.code, offset, delta)
-        return bytes(self.code)
-
-    def listing(self) -> list[tuple[int, str]]:
-        names = {name: f"{address:#x}" for name, address in self.labels.items()}
-        return [(address, text.format(**names)) for address, text in self.texts]
+class Assembler(asm.Assembler):
+    """Just enough x86-64 for the two programs, every instruction written with
+    :meth:`insn`, so that each has the text objdump -M intel prints for it."""
 
     # --- moves --------------------------------------------------------------------------
-    def mov_imm(self, reg: str, value: int | str) -> None:
-        """mov r32, imm32 (a label's address when ``value`` is a name); zero-extends."""
-        if isinstance(value, str):
-            self.insn(f"mov {reg},{{{value}}}", 0xB8 + _REG32[reg], _Fix(value, "abs32"))
-        else:
-            self.insn(f"mov {reg},{value:#x}", 0xB8 + _REG32[reg], _d(value))
-
     def movabs_rax(self, value: int) -> None:
-        self.insn(f"movabs rax,{value:#x}", 0x48, 0xB8, struct.pack("<Q", value))
+        self.insn(f"movabs rax,{value:#x}", 0x48, 0xB8, u64(value))
 
     def store(self, address: int, value: int | str, size: int = 4) -> None:
         """mov byte/word/dword [address], imm (a label's address when a name)."""
@@ -233,35 +168,35 @@ class Assembler:
             assert size == 4
             self.insn(
                 f"mov dword ptr ds:{where},{{{value}}}",
-                0xC7, 0x04, _disp(address), _Fix(value, "abs32"),
+                0xC7, 0x04, _disp(address), asm.Fix(value, "abs32"),
             )  # fmt: skip
         elif size == 1:
             self.insn(f"mov byte ptr ds:{where},{value:#x}", 0xC6, 0x04, _disp(address), value)
         elif size == 2:
             self.insn(
                 f"mov word ptr ds:{where},{value:#x}",
-                0x66, 0xC7, 0x04, _disp(address), struct.pack("<H", value),
+                0x66, 0xC7, 0x04, _disp(address), u16(value),
             )  # fmt: skip
         else:
-            self.insn(f"mov dword ptr ds:{where},{value:#x}", 0xC7, 0x04, _disp(address), _d(value))
+            self.insn(
+                f"mov dword ptr ds:{where},{value:#x}", 0xC7, 0x04, _disp(address), u32(value)
+            )
 
     def store_reg(self, address: int, reg: str) -> None:
         """mov [address], r32 or r64."""
-        if reg in _REG64:
-            code = 0x04 | _REG64[reg] << 3
-            self.insn(f"mov qword ptr ds:{address:#x},{reg}", 0x48, 0x89, code, _disp(address))
-        else:
-            code = 0x04 | _REG32[reg] << 3
-            self.insn(f"mov dword ptr ds:{address:#x},{reg}", 0x89, code, _disp(address))
+        self._mov_memory(0x89, reg, address)
 
     def load_reg(self, reg: str, address: int) -> None:
         """mov r32 or r64, [address]."""
-        if reg in _REG64:
-            code = 0x04 | _REG64[reg] << 3
-            self.insn(f"mov {reg},qword ptr ds:{address:#x}", 0x48, 0x8B, code, _disp(address))
-        else:
-            code = 0x04 | _REG32[reg] << 3
-            self.insn(f"mov {reg},dword ptr ds:{address:#x}", 0x8B, code, _disp(address))
+        self._mov_memory(0x8B, reg, address)
+
+    def _mov_memory(self, opcode: int, reg: str, address: int) -> None:
+        """mov between ``reg`` and [address]: opcode 0x89 stores it, 0x8B loads it."""
+        wide = reg in REG64
+        memory = f"{'qword' if wide else 'dword'} ptr ds:{address:#x}"
+        text = f"mov {memory},{reg}" if opcode == 0x89 else f"mov {reg},{memory}"
+        modrm = 0x04 | (REG64 if wide else REG32)[reg] << 3
+        self.insn(text, *(b"\x48" if wide else b""), opcode, modrm, _disp(address))
 
     def out_stage(self, stage: Stage) -> None:
         self.insn(f"mov al,{int(stage):#x}", 0xB0, int(stage))
@@ -271,29 +206,11 @@ class Assembler:
         self.insn(f"out {port:#x},eax", 0xE7, port)
 
     # --- control flow -----------------------------------------------------------------------
-    def jmp(self, label: str) -> None:
-        self.insn(f"jmp {{{label}}}", 0xE9, _Fix(label, "rel32"))
-
-    def jcc(self, cc: str, label: str) -> None:
-        op = {"je": 0x84, "jne": 0x85, "jb": 0x82}[cc]
-        self.insn(f"{cc} {{{label}}}", 0x0F, op, _Fix(label, "rel32"))
-
     def jne_short(self, label: str) -> None:
-        self.insn(f"jne {{{label}}}", 0x75, _Fix(label, "rel8"))
+        self.insn(f"jne {{{label}}}", 0x75, asm.Fix(label, "rel8"))
 
     def cmp_eax(self, value: int) -> None:
-        self.insn(f"cmp eax,{value:#x}", 0x3D, _d(value))
-
-    # --- system ------------------------------------------------------------------------------
-    def mov_from_cr(self, cr: int) -> None:
-        self.insn(f"mov rax,cr{cr}", 0x0F, 0x20, 0xC0 | cr << 3)
-
-    def rdmsr(self, msr: int) -> None:
-        self.mov_imm("ecx", msr)
-        self.insn("rdmsr", 0x0F, 0x32)
-
-    def wrmsr(self) -> None:
-        self.insn("wrmsr", 0x0F, 0x30)
+        self.insn(f"cmp eax,{value:#x}", 0x3D, u32(value))
 
 
 GDT_LIMIT = 5 * 8 - 1  # null, code, data, and a 16-byte TSS descriptor
@@ -305,7 +222,7 @@ def _program(npt: bool, handler: int) -> Assembler:
     a.label("start")
     a.out_stage(Stage.START)
     a.rdmsr(MSR_EFER)
-    a.insn(f"or eax,{vmcb.EFER_SVME:#x}", 0x0D, _d(vmcb.EFER_SVME))
+    a.or_eax(vmcb.EFER_SVME)
     a.wrmsr()
     a.out_stage(Stage.SVME)
     a.mov_imm("ecx", MSR_VM_HSAVE_PA)
@@ -331,10 +248,10 @@ def _program(npt: bool, handler: int) -> Assembler:
         a.mov_imm("edi", NPT_PD)
         a.label("npt_loop")
         a.insn("mov dword ptr [rdi],eax", 0x89, 0x07)
-        a.insn(f"add eax,{PAGE_2M:#x}", 0x05, _d(PAGE_2M))
+        a.insn(f"add eax,{PAGE_2M:#x}", 0x05, u32(PAGE_2M))
         a.insn("add rdi,0x8", 0x48, 0x83, 0xC7, 0x08)
         a.cmp_eax(MEMORY | NPT_PAGE)
-        a.jcc("jb", "npt_loop")
+        a.jcc("b", "npt_loop")
 
     # Control area.
     intercepts = [0] * vmcb.MAX_INTERCEPT
@@ -355,7 +272,7 @@ def _program(npt: bool, handler: int) -> Assembler:
 
     # Save area: L2 runs like L1 (same CRs, EFER, flat segments), on its own stack.
     for cr in (0, 3, 4):
-        a.mov_from_cr(cr)
+        a.mov_from_cr(cr, "rax")
         a.store_reg(save(f"cr{cr}"), "rax")
     a.rdmsr(MSR_EFER)
     a.store_reg(save("efer"), "eax")
@@ -391,16 +308,16 @@ def _program(npt: bool, handler: int) -> Assembler:
     a.out_eax(PORT_EXIT)
     a.insn("stgi", 0x0F, 0x01, 0xDC)
     a.cmp_eax(SvmExit.CPUID)
-    a.jcc("je", "on_cpuid")
+    a.jcc("e", "on_cpuid")
     a.cmp_eax(SvmExit.IOIO)
-    a.jcc("je", "on_io")
+    a.jcc("e", "on_io")
     a.cmp_eax(SvmExit.VMMCALL)
-    a.jcc("je", "on_vmmcall")
+    a.jcc("e", "on_vmmcall")
     a.jmp("fail")
 
     a.label("on_cpuid")  # L1's CPUID answers EAX only
     a.load_reg("eax", save("rax"))
-    a.insn(f"xor eax,{CPUID_MAGIC:#x}", 0x35, _d(CPUID_MAGIC))
+    a.insn(f"xor eax,{CPUID_MAGIC:#x}", 0x35, u32(CPUID_MAGIC))
     a.store_reg(save("rax"), "rax")
     a.insn(f"add qword ptr ds:{save('rip'):#x},0x2", 0x48, 0x83, 0x04, _disp(save("rip")), 2)
     a.jmp("resume")
@@ -409,10 +326,10 @@ def _program(npt: bool, handler: int) -> Assembler:
     a.load_reg("eax", ctl("exit_info_1"))
     a.insn("shr eax,0x10", 0xC1, 0xE8, 0x10)  # the port is in bits 31:16
     a.cmp_eax(PORT_L1_IO)
-    a.jcc("jne", "fail")
+    a.jcc("ne", "fail")
     a.load_reg("eax", IO_COUNT)
     a.load_reg("ecx", save("rax"))  # an OUT's value is L2's EAX
-    a.insn(f"mov dword ptr [rax*4+{IO_LOG:#x}],ecx", 0x89, 0x0C, 0x85, _d(IO_LOG))
+    a.insn(f"mov dword ptr [rax*4+{IO_LOG:#x}],ecx", 0x89, 0x0C, 0x85, u32(IO_LOG))
     a.insn(f"inc dword ptr ds:{IO_COUNT:#x}", 0xFF, 0x04, _disp(IO_COUNT))
     a.load_reg("rax", ctl("exit_info_2"))  # EXITINFO2: the RIP after the IN/OUT
     a.store_reg(save("rip"), "rax")
@@ -422,16 +339,16 @@ def _program(npt: bool, handler: int) -> Assembler:
     a.insn(f"add qword ptr ds:{save('rip'):#x},0x3", 0x48, 0x83, 0x04, _disp(save("rip")), 3)
     a.load_reg("eax", save("rax"))
     a.cmp_eax(HC_DONE)
-    a.jcc("je", "finish")
+    a.jcc("e", "finish")
     a.cmp_eax(HC_ROUND)
-    a.jcc("jne", "fail")
+    a.jcc("ne", "fail")
     a.load_reg("eax", ROUND_COUNT)
     a.insn("mov ecx,dword ptr [rsp+0x10]", 0x8B, 0x4C, 0x24, 0x10)  # L2's EBX, pushed first
-    a.insn(f"mov dword ptr [rax*4+{ROUND_LOG:#x}],ecx", 0x89, 0x0C, 0x85, _d(ROUND_LOG))
+    a.insn(f"mov dword ptr [rax*4+{ROUND_LOG:#x}],ecx", 0x89, 0x0C, 0x85, u32(ROUND_LOG))
     a.insn("inc eax", 0xFF, 0xC0)
     a.store_reg(ROUND_COUNT, "eax")
     a.cmp_eax(INJECT_AFTER)
-    a.jcc("jne", "resume")
+    a.jcc("ne", "resume")
     a.store(ctl("event_inj"), EVENT_INJ)
     a.out_stage(Stage.EVENT_PENDING)
 
@@ -447,7 +364,7 @@ def _program(npt: bool, handler: int) -> Assembler:
     a.out_eax(PORT_RESULT)
     a.insn("add rsp,0x18", 0x48, 0x83, 0xC4, 0x18)
     a.rdmsr(MSR_EFER)
-    a.insn(f"and eax,{~vmcb.EFER_SVME & 0xFFFF_FFFF:#x}", 0x25, _d(~vmcb.EFER_SVME))
+    a.insn(f"and eax,{~vmcb.EFER_SVME & 0xFFFF_FFFF:#x}", 0x25, u32(~vmcb.EFER_SVME))
     a.wrmsr()
     a.out_stage(Stage.SVME_OFF)
     a.label("halt")
@@ -480,7 +397,7 @@ def _l2(a: Assembler, handler: int) -> None:
 
     a.label("round")
     a.insn("mov eax,esi", 0x89, 0xF0)
-    a.insn(f"xor eax,{ROUND_KEY:#x}", 0x35, _d(ROUND_KEY))
+    a.insn(f"xor eax,{ROUND_KEY:#x}", 0x35, u32(ROUND_KEY))
     a.insn("or eax,0x1", 0x83, 0xC8, 0x01)  # xorshift32 needs a non-zero state
     a.mov_imm("edi", BUF)
     a.mov_imm("ecx", WORDS)
@@ -498,7 +415,7 @@ def _l2(a: Assembler, handler: int) -> None:
     a.mov_imm("ebx", FNV_OFFSET)
     a.label("hash")  # FNV-1a over the dwords
     a.insn("xor ebx,dword ptr [rdi]", 0x33, 0x1F)
-    a.insn(f"imul ebx,ebx,{FNV_PRIME:#x}", 0x69, 0xDB, _d(FNV_PRIME))
+    a.insn(f"imul ebx,ebx,{FNV_PRIME:#x}", 0x69, 0xDB, u32(FNV_PRIME))
     a.insn("add rdi,0x4", 0x48, 0x83, 0xC7, 0x04)
     a.insn("dec ecx", 0xFF, 0xC9)
     a.jne_short("hash")
@@ -513,12 +430,12 @@ def _l2(a: Assembler, handler: int) -> None:
     a.insn("vmmcall", 0x0F, 0x01, 0xD9)
     a.label("after_round_call")
     a.load_reg("eax", EVENT_COUNT)
-    a.insn(f"imul eax,eax,{EVENT_MIX:#x}", 0x69, 0xC0, _d(EVENT_MIX))
+    a.insn(f"imul eax,eax,{EVENT_MIX:#x}", 0x69, 0xC0, u32(EVENT_MIX))
     a.insn("add esi,eax", 0x01, 0xC6)
     a.insn(f"rol esi,{ROTATE:#x}", 0xC1, 0xC6, ROTATE)
     a.insn("inc r12d", 0x41, 0xFF, 0xC4)
     a.insn(f"cmp r12d,{ROUNDS:#x}", 0x41, 0x83, 0xFC, ROUNDS)
-    a.jcc("jb", "round")
+    a.jcc("b", "round")
     a.mov_imm("eax", HC_DONE)
     a.insn("mov ebx,esi", 0x89, 0xF3)
     a.insn("vmmcall", 0x0F, 0x01, 0xD9)

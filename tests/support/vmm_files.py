@@ -53,12 +53,36 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
+
+from hypothesis import strategies
 
 from kvmstate import uapi
 from kvmstate.state import VcpuState
 
 NESTED_BUFFER = 8320
+
+
+def pokes(good: bytes) -> strategies.SearchStrategy[list[tuple[int, int]]]:
+    """Up to six (offset, byte) writes into ``good``, for :func:`loads_or_refuses_in_one_line`."""
+    byte_at = strategies.tuples(strategies.integers(0, len(good) - 1), strategies.integers(0, 255))
+    return strategies.lists(byte_at, max_size=6)
+
+
+def loads_or_refuses_in_one_line(
+    load: Callable[[bytes], object], good: bytes, writes: list[tuple[int, int]]
+) -> None:
+    """``good`` with ``writes`` (offset, byte) made: ``load`` takes it, or refuses it with
+    a ValueError of one line (a file reader's promise for a damaged file)."""
+    data = bytearray(good)
+    for at, value in writes:
+        data[at] = value
+    try:
+        load(bytes(data))
+    except ValueError as exc:
+        assert "\n" not in str(exc), str(exc)
+
 
 # --- Cloud Hypervisor ---------------------------------------------------------------------
 

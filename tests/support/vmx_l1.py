@@ -68,7 +68,9 @@ import mmap
 import struct
 from collections.abc import Mapping
 
+from kvmstate import uapi
 from kvmstate import vmcs12 as v12
+from tests.support import asm
 
 CODE = 0x1000
 PAGE_DIR = 0x2000
@@ -135,10 +137,9 @@ MSR_VMX_TRUE_EXIT, MSR_VMX_TRUE_ENTRY, MSR_VMX_PROCBASED2 = 0x48F, 0x490, 0x48B
 CR4_VMXE = 0x2000
 SHADOW_VMCS_INDICATOR = 1 << 31  # bit 31 of a VMCS region's revision dword
 
-REGS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+REGS = tuple(asm.REG32)  # in encoding order
 _ALU = {"add": 0, "or": 1, "and": 4, "sub": 5, "xor": 6, "cmp": 7}
 _SHIFT = {"rol": 0, "shl": 4, "shr": 5}
-_CC = {"b": 0x2, "ae": 0x3, "e": 0x4, "ne": 0x5, "be": 0x6, "a": 0x7}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,38 +154,8 @@ class At:
 Operand = int | str | At  # an immediate, a register name or a label (an address), or memory
 
 
-class _Asm:
-    """Just enough 32-bit x86 to write the programs: bytes, labels, rel32 fixups."""
-
-    def __init__(self, origin: int) -> None:
-        self.origin = origin
-        self.code = bytearray()
-        self.labels: dict[str, int] = {}
-        self.fixups: list[tuple[int, str, int]] = []  # (offset, label, size of the field)
-
-    @property
-    def here(self) -> int:
-        return self.origin + len(self.code)
-
-    def label(self, name: str) -> None:
-        if name in self.labels:
-            raise ValueError(f"label {name} defined twice")
-        self.labels[name] = self.here
-
-    def emit(self, *parts: int | bytes) -> None:
-        for part in parts:
-            self.code += bytes([part]) if isinstance(part, int) else part
-
-    def imm32(self, value: int | str) -> None:
-        if isinstance(value, str):
-            self.fixups.append((len(self.code), value, 0))  # absolute address
-            self.code += bytes(4)
-        else:
-            self.code += struct.pack("<I", value & 0xFFFF_FFFF)
-
-    def rel32(self, label: str) -> None:
-        self.fixups.append((len(self.code), label, 4))
-        self.code += bytes(4)
+class _Asm(asm.Assembler):
+    """Just enough 32-bit x86 to write the programs."""
 
     # --- generic encodings (the migration L1) -------------------------------------
     def _modrm(self, reg: int, rm: str | At) -> None:
@@ -196,13 +167,13 @@ class _Asm:
                 self.emit(0x44 | reg << 3, 0x24, rm.disp & 0xFF)  # [esp + disp8]
             else:
                 self.emit(0x84 | reg << 3, 0x24)  # [esp + disp32]
-                self.imm32(rm.disp)
+                self.u32(rm.disp)
         elif rm.index is None:
             self.emit(0x05 | reg << 3)  # [disp32]
-            self.imm32(rm.disp)
+            self.u32(rm.disp)
         else:
             self.emit(0x04 | reg << 3, 0x85 | REGS.index(rm.index) << 3)  # [disp32 + index*4]
-            self.imm32(rm.disp)
+            self.u32(rm.disp)
 
     def mov(self, dst: str | At, src: Operand) -> None:
         if isinstance(dst, str):
@@ -213,8 +184,7 @@ class _Asm:
                 self.emit(0x89)
                 self._modrm(REGS.index(src), dst)
             else:
-                self.emit(0xB8 + REGS.index(dst))
-                self.imm32(src)
+                self.mov_imm(dst, src)
         elif isinstance(src, str) and src in REGS:
             self.emit(0x89)
             self._modrm(REGS.index(src), dst)
@@ -223,7 +193,7 @@ class _Asm:
         else:
             self.emit(0xC7)
             self._modrm(0, dst)
-            self.imm32(src)
+            self.u32(src)
 
     def alu(self, op: str, dst: str | At, src: Operand) -> None:
         """add/or/and/sub/xor/cmp ``dst``, ``src``."""
@@ -239,7 +209,7 @@ class _Asm:
         else:
             self.emit(0x81)
             self._modrm(n, dst)
-            self.imm32(src)
+            self.u32(src)
 
     def shift(self, op: str, dst: str, count: int) -> None:
         """rol/shl/shr ``dst``, ``count``."""
@@ -250,7 +220,7 @@ class _Asm:
     def test(self, dst: str | At, mask: int) -> None:
         self.emit(0xF7)
         self._modrm(0, dst)
-        self.imm32(mask)
+        self.u32(mask)
 
     def not_(self, dst: str) -> None:
         self.emit(0xF7)
@@ -260,7 +230,7 @@ class _Asm:
         """imul ``dst``, ``src``, ``factor``: the low 32 bits of the product."""
         self.emit(0x69)
         self._modrm(REGS.index(dst), src)
-        self.imm32(factor)
+        self.u32(factor)
 
     def inc(self, dst: At) -> None:
         self.emit(0xFF)
@@ -271,18 +241,10 @@ class _Asm:
             self.emit(0x50 + REGS.index(value))
         else:
             self.emit(0x68)
-            self.imm32(value)
+            self.u32(value)
 
     def pop(self, reg: str) -> None:
         self.emit(0x58 + REGS.index(reg))
-
-    def call(self, label: str) -> None:
-        self.emit(0xE8)
-        self.rel32(label)
-
-    def jcc(self, cc: str, label: str) -> None:
-        self.emit(0x0F, 0x80 + _CC[cc])
-        self.rel32(label)
 
     def out32(self, port: int) -> None:
         """out ``port``, eax."""
@@ -318,13 +280,9 @@ class _Asm:
         self.vmread(dst, via)
         self.jbe(fail)
 
-    def rdmsr(self, msr: int) -> None:
-        self.mov("ecx", msr)
-        self.emit(0x0F, 0x32)
-
     # --- instructions of the minimal L1 -------------------------------------------
     def out(self, port: int, value: int | None = None) -> None:
-        self.emit(0x66, 0xBA, struct.pack("<H", port))  # mov dx, port
+        self.emit(0x66, 0xBA, asm.u16(port))  # mov dx, port
         if value is not None:
             self.emit(0xB0, value)  # mov al, value
         self.emit(0xEE)  # out dx, al
@@ -332,57 +290,32 @@ class _Asm:
     def step(self, step: int) -> None:
         self.out(PORT_STEP, int(step))
 
-    def mov_eax(self, value: int | str) -> None:
-        self.emit(0xB8)
-        self.imm32(value)
-
-    def mov_ebx(self, value: int | str) -> None:
-        self.emit(0xBB)
-        self.imm32(value)
-
-    def mov_ecx(self, value: int) -> None:
-        self.emit(0xB9)
-        self.imm32(value)
-
-    def jbe(self, label: str) -> None:  # VMX failure: CF=1 (VMfailInvalid) or ZF=1 (VMfailValid)
-        self.emit(0x0F, 0x86)
-        self.rel32(label)
-
-    def jmp(self, label: str) -> None:
-        self.emit(0xE9)
-        self.rel32(label)
-
     def vmwrite(self, field: int, value: int | str | None = None) -> None:
         """VMWRITE field := value (or := eax when value is None), jumping to fail on error."""
         if value is None:
             self.emit(0x89, 0xC3)  # mov ebx, eax
         else:
-            self.mov_ebx(value)
-        self.mov_eax(field)
+            self.mov_imm("ebx", value)
+        self.mov_imm("eax", field)
         self.emit(0x0F, 0x79, 0xC3)  # vmwrite eax, ebx
         self.jbe("fail")
 
+    def jbe(self, label: str) -> None:  # VMX failure: CF=1 (VMfailInvalid) or ZF=1 (VMfailValid)
+        self.jcc("be", label)
+
     def vmwrite_msr(self, field: int, msr: int) -> None:
-        self.mov_ecx(msr)
-        self.emit(0x0F, 0x32)  # rdmsr: the allowed-0 settings are the low half
+        self.rdmsr(msr)  # the allowed-0 settings are the low half
         self.vmwrite(field)
 
     def vmwrite_cr(self, field: int, cr: int) -> None:
-        self.emit(0x0F, 0x20, 0xC0 | (cr << 3))  # mov eax, crN
+        self.mov_from_cr(cr)
         self.vmwrite(field)
 
     def mem_op(self, prefix: bytes, label: int | str, fail: str = "fail") -> None:
         """VMXON/VMCLEAR/VMPTRLD [label]: 0F C7 /6 with a disp32 operand."""
         self.emit(prefix, 0x0F, 0xC7, 0x35)
-        self.imm32(label)
+        self.u32(label)
         self.jbe(fail)
-
-    def build(self) -> bytes:
-        for offset, label, size in self.fixups:
-            target = self.labels[label]
-            value = target - (self.origin + offset + 4) if size else target
-            struct.pack_into("<i" if size else "<I", self.code, offset, value)
-        return bytes(self.code)
 
 
 VMXON_OP, VMCLEAR_OP, VMPTRLD_OP = b"\xf3", b"\x66", b""  # prefixes of 0F C7 /6
@@ -394,26 +327,23 @@ def program() -> bytes:
     """The minimal L1 program's machine code, to be loaded at :data:`CODE`."""
     a = _Asm(CODE)
     a.step(Step.START)
-    a.mov_ecx(0x480)  # IA32_VMX_BASIC: revision id in bits 30:0
-    a.emit(0x0F, 0x32)  # rdmsr
+    a.rdmsr(0x480)  # IA32_VMX_BASIC: revision id in bits 30:0
     a.emit(0x25)
-    a.imm32(0x7FFF_FFFF)  # and eax, 0x7fffffff
+    a.u32(0x7FFF_FFFF)  # and eax, 0x7fffffff
     a.emit(0xA3)
-    a.imm32(VMXON)  # mov [VMXON], eax
+    a.u32(VMXON)  # mov [VMXON], eax
     a.emit(0xA3)
-    a.imm32(VMCS)  # mov [VMCS], eax
+    a.u32(VMCS)  # mov [VMCS], eax
     a.step(Step.FEATURE_CONTROL)
-    a.mov_ecx(0x3A)  # IA32_FEATURE_CONTROL
-    a.emit(0x0F, 0x32)  # rdmsr
+    a.rdmsr(0x3A)  # IA32_FEATURE_CONTROL
     a.emit(0xA8, 0x01)  # test al, 1 (locked?)
     a.emit(0x75, 0x05)  # jnz over the 5-byte or+wrmsr
     a.emit(0x83, 0xC8, 0x05)  # or eax, 5: lock + VMX outside SMX
-    a.emit(0x0F, 0x30)  # wrmsr
+    a.wrmsr()
     a.step(Step.VMXE)
-    a.emit(0x0F, 0x20, 0xE0)  # mov eax, cr4
-    a.emit(0x0D)
-    a.imm32(0x2000)  # or eax, CR4.VMXE
-    a.emit(0x0F, 0x22, 0xE0)  # mov cr4, eax
+    a.mov_from_cr(4)
+    a.or_eax(0x2000)  # CR4.VMXE
+    a.mov_to_cr(4)
     a.step(Step.VMXON)
     a.mem_op(VMXON_OP, "vmxon_ptr")  # vmxon [vmxon_ptr]
     a.step(Step.CURRENT_VMCS)
@@ -464,7 +394,7 @@ def program() -> bytes:
 
     a.label("l1_exit")
     a.step(Step.L1_AFTER_EXIT)
-    a.mov_eax(EXIT_REASON)
+    a.mov_imm("eax", EXIT_REASON)
     a.emit(0x0F, 0x78, 0xC3)  # vmread ebx, eax
     a.emit(0x88, 0xD8)  # mov al, bl
     a.out(PORT_EXIT_REASON)
@@ -477,7 +407,7 @@ def program() -> bytes:
     a.emit(0xF6, 0xC1, 0x40)  # test cl, ZF
     a.emit(0x0F, 0x84)  # jz: VMfailInvalid (ZF=0) has no error number to read
     a.rel32("halt")
-    a.mov_eax(VM_INSTRUCTION_ERROR)
+    a.mov_imm("eax", VM_INSTRUCTION_ERROR)
     a.emit(0x0F, 0x78, 0xC3)  # vmread ebx, eax
     a.emit(0x88, 0xD8)  # mov al, bl
     a.out(PORT_INSN_ERROR)
@@ -487,10 +417,21 @@ def program() -> bytes:
     while a.here % 8:
         a.emit(0x90)
     a.label("vmxon_ptr")
-    a.emit(struct.pack("<Q", VMXON))
+    a.emit(asm.u64(VMXON))
     a.label("vmcs_ptr")
-    a.emit(struct.pack("<Q", VMCS))
+    a.emit(asm.u64(VMCS))
     return a.build()
+
+
+def flat_segments(sregs: uapi.kvm_sregs) -> None:
+    """Make CS, DS, ES, FS, GS and SS of ``sregs`` what both L1s run with: flat 32-bit
+    ring-0 segments, code at :data:`CS_SEL` and data at :data:`DS_SEL` of their GDT."""
+    flat = dict(base=0, limit=0xFFFF_FFFF, present=1, dpl=0, db=1, s=1, l=0, g=1)
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        seg = getattr(sregs, name)
+        for field, value in flat.items():
+            setattr(seg, field, value)
+        seg.selector, seg.type = (CS_SEL, 11) if name == "cs" else (DS_SEL, 3)
 
 
 def page_directory() -> bytes:
@@ -710,11 +651,11 @@ def _l1_setup(a: _Asm) -> None:
     a.test("eax", 1)
     a.jcc("ne", "feature_control_locked")
     a.alu("or", "eax", 0x5)  # lock + VMX outside SMX
-    a.emit(0x0F, 0x30)  # wrmsr
+    a.wrmsr()
     a.label("feature_control_locked")
-    a.emit(0x0F, 0x20, 0xE0)  # mov eax, cr4
+    a.mov_from_cr(4)
     a.alu("or", "eax", CR4_VMXE)
-    a.emit(0x0F, 0x22, 0xE0)  # mov cr4, eax
+    a.mov_to_cr(4)
     a.mem_op(VMXON_OP, _VMXON_PTR)
     a.step(Phase.VMXON)
     a.mem_op(VMCLEAR_OP, _VMCS_PTR)
@@ -739,7 +680,7 @@ def _l1_setup(a: _Asm) -> None:
         a.vmw(field + 1, 0)
     # Host state: L1 itself.
     for field, cr in ((HOST_CR0, 0), (HOST_CR3, 3), (HOST_CR4, 4)):
-        a.emit(0x0F, 0x20, 0xC0 | cr << 3)  # mov eax, crN
+        a.mov_from_cr(cr)
         a.vmw(field, "eax")
     for seg, field in HOST_SEL.items():
         a.vmw(field, CS_SEL if seg == "cs" else DS_SEL)
@@ -751,7 +692,7 @@ def _l1_setup(a: _Asm) -> None:
     a.vmw(HOST_RIP, "l1_exit")
     # Guest (L2) state: flat 32-bit segments like L1's, its own stack, IDT and entry.
     for field, cr in ((GUEST_CR0, 0), (GUEST_CR3, 3), (GUEST_CR4, 4)):
-        a.emit(0x0F, 0x20, 0xC0 | cr << 3)
+        a.mov_from_cr(cr)
         a.vmw(field, "eax")
     for seg, field in GUEST_SEL.items():
         a.vmw(field, CS_SEL if seg == "cs" else DS_SEL)
