@@ -107,8 +107,12 @@ class Vcpu(FdWrapper):
         # The last view of a caller's buffer (see _view_of): kept, or weakly.
         self._nested_kept: NestedState | None = None
         self._nested_kept_at = self._nested_kept_size = 0  # the kept view's address, size
+        self._nested_kept_storage: Any = None  # and its storage
         self._nested_source: object = _NO_BUFFER  # the buffer the last view is of
         self._nested_weak: Callable[[], NestedState | None] = _no_view
+        # The last NestedState of its own storage a GET filled, with its storage and capacity.
+        self._nested_own: object = _NO_BUFFER
+        self._nested_own_io: tuple[Any, int] = (None, 0)
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
@@ -657,38 +661,46 @@ class Vcpu(FdWrapper):
         # below to be valid still) and at least the floor. Anything else takes the long way.
         # Bound before the type test, which corrects it: no cast() call on the hot path.
         state: NestedState = out  # type: ignore[assignment]
-        if type(out) is not NestedState:
-            if out is self._nested_source:  # the buffer the last view is of (never None)
-                kept = self._nested_kept
-                if kept is None:
-                    # Not a ctypes array: its view, while the caller still holds it (and
-                    # with it the buffer's export, which keeps the memory where it is and
-                    # its size), else None.
+        if out is self._nested_own:
+            # The NestedState of its own storage the last GET filled: its storage and
+            # capacity never change, and the capacity was checked against the floor.
+            storage, capacity = self._nested_own_io
+        elif out is self._nested_source and self._nested_kept is not None:
+            # The ctypes array the kept view is of: ctypes.resize may have moved, grown or
+            # shrunk it since. The view was kept before its size was judged: judged here.
+            array: Any = out
+            capacity = self._nested_kept_size
+            if (
+                _addressof(array) != self._nested_kept_at
+                or _sizeof(array) != capacity
+                or capacity < self._nested_need
+            ):
+                return self._get_nested_state(out)
+            state, storage = self._nested_kept, self._nested_kept_storage
+        else:
+            if type(out) is not NestedState:
+                if out is self._nested_source:  # the buffer the last view is of (never None)
+                    # Its view, while the caller still holds it (and with it the buffer's
+                    # export, which keeps the memory where it is and its size), else None.
                     view = self._nested_weak()
                     if view is None:
                         return self._get_nested_state(out)
                     state = view
+                elif out is None:
+                    need = self._nested_need
+                    if need == _UNKNOWN_NEED:
+                        return self._get_nested_state(None)  # first call: learns the floor
+                    state = NestedState(need)
                 else:
-                    # A ctypes array: ctypes.resize may have moved, grown or shrunk it since.
-                    array: Any = out
-                    if (
-                        _addressof(array) != self._nested_kept_at
-                        or _sizeof(array) != self._nested_kept_size
-                    ):
-                        return self._get_nested_state(out)
-                    state = kept
-            elif out is None:
-                need = self._nested_need
-                if need == _UNKNOWN_NEED:
-                    return self._get_nested_state(None)  # first call: learns the floor
-                state = NestedState(need)
-            else:
+                    return self._get_nested_state(out)
+            capacity = state.capacity
+            # The floor (_UNKNOWN_NEED until learnt, so the first call takes the long way).
+            if capacity < self._nested_need:
                 return self._get_nested_state(out)
-        capacity = state.capacity
-        # The floor (_UNKNOWN_NEED until learnt, so the first call takes the long way).
-        if capacity < self._nested_need:
-            return self._get_nested_state(out)
-        storage = state.storage
+            storage = state.storage
+            if out is state and state.source is None:
+                # Remembered strongly: it holds no caller's buffer (no export pinned).
+                self._nested_own, self._nested_own_io = state, (storage, capacity)
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
         _SIZE.pack_into(storage, 4, capacity)
@@ -760,6 +772,7 @@ class Vcpu(FdWrapper):
         self._nested_source = out
         if isinstance(out, ctypes.Array):
             self._nested_kept, self._nested_weak = view, _no_view
+            self._nested_kept_storage = view.storage
             self._nested_kept_at = ctypes.addressof(view.storage)
             self._nested_kept_size = view.capacity
         else:
@@ -977,6 +990,8 @@ class Vcpu(FdWrapper):
 
     def _release(self) -> None:
         self._nested_kept, self._nested_weak, self._nested_source = None, _no_view, _NO_BUFFER
+        self._nested_own, self._nested_own_io = _NO_BUFFER, (None, 0)
+        self._nested_kept_storage = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
