@@ -508,15 +508,11 @@ def check_for_set(state: NestedState) -> ctypes.Array[Any]:
     if type(state) is not NestedState and not isinstance(state, NestedState):
         raise TypeError(f"check_for_set() needs a NestedState, not {type(state).__name__}")
     storage = state._storage
-    flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(storage)
+    head, size = _HEAD_SIZE.unpack_from(storage)
     # The usual answer first, in one test: every rule below holds.
-    if (
-        HEADER_SIZE <= size <= state._capacity
-        and not flags & _UNKNOWN_FLAGS
-        and (flags & _GUEST_MODE or not flags & _RUN_PENDING)
-        and fmt in _KNOWN_FORMATS
-    ):
+    if head in _GOOD_HEADS and HEADER_SIZE <= size <= state._capacity:
         return storage
+    flags, fmt = head & 0xFFFF, head >> 16
     if size < HEADER_SIZE:
         raise ValueError(f"size {size} is below the {HEADER_SIZE}-byte header")
     if size > state._capacity:
@@ -533,11 +529,19 @@ def check_for_set(state: NestedState) -> ctypes.Array[Any]:
     return storage  # not reached: the test above passes whenever no rule here fails
 
 
-# flags, format and size: the first 8 bytes of struct kvm_nested_state.
-_FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
+# flags and format (one u32: flags | format << 16), then size: the first 8 bytes of
+# struct kvm_nested_state.
+_HEAD_SIZE = struct.Struct("<II")
 _RUN_PENDING = int(NestedFlag.RUN_PENDING)
 _GUEST_MODE = int(NestedFlag.GUEST_MODE)
-_UNKNOWN_FLAGS = 0xFFFF & ~KNOWN_FLAGS
+# Every flags | format << 16 that check_for_set takes: known flags only, RUN_PENDING only
+# with GUEST_MODE, a known format (5 flags: 24 combinations a format).
+_GOOD_HEADS = frozenset(
+    flags | fmt << 16
+    for fmt in _KNOWN_FORMATS
+    for flags in range(KNOWN_FLAGS + 1)
+    if not flags & ~KNOWN_FLAGS and (flags & _GUEST_MODE or not flags & _RUN_PENDING)
+)
 
 
 @functools.lru_cache(maxsize=16)
