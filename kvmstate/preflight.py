@@ -463,8 +463,11 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
     refuse = report.refusals.append
     saved = dict(state.msrs or {})
     known = target.msrs
-    # The usual case in one set operation: the target lists every saved MSR.
-    unknown = () if known is None else saved.keys() - known - _SREGS_MSRS
+    # The usual case in one pass, building no set: the target lists every saved MSR.
+    unknown: Any = ()
+    listed = known is not None and known.issuperset(saved)
+    if known is not None and not listed:
+        unknown = saved.keys() - known - _SREGS_MSRS
     if not unknown:
         report.msrs = saved
     else:
@@ -496,7 +499,8 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
                 )
             else:
                 report.dropped[index] = value
-    if known is not None:
+    # Every saved MSR listed, and as many: the same set, nothing unsaved.
+    if known is not None and not (listed and len(known) == len(saved)):
         report.unsaved = sorted(known - saved.keys())
     _nested(state, target, refuse)
     if state.sregs2 is not None and target.sregs2 is False:

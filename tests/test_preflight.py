@@ -256,6 +256,18 @@ def test_restore_rereads_the_rate_each_time(machine: Callable[[], kvmstate.Vcpu]
         vcpu.restore_state(state)
 
 
+def test_unsaved_lists_what_the_target_knows_and_the_state_lacks() -> None:
+    target = Target(msrs=frozenset({MSR_IA32_TSC, MSR_SYSENTER_EIP}))
+    everything = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, MSR_SYSENTER_EIP: 2}), target)
+    assert everything.ok and everything.unsaved == [] and not everything.dropped
+    # As many MSRs as the target lists, one of them EFER (taken, never listed): not the same.
+    efer = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, 0xC0000080: 0}), target)
+    assert efer.ok and efer.unsaved == [MSR_SYSENTER_EIP]
+    assert efer.msrs == {MSR_IA32_TSC: 1, 0xC0000080: 0}
+    pmu = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, FIXED_CTR0: 0}), target)
+    assert pmu.unsaved == [MSR_SYSENTER_EIP] and pmu.dropped == {FIXED_CTR0: 0}
+
+
 def test_unknown_facts_are_not_checked(machine: Callable[[], kvmstate.Vcpu]) -> None:
     state = machine().save_state()
     report = preflight(state, Target())
