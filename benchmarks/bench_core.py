@@ -16,10 +16,13 @@ Each row times, on one vCPU descriptor, the library call, a bare
 for any Python code) and a C loop compiled on the spot and loaded into this
 process (KVM refuses vCPU ioctls from other processes): ns per operation,
 best of R interleaved rounds (see benchmarks/_harness.py), then the ratios
-library / bare and library / C. The nested rows move the guest-mode state
-where the KVM has one (AMD: SVM guest mode by SET alone, 4224 bytes; Intel:
-L2 running under tests/support/vmx_l1.py's L1); where the KVM has no
-nesting they time the EINVAL path (an exception per call in Python). The
+library / bare and library / C. Each side is called as one callable: the
+library call bound with ``functools.partial`` (the call a program makes, and
+nothing around it), the bare side as a closure holding its ioctl loop body.
+The nested rows move the guest-mode state where the KVM has one (AMD:
+SVM guest mode by SET alone, 4224 bytes; Intel: L2 running under
+tests/support/vmx_l1.py's L1); where the KVM has no nesting they time the
+EINVAL path (an exception per call in Python). The
 caller's-bytearray row keeps each returned view until the next call, as a
 loop ``state = vcpu.get_nested_state(buf)`` does; the row under it drops
 each view at once, so the buffer is bound anew every call. Also
@@ -41,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -266,14 +270,14 @@ def main() -> int:
             rows = [
                 Row(
                     "nested GET, reused NestedState",
-                    swallow(lambda: vcpu.get_nested_state(reused), code),
+                    swallow(partial(vcpu.get_nested_state, reused), code),
                     bare_get(bare_raw),
                     c("nested_reused"),
                     "<= 1.05x bare",
                 ),
                 Row(
                     "nested GET, caller's ctypes array",
-                    swallow(lambda: vcpu.get_nested_state(raw), code),
+                    swallow(partial(vcpu.get_nested_state, raw), code),
                     bare_get(bare_raw),
                     c("nested_reused"),
                     "<= 1.20x bare",
@@ -287,7 +291,7 @@ def main() -> int:
                 ),
                 Row(
                     "  the same, each view dropped",
-                    swallow(lambda: vcpu.get_nested_state(dropped), code),
+                    swallow(partial(vcpu.get_nested_state, dropped), code),
                     bare_get(bare_barray),
                     c("nested_reused"),
                 ),
@@ -300,7 +304,7 @@ def main() -> int:
                 ),
                 Row(
                     "nested SET (checks included)",
-                    swallow(lambda: vcpu.set_nested_state(current), code),
+                    swallow(partial(vcpu.set_nested_state, current), code),
                     swallow(lambda: fcntl.ioctl(fd, SET, set_buf), code),
                     c("nested_set", ctypes.addressof(set_buf)),
                     "<= 1.10x bare",

@@ -43,7 +43,8 @@ import kvmstate  # noqa: E402  (after the path it is found by)
 from benchmarks._harness import C_PRELUDE, Row, build_c, print_rows, run_rows  # noqa: E402
 from kvmstate import ioctls as io  # noqa: E402
 from kvmstate import snapshot, uapi  # noqa: E402
-from kvmstate.state import MSR_IA32_FEATURE_CONTROL, VcpuState  # noqa: E402
+from kvmstate.state import VcpuState  # noqa: E402
+from kvmstate.x86 import MSR_IA32_FEATURE_CONTROL, MSR_IA32_TSC  # noqa: E402
 
 C_SOURCE = (
     C_PRELUDE
@@ -52,7 +53,7 @@ struct parts {
     struct kvm_cpuid2 *cpuid; unsigned nent;
     struct kvm_regs regs; struct kvm_sregs sregs; struct kvm_sregs2 sregs2;
     struct kvm_xsave *xsave; struct kvm_xcrs xcrs;
-    struct kvm_msrs *msrs, *early, *rest; unsigned n_early;
+    struct kvm_msrs *msrs, *early, *tsc_msr, *rest; unsigned n_early, n_tsc;
     struct kvm_lapic_state lapic; struct kvm_mp_state mp; struct kvm_vcpu_events ev;
     struct kvm_debugregs dr; int tsc;
     struct kvm_nested_state *nested; unsigned nested_len;
@@ -68,17 +69,20 @@ static struct kvm_msrs *msr_buffer(const uint32_t *idx, unsigned n) {
 }
 
 /* Buffers sized like the Python side: cpuid nent entries, xsave_len bytes, msrs n
- * entries (the first n_early written first on restore), nested_len bytes
- * (>= KVM_CAP_NESTED_STATE). idx: the MSRs in save order; order: in restore order. */
+ * entries (on restore the first n_early written first, the next n_tsc, IA32_TSC or
+ * nothing, after the TSC rate), nested_len bytes (>= KVM_CAP_NESTED_STATE).
+ * idx: the MSRs in save order; order: in restore order. */
 int setup(unsigned nent, unsigned xsave_len, const uint32_t *idx, unsigned n,
-          const uint32_t *order, unsigned n_early, unsigned nested_len) {
+          const uint32_t *order, unsigned n_early, unsigned n_tsc, unsigned nested_len) {
     P.nent = nent;
     P.cpuid = calloc(1, sizeof(*P.cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
     P.xsave = calloc(1, xsave_len);
     P.msrs = msr_buffer(idx, n);
     P.n_early = n_early;
+    P.n_tsc = n_tsc;
     P.early = msr_buffer(order, n_early);
-    P.rest = msr_buffer(order + n_early, n - n_early);
+    P.tsc_msr = msr_buffer(order + n_early, n_tsc);
+    P.rest = msr_buffer(order + n_early + n_tsc, n - n_early - n_tsc);
     P.nested_len = nested_len;
     P.nested = nested_len ? calloc(1, nested_len) : NULL;
     return 0;
@@ -109,8 +113,8 @@ static int save(int fd, int xsave2) {
 
 /* The saved values into the restore-order MSR buffers. */
 static void split_msrs(void) {
-    struct kvm_msrs *to[2] = {P.early, P.rest};
-    for (int k = 0; k < 2; k++)
+    struct kvm_msrs *to[3] = {P.early, P.tsc_msr, P.rest};
+    for (int k = 0; k < 3; k++)
         for (unsigned i = 0; i < to[k]->nmsrs; i++)
             for (unsigned j = 0; j < P.msrs->nmsrs; j++)
                 if (P.msrs->entries[j].index == to[k]->entries[i].index)
@@ -120,10 +124,11 @@ static void split_msrs(void) {
 static int restore(int fd) {
     TRY(ioctl(fd, KVM_SET_CPUID2, P.cpuid));
     if (P.n_early && ioctl(fd, KVM_SET_MSRS, P.early) != (int)P.early->nmsrs) return -1;
+    TRY(ioctl(fd, KVM_SET_TSC_KHZ, P.tsc));
+    if (P.n_tsc && ioctl(fd, KVM_SET_MSRS, P.tsc_msr) != (int)P.tsc_msr->nmsrs) return -1;
     TRY(ioctl(fd, KVM_SET_SREGS, &P.sregs));
     TRY(ioctl(fd, KVM_SET_SREGS2, &P.sregs2));
     if (P.nested) TRY(ioctl(fd, KVM_SET_NESTED_STATE, P.nested));
-    TRY(ioctl(fd, KVM_SET_TSC_KHZ, P.tsc));
     TRY(ioctl(fd, KVM_SET_REGS, &P.regs));
     TRY(ioctl(fd, KVM_SET_XSAVE, P.xsave));
     TRY(ioctl(fd, KVM_SET_XCRS, &P.xcrs));
@@ -167,6 +172,15 @@ def _msr_template(indices: list[int]) -> bytes:
     for i, index in enumerate(indices):
         _U32.pack_into(out, 8 + 16 * i, index)
     return bytes(out)
+
+
+def restore_order(msrs: dict[int, int]) -> tuple[list[int], list[int], list[int]]:
+    """The MSRs in the three writes of a restore (kvmstate.save's order): the early ones
+    (FEATURE_CONTROL, the VMX capabilities), IA32_TSC (after the TSC rate), the rest."""
+    ordered = sorted(msrs)
+    early = [i for i in ordered if i == MSR_IA32_FEATURE_CONTROL or 0x480 <= i < 0x492]
+    tsc = [i for i in ordered if i == MSR_IA32_TSC]
+    return early, tsc, [i for i in ordered if i not in early and i not in tsc]
 
 
 def bare_sides(
@@ -214,9 +228,7 @@ def bare_sides(
     saved, tsc = save()
     cpuid, regs, xsave, xcrs, sregs, sregs2, lapic, mp, events, debugregs = saved[:10]
     nested = saved[11] if nested_len else None
-    ordered = sorted(state.msrs)
-    early = [i for i in ordered if i == MSR_IA32_FEATURE_CONTROL or 0x480 <= i < 0x492]
-    rest = [i for i in ordered if i not in early]
+    early, tsc_msr, rest = restore_order(state.msrs)
 
     def msr_buf(indices: list[int]) -> bytearray:
         buf = bytearray(_msr_template(indices))
@@ -224,17 +236,19 @@ def bare_sides(
             _U64.pack_into(buf, 8 + 16 * k + 8, state.msrs[index])  # type: ignore[index]
         return buf
 
-    early_buf, rest_buf = msr_buf(early), msr_buf(rest)
+    early_buf, tsc_buf, rest_buf = msr_buf(early), msr_buf(tsc_msr), msr_buf(rest)
 
     def restore() -> None:
         ioctl(fd, io.KVM_SET_CPUID2, cpuid)
         if early:
             ioctl(fd, io.KVM_SET_MSRS, early_buf)
+        ioctl(fd, io.KVM_SET_TSC_KHZ, tsc)
+        if tsc_msr:
+            ioctl(fd, io.KVM_SET_MSRS, tsc_buf)
         ioctl(fd, io.KVM_SET_SREGS, sregs)
         ioctl(fd, io.KVM_SET_SREGS2, sregs2)
         if nested is not None:
             ioctl(fd, io.KVM_SET_NESTED_STATE, nested)
-        ioctl(fd, io.KVM_SET_TSC_KHZ, tsc)
         ioctl(fd, io.KVM_SET_REGS, regs)
         ioctl(fd, io.KVM_SET_XSAVE, xsave)
         ioctl(fd, io.KVM_SET_XCRS, xcrs)
@@ -290,9 +304,7 @@ def main() -> int:
                     return 1
                 assert state.cpuid is not None and state.msrs is not None
                 indices = list(state.msrs)
-                ordered = sorted(indices)
-                early = [i for i in ordered if i == MSR_IA32_FEATURE_CONTROL or 0x480 <= i < 0x492]
-                order = early + [i for i in ordered if i not in early]
+                early, tsc_msr, rest = restore_order(state.msrs)
                 nested_len = vcpu.nested_state_size if state.nested is not None else 0
                 xsave_len = vcpu.xsave_size
                 xsave2 = 1 if xsave_len > 4096 else 0
@@ -302,8 +314,9 @@ def main() -> int:
                         xsave_len,
                         (ctypes.c_uint32 * len(indices))(*indices),
                         len(indices),
-                        (ctypes.c_uint32 * len(order))(*order),
+                        (ctypes.c_uint32 * len(indices))(*early, *tsc_msr, *rest),
                         len(early),
+                        len(tsc_msr),
                         nested_len,
                     )
                 fd = vcpu.fileno()

@@ -58,9 +58,12 @@ def raw_ioctl(fd: int, request: int, arg: Any) -> int:
 
     An ``OSError`` is the caller's to convert (:func:`kvm_error`) once it has
     looked at errno. ``fcntl.ioctl`` is looked up per call, not bound at import,
-    so a test can watch what reaches the kernel by patching it.
+    so a test can watch what reaches the kernel by patching it. Its answer is
+    returned as it is: with an int or a writable buffer (the only arguments
+    taken here) ``fcntl.ioctl`` answers the ioctl's int.
     """
-    return int(fcntl.ioctl(fd, request, arg))
+    result: int = fcntl.ioctl(fd, request, arg)
+    return result
 
 
 def kvm_error(exc: OSError, request: int | str | None, *, pid: int | None = None) -> KvmError:

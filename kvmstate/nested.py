@@ -23,6 +23,7 @@ import array
 import ctypes
 import functools
 import mmap
+import operator
 import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -252,26 +253,42 @@ class NestedState:
 
     # --- raw access ------------------------------------------------------------
 
-    @property
-    def capacity(self) -> int:
-        """How many bytes the buffer holds (own buffers round up to 8-byte words)."""
-        return self._capacity
+    if TYPE_CHECKING:
+
+        @property
+        def capacity(self) -> int:
+            """How many bytes the buffer holds (own buffers round up to 8-byte words)."""
+
+        @property
+        def storage(self) -> ctypes.Array[Any]:
+            """The ctypes array the kernel reads and writes."""
+
+    else:
+        # Read-only, and read by C (attrgetter): no Python frame on the ioctl paths,
+        # which read both on every call. Neither changes after construction.
+        capacity = property(
+            operator.attrgetter("_capacity"),
+            doc="""How many bytes the buffer holds (own buffers round up to 8-byte words).
+
+            >>> NestedState(4220).capacity
+            4224
+            """,
+        )
+        storage = property(
+            operator.attrgetter("_storage"),
+            doc="""The ctypes array the kernel reads and writes: ``capacity`` bytes, 8-byte aligned.
+
+            What an ioctl is handed, without the memoryview :attr:`buffer` makes per call.
+
+            >>> ctypes.sizeof(NestedState(4096).storage)
+            4096
+            """,
+        )
 
     @property
     def buffer(self) -> memoryview:
         """A writable byte view of the whole buffer (``capacity`` bytes)."""
         return memoryview(self._storage).cast("B")
-
-    @property
-    def storage(self) -> ctypes.Array[Any]:
-        """The ctypes array the kernel reads and writes: ``capacity`` bytes, 8-byte aligned.
-
-        What an ioctl is handed, without the memoryview :attr:`buffer` makes per call.
-
-        >>> ctypes.sizeof(NestedState(4096).storage)
-        4096
-        """
-        return self._storage
 
     @property
     def header(self) -> uapi.kvm_nested_state_header:
@@ -474,25 +491,28 @@ def _u(value: int, bits: int, name: str) -> int:
     return value
 
 
-def check_for_set(state: NestedState) -> None:
+def check_for_set(state: NestedState) -> ctypes.Array[Any]:
     """Refuse, naming the field, what KVM_SET_NESTED_STATE refuses for sure (x86.c).
 
     Checked: ``size`` at least the header and within the buffer (the kernel
     reads up to ``size`` bytes), only known flags, RUN_PENDING only with
     GUEST_MODE, a known format. Everything else is the kernel's to judge.
-    TypeError for anything but a :class:`NestedState`.
+    TypeError for anything but a :class:`NestedState`. Returns the state's
+    :attr:`~NestedState.storage`, the buffer to hand the kernel.
+
+    >>> state = NestedState(128)
+    >>> state.size = 128
+    >>> check_for_set(state) is state.storage
+    True
     """
-    if not isinstance(state, NestedState):
+    if type(state) is not NestedState and not isinstance(state, NestedState):
         raise TypeError(f"check_for_set() needs a NestedState, not {type(state).__name__}")
-    flags, fmt, size = _FLAGS_FORMAT_SIZE.unpack_from(state._storage)
+    storage = state._storage
+    head, size = _HEAD_SIZE.unpack_from(storage)
     # The usual answer first, in one test: every rule below holds.
-    if (
-        HEADER_SIZE <= size <= state._capacity
-        and not flags & _UNKNOWN_FLAGS
-        and (flags & _GUEST_MODE or not flags & _RUN_PENDING)
-        and fmt in _KNOWN_FORMATS
-    ):
-        return
+    if head in _GOOD_HEADS and HEADER_SIZE <= size <= state._capacity:
+        return storage
+    flags, fmt = head & 0xFFFF, head >> 16
     if size < HEADER_SIZE:
         raise ValueError(f"size {size} is below the {HEADER_SIZE}-byte header")
     if size > state._capacity:
@@ -506,13 +526,22 @@ def check_for_set(state: NestedState) -> None:
         raise ValueError("flags has RUN_PENDING without GUEST_MODE (a pending VM-entry needs L2)")
     if fmt not in _KNOWN_FORMATS:
         raise ValueError(f"unknown format {fmt} (known: 0 = VMX, 1 = SVM)")
+    return storage  # not reached: the test above passes whenever no rule here fails
 
 
-# flags, format and size: the first 8 bytes of struct kvm_nested_state.
-_FLAGS_FORMAT_SIZE = struct.Struct("<HHI")
+# flags and format (one u32: flags | format << 16), then size: the first 8 bytes of
+# struct kvm_nested_state.
+_HEAD_SIZE = struct.Struct("<II")
 _RUN_PENDING = int(NestedFlag.RUN_PENDING)
 _GUEST_MODE = int(NestedFlag.GUEST_MODE)
-_UNKNOWN_FLAGS = 0xFFFF & ~KNOWN_FLAGS
+# Every flags | format << 16 that check_for_set takes: known flags only, RUN_PENDING only
+# with GUEST_MODE, a known format (5 flags: 24 combinations a format).
+_GOOD_HEADS = frozenset(
+    flags | fmt << 16
+    for fmt in _KNOWN_FORMATS
+    for flags in range(KNOWN_FLAGS + 1)
+    if not flags & ~KNOWN_FLAGS and (flags & _GUEST_MODE or not flags & _RUN_PENDING)
+)
 
 
 @functools.lru_cache(maxsize=16)

@@ -46,6 +46,7 @@ import dataclasses
 import errno
 import json
 import os
+from array import array
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -237,6 +238,8 @@ class Preflight:
 _MAX_CPUID_ENTRIES = 256
 _TSC_TOLERANCE_PPM = 250  # kvm's tsc_tolerance_ppm default
 _VADDR_BITS = (0, 48, 57)
+# struct kvm_cpuid2: nent, padding, then the entries.
+_CPUID_HEAD = ctypes.sizeof(uapi.kvm_cpuid2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +303,62 @@ class Target:
             tsc_tolerance_ppm=_read_int_param("/sys/module/kvm/parameters/tsc_tolerance_ppm"),
             npt=_read_param("/sys/module/kvm_amd/parameters/npt"),
         )
+
+    @classmethod
+    def lasting(cls, vcpu: Any) -> Target:
+        """The facts of ``vcpu`` that cannot change while it lives: :meth:`from_vcpu`
+        without ``tsc_khz`` and ``tsc_tolerance_ppm`` (None), which can.
+
+        Why none of the others can go stale: ``kernel`` is the running kernel's
+        release; ``vendor`` and ``nested_state_size`` come from KVM_CAP_NESTED_STATE,
+        and ``msrs`` from KVM_GET_MSR_INDEX_LIST, both handed down when the vCPU was
+        made (the vCPU keeps them, never asking again); ``xsave_size``, ``sregs2``,
+        ``xcrs`` and ``tsc_control`` are its VM's KVM_CHECK_EXTENSION answers, also
+        handed down (and ``xsave_size`` kept by the vCPU itself); ``npt`` is a
+        read-only (0444) parameter of kvm_amd, which cannot be reloaded while a VM
+        holds it. The two left out: KVM_SET_TSC_KHZ changes the vCPU's rate, and
+        ``tsc_tolerance_ppm`` is writable (0644) at any time.
+
+        >>> Target.lasting(vcpu).tsc_khz is None                 # doctest: +SKIP
+        True
+        """
+        indices = vcpu.msr_index_list
+        size = vcpu.nested_state_size
+        return cls(
+            kernel=os.uname().release,
+            vendor=vendor_of_capability(size),
+            msrs=None if indices is None else frozenset(indices),
+            nested_state_size=size,
+            xsave_size=vcpu.xsave_size if vcpu.check_extension(uapi.KVM_CAP_XSAVE) > 0 else 0,
+            sregs2=vcpu.check_extension(uapi.KVM_CAP_SREGS2) > 0,
+            xcrs=vcpu.check_extension(uapi.KVM_CAP_XCRS) > 0,
+            tsc_control=vcpu.check_extension(uapi.KVM_CAP_TSC_CONTROL) > 0,
+            npt=_read_param("/sys/module/kvm_amd/parameters/npt"),
+        )
+
+    def with_tsc_of(self, vcpu: Any, khz: object) -> Target:
+        """This target, with the TSC facts a restore of rate ``khz`` needs read afresh.
+
+        They matter only without TSC scaling (``tsc_control`` False), and only
+        for a rate below the vCPU's current one: the ``tsc-rate`` rule refuses
+        a rate below the target's less ``tsc_tolerance_ppm``, so a rate at or
+        above it passes whatever the tolerance. Otherwise (the usual case: the
+        state's rate is the vCPU's) this target is returned as it is, its TSC
+        facts unknown, and the rule skipped, as it would pass.
+
+        >>> Target(tsc_control=True).with_tsc_of(vcpu, 1000).tsc_khz is None  # doctest: +SKIP
+        True
+        """
+        if self.tsc_control is not False or type(khz) is not int:
+            return self
+        try:
+            current: int | None = vcpu.get_tsc_khz()
+        except KvmError:
+            current = None
+        if not current or khz >= current:
+            return self  # unknown, or a rate the rule passes whatever the tolerance
+        ppm = _read_int_param("/sys/module/kvm/parameters/tsc_tolerance_ppm")
+        return dataclasses.replace(self, tsc_khz=current, tsc_tolerance_ppm=ppm)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: MSRs as a sorted list of hex strings."""
@@ -404,11 +463,16 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
     refuse = report.refusals.append
     saved = dict(state.msrs or {})
     known = target.msrs
-    if known is None:
+    # The usual case in one pass, building no set: the target lists every saved MSR.
+    unknown: Any = ()
+    listed = known is not None and known.issuperset(saved)
+    if known is not None and not listed:
+        unknown = saved.keys() - known - _SREGS_MSRS
+    if not unknown:
         report.msrs = saved
     else:
         for index, value in sorted(saved.items()):
-            if index in known or index in _SREGS_MSRS:
+            if index not in unknown:
                 report.msrs[index] = value
                 continue
             policy = msr_policy(index)
@@ -435,6 +499,8 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
                 )
             else:
                 report.dropped[index] = value
+    # Every saved MSR listed, and as many: the same set, nothing unsaved.
+    if known is not None and not (listed and len(known) == len(saved)):
         report.unsaved = sorted(known - saved.keys())
     _nested(state, target, refuse)
     if state.sregs2 is not None and target.sregs2 is False:
@@ -483,18 +549,25 @@ def preflight(state: VcpuState, target: Target, *, drop_msrs: bool = True) -> Pr
 
 def _cpuid(cpuid: uapi.kvm_cpuid2, refuse: Any) -> None:
     """The rules of KVM_SET_CPUID2 that hold on every kernel, whatever its CPUs."""
-    entries = list(cpuid.items())[: cpuid.nent]
-    if len(entries) > _MAX_CPUID_ENTRIES:
+    count = min(cpuid.nent, cpuid.capacity())  # the entries the object holds of nent
+    if count > _MAX_CPUID_ENTRIES:
         refuse(
             Finding(
                 "cpuid",
                 "cpuid-entries",
-                f"{len(entries)} entries, KVM takes at most {_MAX_CPUID_ENTRIES}",
+                f"{count} entries, KVM takes at most {_MAX_CPUID_ENTRIES}",
             )
         )
-    for entry in entries:
-        if entry.function == 0x80000008 and (entry.eax >> 8 & 0xFF) not in _VADDR_BITS:
-            bits = entry.eax >> 8 & 0xFF
+    # The entries as u32 words, read in one copy instead of a ctypes object each:
+    # kvm_cpuid_entry2 is 10 words (function, index, flags, eax, ebx, ecx, edx, 3 pad).
+    words = array("I")
+    words.frombytes(ctypes.string_at(ctypes.addressof(cpuid) + _CPUID_HEAD, 40 * count))
+    functions = words[0::10]
+    k = -1
+    while 0x80000008 in functions[k + 1 :]:  # found in C, each entry of that leaf in turn
+        k = functions.index(0x80000008, k + 1)
+        bits = words[10 * k + 3] >> 8 & 0xFF  # eax[15:8]
+        if bits not in _VADDR_BITS:
             refuse(
                 Finding(
                     "cpuid",

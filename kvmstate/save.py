@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import operator
 import warnings
 import weakref
 from array import array
@@ -71,9 +72,29 @@ EARLY_MSRS = frozenset({MSR_IA32_FEATURE_CONTROL, *VMX_CAPABILITY_MSRS})
 _BY_NAME = frozenset({"cpuid", "nested", "tsc_khz", "msrs"})
 
 # Per vCPU, worked out on its first save: the rows its KVM offers (with the structure
-# each GET fills) and the MSRs it can read. Kept here, not on the vCPU object.
+# each GET fills), the parts it lacks for a capability, and the MSRs it can read (with
+# the kvm_msrs words that ask for them). Kept here, not on the vCPU object.
 _PLANS: weakref.WeakKeyDictionary[Any, list[tuple[Part, Any, int]]] = weakref.WeakKeyDictionary()
-_READABLE: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+_LACKING: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+_READABLE: weakref.WeakKeyDictionary[Any, tuple[list[int], array[int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lacking(vcpu: Any) -> dict[str, str]:
+    """The parts :func:`_plan` left out for a capability of 0, each with that reason."""
+    lacking = _LACKING.get(vcpu)
+    if lacking is None:
+        done = {row.name for row, _, _ in _plan(vcpu)}
+        lacking = _LACKING[vcpu] = {
+            row.name: f"{row.capability} is 0"
+            for row in PART_TABLE.values()
+            if row.name not in done
+            and row.name not in _BY_NAME
+            and row.unless is None
+            and row.capability is not None
+        }
+    return lacking
 
 
 def _plan(vcpu: Any) -> list[tuple[Part, Any, int]]:
@@ -134,22 +155,31 @@ def save(vcpu: Any) -> VcpuState:
                 continue
             raise StateError(row.name, vcpu.kvm_error(exc, get)) from None
         setattr(state, row.name, obj)
-    done = {row.name for row, _, _ in plan}
-    for row in PART_TABLE.values():
-        skipped = row.name not in done and row.name not in _BY_NAME and row.unless is None
-        if skipped and row.capability is not None:
-            state.absent[row.name] = f"{row.capability} is 0"
+    state.absent.update(_lacking(vcpu))
 
-    indices = _READABLE.get(vcpu)
-    if indices is None:
+    readable = _READABLE.get(vcpu)
+    if readable is None:
         wanted = vcpu.msr_index_list
         if wanted is None:
             raise ValueError("saving MSRs needs the Kvm (KVM_GET_MSR_INDEX_LIST); borrowed vCPU?")
-        indices = _READABLE[vcpu] = _readable_msrs(vcpu, list(wanted))
+        indices = _readable_msrs(vcpu, list(wanted))
+        readable = _READABLE[vcpu] = (indices, uapi.msrs_words(uapi.msr_index_array(indices)))
+    indices, template = readable
+    words = template[:]  # a copy: nmsrs and the indices set, the values for the kernel
     try:
-        state.msrs = vcpu.get_msrs(indices)
+        # words holds nmsrs == len(indices) entries: the kernel reads and writes only those.
+        done = raw_ioctl(fd, io.KVM_GET_MSRS, words)
     except OSError as exc:
-        raise StateError("msrs", exc) from None
+        raise StateError("msrs", vcpu.kvm_error(exc, io.KVM_GET_MSRS)) from None
+    if done != len(indices):
+        error = KvmError(
+            None,
+            f"processed {done} of {len(indices)} MSRs; MSR {indices[done]:#x} was refused",
+            ioctl="KVM_GET_MSRS",
+            result=done,
+        )
+        raise StateError("msrs", error)
+    state.msrs = dict(zip(indices, words[2::2].tolist(), strict=True))
 
     _attempt(state, "tsc_khz", vcpu.get_tsc_khz, errno.EIO, errno.ENOTTY, errno.EINVAL)
     if vcpu.nested_state_size == 0:
@@ -171,17 +201,21 @@ def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
     if not isinstance(state, VcpuState):
         raise TypeError(f"restore() needs a VcpuState, not {type(state).__name__}")
     s = state
-    if s.msrs is not None:
-        uapi.msrs_from_mapping(s.msrs)  # refuse bad indices/values before anything is written
+    # The MSRs sorted and checked (TypeError/ValueError naming a bad one), once, before
+    # anything is written; the lists written below are cut from this one.
+    checked = None if s.msrs is None else _msr_list(s.msrs)
     if isinstance(s.nested, NestedState):
         check_for_set(s.nested)  # and a malformed nested state (ValueError naming the field)
-    report = preflight(s, Target.from_vcpu(vcpu), drop_msrs=drop_msrs)
+    target = _TARGETS.get(vcpu)
+    if target is None:
+        target = _TARGETS[vcpu] = Target.lasting(vcpu)
+    report = preflight(s, target.with_tsc_of(vcpu, s.tsc_khz), drop_msrs=drop_msrs)
     if not report.ok:
         raise PreflightError(report)
     if report.dropped:
         # stacklevel 3: the caller of Vcpu.restore_state, whose state it was.
         warnings.warn(DroppedMsrWarning(report.dropped), stacklevel=3)
-    plan = {row.name: (row, kind) for row, kind, _ in _plan(vcpu)}
+    plan = _set_plan(vcpu)
     fd = vcpu.fileno()
 
     def put(part: str, write: Callable[[], object]) -> None:
@@ -190,50 +224,24 @@ def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
         except OSError as exc:
             raise StateError(part, exc) from None
 
-    def put_plain(part: str, obj: Any) -> None:
-        step = plan.get(part)
-        if step is None:
-            raise StateError(part, KvmError(errno.ENOTSUP, "this KVM cannot set it"))
-        row, kind = step
-        # XSAVE areas come in several sizes (sized subclasses); the rest must match exactly.
-        expected = row.type
-        if not isinstance(obj, expected):
-            raise TypeError(f"{part}: expected {expected.__name__}, not {type(obj).__name__}")
-        if ctypes.sizeof(obj) < ctypes.sizeof(kind):
-            raise ValueError(
-                f"{part}: {ctypes.sizeof(obj)} bytes, this KVM reads {ctypes.sizeof(kind)}"
-            )
-        try:
-            if isinstance(obj, uapi.kvm_lapic_state):
-                vcpu.set_lapic(obj)  # names a missing irqchip
-            else:
-                # At least the size the kernel reads (checked just above).
-                raw_ioctl(fd, row.set, obj)
-        except KvmError as exc:
-            raise StateError(part, exc) from None
-        except OSError as exc:
-            raise StateError(part, vcpu.kvm_error(exc, row.set)) from None
-
-    # The MSR lists, built (and so their indices and values checked) before anything is
-    # written, each once: the early ones, IA32_TSC, the rest. report.msrs is the
-    # state's MSRs less what the pre-flight dropped.
-    early: _MsrList | None = None
-    tsc: _MsrList | None = None
-    rest: _MsrList | None = None
-    if s.msrs is not None:
-        ordered = _msr_list(report.msrs)[0]  # raises TypeError/ValueError naming a bad MSR
-        early = _msr_list({i: v for i, v in ordered if i in EARLY_MSRS})
-        tsc = _msr_list({i: v for i, v in ordered if i == MSR_IA32_TSC and i not in EARLY_MSRS})
-        rest = _msr_list({i: v for i, v in ordered if i not in EARLY_MSRS and i != MSR_IA32_TSC})
+    # The MSR lists: the early ones, IA32_TSC, the rest. report.msrs is the state's
+    # MSRs less what the pre-flight dropped.
+    early: array[int] | None = None
+    tsc: array[int] | None = None
+    rest: array[int] | None = None
+    if checked is not None:
+        if report.dropped:
+            checked = _msr_list(report.msrs)
+        early, tsc, rest = _split_msrs(checked)
     if s.cpuid is not None:
         put("cpuid", lambda: vcpu.set_cpuid2(s.cpuid))
-    if early is not None and early[0]:
-        put("msrs", lambda: _put_msrs(vcpu, *early))
+    if early is not None:
+        put("msrs", lambda: _put_msrs(vcpu, early))
     if s.tsc_khz is not None:
         _restore_tsc_khz(vcpu, s.tsc_khz)
-    if tsc is not None and tsc[0]:
+    if tsc is not None:
         # Before nested state, at the rate just set: L2's preemption timer starts from it.
-        put("msrs", lambda: _put_msrs(vcpu, *tsc))
+        put("msrs", lambda: _put_msrs(vcpu, tsc))
     for part in PARTS:
         value = getattr(s, part)
         if value is None or part in ("cpuid", "tsc_khz"):
@@ -241,12 +249,47 @@ def restore(vcpu: Any, state: VcpuState, *, drop_msrs: bool = True) -> None:
         if part == "nested":
             put("nested", lambda: vcpu.set_nested_state(s.nested))
         elif part == "msrs":
-            if rest is not None and rest[0]:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
-                put("msrs", lambda: _put_msrs(vcpu, *rest))
+            if rest is not None:  # the rest, after the LAPIC (IA32_TSC_DEADLINE)
+                put("msrs", lambda: _put_msrs(vcpu, rest))
         elif part == "fpu" and s.xsave is not None:
             continue  # the XSAVE area holds the FPU state too, and wins
         else:
-            put_plain(part, value)
+            step = plan.get(part)
+            if step is None:
+                raise StateError(part, KvmError(errno.ENOTSUP, "this KVM cannot set it"))
+            row, size = step
+            # XSAVE areas come in several sizes (sized subclasses); the rest must match.
+            if not isinstance(value, row.type):
+                raise TypeError(f"{part}: expected {row.type.__name__}, not {type(value).__name__}")
+            if ctypes.sizeof(value) < size:
+                raise ValueError(f"{part}: {ctypes.sizeof(value)} bytes, this KVM reads {size}")
+            try:
+                if part == "lapic":
+                    vcpu.set_lapic(value)  # names a missing irqchip
+                else:
+                    # At least the size the kernel reads (checked just above).
+                    raw_ioctl(fd, row.set, value)
+            except KvmError as exc:
+                raise StateError(part, exc) from None
+            except OSError as exc:
+                raise StateError(part, vcpu.kvm_error(exc, row.set)) from None
+
+
+# Per vCPU, for restore(): the pre-flight's lasting facts (Target.lasting says why
+# none can go stale), and each plain part's row with the bytes its SET reads.
+_TARGETS: weakref.WeakKeyDictionary[Any, Target] = weakref.WeakKeyDictionary()
+_SET_PLANS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Part, int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _set_plan(vcpu: Any) -> dict[str, tuple[Part, int]]:
+    plan = _SET_PLANS.get(vcpu)
+    if plan is None:
+        plan = _SET_PLANS[vcpu] = {
+            row.name: (row, ctypes.sizeof(kind)) for row, kind, _ in _plan(vcpu)
+        }
+    return plan
 
 
 def _restore_tsc_khz(vcpu: Any, khz: int) -> None:
@@ -260,37 +303,79 @@ def _restore_tsc_khz(vcpu: Any, khz: int) -> None:
         raise StateError("tsc_khz", error) from None
 
 
-# An MSR list: ``(index, value)`` sorted by index, and its ``struct kvm_msrs`` as words.
-_MsrList = tuple[list[tuple[int, int]], "array[int]"]
+# An MSR list (_msr_list): a ``struct kvm_msrs`` as u64 words (uapi.msrs_words), sorted
+# by index: word 0 is nmsrs, then entry k is its index (word 2k + 1) and value (2k + 2).
+# Written apart from the rest, each at its step of the order: the early MSRs, IA32_TSC.
+_APART = EARLY_MSRS | {MSR_IA32_TSC}
 
 
-def _msr_list(values: Mapping[int, int]) -> _MsrList:
-    """``values`` sorted, and as ``kvm_msrs`` words (TypeError/ValueError naming a bad MSR)."""
+def _msr_list(values: Mapping[int, int]) -> array[int]:
+    """``values`` sorted by index as ``kvm_msrs`` words (TypeError/ValueError naming a bad MSR)."""
     if not isinstance(values, Mapping):
         raise TypeError(f"msrs: expected a mapping of index to value, not {type(values).__name__}")
-    ordered = dict(sorted(values.items()))
-    words = uapi.msrs_words(uapi.msr_index_array(ordered.keys()))
-    words[2::2] = uapi.msr_value_array(ordered)
-    return list(ordered.items()), words
+    keys = sorted(values)
+    words = uapi.msrs_words(uapi.msr_index_array(keys))  # checks the indices
+    if not keys:
+        return words
+    # The values in index order, gathered in C; array("Q") refuses what is no u64 but
+    # takes True as 1: either way msr_value_array raises, naming the value.
+    data = operator.itemgetter(*keys)(values)
+    if len(keys) == 1:
+        data = (data,)
+    try:
+        words[2::2] = array("Q", data)
+    except (OverflowError, TypeError):
+        uapi.msr_value_array(values)
+        raise
+    if bool in set(map(type, data)):
+        uapi.msr_value_array(values)
+    return words
 
 
-def _put_msrs(vcpu: Any, items: list[tuple[int, int]], words: array[int]) -> None:
+def _split_msrs(
+    words: array[int],
+) -> tuple[array[int] | None, array[int] | None, array[int] | None]:
+    """One :func:`_msr_list` cut in three: the early MSRs, IA32_TSC, the rest (None if empty)."""
+    indices = words[1::2]
+    apart = _APART.intersection(indices)  # a set operation: the usual few, or none
+    if not apart:
+        return None, None, (words if words[0] else None)
+    rest = array("Q", words)
+    early = array("Q", [0])
+    tsc = array("Q", [0])
+    # From the highest position down, so each cut leaves the lower positions where they are.
+    for k in sorted((indices.index(i) for i in apart), reverse=True):
+        pair = words[1 + 2 * k : 3 + 2 * k]
+        if pair[0] == MSR_IA32_TSC:
+            tsc[1:1] = pair
+        else:
+            early[1:1] = pair
+        del rest[1 + 2 * k : 3 + 2 * k]
+    out = []
+    for part in (early, tsc, rest):
+        part[0] = (len(part) - 1) // 2
+        out.append(part if part[0] else None)
+    return out[0], out[1], out[2]
+
+
+def _put_msrs(vcpu: Any, words: array[int]) -> None:
     """KVM_SET_MSRS, tolerating an MSR the kernel will not write if it already holds the value.
 
     KVM refuses some host writes that its reads allow (MSR_KVM_ASYNC_PF_INT
     without an in-kernel LAPIC); a state saved there must still restore there.
-    ``items`` and ``words`` are one :func:`_msr_list`.
+    ``words`` is one :func:`_msr_list`.
     """
     fd = vcpu.fileno()
-    while items:
+    while words[0]:
+        count = words[0]
         try:
-            # words holds nmsrs == len(items) entries: the kernel reads only those.
+            # words holds nmsrs entries: the kernel reads only those.
             done = raw_ioctl(fd, io.KVM_SET_MSRS, words)
         except OSError as exc:
             raise vcpu.kvm_error(exc, io.KVM_SET_MSRS) from None
-        if done == len(items):
+        if done == count:
             return
-        index, wanted = items[done]
+        index, wanted = words[1 + 2 * done], words[2 + 2 * done]
         try:
             current = vcpu.get_msrs([index])[index]
         except KvmError:
@@ -298,11 +383,11 @@ def _put_msrs(vcpu: Any, items: list[tuple[int, int]], words: array[int]) -> Non
         if current != wanted:
             raise KvmError(
                 None,
-                f"processed {done} of {len(items)} MSRs; MSR {index:#x} was refused",
+                f"processed {done} of {count} MSRs; MSR {index:#x} was refused",
                 ioctl="KVM_SET_MSRS",
                 result=done,
             )
-        items, words = _msr_list(dict(items[done + 1 :]))
+        words = array("Q", [count - done - 1]) + words[3 + 2 * done :]
 
 
 def _readable_msrs(vcpu: Any, indices: list[int]) -> list[int]:

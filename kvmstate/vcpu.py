@@ -15,7 +15,7 @@ import functools
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
@@ -49,6 +49,10 @@ _SIZE = struct.Struct("<I")  # kvm_nested_state.size, at offset 4
 _SET_NESTED = io.KVM_SET_NESTED_STATE
 # The largest nested_state_size taken (NestedState's own capacity limit).
 _NESTED_SIZE_MAX = 1 << 24
+# Vcpu._nested_need before it is known: above any buffer's capacity.
+_UNKNOWN_NEED = 1 << 62
+# Vcpu._nested_source before any caller's buffer was bound: no buffer is this object.
+_NO_BUFFER = object()
 _addressof, _sizeof = ctypes.addressof, ctypes.sizeof
 
 
@@ -96,12 +100,19 @@ class Vcpu(FdWrapper):
         self._msr_index_list = indices
         self._given_nested_size = given
         self._nested_state_size: int | None = None
-        self._nested_need: int | None = None
+        # The smallest buffer KVM_GET_NESTED_STATE may fill, once nested_state_size
+        # has worked it out; until then larger than any buffer, so no call skips that.
+        self._nested_need = _UNKNOWN_NEED
         self._nested_cap: int | None = None  # /dev/kvm's own answer, once asked
         # The last view of a caller's buffer (see _view_of): kept, or weakly.
         self._nested_kept: NestedState | None = None
-        self._nested_kept_at = 0  # the kept view's address
-        self._nested_weak: weakref.ref[NestedState] | None = None
+        self._nested_kept_at = self._nested_kept_size = 0  # the kept view's address, size
+        self._nested_kept_storage: Any = None  # and its storage
+        self._nested_source: object = _NO_BUFFER  # the buffer the last view is of
+        self._nested_weak: Callable[[], NestedState | None] = _no_view
+        # The last NestedState of its own storage a GET filled, with its storage and capacity.
+        self._nested_own: object = _NO_BUFFER
+        self._nested_own_io: tuple[Any, int] = (None, 0)
         self._xsave_size: int | None = None
         self._cpuid_entries: int | None = None  # last KVM_GET_CPUID2 count: the next guess
         # Whether KVM_GET_CPUID2 writes the count back into nent (6.12 does, 6.1 not).
@@ -646,34 +657,50 @@ class Vcpu(FdWrapper):
         :raises KvmError: any other failure of the ioctl, errno kept.
         """
         # The usual call first, in as few steps as Python allows: a buffer bound
-        # already (a NestedState, or the kept view of this very ctypes array, still
-        # where it was) and at least the floor. Anything else takes the long way.
+        # already (a NestedState, or the last view of this very caller's buffer, checked
+        # below to be valid still) and at least the floor. Anything else takes the long way.
         # Bound before the type test, which corrects it: no cast() call on the hot path.
         state: NestedState = out  # type: ignore[assignment]
-        if type(out) is not NestedState:
-            if out is None:
-                return self._get_nested_state(None)  # a fresh buffer
-            kept = self._nested_kept
-            array: Any = out  # a ctypes array where it is the kept view's source
+        if out is self._nested_own:
+            # The NestedState of its own storage the last GET filled: its storage and
+            # capacity never change, and the capacity was checked against the floor.
+            storage, capacity = self._nested_own_io
+        elif out is self._nested_source and self._nested_kept is not None:
+            # The ctypes array the kept view is of: ctypes.resize may have moved, grown or
+            # shrunk it since. The view was kept before its size was judged: judged here.
+            array: Any = out
+            capacity = self._nested_kept_size
             if (
-                kept is not None
-                and kept.source is out
-                and _addressof(array) == self._nested_kept_at
-                and _sizeof(array) == kept.capacity
+                _addressof(array) != self._nested_kept_at
+                or _sizeof(array) != capacity
+                or capacity < self._nested_need
             ):
-                state = kept
-            else:
-                # The weakly held view of another buffer, if the caller still has it.
-                weak = self._nested_weak
-                view = weak() if weak is not None else None
-                if view is None or view.source is not out:
+                return self._get_nested_state(out)
+            state, storage = self._nested_kept, self._nested_kept_storage
+        else:
+            if type(out) is not NestedState:
+                if out is self._nested_source:  # the buffer the last view is of (never None)
+                    # Its view, while the caller still holds it (and with it the buffer's
+                    # export, which keeps the memory where it is and its size), else None.
+                    view = self._nested_weak()
+                    if view is None:
+                        return self._get_nested_state(out)
+                    state = view
+                elif out is None:
+                    need = self._nested_need
+                    if need == _UNKNOWN_NEED:
+                        return self._get_nested_state(None)  # first call: learns the floor
+                    state = NestedState(need)
+                else:
                     return self._get_nested_state(out)
-                state = view
-        capacity = state.capacity
-        need = self._nested_need  # the floor, once known; the long way learns it
-        if need is None or capacity < need:
-            return self._get_nested_state(out)
-        storage = state.storage
+            capacity = state.capacity
+            # The floor (_UNKNOWN_NEED until learnt, so the first call takes the long way).
+            if capacity < self._nested_need:
+                return self._get_nested_state(out)
+            storage = state.storage
+            if out is state and state.source is None:
+                # Remembered strongly: it holds no caller's buffer (no export pinned).
+                self._nested_own, self._nested_own_io = state, (storage, capacity)
         # The kernel may write up to size bytes, and size is the buffer's own
         # length, which is >= KVM_CAP_NESTED_STATE (checked just above).
         _SIZE.pack_into(storage, 4, capacity)
@@ -683,14 +710,18 @@ class Vcpu(FdWrapper):
             self.fileno()  # raises: closed
             raise
         except OSError as exc:
-            raise self._get_failed(exc, state) from None
+            error = self._get_failed(exc, state)
+            if out is not None or type(error) is not NestedStateTooLargeError:
+                raise error from None
+            # A buffer made here: regrow it once to what the kernel asked for.
+            state = NestedState(state.size)
+            self._get_nested(state)
         return state
 
     def _get_nested_state(self, out: Any) -> NestedState:
         """:meth:`get_nested_state` the long way: any buffer, first calls, E2BIG regrowth."""
         self.nested_state_size  # noqa: B018 - sets _nested_need, the buffer's floor
         need = self._nested_need
-        assert need is not None
         if out is None:
             state = NestedState(need)
         else:
@@ -724,7 +755,7 @@ class Vcpu(FdWrapper):
         export, which would stop a ``bytearray`` growing or an ``mmap`` closing.
         """
         view = self._nested_kept
-        if view is None and self._nested_weak is not None:
+        if view is None:
             view = self._nested_weak()
         if view is not None and view.source is out:
             if not isinstance(out, ctypes.Array):
@@ -735,9 +766,15 @@ class Vcpu(FdWrapper):
             ):
                 return view
         view = NestedState.from_buffer(out)
+        # The view's source, held here for the fast path's identity test: holding the
+        # buffer itself blocks no resize (only an export does), and while it is held
+        # no other object can take its id.
+        self._nested_source = out
         if isinstance(out, ctypes.Array):
-            self._nested_kept, self._nested_weak = view, None
+            self._nested_kept, self._nested_weak = view, _no_view
+            self._nested_kept_storage = view.storage
             self._nested_kept_at = ctypes.addressof(view.storage)
+            self._nested_kept_size = view.capacity
         else:
             self._nested_kept, self._nested_weak = None, _weak_ref()(view)
         return view
@@ -787,10 +824,10 @@ class Vcpu(FdWrapper):
         """
         if type(state) is not NestedState and not isinstance(state, NestedState):
             state = _writable_copy(state)
-        check_for_set(state)
+        storage = check_for_set(state)
         try:
             # check_for_set: size <= capacity, and the kernel reads at most size bytes.
-            result = raw_ioctl(self._fd, _SET_NESTED, state.storage)
+            result = raw_ioctl(self._fd, _SET_NESTED, storage)
         except ValueError:  # fcntl's answer to a closed vCPU's -1, before any ioctl
             self.fileno()  # raises: closed
             raise
@@ -952,13 +989,20 @@ class Vcpu(FdWrapper):
     # --- lifetime ------------------------------------------------------------------------
 
     def _release(self) -> None:
-        self._nested_kept = self._nested_weak = None
+        self._nested_kept, self._nested_weak, self._nested_source = None, _no_view, _NO_BUFFER
+        self._nested_own, self._nested_own_io = _NO_BUFFER, (None, 0)
+        self._nested_kept_storage = None
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
             with contextlib.suppress(BufferError):
                 self._run_map.close()
             self._run_map = None
+
+
+def _no_view() -> NestedState | None:
+    """Vcpu._nested_weak while no weakly held view is: the answer of a dead reference."""
+    return None
 
 
 @functools.cache

@@ -210,6 +210,64 @@ def test_tsc_rate_rule_agrees_with_the_kernel(machine: Callable[[], kvmstate.Vcp
     assert info.value.errno == 22
 
 
+def tolerance_ppm() -> int | None:
+    """kvm's tsc_tolerance_ppm, read here (None where the module does not show it)."""
+    try:
+        return int(Path("/sys/module/kvm/parameters/tsc_tolerance_ppm").read_text())
+    except OSError:
+        return None
+
+
+def test_lasting_target_is_the_vcpus_less_its_tsc_facts(
+    machine: Callable[[], kvmstate.Vcpu],
+) -> None:
+    vcpu = machine()
+    lasting = Target.lasting(vcpu)
+    assert lasting.tsc_khz is None and lasting.tsc_tolerance_ppm is None
+    whole = Target.from_vcpu(vcpu)
+    assert dataclasses.replace(whole, tsc_khz=None, tsc_tolerance_ppm=None) == lasting
+    assert lasting.msrs == frozenset(vcpu.msr_index_list or ())
+
+
+def test_tsc_facts_are_read_only_where_the_rate_rule_needs_them(
+    machine: Callable[[], kvmstate.Vcpu],
+) -> None:
+    vcpu = machine()
+    rate = vcpu.get_tsc_khz()
+    scaling = Target(tsc_control=True)
+    assert scaling.with_tsc_of(vcpu, rate // 2) is scaling  # every rate is taken
+    fixed = Target(tsc_control=False)
+    assert fixed.with_tsc_of(vcpu, rate) is fixed  # at the vCPU's rate the rule passes
+    assert fixed.with_tsc_of(vcpu, rate + 1) is fixed
+    assert fixed.with_tsc_of(vcpu, None) is fixed  # no rate saved: nothing to check
+    lower = fixed.with_tsc_of(vcpu, rate - 1)
+    assert (lower.tsc_khz, lower.tsc_tolerance_ppm) == (rate, tolerance_ppm())
+
+
+def test_restore_rereads_the_rate_each_time(machine: Callable[[], kvmstate.Vcpu]) -> None:
+    vcpu = machine()
+    if vcpu.check_extension(kvmstate.uapi.KVM_CAP_TSC_CONTROL) != 0:
+        pytest.skip("this KVM scales the TSC (KVM_CAP_TSC_CONTROL): every rate is taken")
+    state = vcpu.save_state()
+    assert state.tsc_khz is not None
+    vcpu.restore_state(state)  # the vCPU's lasting facts are now known
+    state.tsc_khz = state.tsc_khz * 9 // 10  # a rate the kernel refuses (see above)
+    with pytest.raises(PreflightError, match="tsc-rate"):
+        vcpu.restore_state(state)
+
+
+def test_unsaved_lists_what_the_target_knows_and_the_state_lacks() -> None:
+    target = Target(msrs=frozenset({MSR_IA32_TSC, MSR_SYSENTER_EIP}))
+    everything = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, MSR_SYSENTER_EIP: 2}), target)
+    assert everything.ok and everything.unsaved == [] and not everything.dropped
+    # As many MSRs as the target lists, one of them EFER (taken, never listed): not the same.
+    efer = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, 0xC0000080: 0}), target)
+    assert efer.ok and efer.unsaved == [MSR_SYSENTER_EIP]
+    assert efer.msrs == {MSR_IA32_TSC: 1, 0xC0000080: 0}
+    pmu = preflight(VcpuState(msrs={MSR_IA32_TSC: 1, FIXED_CTR0: 0}), target)
+    assert pmu.unsaved == [MSR_SYSENTER_EIP] and pmu.dropped == {FIXED_CTR0: 0}
+
+
 def test_unknown_facts_are_not_checked(machine: Callable[[], kvmstate.Vcpu]) -> None:
     state = machine().save_state()
     report = preflight(state, Target())
