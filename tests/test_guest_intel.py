@@ -7,15 +7,24 @@ tests/test_guest_harness.py (one probe boot each, and the marked tests).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.guest import _common, intel
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "tests" / "guest" / "run"
+
+needs_bochs = pytest.mark.skipif(
+    shutil.which("bochs") is None,
+    reason="bochs is not installed (apt-get install -y bochs bochsbios vgabios xorriso "
+    "isolinux syslinux-common busybox-static)",
+)
 
 
 def test_missing_bochs_is_status_123(tmp_path: Path) -> None:
