@@ -25,6 +25,7 @@ import dataclasses
 import errno
 import functools
 import json
+import struct
 import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -277,23 +278,26 @@ class VcpuState:
             check_extra(extra)
             check_trailing(self)
         out: list[Any] = []
+        append = out.append
         total = 0
-        for part, row, ready_head, ready_size in _ENCODE_PLAN:
+        for part, row, ready_head, ready_size, prefix in _ENCODE_PLAN:
             value = getattr(self, part)
             if value is None:
                 continue
             if ready_size and type(value) is row.type and not extra:
                 # A fixed-size mirror of exactly its type: its head is made already.
-                out += (ready_head, value)
+                append(ready_head)
+                append(value)
                 total += len(ready_head) + ready_size
                 continue
             payload, length = _payload(row, value)
             trailing = extra.get(part + TRAILING, b"") if extra else b""
-            head = records.record_head(part, length + len(trailing))
+            # The record head: taglen and tag (made once a part), then the length.
+            head = prefix + _LENGTH.pack(length + len(trailing))
             out += (head, payload, trailing) if trailing else (head, payload)
             total += len(head) + length + len(trailing)
         if absent:
-            text = json.dumps(absent, sort_keys=True).encode()
+            text = _absent_json(absent)
             out += (records.record_head("absent", len(text)), text)
             total += len(out[-2]) + len(text)
         for tag, blob in extra.items():
@@ -311,20 +315,36 @@ class VcpuState:
         """
         if payload.format != "B":  # bytes are read by index below
             payload = payload.cast("B")
+        # One copy into bytes: slicing and indexing bytes makes no memoryview per record.
+        data = bytes(payload)
         state = cls()
         seen: set[str] = set()
         fixed = _FIXED_SIZES
-        pos, end = 0, len(payload)
+        heads = _PART_HEADS
+        unpack = _LENGTH.unpack_from
+        pos, end = 0, len(data)
         while pos < end:
-            tag, pos, length, offset = records.record_at(payload, pos, end, where, base)
+            # A part's tag, found by its taglen and tag bytes together (a known head is a
+            # valid tag); anything else, or too few bytes left, takes records.record_at,
+            # which checks every length and names what is wrong.
+            if end - pos >= 10:
+                at = pos + 2 + (data[pos] | data[pos + 1] << 8)
+                tag = heads.get(data[pos:at], "")
+            else:
+                tag = ""
+            if tag and end - at >= 8 and (length := unpack(data, at)[0]) <= end - at - 8:
+                offset = base + pos
+                pos = at + 8
+            else:
+                tag, pos, length, offset = records.record_at(payload, pos, end, where, base)
             if tag in seen:
                 raise ValueError(f"{where}: record {tag!r} at byte {offset} appears twice")
             seen.add(tag)
             kind = fixed.get(tag)
             if kind is not None and length == kind[1]:
-                # Exactly the mirror's bytes, inside payload (record_at checked the
-                # length): from_buffer_copy takes sizeof(kind) bytes from pos.
-                setattr(state, tag, kind[0].from_buffer_copy(payload, pos))
+                # Exactly the mirror's bytes, inside data (the length was checked
+                # against what is left): from_buffer_copy takes sizeof(kind) from pos.
+                setattr(state, tag, kind[0].from_buffer_copy(data, pos))
             else:
                 try:
                     state._read_record(tag, payload[pos : pos + length])
@@ -341,15 +361,7 @@ class VcpuState:
             if trailing:
                 self.extra[tag + TRAILING] = trailing
         elif tag == "absent":
-            try:
-                absent = json.loads(bytes(payload).decode())
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                raise ValueError("absent: not a JSON object") from None
-            if not isinstance(absent, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
-            ):
-                raise ValueError("absent: not a JSON object of strings")
-            self.absent = absent
+            self.absent = _absent_from_json(bytes(payload))
         else:
             self.extra[tag] = bytes(payload)
 
@@ -374,14 +386,64 @@ _FIXED_SIZES: dict[str, tuple[Any, int]] = {
     for row in PART_TABLE.values()
     if row.codec == "fixed"
 }
-# Per part, in file order: its row, and for a fixed-size part the record head for
-# exactly its mirror's size and that size (b"", 0 for the others).
+# Per part, in file order: its row; for a fixed-size part the record head for exactly
+# its mirror's size and that size (b"", 0 for the others); and the head's taglen and
+# tag, which a length completes (records.record_head without the length).
 _ENCODE_PLAN = tuple(
-    (row.name, row, records.record_head(row.name, fixed[1]), fixed[1])
-    if (fixed := _FIXED_SIZES.get(row.name))
-    else (row.name, row, b"", 0)
+    (
+        row.name,
+        row,
+        records.record_head(row.name, fixed[1]) if fixed else b"",
+        fixed[1] if fixed else 0,
+        records.record_head(row.name, 0)[:-8],
+    )
     for row in PART_TABLE.values()
+    for fixed in [_FIXED_SIZES.get(row.name)]
 )
+_LENGTH = struct.Struct("<Q")
+# Each part's record head without the length (taglen, tag), to its tag: the decoder's
+# common case.
+_PART_HEADS: dict[bytes, str] = {
+    records.record_head(tag, 0)[:-8]: tag for tag in (*PART_TABLE, "absent")
+}
+
+# The ``absent`` record's JSON by the dict's items: a state saved on one kernel says the
+# same few reasons every time. Bounded, so that many different dicts cannot grow it.
+_ABSENT_TEXT: dict[frozenset[tuple[str, str]], bytes] = {}
+_ABSENT_TEXT_MAX = 64
+
+
+# And back: the checked dict of an ``absent`` record's bytes (each caller gets a copy).
+_ABSENT_DICT: dict[bytes, dict[str, str]] = {}
+
+
+def _absent_from_json(text: bytes) -> dict[str, str]:
+    """The ``absent`` record's dict (ValueError when it is not a JSON object of strings)."""
+    known = _ABSENT_DICT.get(text)
+    if known is not None:
+        return dict(known)
+    try:
+        absent = json.loads(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("absent: not a JSON object") from None
+    if not isinstance(absent, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in absent.items()
+    ):
+        raise ValueError("absent: not a JSON object of strings")
+    if len(_ABSENT_DICT) < _ABSENT_TEXT_MAX:
+        _ABSENT_DICT[text] = dict(absent)
+    return absent
+
+
+def _absent_json(absent: Mapping[str, str]) -> bytes:
+    """``absent`` (checked: str -> str) as the record's UTF-8 JSON, keys sorted."""
+    key = frozenset(absent.items())
+    text = _ABSENT_TEXT.get(key)
+    if text is None:
+        text = json.dumps(dict(absent), sort_keys=True).encode()
+        if len(_ABSENT_TEXT) < _ABSENT_TEXT_MAX:
+            _ABSENT_TEXT[key] = text
+    return text
 
 
 # --- each part's bytes, by its codec --------------------------------------------------
@@ -391,7 +453,11 @@ def _payload(row: Part, value: Any) -> tuple[Any, int]:
     """A part's bytes for the file, as a buffer (the structure itself when it can be), and
     their length: what :func:`_encode` checks, without its copy."""
     codec = row.codec
-    if codec == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
+    if codec == "msrs":
+        data = _msrs_bytes(value)
+        if data is not None:
+            return data, len(data)
+    elif codec == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
         if value.nent == value.capacity():  # _encode's rule; else it names what is off
             return value, ctypes.sizeof(value)
     elif codec == "xsave" and isinstance(value, uapi.kvm_xsave):
@@ -402,9 +468,43 @@ def _payload(row: Part, value: Any) -> tuple[Any, int]:
     return data, len(data)
 
 
+def _msrs_bytes(values: Any) -> bytes | None:
+    """``struct kvm_msrs`` of a plain ``{int: int}`` dict, sorted by index, in one ``pack``
+    and without a ctypes object; None for anything else, which the checked path
+    (:func:`uapi.msrs_from_mapping`) takes, and names what is wrong."""
+    if type(values) is not dict:
+        return None
+    try:
+        keys = sorted(values)
+    except TypeError:
+        return None
+    data = list(map(values.__getitem__, keys))
+    # struct takes True as 1; the checked path refuses a bool.
+    if bool in map(type, keys) or bool in map(type, data):
+        return None
+    flat = [0] * (2 * len(keys))
+    flat[0::2] = keys
+    flat[1::2] = data
+    try:
+        # pack refuses a non-integer, an index above 32 bits, a value above 64.
+        return _msrs_layout(len(keys)).pack(len(keys), 0, *flat)
+    except struct.error:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _msrs_layout(count: int) -> struct.Struct:
+    """``struct kvm_msrs`` of ``count`` entries: u32 nmsrs, u32 pad, then per entry u32
+    index, u32 reserved (0) and u64 data; x86 and the format are little-endian."""
+    return struct.Struct("<II" + "I4xQ" * count)
+
+
 def _encode(row: Part, value: Any) -> bytes:
     part, kind, codec = row.name, row.type, row.codec
     if codec == "msrs":
+        data = _msrs_bytes(value)
+        if data is not None:
+            return data
         return uapi.msrs_from_mapping(value).to_bytes()
     if codec == "u32":
         if not isinstance(value, int) or isinstance(value, bool):

@@ -63,3 +63,65 @@ def test_fixed_parts_go_in_as_the_kernel_bytes() -> None:
     assert vcpu["regs"] == bytes(memoryview(regs).cast("B"))
     again = VcpuState.from_bytes(state.to_bytes()).regs
     assert again is not None and again.rip == 0xFFF0 and again is not regs
+
+
+def record(tag: bytes, payload: bytes) -> bytes:
+    return struct.pack("<H", len(tag)) + tag + struct.pack("<Q", len(payload)) + payload
+
+
+def file_of(vcpu: bytes) -> bytes:
+    return b"KVMSTATE" + struct.pack("<HH", 1, 0) + record(b"vcpu", vcpu)
+
+
+def test_parts_are_read_in_any_order_beside_unknown_records() -> None:
+    regs = uapi.kvm_regs(rip=0x1234)
+    vcpu = (
+        record(b"newer.thing", b"\x01\x02")
+        + record(b"tsc_khz", struct.pack("<I", 2_000_000))
+        + record(b"regs", bytes(memoryview(regs).cast("B")))
+    )
+    state = VcpuState.from_bytes(file_of(vcpu))
+    assert state.regs is not None and state.regs.rip == 0x1234
+    assert state.tsc_khz == 2_000_000 and state.extra == {"newer.thing": b"\x01\x02"}
+
+
+def test_a_part_whose_length_runs_past_the_end_is_refused_at_its_byte() -> None:
+    # The regs head is a known one; its length says one byte more than the file holds.
+    vcpu = struct.pack("<H", 4) + b"regs" + struct.pack("<Q", 145) + bytes(144)
+    with pytest.raises(ValueError, match=r"record 'regs' at byte 26 says 145 bytes, only 144"):
+        VcpuState.from_bytes(file_of(vcpu))
+
+
+def test_a_part_twice_is_refused() -> None:
+    vcpu = record(b"tsc_khz", bytes(4)) * 2
+    with pytest.raises(ValueError, match="record 'tsc_khz' at byte 47 appears twice"):
+        VcpuState.from_bytes(file_of(vcpu))
+
+
+def test_each_decoded_absent_is_its_own_dict() -> None:
+    data = VcpuState(absent={"nested": "no KVM_CAP_NESTED_STATE"}).to_bytes()
+    first, second = VcpuState.from_bytes(data), VcpuState.from_bytes(data)
+    first.absent["lapic"] = "edited"
+    assert second.absent == {"nested": "no KVM_CAP_NESTED_STATE"}
+    assert VcpuState.from_bytes(data).absent == second.absent
+    assert records(records(data[12:])["vcpu"])["absent"] == b'{"nested": "no KVM_CAP_NESTED_STATE"}'
+
+
+def test_json_cpuid_entries_round_trip_and_a_bad_one_is_named() -> None:
+    from kvmstate.formats import native
+
+    cpuid = uapi.kvm_cpuid2.new(3)
+    for i, entry in enumerate(cpuid.items()):
+        entry.function, entry.eax, entry.edx = i, 0x1000 + i, 0xFFFF_FFFF
+    d = native.to_dict(VcpuState(cpuid=cpuid))
+    assert d["parts"]["cpuid"][2]["eax"] == 0x1002
+    again = native.from_dict(d).cpuid
+    assert again is not None and bytes(memoryview(again).cast("B")) == bytes(
+        memoryview(cpuid).cast("B")
+    )
+    d["parts"]["cpuid"][1]["eax"] = 1 << 32
+    with pytest.raises(ValueError, match=r"cpuid\[1\]\.eax"):
+        native.from_dict(d)
+    d["parts"]["cpuid"][1]["eax"] = True
+    with pytest.raises(ValueError, match=r"cpuid\[1\]\.eax"):
+        native.from_dict(d)

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvmstate import records, uapi
+from kvmstate._codec import Slow, codec
 from kvmstate._struct import as_bytes, check_uint, to_jsonable
 from kvmstate.nested import HEADER_SIZE, NestedState
 from kvmstate.records import FORMAT_MAJOR, FORMAT_MINOR, MAGIC
@@ -239,9 +240,11 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     parts: dict[str, Any] = {}
     for part, value in state.parts().items():
         if PART_TABLE[part].codec == "fixed":
-            parts[part] = to_jsonable(value.to_dict())
+            # Byte arrays as hex, nothing else to convert: a mirror's fields are ints,
+            # lists and dicts of them, and byte arrays.
+            parts[part] = value.to_dict(hex_bytes=True)
         elif part == "cpuid":
-            entries = [to_jsonable(e.to_dict()) for e in value.items()]
+            entries = _cpuid_entries(value)
             # kvm_cpuid2.padding (u32) is kept when set: {"padding": n, "entries": [...]}.
             parts[part] = (
                 {"padding": value.padding, "entries": entries} if value.padding else entries
@@ -262,6 +265,19 @@ def to_dict(state: VcpuState) -> dict[str, Any]:
     }
 
 
+_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+
+
+def _cpuid_entries(cpuid: uapi.kvm_cpuid2) -> list[dict[str, Any]]:
+    """The entries as dicts: one generated reader a entry, at its offset in ``cpuid``."""
+    fast = codec(uapi.kvm_cpuid_entry2)
+    if fast is None or not isinstance(cpuid, uapi.kvm_cpuid2):
+        return [to_jsonable(e.to_dict()) for e in cpuid.items()]
+    # The entries follow the 8-byte head; capacity() of them fit in the object.
+    head, read = ctypes.sizeof(uapi.kvm_cpuid2), fast.plain
+    return [read(cpuid, head + i * _ENTRY) for i in range(cpuid.capacity())]
+
+
 def _cpuid_from_dict(value: Any, where: str) -> uapi.kvm_cpuid2:
     """A list of entries, or ``{"padding": n, "entries": [...]}`` for a non-zero padding."""
     padding = 0
@@ -279,9 +295,18 @@ def _cpuid_from_dict(value: Any, where: str) -> uapi.kvm_cpuid2:
         raise TypeError(f"{where}: expected a list of entries, not {type(value).__name__}")
     cpuid = uapi.kvm_cpuid2.new(len(value))
     cpuid.padding = padding
-    for i, (entry, d) in enumerate(zip(cpuid.items(), value, strict=True)):
+    fast = codec(uapi.kvm_cpuid_entry2)
+    head = ctypes.sizeof(uapi.kvm_cpuid2)
+    for i, d in enumerate(value):
+        if fast is not None:
+            try:
+                # Straight into the entry's bytes (i < len(value), the entries new() made).
+                fast.fill(d, cpuid, head + i * _ENTRY)
+                continue
+            except Slow:
+                pass  # the checked walk below names what is wrong, or takes it
         filled = uapi.kvm_cpuid_entry2.from_dict(d, path=f"{where}[{i}]")
-        ctypes.memmove(ctypes.addressof(entry), filled.to_bytes(), ctypes.sizeof(entry))
+        ctypes.memmove(ctypes.addressof(cpuid) + head + i * _ENTRY, filled.to_bytes(), _ENTRY)
     return cpuid
 
 
