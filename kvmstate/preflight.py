@@ -284,24 +284,14 @@ class Target:
 
         A borrowed vCPU has no MSR list (``msrs`` None: its MSRs are not checked).
         """
-        indices = vcpu.msr_index_list
-        size = vcpu.nested_state_size
         try:
             khz: int | None = vcpu.get_tsc_khz()
         except KvmError:
             khz = None
-        return cls(
-            kernel=os.uname().release,
-            vendor=vendor_of_capability(size),
-            msrs=None if indices is None else frozenset(indices),
-            nested_state_size=size,
-            xsave_size=vcpu.xsave_size if vcpu.check_extension(uapi.KVM_CAP_XSAVE) > 0 else 0,
-            sregs2=vcpu.check_extension(uapi.KVM_CAP_SREGS2) > 0,
-            xcrs=vcpu.check_extension(uapi.KVM_CAP_XCRS) > 0,
-            tsc_control=vcpu.check_extension(uapi.KVM_CAP_TSC_CONTROL) > 0,
+        return dataclasses.replace(
+            cls.lasting(vcpu),
             tsc_khz=khz,
             tsc_tolerance_ppm=_read_int_param("/sys/module/kvm/parameters/tsc_tolerance_ppm"),
-            npt=_read_param("/sys/module/kvm_amd/parameters/npt"),
         )
 
     @classmethod
