@@ -35,9 +35,11 @@ reads the imports and holds the package to this list):
 * ``kvmstate._fd`` - the file descriptor base and the only two paths into the kernel;
 * ``kvmstate.ioctls`` - ioctl numbers computed from the mirrors;
 * ``kvmstate.vmcb``, ``kvmstate.vmcs12`` - the VMCB and vmcs12 mirrors;
-* ``kvmstate.uapi`` - byte-exact mirrors of ``<linux/kvm.h>``;
-* ``kvmstate.errors``, ``kvmstate._struct``, ``kvmstate.x86``, ``kvmstate.records`` - the
-  exception tree, the mirror base, architectural bits, the file container;
+* ``kvmstate.uapi`` - byte-exact mirrors of ``<linux/kvm.h>``, with its constants and enums;
+* ``kvmstate.uapi_enums`` - those enums, which ``kvmstate.uapi`` imports on first use;
+* ``kvmstate.errors``, ``kvmstate._struct``, ``kvmstate.x86``, ``kvmstate.records``,
+  ``kvmstate.uapi_constants`` - the exception tree, the mirror base, architectural bits,
+  the file container, the UAPI's integer constants;
 * ``kvmstate._codec`` - the mirror base's generated ``to_dict``/``from_dict``.
 
 The wrappers sit above the state, the rules and save/restore because those

@@ -24,10 +24,12 @@ never depends on which path ran.
 from __future__ import annotations
 
 import ctypes
-import functools
 import struct
-from collections.abc import Callable
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["Codec", "Slow", "codec"]
 
@@ -187,14 +189,25 @@ def _bytes_of(value: Any, size: int) -> bytes:
 _LEAF_TYPES = frozenset({int, bytes})
 
 
+_CODECS: dict[type[Any], Codec | None] = {}
 # Bounded: sized variants (kvm_cpuid2[n], kvm_xsave[n]) are classes made at run time.
-@functools.lru_cache(maxsize=256)
+_CODECS_KEPT = 256
+
+
 def codec(cls: type[Any]) -> Codec | None:
     """The codec of ``cls``, built on first use; None when the layout needs the generic walk."""
     try:
-        return _build(cls)
+        return _CODECS[cls]
+    except KeyError:
+        pass
+    try:
+        made: Codec | None = _build(cls)
     except _Unsupported:
-        return None
+        made = None
+    if len(_CODECS) >= _CODECS_KEPT:
+        _CODECS.clear()
+    _CODECS[cls] = made
+    return made
 
 
 def _build(cls: type[Any]) -> Codec:

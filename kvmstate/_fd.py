@@ -20,14 +20,26 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import warnings
-from typing import Any
 
 from kvmstate.errors import KvmError
 from kvmstate.ioctls import IOCTL_NAMES
 
-__all__ = ["DEFAULT_PATH", "FdWrapper", "int_arg", "ioctl", "kvm_error", "raw_ioctl"]
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = [
+    "DEFAULT_PATH",
+    "FdWrapper",
+    "int_arg",
+    "ioctl",
+    "kvm_error",
+    "raw_ioctl",
+    "unmap",
+]
 
 #: Where the KVM system device lives.
 DEFAULT_PATH = "/dev/kvm"
@@ -40,6 +52,18 @@ def int_arg(value: object) -> int:
     if not 0 <= value <= 0x7FFF_FFFF:
         raise ValueError(f"{value} is out of range for this ioctl argument")
     return value
+
+
+def unmap(mem: mmap.mmap) -> None:
+    """Close ``mem`` unless a caller still holds a view of it; then the GC unmaps it later.
+
+    >>> unmap(mmap.mmap(-1, 4096))
+    """
+    # Not contextlib.suppress: contextlib is not imported at run time (kvmstate._struct).
+    try:  # noqa: SIM105
+        mem.close()
+    except BufferError:
+        pass
 
 
 def ioctl(fd: int, request: int, arg: Any = 0, *, pid: int | None = None) -> int:

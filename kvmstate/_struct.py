@@ -13,7 +13,7 @@ plain ctypes:
 
 Per class, ``_decimal_`` names fields shown in decimal (counts and sizes)
 and ``_flags_`` maps a field to the ``enum.IntFlag``/``IntEnum`` that
-decodes it.
+decodes it, or to its name in the class's module (:func:`flag_kind`).
 
 Also here, for every module that checks or shows values: :func:`check_uint`
 (an int, not a bool, that fits in N bits), :func:`as_bytes` (bytes or hex of
@@ -24,11 +24,18 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import functools
-from collections.abc import Hashable, Mapping
-from typing import Any, ClassVar, TypeVar, cast
+import sys
+from collections.abc import Mapping
 
 from kvmstate._codec import Slow, codec
+
+# typing is not imported at run time: it and what it pulls in (re, contextlib) would cost
+# more than the rest of ``import kvmstate`` (issue 16). mypy takes this name as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, TypeVar
+
+    _T = TypeVar("_T", bound="Mirror")
 
 __all__ = [
     "Mirror",
@@ -36,12 +43,11 @@ __all__ = [
     "Union",
     "as_bytes",
     "check_uint",
+    "flag_kind",
     "format_int",
     "format_value",
     "to_jsonable",
 ]
-
-_T = TypeVar("_T", bound="Mirror")
 
 # Byte arrays longer than this are summarised in a repr.
 _BYTES_SHOWN = 16
@@ -86,12 +92,28 @@ def _format_bytes(raw: bytes) -> str:
     return f"<{len(raw)} bytes, {nonzero} non-zero: {raw[:_BYTES_SHOWN].hex()}...>"
 
 
+def flag_kind(owner: Any, name: str) -> Any:
+    """The enum that decodes field ``name`` of ``owner`` (a mirror or its class), or None.
+
+    ``_flags_`` holds the enum itself, or its name in the owner's module when
+    that module makes it on first use (the enum views of :mod:`kvmstate.uapi`):
+
+    >>> flag_kind(kvmstate.uapi.kvm_mp_state, "mp_state")     # doctest: +SKIP
+    <enum 'MpState'>
+    """
+    flags: Mapping[str, Any] = getattr(owner, "_flags_", {})
+    kind = flags.get(name)
+    if type(kind) is str:
+        cls = owner if isinstance(owner, type) else type(owner)
+        kind = getattr(sys.modules[cls.__module__], kind)
+    return kind
+
+
 def format_value(value: Any, name: str = "", owner: Any = None) -> str:
     """Format one field value of a mirror for a repr."""
     decimal: frozenset[str] = getattr(owner, "_decimal_", frozenset())
-    flags: Mapping[str, Any] = getattr(owner, "_flags_", {})
     if isinstance(value, int):
-        kind = flags.get(name)
+        kind = flag_kind(owner, name)
         if kind is not None:
             return _format_flag(value, kind)
         return format_int(value, name, decimal)
@@ -188,7 +210,7 @@ class Mirror:
         >>> kvm_xcr(xcr=0, value=7).to_dict(hex_bytes=True)     # doctest: +SKIP
         {'xcr': 0, 'reserved': 0, 'value': 7}
         """
-        fast = codec(cast(Hashable, type(self)))
+        fast = codec(type(self))
         if fast is not None:
             return (fast.hexed if hex_bytes else fast.plain)(self, 0)
         out = {n: _plain(getattr(self, n)) for n in _names(type(self))}
@@ -207,7 +229,7 @@ class Mirror:
         4096
         """
         obj = cls()
-        fast = codec(cast(Hashable, cls))
+        fast = codec(cls)
         if fast is not None:
             try:
                 fast.fill(data, obj, 0)
@@ -222,18 +244,24 @@ class Mirror:
         return sorted(set(super().__dir__()) | set(self.field_names()))
 
 
+_NAMES: dict[type[Any], tuple[str, ...]] = {}
+# Bounded: sized variants (kvm_cpuid2[n]) are classes made at run time.
+_NAMES_KEPT = 1024
+
+
 def _names(cls: type[Any]) -> tuple[str, ...]:
     """:meth:`_Mixin.field_names`, once per class (a layout never changes)."""
-    return _names_of(cast(Hashable, cls))
-
-
-# Bounded: sized variants (kvm_cpuid2[n]) are classes made at run time.
-@functools.lru_cache(maxsize=1024)
-def _names_of(cls: Any) -> tuple[str, ...]:
+    try:
+        return _NAMES[cls]
+    except KeyError:
+        pass
     names: list[str] = []
     for klass in reversed(cls.__mro__):
         names.extend(f[0] for f in klass.__dict__.get("_fields_", ()))
-    return tuple(names)
+    if len(_NAMES) >= _NAMES_KEPT:
+        _NAMES.clear()
+    made = _NAMES[cls] = tuple(names)
+    return made
 
 
 def _hexed(value: Any) -> Any:

@@ -26,13 +26,15 @@ import mmap
 import operator
 import struct
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
 
 from kvmstate import uapi
 from kvmstate._struct import format_value
 from kvmstate.uapi import NestedFlag, NestedFormat
 
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
 if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
     from kvmstate.vmcb import vmcb as Vmcb
     from kvmstate.vmcs12 import vmcs12 as Vmcs12
 

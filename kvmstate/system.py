@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
@@ -12,6 +11,7 @@ from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg
 from kvmstate.errors import KvmError, UnsupportedKvmError
 from kvmstate.vm import Vm
 
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
 if TYPE_CHECKING:
     from kvmstate.vmstate import VmState
 

@@ -27,6 +27,11 @@ Deviations from the C header, all deliberate:
   port I/O data, the coalesced MMIO ring).
 * Fields newer than the installed header (linux-libc-dev 6.1) are listed
   in :data:`NEWER_FIELDS` with the kernel that brought them.
+
+The ``KVM_*`` constants are defined in :mod:`kvmstate.uapi_constants` and the
+enum views (``ExitReason``, ``MpState`` ...) in :mod:`kvmstate.uapi_enums`;
+both are names of this module too, the enums imported the first time one is
+asked for (making them costs as much as the rest of ``import kvmstate``).
 """
 
 from __future__ import annotations
@@ -35,10 +40,81 @@ import ctypes
 import enum
 import functools
 from array import array
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Mapping
 
 from kvmstate._struct import Struct, Union
+
+# Every constant is also a name of this module: uapi.KVM_* is where people look them up.
+from kvmstate.uapi_constants import *  # noqa: F403
+from kvmstate.uapi_constants import (
+    KVM_API_VERSION,
+    KVM_APIC_REG_SIZE,
+    KVM_CAP_NESTED_STATE,
+    KVM_CAP_SYNC_REGS,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_CPUID_FLAG_STATE_READ_NEXT,
+    KVM_CPUID_FLAG_STATEFUL_FUNC,
+    KVM_EXIT_DEBUG,
+    KVM_EXIT_EXCEPTION,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERV,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IOAPIC_EOI,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_NOTIFY,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_TPR_ACCESS,
+    KVM_EXIT_UNKNOWN,
+    KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_IOAPIC_NUM_PINS,
+    KVM_MAX_XCRS,
+    KVM_NR_INTERRUPTS,
+    KVM_STATE_NESTED_EVMCS,
+    KVM_STATE_NESTED_FORMAT_SVM,
+    KVM_STATE_NESTED_FORMAT_VMX,
+    KVM_STATE_NESTED_GIF_SET,
+    KVM_STATE_NESTED_GUEST_MODE,
+    KVM_STATE_NESTED_MTF_PENDING,
+    KVM_STATE_NESTED_RUN_PENDING,
+    KVM_STATE_NESTED_SMM_GUEST_MODE,
+    KVM_STATE_NESTED_SMM_VMXON,
+    KVM_STATE_NESTED_SVM_VMCB_SIZE,
+    KVM_STATE_NESTED_VMX_VMCS_SIZE,
+    KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE,
+    KVM_SYNC_X86_VALID_FIELDS,
+    KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT,
+    KVMIO,
+    NEWER_CONSTANTS,
+    SYNC_REGS_SIZE_BYTES,
+)
+
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any, ClassVar, TypeVar
+
+    # Named in __all__, so mypy takes them as this module's: see __getattr__ below.
+    from kvmstate.uapi_enums import (
+        ClockFlag,
+        CpuidFlag,
+        ExitReason,
+        GuestDebugFlag,
+        HypervExit,
+        InternalError,
+        IoDirection,
+        IrqchipId,
+        MpState,
+        MsrExitReason,
+        PitFlag,
+        RunFlag,
+        SyncRegs,
+        SystemEvent,
+        VcpuEventsFlag,
+    )
 
 __all__ = [
     "EXIT_MEMBERS",
@@ -140,173 +216,6 @@ _u16 = ctypes.c_uint16
 _u32 = ctypes.c_uint32
 _u64 = ctypes.c_uint64
 
-# --- constants (kernel names) -------------------------------------------------
-
-KVMIO = 0xAE
-KVM_API_VERSION = 12
-
-# Capabilities used by the library.
-KVM_CAP_IRQCHIP = 0
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_EXT_CPUID = 7
-KVM_CAP_NR_VCPUS = 9
-KVM_CAP_MP_STATE = 14
-KVM_CAP_VCPU_EVENTS = 41
-KVM_CAP_DEBUGREGS = 50
-KVM_CAP_XSAVE = 55
-KVM_CAP_XCRS = 56
-KVM_CAP_TSC_CONTROL = 60
-KVM_CAP_GET_TSC_KHZ = 61
-KVM_CAP_GET_MSR_FEATURES = 153
-KVM_CAP_NESTED_STATE = 157
-KVM_CAP_SREGS2 = 200
-KVM_CAP_XSAVE2 = 208
-
-KVM_APIC_REG_SIZE = 0x400
-KVM_MAX_XCRS = 16
-KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
-
-KVM_MP_STATE_RUNNABLE = 0
-KVM_MP_STATE_UNINITIALIZED = 1
-KVM_MP_STATE_INIT_RECEIVED = 2
-KVM_MP_STATE_HALTED = 3
-KVM_MP_STATE_SIPI_RECEIVED = 4
-KVM_MP_STATE_STOPPED = 5
-KVM_MP_STATE_CHECK_STOP = 6
-KVM_MP_STATE_OPERATING = 7
-KVM_MP_STATE_LOAD = 8
-KVM_MP_STATE_AP_RESET_HOLD = 9
-KVM_MP_STATE_SUSPENDED = 10
-
-KVM_STATE_NESTED_FORMAT_VMX = 0
-KVM_STATE_NESTED_FORMAT_SVM = 1
-
-KVM_STATE_NESTED_GUEST_MODE = 0x00000001
-KVM_STATE_NESTED_RUN_PENDING = 0x00000002
-KVM_STATE_NESTED_EVMCS = 0x00000004
-KVM_STATE_NESTED_MTF_PENDING = 0x00000008
-KVM_STATE_NESTED_GIF_SET = 0x00000100
-
-KVM_STATE_NESTED_SMM_GUEST_MODE = 0x00000001
-KVM_STATE_NESTED_SMM_VMXON = 0x00000002
-
-KVM_STATE_NESTED_VMX_VMCS_SIZE = 0x1000
-KVM_STATE_NESTED_SVM_VMCB_SIZE = 0x1000
-
-KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE = 0x00000001
-
-# KVM_CAP_DISABLE_QUIRKS2 bits. Up to MWAIT_NEVER_UD_FAULTS the installed 6.1
-# header has them; the rest are in NEWER_CONSTANTS.
-KVM_X86_QUIRK_LINT0_REENABLED = 1 << 0
-KVM_X86_QUIRK_CD_NW_CLEARED = 1 << 1
-KVM_X86_QUIRK_LAPIC_MMIO_HOLE = 1 << 2
-KVM_X86_QUIRK_OUT_7E_INC_RIP = 1 << 3
-KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
-KVM_X86_QUIRK_FIX_HYPERCALL_INSN = 1 << 5
-KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS = 1 << 6
-KVM_X86_QUIRK_SLOT_ZAP_ALL = 1 << 7
-KVM_X86_QUIRK_STUFF_FEATURE_MSRS = 1 << 8
-KVM_X86_QUIRK_IGNORE_GUEST_PAT = 1 << 9
-KVM_X86_QUIRK_VMCS12_ALLOW_FREEZE_IN_SMM = 1 << 10
-#: Enabled by default: L2 shares L1's PAT. Disabled (KVM_CAP_DISABLE_QUIRKS2), L2 with
-#: nested paging has its own gPAT, carried in ``kvm_svm_nested_state_hdr.gpat``.
-KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT = 1 << 11
-
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
-KVM_CPUID_FLAG_STATEFUL_FUNC = 1 << 1
-KVM_CPUID_FLAG_STATE_READ_NEXT = 1 << 2
-
-KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
-KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
-KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
-KVM_VCPUEVENT_VALID_SMM = 0x00000008
-KVM_VCPUEVENT_VALID_PAYLOAD = 0x00000010
-KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
-
-KVM_NR_INTERRUPTS = 256
-
-KVM_CAP_SYNC_REGS = 74
-
-# kvm_run.exit_reason: every KVM_EXIT_* of the installed header, and MEMORY_FAULT.
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
-KVM_EXIT_IO = 2
-KVM_EXIT_HYPERCALL = 3
-KVM_EXIT_DEBUG = 4
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_IRQ_WINDOW_OPEN = 7
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
-KVM_EXIT_SET_TPR = 11
-KVM_EXIT_TPR_ACCESS = 12
-KVM_EXIT_S390_SIEIC = 13
-KVM_EXIT_S390_RESET = 14
-KVM_EXIT_DCR = 15
-KVM_EXIT_NMI = 16
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_OSI = 18
-KVM_EXIT_PAPR_HCALL = 19
-KVM_EXIT_S390_UCONTROL = 20
-KVM_EXIT_WATCHDOG = 21
-KVM_EXIT_S390_TSCH = 22
-KVM_EXIT_EPR = 23
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_S390_STSI = 25
-KVM_EXIT_IOAPIC_EOI = 26
-KVM_EXIT_HYPERV = 27
-KVM_EXIT_ARM_NISV = 28
-KVM_EXIT_X86_RDMSR = 29
-KVM_EXIT_X86_WRMSR = 30
-KVM_EXIT_DIRTY_RING_FULL = 31
-KVM_EXIT_AP_RESET_HOLD = 32
-KVM_EXIT_X86_BUS_LOCK = 33
-KVM_EXIT_XEN = 34
-KVM_EXIT_RISCV_SBI = 35
-KVM_EXIT_RISCV_CSR = 36
-KVM_EXIT_NOTIFY = 37
-KVM_EXIT_MEMORY_FAULT = 39
-
-KVM_EXIT_IO_IN = 0
-KVM_EXIT_IO_OUT = 1
-
-KVM_INTERNAL_ERROR_EMULATION = 1
-KVM_INTERNAL_ERROR_SIMUL_EX = 2
-KVM_INTERNAL_ERROR_DELIVERY_EV = 3
-KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
-KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
-
-KVM_SYSTEM_EVENT_SHUTDOWN = 1
-KVM_SYSTEM_EVENT_RESET = 2
-KVM_SYSTEM_EVENT_CRASH = 3
-KVM_SYSTEM_EVENT_WAKEUP = 4
-KVM_SYSTEM_EVENT_SUSPEND = 5
-KVM_SYSTEM_EVENT_SEV_TERM = 6
-
-KVM_EXIT_HYPERV_SYNIC = 1
-KVM_EXIT_HYPERV_HCALL = 2
-KVM_EXIT_HYPERV_SYNDBG = 3
-
-KVM_MSR_EXIT_REASON_INVAL = 1 << 0
-KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
-KVM_MSR_EXIT_REASON_FILTER = 1 << 2
-
-KVM_NOTIFY_CONTEXT_INVALID = 1 << 0
-
-# kvm_run.flags (x86).
-KVM_RUN_X86_SMM = 1 << 0
-KVM_RUN_X86_BUS_LOCK = 1 << 1
-KVM_RUN_X86_GUEST_MODE = 1 << 2
-
-# kvm_run.kvm_valid_regs / kvm_dirty_regs (x86), and the size of kvm_run.s.
-KVM_SYNC_X86_REGS = 1 << 0
-KVM_SYNC_X86_SREGS = 1 << 1
-KVM_SYNC_X86_EVENTS = 1 << 2
-KVM_SYNC_X86_VALID_FIELDS = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS
-SYNC_REGS_SIZE_BYTES = 2048
-
-
 # --- enum views, for reading values in a REPL --------------------------------
 
 
@@ -338,157 +247,6 @@ class VmxHeaderFlag(enum.IntFlag):
     """``kvm_vmx_nested_state_hdr.flags``."""
 
     PREEMPTION_TIMER_DEADLINE = KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE
-
-
-class CpuidFlag(enum.IntFlag):
-    """``kvm_cpuid_entry2.flags`` (``KVM_CPUID_FLAG_*``)."""
-
-    SIGNIFCANT_INDEX = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-    STATEFUL_FUNC = KVM_CPUID_FLAG_STATEFUL_FUNC
-    STATE_READ_NEXT = KVM_CPUID_FLAG_STATE_READ_NEXT
-
-
-class VcpuEventsFlag(enum.IntFlag):
-    """``kvm_vcpu_events.flags`` (``KVM_VCPUEVENT_VALID_*``).
-
-    Each bit says which *fields* are valid (``VALID_SMM``: the ``smi``
-    fields are set), not that the vCPU is in SMM or has an NMI pending;
-    reprs show the ``VALID_`` names. The short names are aliases.
-    """
-
-    VALID_NMI_PENDING = KVM_VCPUEVENT_VALID_NMI_PENDING
-    VALID_SIPI_VECTOR = KVM_VCPUEVENT_VALID_SIPI_VECTOR
-    VALID_SHADOW = KVM_VCPUEVENT_VALID_SHADOW
-    VALID_SMM = KVM_VCPUEVENT_VALID_SMM
-    VALID_PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
-    VALID_TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
-    # The names of earlier versions, kept as aliases.
-    NMI_PENDING = VALID_NMI_PENDING
-    SIPI_VECTOR = VALID_SIPI_VECTOR
-    SHADOW = VALID_SHADOW
-    SMM = VALID_SMM
-    PAYLOAD = VALID_PAYLOAD
-    TRIPLE_FAULT = VALID_TRIPLE_FAULT
-
-
-class MpState(enum.IntEnum):
-    """``kvm_mp_state.mp_state`` (``KVM_MP_STATE_*``)."""
-
-    RUNNABLE = KVM_MP_STATE_RUNNABLE
-    UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED
-    INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED
-    HALTED = KVM_MP_STATE_HALTED
-    SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED
-    STOPPED = KVM_MP_STATE_STOPPED
-    CHECK_STOP = KVM_MP_STATE_CHECK_STOP
-    OPERATING = KVM_MP_STATE_OPERATING
-    LOAD = KVM_MP_STATE_LOAD
-    AP_RESET_HOLD = KVM_MP_STATE_AP_RESET_HOLD
-    SUSPENDED = KVM_MP_STATE_SUSPENDED
-
-
-class ExitReason(enum.IntEnum):
-    """``kvm_run.exit_reason`` (``KVM_EXIT_*``): every exit of the 6.1 header, and 6.12's
-    MEMORY_FAULT. :data:`EXIT_MEMBERS` says which ``kvm_run`` member each one fills."""
-
-    UNKNOWN = KVM_EXIT_UNKNOWN
-    EXCEPTION = KVM_EXIT_EXCEPTION
-    IO = KVM_EXIT_IO
-    HYPERCALL = KVM_EXIT_HYPERCALL
-    DEBUG = KVM_EXIT_DEBUG
-    HLT = KVM_EXIT_HLT
-    MMIO = KVM_EXIT_MMIO
-    IRQ_WINDOW_OPEN = KVM_EXIT_IRQ_WINDOW_OPEN
-    SHUTDOWN = KVM_EXIT_SHUTDOWN
-    FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
-    INTR = KVM_EXIT_INTR
-    SET_TPR = KVM_EXIT_SET_TPR
-    TPR_ACCESS = KVM_EXIT_TPR_ACCESS
-    S390_SIEIC = KVM_EXIT_S390_SIEIC
-    S390_RESET = KVM_EXIT_S390_RESET
-    DCR = KVM_EXIT_DCR
-    NMI = KVM_EXIT_NMI
-    INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
-    OSI = KVM_EXIT_OSI
-    PAPR_HCALL = KVM_EXIT_PAPR_HCALL
-    S390_UCONTROL = KVM_EXIT_S390_UCONTROL
-    WATCHDOG = KVM_EXIT_WATCHDOG
-    S390_TSCH = KVM_EXIT_S390_TSCH
-    EPR = KVM_EXIT_EPR
-    SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
-    S390_STSI = KVM_EXIT_S390_STSI
-    IOAPIC_EOI = KVM_EXIT_IOAPIC_EOI
-    HYPERV = KVM_EXIT_HYPERV
-    ARM_NISV = KVM_EXIT_ARM_NISV
-    X86_RDMSR = KVM_EXIT_X86_RDMSR
-    X86_WRMSR = KVM_EXIT_X86_WRMSR
-    DIRTY_RING_FULL = KVM_EXIT_DIRTY_RING_FULL
-    AP_RESET_HOLD = KVM_EXIT_AP_RESET_HOLD
-    X86_BUS_LOCK = KVM_EXIT_X86_BUS_LOCK
-    XEN = KVM_EXIT_XEN
-    RISCV_SBI = KVM_EXIT_RISCV_SBI
-    RISCV_CSR = KVM_EXIT_RISCV_CSR
-    NOTIFY = KVM_EXIT_NOTIFY
-    MEMORY_FAULT = KVM_EXIT_MEMORY_FAULT
-
-
-class InternalError(enum.IntEnum):
-    """``kvm_run.internal.suberror`` (``KVM_INTERNAL_ERROR_*``)."""
-
-    EMULATION = KVM_INTERNAL_ERROR_EMULATION
-    SIMUL_EX = KVM_INTERNAL_ERROR_SIMUL_EX
-    DELIVERY_EV = KVM_INTERNAL_ERROR_DELIVERY_EV
-    UNEXPECTED_EXIT_REASON = KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
-
-
-class SystemEvent(enum.IntEnum):
-    """``kvm_run.system_event.type`` (``KVM_SYSTEM_EVENT_*``)."""
-
-    SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDOWN
-    RESET = KVM_SYSTEM_EVENT_RESET
-    CRASH = KVM_SYSTEM_EVENT_CRASH
-    WAKEUP = KVM_SYSTEM_EVENT_WAKEUP
-    SUSPEND = KVM_SYSTEM_EVENT_SUSPEND
-    SEV_TERM = KVM_SYSTEM_EVENT_SEV_TERM
-
-
-class HypervExit(enum.IntEnum):
-    """``kvm_hyperv_exit.type`` (``KVM_EXIT_HYPERV_*``)."""
-
-    SYNIC = KVM_EXIT_HYPERV_SYNIC
-    HCALL = KVM_EXIT_HYPERV_HCALL
-    SYNDBG = KVM_EXIT_HYPERV_SYNDBG
-
-
-class MsrExitReason(enum.IntFlag):
-    """``kvm_run.msr.reason`` (``KVM_MSR_EXIT_REASON_*``): why the MSR access exited."""
-
-    INVAL = KVM_MSR_EXIT_REASON_INVAL
-    UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN
-    FILTER = KVM_MSR_EXIT_REASON_FILTER
-
-
-class RunFlag(enum.IntFlag):
-    """``kvm_run.flags`` on x86 (``KVM_RUN_X86_*``)."""
-
-    SMM = KVM_RUN_X86_SMM
-    BUS_LOCK = KVM_RUN_X86_BUS_LOCK
-    GUEST_MODE = KVM_RUN_X86_GUEST_MODE
-
-
-class SyncRegs(enum.IntFlag):
-    """``kvm_run.kvm_valid_regs`` / ``kvm_dirty_regs`` (``KVM_SYNC_X86_*``)."""
-
-    REGS = KVM_SYNC_X86_REGS
-    SREGS = KVM_SYNC_X86_SREGS
-    EVENTS = KVM_SYNC_X86_EVENTS
-
-
-class IoDirection(enum.IntEnum):
-    """``kvm_run.io.direction`` (``KVM_EXIT_IO_IN`` / ``KVM_EXIT_IO_OUT``)."""
-
-    IN = KVM_EXIT_IO_IN
-    OUT = KVM_EXIT_IO_OUT
 
 
 # --- nested state -------------------------------------------------------------
@@ -591,24 +349,6 @@ assert NESTED_STATE_HEADER_SIZE == kvm_nested_state.data.offset == 128
 GPAT_COMMIT = "4f256d5770febb9d61f9b57a4c79c491bf4987f1"
 GPAT_RELEASE = (7, 2)
 
-#: Constants this module names that the installed header (6.1) lacks.
-NEWER_CONSTANTS: dict[str, str] = {
-    **{
-        f"KVM_X86_QUIRK_{name}": "in Debian's linux-source-6.12 (6.12.117), not in 6.1"
-        for name in (
-            "SLOT_ZAP_ALL",
-            "STUFF_FEATURE_MSRS",
-            "IGNORE_GUEST_PAT",
-            "VMCS12_ALLOW_FREEZE_IN_SMM",
-        )
-    },
-    "KVM_EXIT_MEMORY_FAULT": "in Debian's linux-source-6.12, not in 6.1 (guest_memfd)",
-    "KVM_RUN_X86_GUEST_MODE": "in Debian's linux-source-6.12, not in 6.1",
-    "KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT": (
-        "Linux 7.2: commit 822790ab0149 (KVM: x86: Define KVM_X86_QUIRK_NESTED_SVM_SHARED_PAT), "
-        "nSVM gPAT series v8"
-    ),
-}
 
 #: Fields this module mirrors that the installed header (6.1) lacks, with
 #: where they come from. The layout oracle skips exactly these.
@@ -749,7 +489,7 @@ class kvm_vcpu_events(Struct):
         ("exception_has_payload", _u8),
         ("exception_payload", _u64),
     ]
-    _flags_ = {"flags": VcpuEventsFlag}
+    _flags_ = {"flags": "VcpuEventsFlag"}
     _hidden_ = frozenset({"reserved"})
 
 
@@ -872,7 +612,7 @@ class kvm_mp_state(Struct):
     """``KVM_GET_MP_STATE``: runnable, halted, waiting for INIT/SIPI..."""
 
     _fields_ = [("mp_state", _u32)]
-    _flags_ = {"mp_state": MpState}
+    _flags_ = {"mp_state": "MpState"}
 
 
 class kvm_lapic_state(Struct):
@@ -904,7 +644,7 @@ class kvm_cpuid_entry2(Struct):
         ("edx", _u32),
         ("padding", _u32 * 3),
     ]
-    _flags_ = {"flags": CpuidFlag}
+    _flags_ = {"flags": "CpuidFlag"}
     _hidden_ = frozenset({"padding"})
 
 
@@ -982,7 +722,8 @@ class _FlexStruct(Struct):
         return f"{self._head().__name__}({self._count_}={count}, {self._array_[0]}=[{body}{more}])"
 
 
-_F = TypeVar("_F", bound=_FlexStruct)
+if TYPE_CHECKING:
+    _F = TypeVar("_F", bound=_FlexStruct)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1244,7 +985,7 @@ class kvm_run_io(Struct):
         ("data_offset", _u64),
     ]
     _decimal_ = frozenset({"size", "count"})
-    _flags_ = {"direction": IoDirection}
+    _flags_ = {"direction": "IoDirection"}
 
 
 class kvm_debug_exit_arch(Struct):
@@ -1300,7 +1041,7 @@ class kvm_run_internal(Struct):
 
     _fields_ = [("suberror", _u32), ("ndata", _u32), ("data", _u64 * 16)]
     _decimal_ = frozenset({"ndata"})
-    _flags_ = {"suberror": InternalError}
+    _flags_ = {"suberror": "InternalError"}
 
 
 class kvm_run_emulation_failure(Struct):
@@ -1316,7 +1057,7 @@ class kvm_run_emulation_failure(Struct):
         ("insn_bytes", _u8 * 15),
     ]
     _decimal_ = frozenset({"ndata", "insn_size"})
-    _flags_ = {"suberror": InternalError}
+    _flags_ = {"suberror": "InternalError"}
 
 
 class kvm_run_system_event_u(Union):
@@ -1331,7 +1072,7 @@ class kvm_run_system_event(Struct):
     _anonymous_ = ("u",)
     _fields_ = [("type", _u32), ("ndata", _u32), ("u", kvm_run_system_event_u)]
     _decimal_ = frozenset({"ndata"})
-    _flags_ = {"type": SystemEvent}
+    _flags_ = {"type": "SystemEvent"}
     _hidden_ = frozenset({"u"})
 
     def shown_fields(self) -> list[str]:
@@ -1393,7 +1134,7 @@ class kvm_hyperv_exit(Struct):
     """``kvm_run.hyperv`` (KVM_EXIT_HYPERV); ``u`` holds the member ``type`` names."""
 
     _fields_ = [("type", _u32), ("pad1", _u32), ("u", kvm_hyperv_exit_u)]
-    _flags_ = {"type": HypervExit}
+    _flags_ = {"type": "HypervExit"}
     _hidden_ = frozenset({"pad1"})
 
 
@@ -1410,7 +1151,7 @@ class kvm_run_msr(Struct):
         ("index", _u32),
         ("data", _u64),
     ]
-    _flags_ = {"reason": MsrExitReason}
+    _flags_ = {"reason": "MsrExitReason"}
     _hidden_ = frozenset({"pad"})
 
 
@@ -1523,10 +1264,10 @@ class kvm_run(Struct):
         ("s", kvm_run_s),
     ]
     _flags_ = {
-        "exit_reason": ExitReason,
-        "flags": RunFlag,
-        "kvm_valid_regs": SyncRegs,
-        "kvm_dirty_regs": SyncRegs,
+        "exit_reason": "ExitReason",
+        "flags": "RunFlag",
+        "kvm_valid_regs": "SyncRegs",
+        "kvm_dirty_regs": "SyncRegs",
     }
     _hidden_ = frozenset({"padding1", "u"})
 
@@ -1557,71 +1298,6 @@ assert ctypes.sizeof(kvm_run_exit) == 256
 # --- VM devices, the VM clock and vCPU events (issue 14) ----------------------------------
 # Kept in one block (additive): the VM snapshot (kvmstate.vmstate) saves what these carry.
 
-KVM_CAP_SET_TSS_ADDR = 4
-KVM_CAP_SET_GUEST_DEBUG = 23
-KVM_CAP_PIT2 = 33
-KVM_CAP_PIT_STATE2 = 35
-KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
-KVM_CAP_ADJUST_CLOCK = 39
-KVM_CAP_SPLIT_IRQCHIP = 121
-
-KVM_IRQCHIP_PIC_MASTER = 0
-KVM_IRQCHIP_PIC_SLAVE = 1
-KVM_IRQCHIP_IOAPIC = 2
-KVM_NR_IRQCHIPS = 3
-KVM_IOAPIC_NUM_PINS = 24
-
-KVM_PIT_SPEAKER_DUMMY = 1
-KVM_PIT_FLAGS_HPET_LEGACY = 0x00000001
-KVM_PIT_FLAGS_SPEAKER_DATA_ON = 0x00000002
-
-KVM_CLOCK_TSC_STABLE = 2
-KVM_CLOCK_REALTIME = 1 << 2
-KVM_CLOCK_HOST_TSC = 1 << 3
-
-KVM_GUESTDBG_ENABLE = 0x00000001
-KVM_GUESTDBG_SINGLESTEP = 0x00000002
-KVM_GUESTDBG_USE_SW_BP = 0x00010000
-KVM_GUESTDBG_USE_HW_BP = 0x00020000
-KVM_GUESTDBG_INJECT_DB = 0x00040000
-KVM_GUESTDBG_INJECT_BP = 0x00080000
-KVM_GUESTDBG_BLOCKIRQ = 0x00100000
-
-
-class ClockFlag(enum.IntFlag):
-    """``kvm_clock_data.flags`` (``KVM_CLOCK_*``)."""
-
-    TSC_STABLE = KVM_CLOCK_TSC_STABLE
-    REALTIME = KVM_CLOCK_REALTIME
-    HOST_TSC = KVM_CLOCK_HOST_TSC
-
-
-class IrqchipId(enum.IntEnum):
-    """``kvm_irqchip.chip_id`` (``KVM_IRQCHIP_*``)."""
-
-    PIC_MASTER = KVM_IRQCHIP_PIC_MASTER
-    PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE
-    IOAPIC = KVM_IRQCHIP_IOAPIC
-
-
-class PitFlag(enum.IntFlag):
-    """``kvm_pit_state2.flags`` (``KVM_PIT_FLAGS_*``)."""
-
-    HPET_LEGACY = KVM_PIT_FLAGS_HPET_LEGACY
-    SPEAKER_DATA_ON = KVM_PIT_FLAGS_SPEAKER_DATA_ON
-
-
-class GuestDebugFlag(enum.IntFlag):
-    """``kvm_guest_debug.control`` (``KVM_GUESTDBG_*``)."""
-
-    ENABLE = KVM_GUESTDBG_ENABLE
-    SINGLESTEP = KVM_GUESTDBG_SINGLESTEP
-    USE_SW_BP = KVM_GUESTDBG_USE_SW_BP
-    USE_HW_BP = KVM_GUESTDBG_USE_HW_BP
-    INJECT_DB = KVM_GUESTDBG_INJECT_DB
-    INJECT_BP = KVM_GUESTDBG_INJECT_BP
-    BLOCKIRQ = KVM_GUESTDBG_BLOCKIRQ
-
 
 class kvm_clock_data(Struct):
     """``KVM_GET_CLOCK`` / ``KVM_SET_CLOCK``: the VM's kvmclock in ns (and, with
@@ -1635,7 +1311,7 @@ class kvm_clock_data(Struct):
         ("host_tsc", _u64),
         ("pad", _u32 * 4),
     ]
-    _flags_ = {"flags": ClockFlag}
+    _flags_ = {"flags": "ClockFlag"}
     _hidden_ = frozenset({"pad0", "pad"})
 
 
@@ -1716,7 +1392,7 @@ class kvm_irqchip(Struct):
     """
 
     _fields_ = [("chip_id", _u32), ("pad", _u32), ("chip", kvm_irqchip_chip)]
-    _flags_ = {"chip_id": IrqchipId}
+    _flags_ = {"chip_id": "IrqchipId"}
     _hidden_ = frozenset({"pad"})
 
 
@@ -1757,7 +1433,7 @@ class kvm_pit_state2(Struct):
         ("flags", _u32),
         ("reserved", _u32 * 9),
     ]
-    _flags_ = {"flags": PitFlag}
+    _flags_ = {"flags": "PitFlag"}
     _hidden_ = frozenset({"reserved"})
 
 
@@ -1771,7 +1447,7 @@ class kvm_guest_debug(Struct):
     """``KVM_SET_GUEST_DEBUG``: ``control`` (``KVM_GUESTDBG_*``) and the debug registers."""
 
     _fields_ = [("control", _u32), ("pad", _u32), ("arch", kvm_guest_debug_arch)]
-    _flags_ = {"control": GuestDebugFlag}
+    _flags_ = {"control": "GuestDebugFlag"}
     _hidden_ = frozenset({"pad"})
 
 
@@ -1831,3 +1507,37 @@ __all__ += [
     "kvm_pit_config",
     "kvm_pit_state2",
 ]
+
+
+#: The enum views :mod:`kvmstate.uapi_enums` holds, given here on first use.
+_LATER = frozenset(
+    {
+        "ClockFlag",
+        "CpuidFlag",
+        "ExitReason",
+        "GuestDebugFlag",
+        "HypervExit",
+        "InternalError",
+        "IoDirection",
+        "IrqchipId",
+        "MpState",
+        "MsrExitReason",
+        "PitFlag",
+        "RunFlag",
+        "SyncRegs",
+        "SystemEvent",
+        "VcpuEventsFlag",
+    }
+)
+
+if not TYPE_CHECKING:  # mypy reads the imports above; a __getattr__ would hide typos from it
+
+    def __getattr__(name: str) -> Any:
+        """``uapi.ExitReason`` and the other enum views, imported when first asked for."""
+        if name in _LATER:
+            from kvmstate import uapi_enums
+
+            value = getattr(uapi_enums, name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,6 @@ each call site says why its buffer is big enough.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import functools
@@ -16,11 +15,10 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl, raw_ioctl
+from kvmstate._fd import DEFAULT_PATH, FdWrapper, int_arg, ioctl, raw_ioctl, unmap
 from kvmstate.errors import (
     KvmError,
     NestedStateRejectedError,
@@ -37,8 +35,10 @@ from kvmstate.nested import (
     check_for_set,
 )
 
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
 if TYPE_CHECKING:
     import weakref
+    from typing import Any
 
     from kvmstate.state import VcpuState
 
@@ -995,8 +995,7 @@ class Vcpu(FdWrapper):
         self._run = None
         if self._run_map is not None:
             # A caller may still hold a kvm_run view; then the GC unmaps it later.
-            with contextlib.suppress(BufferError):
-                self._run_map.close()
+            unmap(self._run_map)
             self._run_map = None
 
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from kvmstate import ioctls as io
 from kvmstate import uapi
-from kvmstate._fd import FdWrapper, int_arg
+from kvmstate._fd import FdWrapper, int_arg, unmap
 from kvmstate.errors import KvmError
 from kvmstate.vcpu import Vcpu
 
+TYPE_CHECKING = False  # typing is not imported at run time (see kvmstate._struct)
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from typing import Any
+
     from kvmstate.vmstate import VmState
 
 __all__ = ["Vm"]
@@ -157,8 +158,7 @@ class Vm(FdWrapper):
             # Deleted: the memory add_memory mapped for it has no further use.
             mem = self._memory.pop(slot, None)
             if mem is not None:
-                with contextlib.suppress(BufferError):
-                    mem.close()
+                unmap(mem)
 
     @property
     def memory_regions(self) -> dict[int, tuple[int, int]]:
@@ -376,8 +376,7 @@ class Vm(FdWrapper):
         memory, self._memory = self._memory, {}
         for mem in memory.values():
             # A caller may still hold a view; then the GC unmaps it later.
-            with contextlib.suppress(BufferError):
-                mem.close()
+            unmap(mem)
 
 
 def _exact(obj: object, kind: type[Any], name: str) -> Any:

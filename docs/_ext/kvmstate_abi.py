@@ -121,6 +121,7 @@ def _is_aggregate(ctype: Any) -> bool:
 def _note(cls: type, name: str) -> str:
     """What the library knows about one field: flag decoding, kernel versions, reserved."""
     from kvmstate import uapi, vmcb, vmcs12
+    from kvmstate._struct import flag_kind
 
     parts = []
     key = (cls.__name__, name)
@@ -134,7 +135,7 @@ def _note(cls: type, name: str) -> str:
         parts.append(f"6.1 name: {vmcb.LINUX_6_1_NAMES[key]}")
     if key in vmcb.LINUX_6_1_SIZES:
         parts.append(f"{vmcb.LINUX_6_1_SIZES[key] * 8}-bit in 6.1")
-    kind = getattr(cls, "_flags_", {}).get(name)
+    kind = flag_kind(cls, name)
     if kind is not None:
         parts.append(f"decoded as {kind.__name__}")
     if name in getattr(cls, "_hidden_", frozenset()):

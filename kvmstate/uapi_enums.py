@@ -1,0 +1,322 @@
+"""The x86 KVM UAPI's values as ``enum.IntEnum``/``IntFlag`` classes, for reading them.
+
+``uapi.ExitReason(5)`` reads ``<ExitReason.HLT: 5>``. :mod:`kvmstate.uapi`
+gives each of these under its own name, importing this module the first
+time one is asked for: creating fifteen enum classes costs about as much as
+the rest of ``import kvmstate`` (issue 16). The views of nested state itself
+(``NestedFlag``, ``NestedFormat``, ``NestedSmmFlag``, ``VmxHeaderFlag``) are
+:mod:`kvmstate.uapi`'s own, made at import.
+
+>>> ExitReason(KVM_EXIT_HLT)
+<ExitReason.HLT: 5>
+"""
+
+from __future__ import annotations
+
+import enum
+
+from kvmstate.uapi_constants import (
+    KVM_CLOCK_HOST_TSC,
+    KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_CPUID_FLAG_STATE_READ_NEXT,
+    KVM_CPUID_FLAG_STATEFUL_FUNC,
+    KVM_EXIT_AP_RESET_HOLD,
+    KVM_EXIT_ARM_NISV,
+    KVM_EXIT_DCR,
+    KVM_EXIT_DEBUG,
+    KVM_EXIT_DIRTY_RING_FULL,
+    KVM_EXIT_EPR,
+    KVM_EXIT_EXCEPTION,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_HYPERCALL,
+    KVM_EXIT_HYPERV,
+    KVM_EXIT_HYPERV_HCALL,
+    KVM_EXIT_HYPERV_SYNDBG,
+    KVM_EXIT_HYPERV_SYNIC,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_IN,
+    KVM_EXIT_IO_OUT,
+    KVM_EXIT_IOAPIC_EOI,
+    KVM_EXIT_IRQ_WINDOW_OPEN,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_NMI,
+    KVM_EXIT_NOTIFY,
+    KVM_EXIT_OSI,
+    KVM_EXIT_PAPR_HCALL,
+    KVM_EXIT_RISCV_CSR,
+    KVM_EXIT_RISCV_SBI,
+    KVM_EXIT_S390_RESET,
+    KVM_EXIT_S390_SIEIC,
+    KVM_EXIT_S390_STSI,
+    KVM_EXIT_S390_TSCH,
+    KVM_EXIT_S390_UCONTROL,
+    KVM_EXIT_SET_TPR,
+    KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT,
+    KVM_EXIT_TPR_ACCESS,
+    KVM_EXIT_UNKNOWN,
+    KVM_EXIT_WATCHDOG,
+    KVM_EXIT_X86_BUS_LOCK,
+    KVM_EXIT_X86_RDMSR,
+    KVM_EXIT_X86_WRMSR,
+    KVM_EXIT_XEN,
+    KVM_GUESTDBG_BLOCKIRQ,
+    KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_INJECT_BP,
+    KVM_GUESTDBG_INJECT_DB,
+    KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP,
+    KVM_GUESTDBG_USE_SW_BP,
+    KVM_INTERNAL_ERROR_DELIVERY_EV,
+    KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_SIMUL_EX,
+    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
+    KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MP_STATE_AP_RESET_HOLD,
+    KVM_MP_STATE_CHECK_STOP,
+    KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED,
+    KVM_MP_STATE_LOAD,
+    KVM_MP_STATE_OPERATING,
+    KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_STOPPED,
+    KVM_MP_STATE_SUSPENDED,
+    KVM_MP_STATE_UNINITIALIZED,
+    KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL,
+    KVM_MSR_EXIT_REASON_UNKNOWN,
+    KVM_PIT_FLAGS_HPET_LEGACY,
+    KVM_PIT_FLAGS_SPEAKER_DATA_ON,
+    KVM_RUN_X86_BUS_LOCK,
+    KVM_RUN_X86_GUEST_MODE,
+    KVM_RUN_X86_SMM,
+    KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS,
+    KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SEV_TERM,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+    KVM_SYSTEM_EVENT_SUSPEND,
+    KVM_SYSTEM_EVENT_WAKEUP,
+    KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_PAYLOAD,
+    KVM_VCPUEVENT_VALID_SHADOW,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    KVM_VCPUEVENT_VALID_SMM,
+    KVM_VCPUEVENT_VALID_TRIPLE_FAULT,
+)
+
+__all__ = [
+    "ClockFlag",
+    "CpuidFlag",
+    "ExitReason",
+    "GuestDebugFlag",
+    "HypervExit",
+    "InternalError",
+    "IoDirection",
+    "IrqchipId",
+    "MpState",
+    "MsrExitReason",
+    "PitFlag",
+    "RunFlag",
+    "SyncRegs",
+    "SystemEvent",
+    "VcpuEventsFlag",
+]
+
+
+class CpuidFlag(enum.IntFlag):
+    """``kvm_cpuid_entry2.flags`` (``KVM_CPUID_FLAG_*``)."""
+
+    SIGNIFCANT_INDEX = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+    STATEFUL_FUNC = KVM_CPUID_FLAG_STATEFUL_FUNC
+    STATE_READ_NEXT = KVM_CPUID_FLAG_STATE_READ_NEXT
+
+
+class VcpuEventsFlag(enum.IntFlag):
+    """``kvm_vcpu_events.flags`` (``KVM_VCPUEVENT_VALID_*``).
+
+    Each bit says which *fields* are valid (``VALID_SMM``: the ``smi``
+    fields are set), not that the vCPU is in SMM or has an NMI pending;
+    reprs show the ``VALID_`` names. The short names are aliases.
+    """
+
+    VALID_NMI_PENDING = KVM_VCPUEVENT_VALID_NMI_PENDING
+    VALID_SIPI_VECTOR = KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    VALID_SHADOW = KVM_VCPUEVENT_VALID_SHADOW
+    VALID_SMM = KVM_VCPUEVENT_VALID_SMM
+    VALID_PAYLOAD = KVM_VCPUEVENT_VALID_PAYLOAD
+    VALID_TRIPLE_FAULT = KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+    # The names of earlier versions, kept as aliases.
+    NMI_PENDING = VALID_NMI_PENDING
+    SIPI_VECTOR = VALID_SIPI_VECTOR
+    SHADOW = VALID_SHADOW
+    SMM = VALID_SMM
+    PAYLOAD = VALID_PAYLOAD
+    TRIPLE_FAULT = VALID_TRIPLE_FAULT
+
+
+class MpState(enum.IntEnum):
+    """``kvm_mp_state.mp_state`` (``KVM_MP_STATE_*``)."""
+
+    RUNNABLE = KVM_MP_STATE_RUNNABLE
+    UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED
+    INIT_RECEIVED = KVM_MP_STATE_INIT_RECEIVED
+    HALTED = KVM_MP_STATE_HALTED
+    SIPI_RECEIVED = KVM_MP_STATE_SIPI_RECEIVED
+    STOPPED = KVM_MP_STATE_STOPPED
+    CHECK_STOP = KVM_MP_STATE_CHECK_STOP
+    OPERATING = KVM_MP_STATE_OPERATING
+    LOAD = KVM_MP_STATE_LOAD
+    AP_RESET_HOLD = KVM_MP_STATE_AP_RESET_HOLD
+    SUSPENDED = KVM_MP_STATE_SUSPENDED
+
+
+class ExitReason(enum.IntEnum):
+    """``kvm_run.exit_reason`` (``KVM_EXIT_*``): every exit of the 6.1 header, and 6.12's
+    MEMORY_FAULT. :data:`~kvmstate.uapi.EXIT_MEMBERS` says which ``kvm_run`` member each
+    one fills."""
+
+    UNKNOWN = KVM_EXIT_UNKNOWN
+    EXCEPTION = KVM_EXIT_EXCEPTION
+    IO = KVM_EXIT_IO
+    HYPERCALL = KVM_EXIT_HYPERCALL
+    DEBUG = KVM_EXIT_DEBUG
+    HLT = KVM_EXIT_HLT
+    MMIO = KVM_EXIT_MMIO
+    IRQ_WINDOW_OPEN = KVM_EXIT_IRQ_WINDOW_OPEN
+    SHUTDOWN = KVM_EXIT_SHUTDOWN
+    FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
+    INTR = KVM_EXIT_INTR
+    SET_TPR = KVM_EXIT_SET_TPR
+    TPR_ACCESS = KVM_EXIT_TPR_ACCESS
+    S390_SIEIC = KVM_EXIT_S390_SIEIC
+    S390_RESET = KVM_EXIT_S390_RESET
+    DCR = KVM_EXIT_DCR
+    NMI = KVM_EXIT_NMI
+    INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
+    OSI = KVM_EXIT_OSI
+    PAPR_HCALL = KVM_EXIT_PAPR_HCALL
+    S390_UCONTROL = KVM_EXIT_S390_UCONTROL
+    WATCHDOG = KVM_EXIT_WATCHDOG
+    S390_TSCH = KVM_EXIT_S390_TSCH
+    EPR = KVM_EXIT_EPR
+    SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
+    S390_STSI = KVM_EXIT_S390_STSI
+    IOAPIC_EOI = KVM_EXIT_IOAPIC_EOI
+    HYPERV = KVM_EXIT_HYPERV
+    ARM_NISV = KVM_EXIT_ARM_NISV
+    X86_RDMSR = KVM_EXIT_X86_RDMSR
+    X86_WRMSR = KVM_EXIT_X86_WRMSR
+    DIRTY_RING_FULL = KVM_EXIT_DIRTY_RING_FULL
+    AP_RESET_HOLD = KVM_EXIT_AP_RESET_HOLD
+    X86_BUS_LOCK = KVM_EXIT_X86_BUS_LOCK
+    XEN = KVM_EXIT_XEN
+    RISCV_SBI = KVM_EXIT_RISCV_SBI
+    RISCV_CSR = KVM_EXIT_RISCV_CSR
+    NOTIFY = KVM_EXIT_NOTIFY
+    MEMORY_FAULT = KVM_EXIT_MEMORY_FAULT
+
+
+class InternalError(enum.IntEnum):
+    """``kvm_run.internal.suberror`` (``KVM_INTERNAL_ERROR_*``)."""
+
+    EMULATION = KVM_INTERNAL_ERROR_EMULATION
+    SIMUL_EX = KVM_INTERNAL_ERROR_SIMUL_EX
+    DELIVERY_EV = KVM_INTERNAL_ERROR_DELIVERY_EV
+    UNEXPECTED_EXIT_REASON = KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
+
+
+class SystemEvent(enum.IntEnum):
+    """``kvm_run.system_event.type`` (``KVM_SYSTEM_EVENT_*``)."""
+
+    SHUTDOWN = KVM_SYSTEM_EVENT_SHUTDOWN
+    RESET = KVM_SYSTEM_EVENT_RESET
+    CRASH = KVM_SYSTEM_EVENT_CRASH
+    WAKEUP = KVM_SYSTEM_EVENT_WAKEUP
+    SUSPEND = KVM_SYSTEM_EVENT_SUSPEND
+    SEV_TERM = KVM_SYSTEM_EVENT_SEV_TERM
+
+
+class HypervExit(enum.IntEnum):
+    """``kvm_hyperv_exit.type`` (``KVM_EXIT_HYPERV_*``)."""
+
+    SYNIC = KVM_EXIT_HYPERV_SYNIC
+    HCALL = KVM_EXIT_HYPERV_HCALL
+    SYNDBG = KVM_EXIT_HYPERV_SYNDBG
+
+
+class MsrExitReason(enum.IntFlag):
+    """``kvm_run.msr.reason`` (``KVM_MSR_EXIT_REASON_*``): why the MSR access exited."""
+
+    INVAL = KVM_MSR_EXIT_REASON_INVAL
+    UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN
+    FILTER = KVM_MSR_EXIT_REASON_FILTER
+
+
+class RunFlag(enum.IntFlag):
+    """``kvm_run.flags`` on x86 (``KVM_RUN_X86_*``)."""
+
+    SMM = KVM_RUN_X86_SMM
+    BUS_LOCK = KVM_RUN_X86_BUS_LOCK
+    GUEST_MODE = KVM_RUN_X86_GUEST_MODE
+
+
+class SyncRegs(enum.IntFlag):
+    """``kvm_run.kvm_valid_regs`` / ``kvm_dirty_regs`` (``KVM_SYNC_X86_*``)."""
+
+    REGS = KVM_SYNC_X86_REGS
+    SREGS = KVM_SYNC_X86_SREGS
+    EVENTS = KVM_SYNC_X86_EVENTS
+
+
+class IoDirection(enum.IntEnum):
+    """``kvm_run.io.direction`` (``KVM_EXIT_IO_IN`` / ``KVM_EXIT_IO_OUT``)."""
+
+    IN = KVM_EXIT_IO_IN
+    OUT = KVM_EXIT_IO_OUT
+
+
+class ClockFlag(enum.IntFlag):
+    """``kvm_clock_data.flags`` (``KVM_CLOCK_*``)."""
+
+    TSC_STABLE = KVM_CLOCK_TSC_STABLE
+    REALTIME = KVM_CLOCK_REALTIME
+    HOST_TSC = KVM_CLOCK_HOST_TSC
+
+
+class IrqchipId(enum.IntEnum):
+    """``kvm_irqchip.chip_id`` (``KVM_IRQCHIP_*``)."""
+
+    PIC_MASTER = KVM_IRQCHIP_PIC_MASTER
+    PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE
+    IOAPIC = KVM_IRQCHIP_IOAPIC
+
+
+class PitFlag(enum.IntFlag):
+    """``kvm_pit_state2.flags`` (``KVM_PIT_FLAGS_*``)."""
+
+    HPET_LEGACY = KVM_PIT_FLAGS_HPET_LEGACY
+    SPEAKER_DATA_ON = KVM_PIT_FLAGS_SPEAKER_DATA_ON
+
+
+class GuestDebugFlag(enum.IntFlag):
+    """``kvm_guest_debug.control`` (``KVM_GUESTDBG_*``)."""
+
+    ENABLE = KVM_GUESTDBG_ENABLE
+    SINGLESTEP = KVM_GUESTDBG_SINGLESTEP
+    USE_SW_BP = KVM_GUESTDBG_USE_SW_BP
+    USE_HW_BP = KVM_GUESTDBG_USE_HW_BP
+    INJECT_DB = KVM_GUESTDBG_INJECT_DB
+    INJECT_BP = KVM_GUESTDBG_INJECT_BP
+    BLOCKIRQ = KVM_GUESTDBG_BLOCKIRQ
