@@ -533,3 +533,79 @@ def test_exchange_directory_is_writable_at_its_own_path(tmp_path: Path) -> None:
 def test_exchange_directory_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
     done = harness("--exchange", str(tmp_path / "missing"), "--", "true")
     assert done.returncode == _common.EXIT_BOOT and "is not a directory" in done.stderr
+
+
+# --- a guest that goes silent: stopped, and booted again for the tests left ------------------
+
+FAKE_RUN = """
+import json, os, pathlib, sys, time
+nodeids = [a for a in sys.argv[sys.argv.index("--") + 1 :] if "::" in a]
+print("============ test session starts ============", flush=True)
+hang = pathlib.Path(os.environ["FAKE_GUEST_HANG"])
+for nodeid in nodeids:
+    print(nodeid + " ", flush=True)
+    if nodeid == "t.py::test_b" and hang.exists():
+        hang.unlink()  # hangs in this boot only
+        time.sleep(600)
+    result = {"nodeid": nodeid, "outcome": "passed", "longrepr": ""}
+    print("KVMSTATE-RESULT " + json.dumps(result), flush=True)
+"""
+
+
+@dataclasses.dataclass
+class _FakeConfig:
+    """What HostSession reads of a pytest config."""
+
+    rootpath: Path
+    stall: float
+    inipath: Path | None = None
+
+    def getoption(self, name: str) -> float:
+        return {"guest_timeout": 600.0, "guest_stall": self.stall}[name]
+
+
+def test_a_silent_guest_is_stopped_and_the_tests_left_run_in_a_new_boot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.guest import pytest_guest
+
+    fake = tmp_path / "run"
+    fake.write_text(FAKE_RUN)
+    hang = tmp_path / "hang"
+    hang.touch()
+    monkeypatch.setenv("FAKE_GUEST_HANG", str(hang))
+    monkeypatch.setattr(pytest_guest, "RUN", fake)
+    monkeypatch.setattr(pytest_guest, "which", lambda name: f"/usr/bin/{name}")
+    session = pytest_guest.HostSession(_FakeConfig(tmp_path, stall=2.0))  # type: ignore[arg-type]
+    target = pytest_guest.Target(pytest_guest.GUESTS[0], "6.1")
+    nodeids = ["t.py::test_a", "t.py::test_b", "t.py::test_c"]
+    run = session._boot(target, nodeids)
+    assert sorted(run.results) == nodeids
+    assert {r["outcome"] for r in run.results.values()} == {"passed"}
+    assert run.status == 0
+    assert len(run.stalled) == 1
+    assert "stopped after 2 s of silence in t.py::test_b" in run.message
+    assert "resumed in a new boot for 2 tests" in run.message
+    first = run.stalled[0].read_text()
+    assert "test_a" in first and '"t.py::test_b"' not in first  # b gave no result there
+
+
+def test_a_guest_silent_before_its_tests_start_is_left_to_the_timeout(tmp_path: Path) -> None:
+    from tests.guest import pytest_guest
+
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        quiet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"], stdout=out)
+        assert pytest_guest._wait_unless_silent(quiet, log, stall=1.0) is False
+    assert quiet.returncode == 0  # ran to its end: a boot's silence is not a hang
+
+
+def test_a_guest_silent_after_its_tests_started_is_stopped(tmp_path: Path) -> None:
+    from tests.guest import pytest_guest
+
+    log = tmp_path / "log"
+    code = "print('== test session starts ==', flush=True); import time; time.sleep(600)"
+    with log.open("w") as out:
+        hung = subprocess.Popen([sys.executable, "-c", code], stdout=out)
+        assert pytest_guest._wait_unless_silent(hung, log, stall=1.0) is True
+    assert hung.returncode is not None and hung.returncode != 0

@@ -182,13 +182,23 @@ class QemuVm:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        stuck = None
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                # Only a task stuck in the kernel outlives SIGKILL (KVM_RUN looping in
+                # nested code): say so, rather than wait with it.
+                stuck = (
+                    f"QEMU (pid {self.process.pid}) still there 60 s after SIGKILL: {self.log()}"
+                )
         self._errfile.close()
         self.socket_path.unlink(missing_ok=True)
+        if stuck is not None:
+            raise QemuError(stuck)
 
     def __enter__(self) -> QemuVm:
         return self
