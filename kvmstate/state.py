@@ -27,7 +27,7 @@ import functools
 import json
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -249,10 +249,20 @@ class VcpuState:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
         """Parse :meth:`to_bytes` output; ValueError for anything malformed."""
+        plain = type(data) is bytes or type(data) is bytearray
+        if plain:
+            known = _FILE_LAYOUTS.get(len(data))
+            if known is not None:
+                state = known.decode(cls, data)
+                if state is not None:
+                    return state
         payloads = records.vcpu_payloads(data)
         if len(payloads) != 1:
             raise ValueError(f"the file holds {len(payloads)} vCPUs, not one (use loads_vm)")
-        return cls.from_record(*payloads[0])
+        state = cls._from_record_checked(*payloads[0])
+        if plain:
+            _learn(_FILE_LAYOUTS, data, _file_layout)
+        return state
 
     def to_record(self) -> bytes:
         """This vCPU as one ``vcpu`` record of a file: a record per part, then the rest."""
@@ -315,6 +325,21 @@ class VcpuState:
         """
         if payload.format != "B":  # bytes are read by index below
             payload = payload.cast("B")
+        contiguous = payload.ndim == 1 and payload.c_contiguous
+        if contiguous:
+            known = _RECORD_LAYOUTS.get(len(payload))
+            if known is not None:
+                state = known.decode(cls, payload)
+                if state is not None:
+                    return state
+        state = cls._from_record_checked(payload, where, base)
+        if contiguous:
+            _learn(_RECORD_LAYOUTS, payload, _record_layout)
+        return state
+
+    @classmethod
+    def _from_record_checked(cls, payload: memoryview, where: str, base: int) -> VcpuState:
+        """:meth:`from_record` record by record, every length checked (``payload`` of "B")."""
         # One copy into bytes: slicing and indexing bytes makes no memoryview per record.
         data = bytes(payload)
         state = cls()
@@ -406,6 +431,174 @@ _LENGTH = struct.Struct("<Q")
 _PART_HEADS: dict[bytes, str] = {
     records.record_head(tag, 0)[:-8]: tag for tag in (*PART_TABLE, "absent")
 }
+
+# --- the decoder's fast path: a layout of records seen before ---------------------------
+#
+# A vCPU saved twice on one host gives two files laid out alike: the same records, in the
+# same order, of the same lengths; only the bytes inside the parts differ. The checked walk
+# (VcpuState._from_record_checked) learns the layout of what it decoded, by length; a later
+# buffer of that length whose record heads (every taglen, tag and length, and the entry
+# count of cpuid and msrs) are the same bytes holds the same records, every length and
+# count already checked. One struct.unpack_from compares all the heads; what is left to
+# check is inside a part (MSR indices unique, the absent JSON, a nested state), and a
+# failure there goes back to the checked walk, which names it.
+
+
+class _Layout:
+    """Where each part is in a buffer laid out like one decoded before, and its heads."""
+
+    __slots__ = ("expected", "heads", "parts")
+
+    def __init__(self, view: memoryview, compared: list[tuple[int, int]], parts: _Parts) -> None:
+        # The compared spans in order, adjacent ones merged; the bytes between are skipped.
+        fmt, pos = ["<"], 0
+        expected: list[bytes] = []
+        for start, end in compared:
+            if start == pos and expected:
+                expected[-1] += bytes(view[start:end])
+                fmt[-1] = f"{len(expected[-1])}s"
+            else:
+                fmt += [f"{start - pos}x"] if start > pos else []
+                fmt.append(f"{end - start}s")
+                expected.append(bytes(view[start:end]))
+            pos = end
+        fmt += [f"{len(view) - pos}x"] if len(view) > pos else []
+        self.heads = struct.Struct("".join(fmt))
+        self.expected = tuple(expected)
+        self.parts = parts
+
+    def decode(self, cls: type[VcpuState], buf: Any) -> VcpuState | None:
+        """The vCPU in ``buf`` (of the learned length), or None when ``buf`` is laid out
+        otherwise or a part's inside is bad (the checked walk then says what)."""
+        if self.heads.unpack_from(buf) != self.expected:
+            return None
+        parts = self.parts
+        # Exactly each mirror's bytes, at its offset (the heads say so).
+        found: dict[str, Any] = {n: kind.from_buffer_copy(buf, at) for n, kind, at in parts.copies}
+        if parts.msrs is not None:
+            at, count = parts.msrs
+            flat = _msr_entries(count).unpack_from(buf, at)
+            msrs = found["msrs"] = dict(zip(flat[0::2], flat[1::2], strict=True))
+            if len(msrs) != count:  # an index twice
+                return None
+        if parts.tsc_khz is not None:
+            found["tsc_khz"] = _U32.unpack_from(buf, parts.tsc_khz)[0]
+        try:
+            if parts.absent is not None:
+                at, length = parts.absent
+                found["absent"] = _absent_from_json(bytes(buf[at : at + length]))
+            if parts.nested is not None:
+                at, length = parts.nested
+                found["nested"] = NestedState.from_bytes(memoryview(buf)[at : at + length])
+        except ValueError:
+            return None
+        return cls(**found)
+
+
+@dataclasses.dataclass
+class _Parts:
+    """What :class:`_Layout` reads, found by a walk: ``(part, type, offset)`` to copy,
+    the MSR entries' ``(offset, count)``, and the other parts' offsets (and lengths)."""
+
+    copies: list[tuple[str, Any, int]] = dataclasses.field(default_factory=list)
+    msrs: tuple[int, int] | None = None
+    tsc_khz: int | None = None
+    absent: tuple[int, int] | None = None
+    nested: tuple[int, int] | None = None
+
+
+def _walk_vcpu(
+    view: memoryview, pos: int, end: int, compared: list[tuple[int, int]], parts: _Parts
+) -> bool:
+    """Add the records of the vcpu payload ``view[pos:end]`` to ``compared`` and ``parts``;
+    False when one is outside the fast path (an unknown record, bytes after a part)."""
+    while pos < end:
+        tag, at, length, _ = records.record_at(view, pos, end, "vcpu", 0)
+        row = PART_TABLE.get(tag)
+        codec = row.codec if row is not None else "absent" if tag == "absent" else ""
+        # The field's own name: interned, as keyword arguments are matched fastest.
+        name = row.name if row is not None else ""
+        head = at  # the head, and for cpuid and msrs the entry count after it, are compared
+        if codec == "fixed":
+            if length != _FIXED_SIZES[tag][1]:
+                return False
+            parts.copies.append((name, _FIXED_SIZES[tag][0], at))
+        elif codec == "xsave":
+            parts.copies.append((name, _xsave_type(length), at))
+        elif codec == "cpuid":
+            count, head = int.from_bytes(view[at : at + 4], "little"), at + 4
+            parts.copies.append((name, _sized_type(uapi.kvm_cpuid2, count), at))
+        elif codec == "msrs":
+            count, head = int.from_bytes(view[at : at + 4], "little"), at + 4
+            parts.msrs = (at + 8, count)
+        elif codec == "u32":
+            parts.tsc_khz = at
+        elif codec == "nested":
+            parts.nested = (at, length)
+        elif codec == "absent":
+            parts.absent = (at, length)
+        else:
+            return False
+        compared.append((pos, head))
+        pos = at + length
+    return True
+
+
+def _record_layout(view: memoryview) -> _Layout | None:
+    """The layout of a ``vcpu`` record's payload (one the checked walk decoded)."""
+    compared: list[tuple[int, int]] = []
+    parts = _Parts()
+    if not _walk_vcpu(view, 0, len(view), compared, parts):
+        return None
+    return _Layout(view, compared, parts)
+
+
+def _file_layout(view: memoryview) -> _Layout | None:
+    """The layout of a file of one vCPU (one the checked walk decoded): its header, the
+    heads of its top-level records, and its vcpu record's."""
+    compared = [(0, records.HEAD.size)]
+    parts = _Parts()
+    pos, end, vcpus = records.HEAD.size, len(view), 0
+    while pos < end:
+        tag, at, length, _ = records.record_at(view, pos, end, "file", 0)
+        compared.append((pos, at))
+        if tag == "vcpu":
+            vcpus += 1
+            if vcpus > 1 or not _walk_vcpu(view, at, at + length, compared, parts):
+                return None
+        pos = at + length
+    return _Layout(view, compared, parts)
+
+
+# Layouts by length: of files (VcpuState.from_bytes) and of vcpu records (from_record).
+# None for a length whose layout the fast path cannot take. Bounded, the oldest dropped.
+_FILE_LAYOUTS: dict[int, _Layout | None] = {}
+_RECORD_LAYOUTS: dict[int, _Layout | None] = {}
+_LAYOUTS_MAX = 16
+
+
+def _learn(
+    known: dict[int, _Layout | None], data: Any, layout_of: Callable[[memoryview], _Layout | None]
+) -> None:
+    """Remember the layout of ``data``, which the checked walk has just decoded."""
+    view = memoryview(data).cast("B")
+    if known.get(len(view), True) is None:
+        return  # a length the fast path cannot take: no second walk
+    if len(known) >= _LAYOUTS_MAX:
+        known.pop(next(iter(known)), None)
+    try:
+        known[len(view)] = layout_of(view)
+    except (ValueError, struct.error):  # never expected after the checked walk
+        known[len(view)] = None
+
+
+@functools.lru_cache(maxsize=8)
+def _msr_entries(count: int) -> struct.Struct:
+    """``count`` ``kvm_msr_entry``: u32 index, u32 reserved (ignored), u64 data."""
+    return struct.Struct("<" + "I4xQ" * count)
+
+
+_U32 = struct.Struct("<I")
 
 # The ``absent`` record's JSON by the dict's items: a state saved on one kernel says the
 # same few reasons every time. Bounded, so that many different dicts cannot grow it.
