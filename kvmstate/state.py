@@ -25,11 +25,12 @@ import dataclasses
 import errno
 import functools
 import json
+import operator
 import struct
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmstate import ioctls as io
 from kvmstate import records, uapi
@@ -243,8 +244,8 @@ class VcpuState:
     def to_bytes(self) -> bytes:
         """The versioned file format, one vCPU (see :mod:`kvmstate.formats.native`)."""
         chunks, size = self.record_chunks()
-        head = records.record_head("vcpu", size)
-        return b"".join([records.file_header(), records.meta_record(), head, *chunks])
+        head = _VCPU_PREFIX + _LENGTH.pack(size)
+        return b"".join([_FILE_HEADER, records.meta_record(), head, *chunks])
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
@@ -281,24 +282,50 @@ class VcpuState:
         True
         """
         absent, extra = self.absent, self.extra
-        # Empty dicts, the common case, need no walk.
-        if type(absent) is not dict or absent:
+        # Empty dicts, the common case, need no walk; nor a dict of str to str.
+        if type(absent) is not dict or any(
+            type(k) is not str or type(v) is not str for k, v in absent.items()
+        ):
             check_absent(absent)
         if type(extra) is not dict or extra:
             check_extra(extra)
             check_trailing(self)
+        values = _PART_VALUES(self)
+        kinds = tuple(map(type, values))
+        plan = None if extra else _CHUNK_PLANS.get(kinds) or _chunk_plan(kinds)
+        if plan is None:
+            out, total = self._chunks_walked(values, extra)
+        else:
+            # Fixed-size mirrors of exactly their type have their heads made already; the
+            # other parts' heads take their lengths.
+            payloads, heads, total = list(plan.getter(values)), list(plan.heads), plan.total
+            for j, row, prefix in plan.variable:
+                payload, length = _payload(row, payloads[j])
+                payloads[j] = payload
+                heads[j] = head = prefix + _LENGTH.pack(length)
+                total += len(head) + length
+            out = [b""] * (2 * len(heads))
+            out[0::2] = heads
+            out[1::2] = payloads
+        if absent:
+            text = _absent_record(absent)
+            out.append(text)
+            total += len(text)
+        for tag, blob in extra.items():
+            if not tag.endswith(TRAILING):
+                out += (records.record_head(tag, len(blob)), blob)
+                total += len(out[-2]) + len(blob)
+        return out, total
+
+    def _chunks_walked(
+        self, values: tuple[Any, ...], extra: dict[str, bytes]
+    ) -> tuple[list[Any], int]:
+        """The parts' chunks of :meth:`record_chunks`, a part at a time (bytes after a
+        fixed-size part in ``extra`` follow it)."""
         out: list[Any] = []
-        append = out.append
         total = 0
-        for part, row, ready_head, ready_size, prefix in _ENCODE_PLAN:
-            value = getattr(self, part)
+        for (part, row, _, _, prefix), value in zip(_ENCODE_PLAN, values, strict=True):
             if value is None:
-                continue
-            if ready_size and type(value) is row.type and not extra:
-                # A fixed-size mirror of exactly its type: its head is made already.
-                append(ready_head)
-                append(value)
-                total += len(ready_head) + ready_size
                 continue
             payload, length = _payload(row, value)
             trailing = extra.get(part + TRAILING, b"") if extra else b""
@@ -306,14 +333,6 @@ class VcpuState:
             head = prefix + _LENGTH.pack(length + len(trailing))
             out += (head, payload, trailing) if trailing else (head, payload)
             total += len(head) + length + len(trailing)
-        if absent:
-            text = _absent_json(absent)
-            out += (records.record_head("absent", len(text)), text)
-            total += len(out[-2]) + len(text)
-        for tag, blob in extra.items():
-            if not tag.endswith(TRAILING):
-                out += (records.record_head(tag, len(blob)), blob)
-                total += len(out[-2]) + len(blob)
         return out, total
 
     @classmethod
@@ -425,6 +444,62 @@ _ENCODE_PLAN = tuple(
     for row in PART_TABLE.values()
     for fixed in [_FIXED_SIZES.get(row.name)]
 )
+# The file's first 12 bytes, and the vcpu record's head without its length.
+_FILE_HEADER = records.file_header()
+_VCPU_PREFIX = records.record_head("vcpu", 0)[:-8]
+#: Every part's value, in PARTS order, in one call.
+_PART_VALUES = operator.attrgetter(*PARTS)
+
+
+class _ChunkPlan(NamedTuple):
+    """How :meth:`VcpuState.record_chunks` lays out parts of these types: the present
+    values (in file order) from all of them, their heads (b"" where a length is needed),
+    the parts that need one (position, row, head without the length), the ready total."""
+
+    getter: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    heads: tuple[bytes, ...]
+    variable: tuple[tuple[int, Part, bytes], ...]
+    total: int
+
+
+# Plans by the parts' types (NoneType for an absent one). Bounded: when full, the walk.
+_CHUNK_PLANS: dict[tuple[type, ...], _ChunkPlan] = {}
+_CHUNK_PLANS_MAX = 32
+
+
+def _chunk_plan(kinds: tuple[type, ...]) -> _ChunkPlan | None:
+    """The plan for parts of these types (made at first use), None when too many exist."""
+    plan = _CHUNK_PLANS.get(kinds)
+    if plan is not None or len(_CHUNK_PLANS) >= _CHUNK_PLANS_MAX:
+        return plan
+    present = [i for i, kind in enumerate(kinds) if kind is not type(None)]
+    heads: list[bytes] = []
+    variable: list[tuple[int, Part, bytes]] = []
+    total = 0
+    for j, i in enumerate(present):
+        _, row, ready_head, ready_size, prefix = _ENCODE_PLAN[i]
+        if ready_size and kinds[i] is row.type:
+            heads.append(ready_head)
+            total += len(ready_head) + ready_size
+        else:
+            heads.append(b"")
+            variable.append((j, row, prefix))
+    plan = _CHUNK_PLANS[kinds] = _ChunkPlan(_picker(present), tuple(heads), tuple(variable), total)
+    return plan
+
+
+def _picker(indices: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """The items at ``indices`` of a tuple, as a tuple, in one C call when there are two
+    or more (itemgetter of one index gives no tuple, of none is refused)."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    return functools.partial(_pick, indices)
+
+
+def _pick(indices: list[int], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(values[i] for i in indices)
+
+
 _LENGTH = struct.Struct("<Q")
 # Each part's record head without the length (taglen, tag), to its tag: the decoder's
 # common case.
@@ -600,7 +675,7 @@ def _msr_entries(count: int) -> struct.Struct:
 
 _U32 = struct.Struct("<I")
 
-# The ``absent`` record's JSON by the dict's items: a state saved on one kernel says the
+# The ``absent`` record by the dict's items: a state saved on one kernel says the
 # same few reasons every time. Bounded, so that many different dicts cannot grow it.
 _ABSENT_TEXT: dict[frozenset[tuple[str, str]], bytes] = {}
 _ABSENT_TEXT_MAX = 64
@@ -628,15 +703,15 @@ def _absent_from_json(text: bytes) -> dict[str, str]:
     return absent
 
 
-def _absent_json(absent: Mapping[str, str]) -> bytes:
-    """``absent`` (checked: str -> str) as the record's UTF-8 JSON, keys sorted."""
+def _absent_record(absent: Mapping[str, str]) -> bytes:
+    """``absent`` (checked: str -> str) as its record: head and UTF-8 JSON, keys sorted."""
     key = frozenset(absent.items())
-    text = _ABSENT_TEXT.get(key)
-    if text is None:
-        text = json.dumps(dict(absent), sort_keys=True).encode()
+    record = _ABSENT_TEXT.get(key)
+    if record is None:
+        record = records.record("absent", json.dumps(dict(absent), sort_keys=True).encode())
         if len(_ABSENT_TEXT) < _ABSENT_TEXT_MAX:
-            _ABSENT_TEXT[key] = text
-    return text
+            _ABSENT_TEXT[key] = record
+    return record
 
 
 # --- each part's bytes, by its codec --------------------------------------------------
@@ -651,14 +726,25 @@ def _payload(row: Part, value: Any) -> tuple[Any, int]:
         if data is not None:
             return data, len(data)
     elif codec == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
-        if value.nent == value.capacity():  # _encode's rule; else it names what is off
-            return value, ctypes.sizeof(value)
+        n = ctypes.sizeof(value)
+        # _encode's rule, nent == capacity(): for a kvm_cpuid2[k], k entries after the head.
+        sized = type(value).__base__ is uapi.kvm_cpuid2
+        if sized and n == _CPUID_HEAD + _CPUID_ENTRY * value.nent:
+            return value, n
+        if value.nent == value.capacity():  # else _encode names what is off
+            return value, n
+    elif codec == "u32" and type(value) is int and 0 <= value <= 0xFFFF_FFFF:
+        return _U32.pack(value), 4
     elif codec == "xsave" and isinstance(value, uapi.kvm_xsave):
         n = ctypes.sizeof(value)
         if not n % 4 and n <= _XSAVE_MAX:  # _encode's rule (sizeof is >= 4096)
             return value, n
     data = _encode(row, value)
     return data, len(data)
+
+
+_CPUID_HEAD = ctypes.sizeof(uapi.kvm_cpuid2)
+_CPUID_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
 
 
 def _msrs_bytes(values: Any) -> bytes | None:

@@ -6,6 +6,7 @@ with ``struct`` alone; bad MSR maps must still be refused with the MSR named.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -250,3 +251,19 @@ def test_files_of_many_layouts_each_decode_right() -> None:
         data = state.to_bytes()
         assert same(VcpuState.from_bytes(data), state)
         assert native.loads_vm(data + data[12:]) == [state, state]
+
+
+class Colour(enum.IntEnum):
+    RED = 0x174
+
+
+class Regs(uapi.kvm_regs):
+    """A mirror's subclass: not the exact type, the same bytes."""
+
+
+def test_parts_of_other_types_encode_as_their_bytes() -> None:
+    plain = VcpuState(regs=uapi.kvm_regs(rip=5), msrs={0x174: 1, 0x10: 2}, tsc_khz=7)
+    regs = Regs()
+    regs.rip = 5
+    other = VcpuState(regs=regs, msrs={Colour.RED: 1, 0x10: 2}, tsc_khz=7)
+    assert other.to_bytes() == plain.to_bytes() and other.to_record() == plain.to_record()
