@@ -748,27 +748,61 @@ _CPUID_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
 
 
 def _msrs_bytes(values: Any) -> bytes | None:
-    """``struct kvm_msrs`` of a plain ``{int: int}`` dict, sorted by index, in one ``pack``
-    and without a ctypes object; None for anything else, which the checked path
+    """``struct kvm_msrs`` of a plain ``{int: int}`` dict, sorted by index, without a
+    ctypes object; None for anything else, which the checked path
     (:func:`uapi.msrs_from_mapping`) takes, and names what is wrong."""
     if type(values) is not dict:
         return None
+    keys, data = tuple(values), tuple(values.values())
+    n = len(keys)
+    # Ints exactly: struct takes True as 1, and an equal float would find an order below.
+    # The checked path refuses a bool and takes an int subclass.
+    if list(map(type, keys)).count(int) != n or list(map(type, data)).count(int) != n:
+        return None
+    order = _MSR_ORDERS.get(keys) or _msr_order(keys)
+    if order is None:
+        return None
+    pick, head = order
     try:
-        keys = sorted(values)
-    except TypeError:
+        packed = _u64s(n).pack(*pick(data))
+    except struct.error:  # a value above 64 bits, or below 0
         return None
-    data = list(map(values.__getitem__, keys))
-    # struct takes True as 1; the checked path refuses a bool.
-    if bool in map(type, keys) or bool in map(type, data):
+    out = bytearray(head)
+    # kvm_msrs as u64 words: nmsrs and pad, then each entry's index and its data.
+    memoryview(out).cast("Q")[2::2] = memoryview(packed).cast("Q")
+    return bytes(out)
+
+
+# Per order of MSR indices (a dict's keys), the values' positions in index order and the
+# kvm_msrs with its indices filled in: a vCPU's MSRs come in the same order save after
+# save (KVM's list) and file after file, so each order is sorted once. Bounded.
+_MsrOrder = tuple[Callable[[tuple[int, ...]], tuple[int, ...]], bytes]
+_MSR_ORDERS: dict[tuple[int, ...], _MsrOrder] = {}
+_MSR_ORDERS_MAX = 16
+_MSR_ORDER_KEPT = 1024  # MSRs; a larger dict (no vCPU has so many) is sorted every time
+
+
+def _msr_order(keys: tuple[int, ...]) -> _MsrOrder | None:
+    """How :func:`_msrs_bytes` lays out these indices (ints), None when one is not a u32."""
+    ordered = sorted(keys)
+    if ordered and not 0 <= ordered[0] <= ordered[-1] <= 0xFFFF_FFFF:
         return None
-    flat = [0] * (2 * len(keys))
-    flat[0::2] = keys
-    flat[1::2] = data
-    try:
-        # pack refuses a non-integer, an index above 32 bits, a value above 64.
-        return _msrs_layout(len(keys)).pack(len(keys), 0, *flat)
-    except struct.error:
-        return None
+    position = {index: i for i, index in enumerate(keys)}
+    flat = [0] * (2 * len(ordered))
+    flat[0::2] = ordered
+    pick = _picker([position[index] for index in ordered])
+    order = pick, _msrs_layout(len(keys)).pack(len(keys), 0, *flat)
+    if len(keys) <= _MSR_ORDER_KEPT:
+        if len(_MSR_ORDERS) >= _MSR_ORDERS_MAX:
+            _MSR_ORDERS.pop(next(iter(_MSR_ORDERS)), None)
+        _MSR_ORDERS[keys] = order
+    return order
+
+
+@functools.lru_cache(maxsize=8)
+def _u64s(count: int) -> struct.Struct:
+    """``count`` little-endian u64."""
+    return struct.Struct(f"<{count}Q")
 
 
 @functools.lru_cache(maxsize=8)

@@ -267,3 +267,18 @@ def test_parts_of_other_types_encode_as_their_bytes() -> None:
     regs.rip = 5
     other = VcpuState(regs=regs, msrs={Colour.RED: 1, 0x10: 2}, tsc_khz=7)
     assert other.to_bytes() == plain.to_bytes() and other.to_record() == plain.to_record()
+
+
+def test_msrs_in_any_order_encode_sorted_with_their_values() -> None:
+    indices = [0xC000_0080, 0x10, 0x174, 0x4B56_4D00, 0x3A]
+    expected = VcpuState(msrs={i: i + 1 for i in sorted(indices)}).part_bytes("msrs")
+    for turn in range(20):  # more orders than are remembered
+        order = indices[turn % 5 :] + indices[: turn % 5]
+        if turn >= 10:
+            order.reverse()
+        state = VcpuState(msrs={i: i + 1 for i in order})
+        assert state.part_bytes("msrs") == expected
+        state.msrs[0x10] = turn  # the same order, another value
+        assert VcpuState.from_bytes(state.to_bytes()).msrs == {i: i + 1 for i in indices} | {
+            0x10: turn
+        }
