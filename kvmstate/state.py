@@ -25,11 +25,12 @@ import dataclasses
 import errno
 import functools
 import json
+import operator
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmstate import ioctls as io
 from kvmstate import records, uapi
@@ -243,16 +244,26 @@ class VcpuState:
     def to_bytes(self) -> bytes:
         """The versioned file format, one vCPU (see :mod:`kvmstate.formats.native`)."""
         chunks, size = self.record_chunks()
-        head = records.record_head("vcpu", size)
-        return b"".join([records.file_header(), records.meta_record(), head, *chunks])
+        head = _VCPU_PREFIX + _LENGTH.pack(size)
+        return b"".join([_FILE_HEADER, records.meta_record(), head, *chunks])
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> VcpuState:
         """Parse :meth:`to_bytes` output; ValueError for anything malformed."""
+        plain = type(data) is bytes or type(data) is bytearray
+        if plain:
+            known = _FILE_LAYOUTS.get(len(data))
+            if known is not None:
+                state = known.decode(cls, data)
+                if state is not None:
+                    return state
         payloads = records.vcpu_payloads(data)
         if len(payloads) != 1:
             raise ValueError(f"the file holds {len(payloads)} vCPUs, not one (use loads_vm)")
-        return cls.from_record(*payloads[0])
+        state = cls._from_record_checked(*payloads[0])
+        if plain:
+            _learn(_FILE_LAYOUTS, data, _file_layout)
+        return state
 
     def to_record(self) -> bytes:
         """This vCPU as one ``vcpu`` record of a file: a record per part, then the rest."""
@@ -271,24 +282,50 @@ class VcpuState:
         True
         """
         absent, extra = self.absent, self.extra
-        # Empty dicts, the common case, need no walk.
-        if type(absent) is not dict or absent:
+        # Empty dicts, the common case, need no walk; nor a dict of str to str.
+        if type(absent) is not dict or any(
+            type(k) is not str or type(v) is not str for k, v in absent.items()
+        ):
             check_absent(absent)
         if type(extra) is not dict or extra:
             check_extra(extra)
             check_trailing(self)
+        values = _PART_VALUES(self)
+        kinds = tuple(map(type, values))
+        plan = None if extra else _CHUNK_PLANS.get(kinds) or _chunk_plan(kinds)
+        if plan is None:
+            out, total = self._chunks_walked(values, extra)
+        else:
+            # Fixed-size mirrors of exactly their type have their heads made already; the
+            # other parts' heads take their lengths.
+            payloads, heads, total = list(plan.getter(values)), list(plan.heads), plan.total
+            for j, row, prefix in plan.variable:
+                payload, length = _payload(row, payloads[j])
+                payloads[j] = payload
+                heads[j] = head = prefix + _LENGTH.pack(length)
+                total += len(head) + length
+            out = [b""] * (2 * len(heads))
+            out[0::2] = heads
+            out[1::2] = payloads
+        if absent:
+            text = _absent_record(absent)
+            out.append(text)
+            total += len(text)
+        for tag, blob in extra.items():
+            if not tag.endswith(TRAILING):
+                out += (records.record_head(tag, len(blob)), blob)
+                total += len(out[-2]) + len(blob)
+        return out, total
+
+    def _chunks_walked(
+        self, values: tuple[Any, ...], extra: dict[str, bytes]
+    ) -> tuple[list[Any], int]:
+        """The parts' chunks of :meth:`record_chunks`, a part at a time (bytes after a
+        fixed-size part in ``extra`` follow it)."""
         out: list[Any] = []
-        append = out.append
         total = 0
-        for part, row, ready_head, ready_size, prefix in _ENCODE_PLAN:
-            value = getattr(self, part)
+        for (part, row, _, _, prefix), value in zip(_ENCODE_PLAN, values, strict=True):
             if value is None:
-                continue
-            if ready_size and type(value) is row.type and not extra:
-                # A fixed-size mirror of exactly its type: its head is made already.
-                append(ready_head)
-                append(value)
-                total += len(ready_head) + ready_size
                 continue
             payload, length = _payload(row, value)
             trailing = extra.get(part + TRAILING, b"") if extra else b""
@@ -296,14 +333,6 @@ class VcpuState:
             head = prefix + _LENGTH.pack(length + len(trailing))
             out += (head, payload, trailing) if trailing else (head, payload)
             total += len(head) + length + len(trailing)
-        if absent:
-            text = _absent_json(absent)
-            out += (records.record_head("absent", len(text)), text)
-            total += len(out[-2]) + len(text)
-        for tag, blob in extra.items():
-            if not tag.endswith(TRAILING):
-                out += (records.record_head(tag, len(blob)), blob)
-                total += len(out[-2]) + len(blob)
         return out, total
 
     @classmethod
@@ -315,6 +344,21 @@ class VcpuState:
         """
         if payload.format != "B":  # bytes are read by index below
             payload = payload.cast("B")
+        contiguous = payload.ndim == 1 and payload.c_contiguous
+        if contiguous:
+            known = _RECORD_LAYOUTS.get(len(payload))
+            if known is not None:
+                state = known.decode(cls, payload)
+                if state is not None:
+                    return state
+        state = cls._from_record_checked(payload, where, base)
+        if contiguous:
+            _learn(_RECORD_LAYOUTS, payload, _record_layout)
+        return state
+
+    @classmethod
+    def _from_record_checked(cls, payload: memoryview, where: str, base: int) -> VcpuState:
+        """:meth:`from_record` record by record, every length checked (``payload`` of "B")."""
         # One copy into bytes: slicing and indexing bytes makes no memoryview per record.
         data = bytes(payload)
         state = cls()
@@ -400,6 +444,62 @@ _ENCODE_PLAN = tuple(
     for row in PART_TABLE.values()
     for fixed in [_FIXED_SIZES.get(row.name)]
 )
+# The file's first 12 bytes, and the vcpu record's head without its length.
+_FILE_HEADER = records.file_header()
+_VCPU_PREFIX = records.record_head("vcpu", 0)[:-8]
+#: Every part's value, in PARTS order, in one call.
+_PART_VALUES = operator.attrgetter(*PARTS)
+
+
+class _ChunkPlan(NamedTuple):
+    """How :meth:`VcpuState.record_chunks` lays out parts of these types: the present
+    values (in file order) from all of them, their heads (b"" where a length is needed),
+    the parts that need one (position, row, head without the length), the ready total."""
+
+    getter: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    heads: tuple[bytes, ...]
+    variable: tuple[tuple[int, Part, bytes], ...]
+    total: int
+
+
+# Plans by the parts' types (NoneType for an absent one). Bounded: when full, the walk.
+_CHUNK_PLANS: dict[tuple[type, ...], _ChunkPlan] = {}
+_CHUNK_PLANS_MAX = 32
+
+
+def _chunk_plan(kinds: tuple[type, ...]) -> _ChunkPlan | None:
+    """The plan for parts of these types (made at first use), None when too many exist."""
+    plan = _CHUNK_PLANS.get(kinds)
+    if plan is not None or len(_CHUNK_PLANS) >= _CHUNK_PLANS_MAX:
+        return plan
+    present = [i for i, kind in enumerate(kinds) if kind is not type(None)]
+    heads: list[bytes] = []
+    variable: list[tuple[int, Part, bytes]] = []
+    total = 0
+    for j, i in enumerate(present):
+        _, row, ready_head, ready_size, prefix = _ENCODE_PLAN[i]
+        if ready_size and kinds[i] is row.type:
+            heads.append(ready_head)
+            total += len(ready_head) + ready_size
+        else:
+            heads.append(b"")
+            variable.append((j, row, prefix))
+    plan = _CHUNK_PLANS[kinds] = _ChunkPlan(_picker(present), tuple(heads), tuple(variable), total)
+    return plan
+
+
+def _picker(indices: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """The items at ``indices`` of a tuple, as a tuple, in one C call when there are two
+    or more (itemgetter of one index gives no tuple, of none is refused)."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    return functools.partial(_pick, indices)
+
+
+def _pick(indices: list[int], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(values[i] for i in indices)
+
+
 _LENGTH = struct.Struct("<Q")
 # Each part's record head without the length (taglen, tag), to its tag: the decoder's
 # common case.
@@ -407,7 +507,175 @@ _PART_HEADS: dict[bytes, str] = {
     records.record_head(tag, 0)[:-8]: tag for tag in (*PART_TABLE, "absent")
 }
 
-# The ``absent`` record's JSON by the dict's items: a state saved on one kernel says the
+# --- the decoder's fast path: a layout of records seen before ---------------------------
+#
+# A vCPU saved twice on one host gives two files laid out alike: the same records, in the
+# same order, of the same lengths; only the bytes inside the parts differ. The checked walk
+# (VcpuState._from_record_checked) learns the layout of what it decoded, by length; a later
+# buffer of that length whose record heads (every taglen, tag and length, and the entry
+# count of cpuid and msrs) are the same bytes holds the same records, every length and
+# count already checked. One struct.unpack_from compares all the heads; what is left to
+# check is inside a part (MSR indices unique, the absent JSON, a nested state), and a
+# failure there goes back to the checked walk, which names it.
+
+
+class _Layout:
+    """Where each part is in a buffer laid out like one decoded before, and its heads."""
+
+    __slots__ = ("expected", "heads", "parts")
+
+    def __init__(self, view: memoryview, compared: list[tuple[int, int]], parts: _Parts) -> None:
+        # The compared spans in order, adjacent ones merged; the bytes between are skipped.
+        fmt, pos = ["<"], 0
+        expected: list[bytes] = []
+        for start, end in compared:
+            if start == pos and expected:
+                expected[-1] += bytes(view[start:end])
+                fmt[-1] = f"{len(expected[-1])}s"
+            else:
+                fmt += [f"{start - pos}x"] if start > pos else []
+                fmt.append(f"{end - start}s")
+                expected.append(bytes(view[start:end]))
+            pos = end
+        fmt += [f"{len(view) - pos}x"] if len(view) > pos else []
+        self.heads = struct.Struct("".join(fmt))
+        self.expected = tuple(expected)
+        self.parts = parts
+
+    def decode(self, cls: type[VcpuState], buf: Any) -> VcpuState | None:
+        """The vCPU in ``buf`` (of the learned length), or None when ``buf`` is laid out
+        otherwise or a part's inside is bad (the checked walk then says what)."""
+        if self.heads.unpack_from(buf) != self.expected:
+            return None
+        parts = self.parts
+        # Exactly each mirror's bytes, at its offset (the heads say so).
+        found: dict[str, Any] = {n: kind.from_buffer_copy(buf, at) for n, kind, at in parts.copies}
+        if parts.msrs is not None:
+            at, count = parts.msrs
+            flat = _msr_entries(count).unpack_from(buf, at)
+            msrs = found["msrs"] = dict(zip(flat[0::2], flat[1::2], strict=True))
+            if len(msrs) != count:  # an index twice
+                return None
+        if parts.tsc_khz is not None:
+            found["tsc_khz"] = _U32.unpack_from(buf, parts.tsc_khz)[0]
+        try:
+            if parts.absent is not None:
+                at, length = parts.absent
+                found["absent"] = _absent_from_json(bytes(buf[at : at + length]))
+            if parts.nested is not None:
+                at, length = parts.nested
+                found["nested"] = NestedState.from_bytes(memoryview(buf)[at : at + length])
+        except ValueError:
+            return None
+        return cls(**found)
+
+
+@dataclasses.dataclass
+class _Parts:
+    """What :class:`_Layout` reads, found by a walk: ``(part, type, offset)`` to copy,
+    the MSR entries' ``(offset, count)``, and the other parts' offsets (and lengths)."""
+
+    copies: list[tuple[str, Any, int]] = dataclasses.field(default_factory=list)
+    msrs: tuple[int, int] | None = None
+    tsc_khz: int | None = None
+    absent: tuple[int, int] | None = None
+    nested: tuple[int, int] | None = None
+
+
+def _walk_vcpu(
+    view: memoryview, pos: int, end: int, compared: list[tuple[int, int]], parts: _Parts
+) -> bool:
+    """Add the records of the vcpu payload ``view[pos:end]`` to ``compared`` and ``parts``;
+    False when one is outside the fast path (an unknown record, bytes after a part)."""
+    while pos < end:
+        tag, at, length, _ = records.record_at(view, pos, end, "vcpu", 0)
+        row = PART_TABLE.get(tag)
+        codec = row.codec if row is not None else "absent" if tag == "absent" else ""
+        # The field's own name: interned, as keyword arguments are matched fastest.
+        name = row.name if row is not None else ""
+        head = at  # the head, and for cpuid and msrs the entry count after it, are compared
+        if codec == "fixed":
+            if length != _FIXED_SIZES[tag][1]:
+                return False
+            parts.copies.append((name, _FIXED_SIZES[tag][0], at))
+        elif codec == "xsave":
+            parts.copies.append((name, _xsave_type(length), at))
+        elif codec == "cpuid":
+            count, head = int.from_bytes(view[at : at + 4], "little"), at + 4
+            parts.copies.append((name, _sized_type(uapi.kvm_cpuid2, count), at))
+        elif codec == "msrs":
+            count, head = int.from_bytes(view[at : at + 4], "little"), at + 4
+            parts.msrs = (at + 8, count)
+        elif codec == "u32":
+            parts.tsc_khz = at
+        elif codec == "nested":
+            parts.nested = (at, length)
+        elif codec == "absent":
+            parts.absent = (at, length)
+        else:
+            return False
+        compared.append((pos, head))
+        pos = at + length
+    return True
+
+
+def _record_layout(view: memoryview) -> _Layout | None:
+    """The layout of a ``vcpu`` record's payload (one the checked walk decoded)."""
+    compared: list[tuple[int, int]] = []
+    parts = _Parts()
+    if not _walk_vcpu(view, 0, len(view), compared, parts):
+        return None
+    return _Layout(view, compared, parts)
+
+
+def _file_layout(view: memoryview) -> _Layout | None:
+    """The layout of a file of one vCPU (one the checked walk decoded): its header, the
+    heads of its top-level records, and its vcpu record's."""
+    compared = [(0, records.HEAD.size)]
+    parts = _Parts()
+    pos, end, vcpus = records.HEAD.size, len(view), 0
+    while pos < end:
+        tag, at, length, _ = records.record_at(view, pos, end, "file", 0)
+        compared.append((pos, at))
+        if tag == "vcpu":
+            vcpus += 1
+            if vcpus > 1 or not _walk_vcpu(view, at, at + length, compared, parts):
+                return None
+        pos = at + length
+    return _Layout(view, compared, parts)
+
+
+# Layouts by length: of files (VcpuState.from_bytes) and of vcpu records (from_record).
+# None for a length whose layout the fast path cannot take. Bounded, the oldest dropped.
+_FILE_LAYOUTS: dict[int, _Layout | None] = {}
+_RECORD_LAYOUTS: dict[int, _Layout | None] = {}
+_LAYOUTS_MAX = 16
+
+
+def _learn(
+    known: dict[int, _Layout | None], data: Any, layout_of: Callable[[memoryview], _Layout | None]
+) -> None:
+    """Remember the layout of ``data``, which the checked walk has just decoded."""
+    view = memoryview(data).cast("B")
+    if known.get(len(view), True) is None:
+        return  # a length the fast path cannot take: no second walk
+    if len(known) >= _LAYOUTS_MAX:
+        known.pop(next(iter(known)), None)
+    try:
+        known[len(view)] = layout_of(view)
+    except (ValueError, struct.error):  # never expected after the checked walk
+        known[len(view)] = None
+
+
+@functools.lru_cache(maxsize=8)
+def _msr_entries(count: int) -> struct.Struct:
+    """``count`` ``kvm_msr_entry``: u32 index, u32 reserved (ignored), u64 data."""
+    return struct.Struct("<" + "I4xQ" * count)
+
+
+_U32 = struct.Struct("<I")
+
+# The ``absent`` record by the dict's items: a state saved on one kernel says the
 # same few reasons every time. Bounded, so that many different dicts cannot grow it.
 _ABSENT_TEXT: dict[frozenset[tuple[str, str]], bytes] = {}
 _ABSENT_TEXT_MAX = 64
@@ -435,15 +703,15 @@ def _absent_from_json(text: bytes) -> dict[str, str]:
     return absent
 
 
-def _absent_json(absent: Mapping[str, str]) -> bytes:
-    """``absent`` (checked: str -> str) as the record's UTF-8 JSON, keys sorted."""
+def _absent_record(absent: Mapping[str, str]) -> bytes:
+    """``absent`` (checked: str -> str) as its record: head and UTF-8 JSON, keys sorted."""
     key = frozenset(absent.items())
-    text = _ABSENT_TEXT.get(key)
-    if text is None:
-        text = json.dumps(dict(absent), sort_keys=True).encode()
+    record = _ABSENT_TEXT.get(key)
+    if record is None:
+        record = records.record("absent", json.dumps(dict(absent), sort_keys=True).encode())
         if len(_ABSENT_TEXT) < _ABSENT_TEXT_MAX:
-            _ABSENT_TEXT[key] = text
-    return text
+            _ABSENT_TEXT[key] = record
+    return record
 
 
 # --- each part's bytes, by its codec --------------------------------------------------
@@ -458,8 +726,15 @@ def _payload(row: Part, value: Any) -> tuple[Any, int]:
         if data is not None:
             return data, len(data)
     elif codec == "cpuid" and isinstance(value, uapi.kvm_cpuid2):
-        if value.nent == value.capacity():  # _encode's rule; else it names what is off
-            return value, ctypes.sizeof(value)
+        n = ctypes.sizeof(value)
+        # _encode's rule, nent == capacity(): for a kvm_cpuid2[k], k entries after the head.
+        sized = type(value).__base__ is uapi.kvm_cpuid2
+        if sized and n == _CPUID_HEAD + _CPUID_ENTRY * value.nent:
+            return value, n
+        if value.nent == value.capacity():  # else _encode names what is off
+            return value, n
+    elif codec == "u32" and type(value) is int and 0 <= value <= 0xFFFF_FFFF:
+        return _U32.pack(value), 4
     elif codec == "xsave" and isinstance(value, uapi.kvm_xsave):
         n = ctypes.sizeof(value)
         if not n % 4 and n <= _XSAVE_MAX:  # _encode's rule (sizeof is >= 4096)
@@ -468,28 +743,66 @@ def _payload(row: Part, value: Any) -> tuple[Any, int]:
     return data, len(data)
 
 
+_CPUID_HEAD = ctypes.sizeof(uapi.kvm_cpuid2)
+_CPUID_ENTRY = ctypes.sizeof(uapi.kvm_cpuid_entry2)
+
+
 def _msrs_bytes(values: Any) -> bytes | None:
-    """``struct kvm_msrs`` of a plain ``{int: int}`` dict, sorted by index, in one ``pack``
-    and without a ctypes object; None for anything else, which the checked path
+    """``struct kvm_msrs`` of a plain ``{int: int}`` dict, sorted by index, without a
+    ctypes object; None for anything else, which the checked path
     (:func:`uapi.msrs_from_mapping`) takes, and names what is wrong."""
     if type(values) is not dict:
         return None
+    keys, data = tuple(values), tuple(values.values())
+    n = len(keys)
+    # Ints exactly: struct takes True as 1, and an equal float would find an order below.
+    # The checked path refuses a bool and takes an int subclass.
+    if list(map(type, keys)).count(int) != n or list(map(type, data)).count(int) != n:
+        return None
+    order = _MSR_ORDERS.get(keys) or _msr_order(keys)
+    if order is None:
+        return None
+    pick, head = order
     try:
-        keys = sorted(values)
-    except TypeError:
+        packed = _u64s(n).pack(*pick(data))
+    except struct.error:  # a value above 64 bits, or below 0
         return None
-    data = list(map(values.__getitem__, keys))
-    # struct takes True as 1; the checked path refuses a bool.
-    if bool in map(type, keys) or bool in map(type, data):
+    out = bytearray(head)
+    # kvm_msrs as u64 words: nmsrs and pad, then each entry's index and its data.
+    memoryview(out).cast("Q")[2::2] = memoryview(packed).cast("Q")
+    return bytes(out)
+
+
+# Per order of MSR indices (a dict's keys), the values' positions in index order and the
+# kvm_msrs with its indices filled in: a vCPU's MSRs come in the same order save after
+# save (KVM's list) and file after file, so each order is sorted once. Bounded.
+_MsrOrder = tuple[Callable[[tuple[int, ...]], tuple[int, ...]], bytes]
+_MSR_ORDERS: dict[tuple[int, ...], _MsrOrder] = {}
+_MSR_ORDERS_MAX = 16
+_MSR_ORDER_KEPT = 1024  # MSRs; a larger dict (no vCPU has so many) is sorted every time
+
+
+def _msr_order(keys: tuple[int, ...]) -> _MsrOrder | None:
+    """How :func:`_msrs_bytes` lays out these indices (ints), None when one is not a u32."""
+    ordered = sorted(keys)
+    if ordered and not 0 <= ordered[0] <= ordered[-1] <= 0xFFFF_FFFF:
         return None
-    flat = [0] * (2 * len(keys))
-    flat[0::2] = keys
-    flat[1::2] = data
-    try:
-        # pack refuses a non-integer, an index above 32 bits, a value above 64.
-        return _msrs_layout(len(keys)).pack(len(keys), 0, *flat)
-    except struct.error:
-        return None
+    position = {index: i for i, index in enumerate(keys)}
+    flat = [0] * (2 * len(ordered))
+    flat[0::2] = ordered
+    pick = _picker([position[index] for index in ordered])
+    order = pick, _msrs_layout(len(keys)).pack(len(keys), 0, *flat)
+    if len(keys) <= _MSR_ORDER_KEPT:
+        if len(_MSR_ORDERS) >= _MSR_ORDERS_MAX:
+            _MSR_ORDERS.pop(next(iter(_MSR_ORDERS)), None)
+        _MSR_ORDERS[keys] = order
+    return order
+
+
+@functools.lru_cache(maxsize=8)
+def _u64s(count: int) -> struct.Struct:
+    """``count`` little-endian u64."""
+    return struct.Struct(f"<{count}Q")
 
 
 @functools.lru_cache(maxsize=8)
