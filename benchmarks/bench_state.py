@@ -55,7 +55,7 @@ struct parts {
     struct kvm_xsave *xsave; struct kvm_xcrs xcrs;
     struct kvm_msrs *msrs, *early, *tsc_msr, *rest; unsigned n_early, n_tsc;
     struct kvm_lapic_state lapic; struct kvm_mp_state mp; struct kvm_vcpu_events ev;
-    struct kvm_debugregs dr; int tsc;
+    struct kvm_debugregs dr; int tsc; int read_tsc;
     struct kvm_nested_state *nested; unsigned nested_len;
 };
 
@@ -73,7 +73,9 @@ static struct kvm_msrs *msr_buffer(const uint32_t *idx, unsigned n) {
  * nothing, after the TSC rate), nested_len bytes (>= KVM_CAP_NESTED_STATE).
  * idx: the MSRs in save order; order: in restore order. */
 int setup(unsigned nent, unsigned xsave_len, const uint32_t *idx, unsigned n,
-          const uint32_t *order, unsigned n_early, unsigned n_tsc, unsigned nested_len) {
+          const uint32_t *order, unsigned n_early, unsigned n_tsc, unsigned nested_len,
+          int read_tsc) {
+    P.read_tsc = read_tsc;
     P.nent = nent;
     P.cpuid = calloc(1, sizeof(*P.cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
     P.xsave = calloc(1, xsave_len);
@@ -122,6 +124,7 @@ static void split_msrs(void) {
 }
 
 static int restore(int fd) {
+    if (P.read_tsc) TRY(ioctl(fd, KVM_GET_TSC_KHZ, 0));
     TRY(ioctl(fd, KVM_SET_CPUID2, P.cpuid));
     if (P.n_early && ioctl(fd, KVM_SET_MSRS, P.early) != (int)P.early->nmsrs) return -1;
     TRY(ioctl(fd, KVM_SET_TSC_KHZ, P.tsc));
@@ -184,9 +187,13 @@ def restore_order(msrs: dict[int, int]) -> tuple[list[int], list[int], list[int]
 
 
 def bare_sides(
-    fd: int, state: VcpuState, xsave_len: int, nested_len: int
+    fd: int, state: VcpuState, xsave_len: int, nested_len: int, read_tsc: bool
 ) -> tuple[Callable[[], object], Callable[[], object]]:
-    """The bare-fcntl save and restore: the library's ioctls, in its order, nothing else."""
+    """The bare-fcntl save and restore: the library's ioctls, in its order, nothing else.
+
+    ``read_tsc``: the restore first reads the vCPU's TSC rate, as the library's
+    pre-flight does on a KVM without TSC scaling (a rate below it may be refused).
+    """
     assert state.cpuid is not None and state.msrs is not None and state.tsc_khz is not None
     nent = len(state.cpuid)
     cpuid_template = bytes(_U32.pack(nent)) + bytes(4 + 40 * nent)
@@ -239,6 +246,8 @@ def bare_sides(
     early_buf, tsc_buf, rest_buf = msr_buf(early), msr_buf(tsc_msr), msr_buf(rest)
 
     def restore() -> None:
+        if read_tsc:
+            ioctl(fd, io.KVM_GET_TSC_KHZ)
         ioctl(fd, io.KVM_SET_CPUID2, cpuid)
         if early:
             ioctl(fd, io.KVM_SET_MSRS, early_buf)
@@ -340,6 +349,8 @@ def main() -> int:
                 nested_len = vcpu.nested_state_size if state.nested is not None else 0
                 xsave_len = vcpu.xsave_size
                 xsave2 = 1 if xsave_len > 4096 else 0
+                # Without TSC scaling the library's restore reads the current rate first.
+                read_tsc = vcpu.check_extension(uapi.KVM_CAP_TSC_CONTROL) <= 0
                 if dll is not None:
                     dll.setup(
                         len(state.cpuid),
@@ -350,9 +361,10 @@ def main() -> int:
                         len(early),
                         len(tsc_msr),
                         nested_len,
+                        int(read_tsc),
                     )
                 fd = vcpu.fileno()
-                bare_save, bare_restore = bare_sides(fd, state, xsave_len, nested_len)
+                bare_save, bare_restore = bare_sides(fd, state, xsave_len, nested_len, read_tsc)
                 rows = [
                     Row(
                         "save_state",
