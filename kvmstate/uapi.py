@@ -1509,35 +1509,19 @@ __all__ += [
 ]
 
 
-#: The enum views :mod:`kvmstate.uapi_enums` holds, given here on first use.
-_LATER = frozenset(
-    {
-        "ClockFlag",
-        "CpuidFlag",
-        "ExitReason",
-        "GuestDebugFlag",
-        "HypervExit",
-        "InternalError",
-        "IoDirection",
-        "IrqchipId",
-        "MpState",
-        "MsrExitReason",
-        "PitFlag",
-        "RunFlag",
-        "SyncRegs",
-        "SystemEvent",
-        "VcpuEventsFlag",
-    }
-)
-
 if not TYPE_CHECKING:  # mypy reads the imports above; a __getattr__ would hide typos from it
 
     def __getattr__(name: str) -> Any:
-        """``uapi.ExitReason`` and the other enum views, imported when first asked for."""
-        if name in _LATER:
+        """``uapi.ExitReason`` and the other enum views, imported when first asked for.
+
+        Which names those are is ``uapi_enums.__all__``, read once the module is
+        imported; a dunder a tool probes for never imports it.
+        """
+        if not name.startswith("__"):
             from kvmstate import uapi_enums
 
-            value = getattr(uapi_enums, name)
-            globals()[name] = value
-            return value
+            if name in uapi_enums.__all__:
+                value = getattr(uapi_enums, name)
+                globals()[name] = value
+                return value
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
